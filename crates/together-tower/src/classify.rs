@@ -1,0 +1,465 @@
+//! Which Together endpoint a request is for, and whose key it carries.
+//!
+//! Every layer of this crate decides by the [`EndpointClass`] of a request (chat, embeddings,
+//! fine-tune create, ...) and by the API key it is sent with. [`Classify`] maps a request to
+//! its class; [`TogetherClassifier`], the default, knows Together's paths.
+//!
+//! The API key never leaves this module in the clear: [`KeyHasher`] turns the bearer token into
+//! an [`ApiKeyId`], a keyed 128-bit hash, and only that reaches buckets, logs and errors.
+//!
+//! # Example
+//!
+//! ```
+//! use http::{Method, Request};
+//! use together_tower::classify::{Classify, EndpointClass, TogetherClassifier};
+//!
+//! let request = Request::builder()
+//!     .method(Method::POST)
+//!     .uri("https://api.together.xyz/v1/chat/completions")
+//!     .body(())
+//!     .unwrap();
+//! assert_eq!(TogetherClassifier.classify(&request), EndpointClass::Chat);
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, Method, Request};
+use siphasher::sip128::SipHasher13;
+
+/// The kind of Together endpoint a request calls.
+///
+/// Each variant is one row of Together's endpoint table. Quotas are set per class
+/// (see [`crate::quota`]), and the retry layer decides by class whether a call is safe to repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum EndpointClass {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    Completions,
+    /// `POST /v1/embeddings`.
+    Embeddings,
+    /// `POST /v1/rerank`.
+    Rerank,
+    /// `POST /v1/images/generations`.
+    Images,
+    /// `POST /v1/audio/speech`, `/v1/audio/transcriptions` and `/v1/audio/translations`.
+    Audio,
+    /// `POST /v1/fine-tunes`: creates a paid job, so it is never blindly repeated.
+    FineTuneCreate,
+    /// Every other call under `/v1/fine-tunes` (list, get, cancel, events, delete).
+    FineTuneOther,
+    /// `POST /v1/batches`: creates a paid job, so it is never blindly repeated.
+    BatchCreate,
+    /// Every other call under `/v1/batches` (list, get, cancel).
+    BatchOther,
+    /// Calls under `/v1/files`.
+    Files,
+    /// `GET /v1/models`.
+    Models,
+    /// Anything else, such as `/v1/endpoints` or `/v1/jobs/{id}`.
+    Other,
+}
+
+impl EndpointClass {
+    /// Every class, in declaration order.
+    pub const ALL: [EndpointClass; 13] = [
+        EndpointClass::Chat,
+        EndpointClass::Completions,
+        EndpointClass::Embeddings,
+        EndpointClass::Rerank,
+        EndpointClass::Images,
+        EndpointClass::Audio,
+        EndpointClass::FineTuneCreate,
+        EndpointClass::FineTuneOther,
+        EndpointClass::BatchCreate,
+        EndpointClass::BatchOther,
+        EndpointClass::Files,
+        EndpointClass::Models,
+        EndpointClass::Other,
+    ];
+
+    /// The class's name as used in quota files and metrics, such as `"chat"` or `"fine-tune-create"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EndpointClass::Chat => "chat",
+            EndpointClass::Completions => "completions",
+            EndpointClass::Embeddings => "embeddings",
+            EndpointClass::Rerank => "rerank",
+            EndpointClass::Images => "images",
+            EndpointClass::Audio => "audio",
+            EndpointClass::FineTuneCreate => "fine-tune-create",
+            EndpointClass::FineTuneOther => "fine-tune-other",
+            EndpointClass::BatchCreate => "batch-create",
+            EndpointClass::BatchOther => "batch-other",
+            EndpointClass::Files => "files",
+            EndpointClass::Models => "models",
+            EndpointClass::Other => "other",
+        }
+    }
+
+    /// Whether a call of this class creates a paid job (fine-tune create, batch create).
+    ///
+    /// Such a call may have created the job even when the answer was a 5xx or never came,
+    /// so it must not be repeated after one.
+    pub const fn creates_job(self) -> bool {
+        matches!(self, EndpointClass::FineTuneCreate | EndpointClass::BatchCreate)
+    }
+
+    /// A dense index in `0..EndpointClass::ALL.len()`, for tables indexed by class.
+    pub(crate) const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for EndpointClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error returned when a name is not one of [`EndpointClass::as_str`]'s names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownClass {
+    name: String,
+}
+
+impl UnknownClass {
+    /// The name that was not recognised.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Display for UnknownClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown endpoint class {:?}; expected one of ", self.name)?;
+        for (i, class) in EndpointClass::ALL.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(class.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for UnknownClass {}
+
+impl FromStr for EndpointClass {
+    type Err = UnknownClass;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        EndpointClass::ALL
+            .into_iter()
+            .find(|class| class.as_str() == name)
+            .ok_or_else(|| UnknownClass {
+                name: name.to_owned(),
+            })
+    }
+}
+
+/// Maps a request to the [`EndpointClass`] it calls, and finds its API key.
+///
+/// Implement it when requests reach Together through a gateway with paths of its own, or when
+/// the key travels in another header. The default, [`TogetherClassifier`], knows Together's paths
+/// and reads `Authorization: Bearer`.
+pub trait Classify {
+    /// The class of endpoint this request calls.
+    fn classify<B>(&self, request: &Request<B>) -> EndpointClass;
+
+    /// The secret that identifies the caller, if any; requests without one share one anonymous
+    /// bucket. The bytes are hashed by [`KeyHasher`] at once and never stored.
+    fn credential<'r, B>(&self, request: &'r Request<B>) -> Option<&'r [u8]> {
+        bearer_token(request.headers())
+    }
+}
+
+/// The classifier for Together's own API paths.
+///
+/// It matches on the method and on the path after its `v1` segment, so a base URL with a
+/// prefix of its own (`https://gateway.example/together/v1/...`) classifies the same. A path
+/// without a `v1` segment is matched whole. Query strings, trailing slashes and ids in the path
+/// are handled; anything unknown is [`EndpointClass::Other`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TogetherClassifier;
+
+impl Classify for TogetherClassifier {
+    fn classify<B>(&self, request: &Request<B>) -> EndpointClass {
+        classify_path(request.method(), request.uri().path())
+    }
+}
+
+/// Classifies a method and a path as Together's API would route them.
+pub fn classify_path(method: &Method, path: &str) -> EndpointClass {
+    let path = match path.find("/v1/") {
+        Some(at) => &path[at + 4..],
+        None => path.strip_suffix("/v1").map_or(path, |_| ""),
+    };
+    let mut segments = path.split('/').filter(|segment| !segment.is_empty());
+    let first = segments.next();
+    let second = segments.next();
+    let third = segments.next();
+    let rest = segments.next();
+    let post = method == Method::POST;
+    match (first, second, third, rest) {
+        (Some("chat"), Some("completions"), None, None) if post => EndpointClass::Chat,
+        (Some("completions"), None, None, None) if post => EndpointClass::Completions,
+        (Some("embeddings"), None, None, None) if post => EndpointClass::Embeddings,
+        (Some("rerank"), None, None, None) if post => EndpointClass::Rerank,
+        (Some("images"), Some("generations"), None, None) if post => EndpointClass::Images,
+        (Some("audio"), Some("speech" | "transcriptions" | "translations"), None, None) if post => {
+            EndpointClass::Audio
+        }
+        (Some("fine-tunes"), None, None, None) if post => EndpointClass::FineTuneCreate,
+        (Some("fine-tunes"), ..) => EndpointClass::FineTuneOther,
+        (Some("batches"), None, None, None) if post => EndpointClass::BatchCreate,
+        (Some("batches"), ..) => EndpointClass::BatchOther,
+        (Some("files"), ..) => EndpointClass::Files,
+        (Some("models"), ..) if method == Method::GET => EndpointClass::Models,
+        _ => EndpointClass::Other,
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if there is a non-empty one.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(AUTHORIZATION)?.as_bytes();
+    let scheme = value.get(..7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = value[7..].trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+/// A fingerprint of an API key: a keyed 128-bit hash of it.
+///
+/// Buckets, log lines, metric labels and (later) Redis keys name a caller by this, never by
+/// the key itself. Its `Display` and `Debug` print 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ApiKeyId(u128);
+
+impl ApiKeyId {
+    /// The id shared by every request that carries no key.
+    pub const ANONYMOUS: ApiKeyId = ApiKeyId(0);
+
+    /// The fingerprint as a number.
+    pub const fn as_u128(self) -> u128 {
+        self.0
+    }
+}
+
+impl fmt::Display for ApiKeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == ApiKeyId::ANONYMOUS {
+            f.write_str("anonymous")
+        } else {
+            write!(f, "{:032x}", self.0)
+        }
+    }
+}
+
+impl fmt::Debug for ApiKeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKeyId({self})")
+    }
+}
+
+/// Turns API keys into [`ApiKeyId`]s with SipHash-1-3 under a 128-bit secret.
+///
+/// Processes that share a quota (through a shared backend) must use the same secret, so that
+/// one key maps to one id everywhere. The default secret is a fixed, public constant: the
+/// fingerprint is then still one-way (API keys are long random strings), but anyone can
+/// recompute it from a key they already hold. Set a secret of your own with
+/// [`KeyHasher::with_secret`] to prevent even that.
+#[derive(Clone)]
+pub struct KeyHasher {
+    hasher: SipHasher13,
+}
+
+impl KeyHasher {
+    const DEFAULT_SECRET: [u8; 16] = *b"together-tower/1";
+
+    /// A hasher with the default, public secret.
+    pub fn new() -> Self {
+        Self::with_secret(Self::DEFAULT_SECRET)
+    }
+
+    /// A hasher with a secret of your own.
+    pub fn with_secret(secret: [u8; 16]) -> Self {
+        Self {
+            hasher: SipHasher13::new_with_key(&secret),
+        }
+    }
+
+    /// The fingerprint of one key. The empty key is [`ApiKeyId::ANONYMOUS`].
+    pub fn fingerprint(&self, key: &[u8]) -> ApiKeyId {
+        if key.is_empty() {
+            return ApiKeyId::ANONYMOUS;
+        }
+        // Zero is reserved for the anonymous id; a real key hashing to it moves by one.
+        ApiKeyId(self.hasher.hash(key).as_u128().max(1))
+    }
+
+    /// The fingerprint of a request's credential, as found by `classifier`.
+    pub fn fingerprint_request<C: Classify, B>(&self, classifier: &C, request: &Request<B>) -> ApiKeyId {
+        classifier
+            .credential(request)
+            .map_or(ApiKeyId::ANONYMOUS, |key| self.fingerprint(key))
+    }
+}
+
+impl Default for KeyHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for KeyHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The secret stays out of Debug output.
+        f.debug_struct("KeyHasher").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(method: Method, path: &str) -> EndpointClass {
+        classify_path(&method, path)
+    }
+
+    #[test]
+    fn every_documented_path_has_its_class() {
+        use EndpointClass::*;
+        let cases = [
+            (Method::POST, "/v1/chat/completions", Chat),
+            (Method::POST, "/v1/completions", Completions),
+            (Method::POST, "/v1/embeddings", Embeddings),
+            (Method::POST, "/v1/rerank", Rerank),
+            (Method::POST, "/v1/images/generations", Images),
+            (Method::POST, "/v1/audio/speech", Audio),
+            (Method::POST, "/v1/audio/transcriptions", Audio),
+            (Method::POST, "/v1/audio/translations", Audio),
+            (Method::POST, "/v1/fine-tunes", FineTuneCreate),
+            (Method::GET, "/v1/fine-tunes", FineTuneOther),
+            (Method::GET, "/v1/fine-tunes/ft-123", FineTuneOther),
+            (Method::DELETE, "/v1/fine-tunes/ft-123", FineTuneOther),
+            (Method::POST, "/v1/fine-tunes/ft-123/cancel", FineTuneOther),
+            (Method::GET, "/v1/fine-tunes/ft-123/events", FineTuneOther),
+            (Method::POST, "/v1/batches", BatchCreate),
+            (Method::GET, "/v1/batches", BatchOther),
+            (Method::GET, "/v1/batches/b-1", BatchOther),
+            (Method::POST, "/v1/batches/b-1/cancel", BatchOther),
+            (Method::GET, "/v1/files", Files),
+            (Method::POST, "/v1/files", Files),
+            (Method::GET, "/v1/files/file-1", Files),
+            (Method::DELETE, "/v1/files/file-1", Files),
+            (Method::GET, "/v1/files/file-1/content", Files),
+            (Method::GET, "/v1/models", Models),
+            (Method::GET, "/v1/endpoints", Other),
+            (Method::GET, "/v1/jobs/job-1", Other),
+        ];
+        for (method, path, expected) in cases {
+            assert_eq!(class(method.clone(), path), expected, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn trailing_slashes_prefixes_and_bare_paths_classify_the_same() {
+        assert_eq!(class(Method::POST, "/v1/chat/completions/"), EndpointClass::Chat);
+        assert_eq!(class(Method::POST, "/v1//chat//completions"), EndpointClass::Chat);
+        assert_eq!(class(Method::POST, "/together/v1/embeddings"), EndpointClass::Embeddings);
+        assert_eq!(class(Method::POST, "/chat/completions"), EndpointClass::Chat);
+        assert_eq!(class(Method::POST, "/v1/fine-tunes/"), EndpointClass::FineTuneCreate);
+        assert_eq!(class(Method::GET, "/v1"), EndpointClass::Other);
+        assert_eq!(class(Method::GET, "/"), EndpointClass::Other);
+        assert_eq!(class(Method::GET, ""), EndpointClass::Other);
+    }
+
+    #[test]
+    fn query_strings_do_not_change_the_class() {
+        let request = Request::post("https://api.together.xyz/v1/embeddings?debug=1&x=/v1/models")
+            .body(())
+            .unwrap();
+        assert_eq!(TogetherClassifier.classify(&request), EndpointClass::Embeddings);
+    }
+
+    #[test]
+    fn wrong_methods_and_unknown_paths_are_other() {
+        assert_eq!(class(Method::GET, "/v1/chat/completions"), EndpointClass::Other);
+        assert_eq!(class(Method::POST, "/v1/chat/completions/extra"), EndpointClass::Other);
+        assert_eq!(class(Method::POST, "/v1/models"), EndpointClass::Other);
+        assert_eq!(class(Method::POST, "/v2/chat/completions"), EndpointClass::Other);
+    }
+
+    #[test]
+    fn class_names_round_trip_and_unknown_names_list_the_valid_ones() {
+        for class in EndpointClass::ALL {
+            assert_eq!(class.as_str().parse::<EndpointClass>(), Ok(class));
+            assert_eq!(EndpointClass::ALL[class.index()], class);
+        }
+        let error = "chats".parse::<EndpointClass>().unwrap_err();
+        assert_eq!(error.name(), "chats");
+        let message = error.to_string();
+        assert!(message.contains("\"chats\""), "{message}");
+        assert!(message.contains("fine-tune-create"), "{message}");
+    }
+
+    #[test]
+    fn only_job_creating_classes_create_jobs() {
+        let creating: Vec<_> = EndpointClass::ALL.into_iter().filter(|c| c.creates_job()).collect();
+        assert_eq!(creating, [EndpointClass::FineTuneCreate, EndpointClass::BatchCreate]);
+    }
+
+    #[test]
+    fn bearer_tokens_are_found_case_insensitively_and_trimmed() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer_token(&headers), None);
+        headers.insert(AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(bearer_token(&headers), Some(&b"abc"[..]));
+        headers.insert(AUTHORIZATION, "bearer   abc  ".parse().unwrap());
+        assert_eq!(bearer_token(&headers), Some(&b"abc"[..]));
+        headers.insert(AUTHORIZATION, "Bearer    ".parse().unwrap());
+        assert_eq!(bearer_token(&headers), None);
+        headers.insert(AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer_token(&headers), None);
+        headers.insert(AUTHORIZATION, "Bear".parse().unwrap());
+        assert_eq!(bearer_token(&headers), None);
+    }
+
+    #[test]
+    fn fingerprints_are_stable_keyed_and_never_show_the_key() {
+        let key = b"tgp_v1_example-key-for-tests";
+        let hasher = KeyHasher::new();
+        let id = hasher.fingerprint(key);
+        assert_eq!(id, KeyHasher::new().fingerprint(key));
+        assert_ne!(id, hasher.fingerprint(b"another key"));
+        assert_ne!(id, KeyHasher::with_secret([7; 16]).fingerprint(key));
+        assert_ne!(id, ApiKeyId::ANONYMOUS);
+        assert_eq!(hasher.fingerprint(b""), ApiKeyId::ANONYMOUS);
+
+        let shown = format!("{id} {id:?} {hasher:?}");
+        assert!(!shown.contains("example-key"), "{shown}");
+        assert_eq!(id.to_string().len(), 32);
+        assert_eq!(ApiKeyId::ANONYMOUS.to_string(), "anonymous");
+    }
+
+    #[test]
+    fn requests_without_a_key_are_anonymous() {
+        let hasher = KeyHasher::new();
+        let without = Request::post("/v1/chat/completions").body(()).unwrap();
+        assert_eq!(hasher.fingerprint_request(&TogetherClassifier, &without), ApiKeyId::ANONYMOUS);
+        let with = Request::post("/v1/chat/completions")
+            .header(AUTHORIZATION, "Bearer k")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            hasher.fingerprint_request(&TogetherClassifier, &with),
+            hasher.fingerprint(b"k")
+        );
+    }
+}

@@ -1,0 +1,230 @@
+//! Reading the server's rate-limit and retry hints from response headers.
+//!
+//! These parsers read what comes off the network, so they are strict about syntax, never panic,
+//! and never return a delay longer than [`MAX_HINT`]: a hint that does not parse is `None`, a
+//! hint in the past is zero, and an absurdly long one is clamped. Callers clamp further to their
+//! own configured maximum.
+//!
+//! Names and formats follow what Together documents (`x-ratelimit-*`, `x-tokenlimit-*`), plus
+//! `Retry-After` (seconds or an HTTP-date) and `retry-after-ms`, which other providers send.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{HeaderName, RETRY_AFTER};
+use http::HeaderMap;
+
+/// The longest delay any parser here returns: one day.
+pub const MAX_HINT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// `retry-after-ms`: milliseconds to wait, as OpenAI sends it.
+pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+/// `x-ratelimit-limit`: requests allowed per period.
+pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+/// `x-ratelimit-remaining`: requests left in the current period.
+pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+/// `x-ratelimit-remaining-dynamic`: requests left under Together's dynamic limit.
+pub const X_RATELIMIT_REMAINING_DYNAMIC: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-dynamic");
+/// `x-ratelimit-reset`: seconds until the limit resets (Together: "the suggested retry interval").
+pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+/// `x-tokenlimit-limit`: tokens allowed per period.
+pub const X_TOKENLIMIT_LIMIT: HeaderName = HeaderName::from_static("x-tokenlimit-limit");
+/// `x-tokenlimit-remaining`: tokens left in the current period.
+pub const X_TOKENLIMIT_REMAINING: HeaderName = HeaderName::from_static("x-tokenlimit-remaining");
+
+/// A `x-ratelimit-reset` above this many seconds is read as a Unix timestamp, not an interval:
+/// no interval is 30 years long, and some servers send the reset time itself.
+const UNIX_TIMESTAMP_THRESHOLD: f64 = 1.0e9;
+
+/// How long the server asks the client to wait: `retry-after-ms` if present and valid, else
+/// `Retry-After` (seconds, fractional allowed, or an HTTP-date relative to `now`).
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let from_ms = headers
+        .get(RETRY_AFTER_MS)
+        .and_then(|value| parse_decimal(value.as_bytes()))
+        .map(|ms| clamp_seconds(ms / 1_000.0));
+    from_ms.or_else(|| {
+        headers
+            .get(RETRY_AFTER)
+            .and_then(|value| parse_retry_after(value.as_bytes(), now))
+    })
+}
+
+/// Parses one `Retry-After` value: non-negative seconds (`"2"`, `"1.5"`) or an HTTP-date.
+/// A date in the past means no wait.
+pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
+    if let Some(seconds) = parse_decimal(value) {
+        return Some(clamp_seconds(seconds));
+    }
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let date = httpdate::parse_http_date(text).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO).min(MAX_HINT))
+}
+
+/// How long until the request limit resets, from `x-ratelimit-reset`.
+///
+/// Together sends an interval in seconds; a value too large to be an interval is read as a
+/// Unix timestamp and measured from `now`.
+pub fn ratelimit_reset(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let seconds = parse_decimal(headers.get(X_RATELIMIT_RESET)?.as_bytes())?;
+    if seconds < UNIX_TIMESTAMP_THRESHOLD {
+        return Some(clamp_seconds(seconds));
+    }
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    Some(clamp_seconds(seconds - since_epoch.as_secs_f64()))
+}
+
+/// Requests left, from `x-ratelimit-remaining` (or its `-dynamic` variant when only that is sent).
+pub fn ratelimit_remaining(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(X_RATELIMIT_REMAINING)
+        .or_else(|| headers.get(X_RATELIMIT_REMAINING_DYNAMIC))
+        .and_then(|value| parse_count(value.as_bytes()))
+}
+
+/// A count header such as `x-ratelimit-limit` or `x-tokenlimit-remaining`.
+pub fn count(headers: &HeaderMap, name: &HeaderName) -> Option<u64> {
+    parse_count(headers.get(name)?.as_bytes())
+}
+
+/// A non-negative count; a fraction is rounded down, an enormous value saturates.
+fn parse_count(value: &[u8]) -> Option<u64> {
+    // `as` saturates for floats: an enormous count becomes u64::MAX.
+    parse_decimal(value).map(|count| count as u64)
+}
+
+/// Strict non-negative decimal: digits with at most one dot, surrounding spaces allowed.
+/// No sign, no exponent, no `inf` or `NaN`: none of those is a valid header value.
+fn parse_decimal(value: &[u8]) -> Option<f64> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let digits_only = |part: &str| part.bytes().all(|byte| byte.is_ascii_digit());
+    if whole.is_empty() || !digits_only(whole) || !digits_only(fraction) || text.ends_with('.') {
+        return None;
+    }
+    // Digits and one dot always parse; a very long number becomes a large or infinite float.
+    text.parse().ok()
+}
+
+/// Seconds as a `Duration`, negative values as zero, anything over [`MAX_HINT`] as `MAX_HINT`.
+fn clamp_seconds(seconds: f64) -> Duration {
+    if seconds.is_nan() || seconds <= 0.0 {
+        return Duration::ZERO;
+    }
+    if seconds >= MAX_HINT.as_secs_f64() {
+        return MAX_HINT;
+    }
+    Duration::from_secs_f64(seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn headers(pairs: &[(&HeaderName, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert((*name).clone(), HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_fractions_and_dates() {
+        let at = |value| parse_retry_after(value, now());
+        assert_eq!(at(b"2"), Some(Duration::from_secs(2)));
+        assert_eq!(at(b" 1.5 "), Some(Duration::from_millis(1_500)));
+        assert_eq!(at(b"0"), Some(Duration::ZERO));
+        let in_ten = httpdate::fmt_http_date(now() + Duration::from_secs(10));
+        assert_eq!(at(in_ten.as_bytes()), Some(Duration::from_secs(10)));
+        let past = httpdate::fmt_http_date(now() - Duration::from_secs(10));
+        assert_eq!(at(past.as_bytes()), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn garbage_is_none_and_absurd_values_are_clamped() {
+        let at = |value| parse_retry_after(value, now());
+        for garbage in [&b""[..], b"-1", b"+1", b"1e3", b"inf", b"NaN", b"1.", b".5", b"1.2.3", b"soon", b"\xff"] {
+            assert_eq!(at(garbage), None, "{:?}", String::from_utf8_lossy(garbage));
+        }
+        assert_eq!(at(b"99999999999999999999999"), Some(MAX_HINT));
+        let enormous = "9".repeat(400);
+        assert_eq!(at(enormous.as_bytes()), Some(MAX_HINT));
+        let far = httpdate::fmt_http_date(now() + Duration::from_secs(400 * 24 * 3_600));
+        assert_eq!(at(far.as_bytes()), Some(MAX_HINT));
+    }
+
+    #[test]
+    fn retry_after_ms_comes_first_unless_it_is_invalid() {
+        let both = headers(&[(&RETRY_AFTER_MS, "250"), (&RETRY_AFTER, "3")]);
+        assert_eq!(retry_after(&both, now()), Some(Duration::from_millis(250)));
+        let bad_ms = headers(&[(&RETRY_AFTER_MS, "-5"), (&RETRY_AFTER, "3")]);
+        assert_eq!(retry_after(&bad_ms, now()), Some(Duration::from_secs(3)));
+        assert_eq!(retry_after(&HeaderMap::new(), now()), None);
+    }
+
+    #[test]
+    fn reset_is_an_interval_or_a_timestamp() {
+        let interval = headers(&[(&X_RATELIMIT_RESET, "0.25")]);
+        assert_eq!(ratelimit_reset(&interval, now()), Some(Duration::from_millis(250)));
+        let stamp = headers(&[(&X_RATELIMIT_RESET, "1700000007")]);
+        assert_eq!(ratelimit_reset(&stamp, now()), Some(Duration::from_secs(7)));
+        let old_stamp = headers(&[(&X_RATELIMIT_RESET, "1600000000")]);
+        assert_eq!(ratelimit_reset(&old_stamp, now()), Some(Duration::ZERO));
+        assert_eq!(ratelimit_reset(&headers(&[(&X_RATELIMIT_RESET, "later")]), now()), None);
+    }
+
+    #[test]
+    fn remaining_prefers_the_plain_header_and_reads_counts() {
+        let plain = headers(&[(&X_RATELIMIT_REMAINING, "0"), (&X_RATELIMIT_REMAINING_DYNAMIC, "5")]);
+        assert_eq!(ratelimit_remaining(&plain), Some(0));
+        let dynamic = headers(&[(&X_RATELIMIT_REMAINING_DYNAMIC, "5")]);
+        assert_eq!(ratelimit_remaining(&dynamic), Some(5));
+        let fraction = headers(&[(&X_TOKENLIMIT_REMAINING, "2999.7")]);
+        assert_eq!(count(&fraction, &X_TOKENLIMIT_REMAINING), Some(2_999));
+        assert_eq!(ratelimit_remaining(&headers(&[(&X_RATELIMIT_REMAINING, "-1")])), None);
+        let huge = headers(&[(&X_RATELIMIT_LIMIT, "123456789012345678901234567890")]);
+        assert_eq!(count(&huge, &X_RATELIMIT_LIMIT), Some(u64::MAX));
+    }
+
+    proptest! {
+        #[test]
+        fn retry_after_never_panics_and_never_exceeds_the_cap(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Some(delay) = parse_retry_after(&bytes, now()) {
+                prop_assert!(delay <= MAX_HINT);
+            }
+        }
+
+        #[test]
+        fn numeric_retry_after_is_exact_up_to_the_cap(seconds in 0u64..10_000_000, millis in 0u32..1_000) {
+            let text = format!("{seconds}.{millis:03}");
+            let delay = parse_retry_after(text.as_bytes(), now()).unwrap();
+            let expected = Duration::from_secs(seconds) + Duration::from_millis(millis.into());
+            let expected = expected.min(MAX_HINT);
+            prop_assert!(delay.abs_diff(expected) < Duration::from_micros(1), "{delay:?} vs {expected:?}");
+        }
+
+        #[test]
+        fn header_maps_of_any_text_parse_without_panic(
+            ms in "\\PC{0,24}", seconds in "\\PC{0,24}", reset in "\\PC{0,24}", remaining in "\\PC{0,24}",
+            now_secs in 0u64..4_000_000_000,
+        ) {
+            let mut map = HeaderMap::new();
+            for (name, value) in [(&RETRY_AFTER_MS, &ms), (&RETRY_AFTER, &seconds), (&X_RATELIMIT_RESET, &reset), (&X_RATELIMIT_REMAINING, &remaining)] {
+                if let Ok(value) = HeaderValue::from_str(value) {
+                    map.insert(name.clone(), value);
+                }
+            }
+            let now = UNIX_EPOCH + Duration::from_secs(now_secs);
+            prop_assert!(retry_after(&map, now).is_none_or(|delay| delay <= MAX_HINT));
+            prop_assert!(ratelimit_reset(&map, now).is_none_or(|delay| delay <= MAX_HINT));
+            let _ = ratelimit_remaining(&map);
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Where a bucket's rate state lives: in this process (governor) or elsewhere (Redis, later).
+
+use std::future::{Future, Ready, ready};
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::{Quota, RateLimiter};
+use tower::BoxError;
+
+use crate::classify::ApiKeyId;
+use crate::clock::TokioClock;
+use crate::quota::Rate;
+
+/// What a [`Limiter`] says about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The request may go now; it has taken one turn.
+    Allow,
+    /// No turn is free for this long. Nothing was taken.
+    Wait(Duration),
+}
+
+/// What a [`Limiter`] is told about a bucket when the layer first needs it.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct BucketSpec<'a> {
+    /// The fingerprint of the API key the bucket is for.
+    pub key: ApiKeyId,
+    /// The name of the quota group.
+    pub group: &'a str,
+    /// The group's request rate.
+    pub rate: Rate,
+    /// The same rate as a governor quota (already validated).
+    pub quota: Quota,
+}
+
+/// A backend that makes the GCRA decision for each bucket.
+///
+/// The layer keeps the queue, the fairness and the waiting; a backend only answers "may one
+/// request go now, and if not, how long until one may". [`GovernorLimiter`] answers from memory;
+/// a shared backend (such as Redis) answers for every process that uses it.
+pub trait Limiter: Send + Sync + 'static {
+    /// The backend's state for one bucket, kept by the layer while the bucket is live.
+    type Bucket: Send + Sync + 'static;
+
+    /// Creates the state of a new bucket.
+    fn bucket(&self, spec: BucketSpec<'_>) -> Self::Bucket;
+
+    /// Decides at once if that needs no I/O; `None` sends the request down the waiting path,
+    /// which calls [`Limiter::acquire`].
+    fn try_acquire(&self, bucket: &Self::Bucket) -> Option<Decision>;
+
+    /// Decides, with I/O if the backend needs it. An error fails the request that asked.
+    fn acquire(&self, bucket: &Self::Bucket) -> impl Future<Output = Result<Decision, BoxError>> + Send;
+}
+
+/// One in-process GCRA bucket.
+pub type GovernorBucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Nanos>>;
+
+/// The in-process backend: one governor GCRA limiter per bucket, on tokio's clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GovernorLimiter {
+    clock: TokioClock,
+}
+
+impl GovernorLimiter {
+    /// A backend whose clock starts now.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn decide(&self, bucket: &GovernorBucket) -> Decision {
+        match bucket.check() {
+            Ok(()) => Decision::Allow,
+            Err(not_until) => Decision::Wait(not_until.wait_time_from(self.clock.now())),
+        }
+    }
+}
+
+impl Limiter for GovernorLimiter {
+    type Bucket = GovernorBucket;
+
+    fn bucket(&self, spec: BucketSpec<'_>) -> Self::Bucket {
+        RateLimiter::direct_with_clock(spec.quota, self.clock)
+    }
+
+    fn try_acquire(&self, bucket: &Self::Bucket) -> Option<Decision> {
+        Some(self.decide(bucket))
+    }
+
+    #[allow(refining_impl_trait)]
+    fn acquire(&self, bucket: &Self::Bucket) -> Ready<Result<Decision, BoxError>> {
+        ready(Ok(self.decide(bucket)))
+    }
+}

@@ -1,0 +1,390 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, Request, Response, StatusCode};
+use tokio::sync::OwnedSemaphorePermit;
+use tower::BoxError;
+use tower_service::Service;
+
+use super::backend::{BucketSpec, Decision, GovernorLimiter, Limiter};
+use super::bucket::{Bucket, BucketKey, Buckets, Close, QueueSlot, Turn};
+use super::error::{QueueFull, RateLimited};
+use super::future::{ResponseFuture, WaitForTurn};
+use super::MaxWait;
+use crate::classify::{Classify, EndpointClass, KeyHasher, TogetherClassifier};
+use crate::clock::TokioClock;
+use crate::headers;
+use crate::quota::QuotaTable;
+
+/// Makes each request wait its turn in its (API key, quota group) bucket before it is sent.
+///
+/// Built by [`RateLimitLayer`](super::RateLimitLayer); every service the layer builds shares
+/// its buckets. See the [module docs](super) for how it decides.
+pub struct RateLimit<S, C = TogetherClassifier, L = GovernorLimiter>
+where
+    L: Limiter,
+{
+    inner: S,
+    shared: Arc<Shared<C, L>>,
+}
+
+impl<S, C, L: Limiter> RateLimit<S, C, L> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<C, L>>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the limiter, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// How many buckets are live now.
+    pub fn live_buckets(&self) -> usize {
+        self.shared.buckets.len()
+    }
+}
+
+impl<S: Clone, C, L: Limiter> Clone for RateLimit<S, C, L> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C: fmt::Debug, L: Limiter + fmt::Debug> fmt::Debug for RateLimit<S, C, L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl<S, C, L, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, C, L>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+    C: Classify,
+    L: Limiter,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The wait happens in the response future, once the request is known; readiness is
+        // the inner service's.
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        match self.shared.admit(&request) {
+            Admission::Go { permit, learner } => {
+                // The inner service was made ready for this call; keep a fresh clone for the next.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::ready(inner, request, permit, learner)
+            }
+            Admission::Wait { turn, learner } => {
+                // A waiting request takes an unready clone, so that it holds none of the inner
+                // service's capacity while it waits; it drives `poll_ready` once its turn comes.
+                ResponseFuture::waiting(turn, self.inner.clone(), request, learner)
+            }
+            Admission::Reject(error) => ResponseFuture::rejected(error),
+        }
+    }
+}
+
+/// Tunables of the layer, with the defaults documented on [`RateLimitLayer`](super::RateLimitLayer).
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) max_queue: usize,
+    pub(crate) max_wait: Duration,
+    pub(crate) max_buckets: usize,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_pause: Duration,
+    pub(crate) default_pause: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_queue: 1_024,
+            max_wait: Duration::from_secs(30),
+            max_buckets: 65_536,
+            idle_timeout: Duration::from_secs(60),
+            max_pause: Duration::from_secs(60),
+            default_pause: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What every service built by one layer shares.
+pub(crate) struct Shared<C, L: Limiter> {
+    pub(crate) classifier: C,
+    pub(crate) limiter: Arc<L>,
+    pub(crate) table: QuotaTable,
+    pub(crate) key_hasher: KeyHasher,
+    pub(crate) settings: Settings,
+    clock: TokioClock,
+    buckets: Buckets<L::Bucket>,
+}
+
+/// What the layer decided when the request arrived.
+enum Admission {
+    /// Send now (the fast path, or a class with no limit).
+    Go {
+        permit: Option<OwnedSemaphorePermit>,
+        learner: Option<Learner>,
+    },
+    /// Wait for a slot and a turn first.
+    Wait { turn: WaitForTurn, learner: Learner },
+    /// Do not send: the wait would be too long, or the queue is full.
+    Reject(BoxError),
+}
+
+impl<C, L: Limiter> Shared<C, L> {
+    pub(crate) fn new(
+        classifier: C,
+        limiter: Arc<L>,
+        table: QuotaTable,
+        key_hasher: KeyHasher,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            classifier,
+            limiter,
+            table,
+            key_hasher,
+            clock: TokioClock::new(),
+            buckets: Buckets::new(settings.max_buckets, settings.idle_timeout),
+            settings,
+        }
+    }
+
+    pub(crate) fn live_buckets(&self) -> usize {
+        self.buckets.len()
+    }
+
+    fn admit<B>(&self, request: &Request<B>) -> Admission
+    where
+        C: Classify,
+    {
+        let class = self.classifier.classify(request);
+        let Some(group_id) = self.table.group_id(class) else {
+            return Admission::Go {
+                permit: None,
+                learner: None,
+            };
+        };
+        let key = BucketKey {
+            key: self.key_hasher.fingerprint_request(&self.classifier, request),
+            group: group_id,
+        };
+        let now = self.clock.elapsed();
+        let bucket = self.buckets.get_or_insert_with(key, now, || {
+            let group = self.table.group(group_id);
+            let rate = group.rate().zip(group.governor_quota()).map(|(rate, quota)| {
+                let spec = BucketSpec {
+                    key: key.key,
+                    group: group.name(),
+                    rate,
+                    quota,
+                };
+                (rate, self.limiter.bucket(spec))
+            });
+            let refill = rate.as_ref().map_or(Duration::ZERO, |(rate, _)| rate.refill_time());
+            let interval = rate.as_ref().map_or(Duration::ZERO, |(rate, _)| rate.interval());
+            let idle_after = self.settings.idle_timeout.max(refill);
+            Bucket::new(rate.map(|(_, state)| state), interval, idle_after, group.concurrency(), now)
+        });
+        let max_wait = request
+            .extensions()
+            .get::<MaxWait>()
+            .map_or(self.settings.max_wait, |max_wait| max_wait.0);
+
+        match self.try_fast_path(&bucket, now, max_wait, class) {
+            Ok(Some(permit)) => {
+                let learner = self.learner(bucket);
+                return Admission::Go {
+                    permit,
+                    learner: Some(learner),
+                };
+            }
+            Ok(None) => {}
+            Err(error) => return Admission::Reject(error),
+        }
+
+        let estimate = bucket.estimated_wait(now);
+        if estimate > max_wait {
+            return Admission::Reject(RateLimited::new(estimate, class).into());
+        }
+        let Some(slot) = QueueSlot::take(&bucket, self.settings.max_queue) else {
+            return Admission::Reject(QueueFull::new(self.settings.max_queue, class).into());
+        };
+        let turn = Turn {
+            limiter: Arc::clone(&self.limiter),
+            clock: self.clock,
+            arrived: now,
+            deadline: now.saturating_add(max_wait),
+            class,
+        };
+        Admission::Wait {
+            turn: Box::pin(turn.wait(slot)),
+            learner: self.learner(bucket),
+        }
+    }
+
+    /// Lets the request go at once when nobody waits, the server has not closed the bucket, a
+    /// slot is free and the backend has a turn. `Ok(None)` sends it down the waiting path.
+    #[allow(clippy::type_complexity)]
+    fn try_fast_path(
+        &self,
+        bucket: &Bucket<L::Bucket>,
+        now: Duration,
+        max_wait: Duration,
+        class: EndpointClass,
+    ) -> Result<Option<Option<OwnedSemaphorePermit>>, BoxError> {
+        if bucket.has_waiters() || bucket.closed_for(now).is_some() {
+            return Ok(None);
+        }
+        let permit = match bucket.slots() {
+            Some(slots) => match Arc::clone(slots).try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => return Ok(None),
+            },
+            None => None,
+        };
+        let Some(rate) = bucket.rate() else {
+            return Ok(Some(permit));
+        };
+        match self.limiter.try_acquire(rate) {
+            Some(Decision::Allow) => Ok(Some(permit)),
+            Some(Decision::Wait(wait)) => {
+                bucket.next_turn_at(now.saturating_add(wait));
+                if wait > max_wait {
+                    // Known to be too long already: answer now rather than queue.
+                    return Err(RateLimited::new(wait, class).into());
+                }
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn learner(&self, bucket: Arc<Bucket<L::Bucket>>) -> Learner {
+        Learner {
+            bucket,
+            clock: self.clock,
+            max_pause: self.settings.max_pause,
+            default_pause: self.settings.default_pause,
+        }
+    }
+}
+
+impl<C: fmt::Debug, L: Limiter + fmt::Debug> fmt::Debug for Shared<C, L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("classifier", &self.classifier)
+            .field("limiter", &self.limiter)
+            .field("table", &self.table)
+            .field("settings", &self.settings)
+            .field("live_buckets", &self.buckets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a response for the server's word on the bucket, and closes the bucket if it asks.
+///
+/// It also keeps the bucket alive while the request is in flight, so a concurrency slot is
+/// never counted in a bucket that was dropped and made anew.
+pub(crate) struct Learner {
+    bucket: Arc<dyn Close>,
+    clock: TokioClock,
+    max_pause: Duration,
+    default_pause: Duration,
+}
+
+impl Learner {
+    pub(crate) fn learn<B>(&self, response: &Response<B>) {
+        if let Some(pause) = server_pause(response.status(), response.headers(), self.default_pause) {
+            let until = self.clock.elapsed().saturating_add(pause.min(self.max_pause));
+            self.bucket.close_until(until);
+        }
+    }
+}
+
+impl fmt::Debug for Learner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Learner")
+            .field("max_pause", &self.max_pause)
+            .field("default_pause", &self.default_pause)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long the server asks a bucket to stop sending, if it does: after a 429, its retry hint
+/// (`retry-after-ms`, `Retry-After`, then `x-ratelimit-reset`), or `default` without one; after
+/// any response that says no requests remain, the time until the limit resets.
+fn server_pause(status: StatusCode, headers: &HeaderMap, default: Duration) -> Option<Duration> {
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        let now = SystemTime::now();
+        let hint = headers::retry_after(headers, now).or_else(|| headers::ratelimit_reset(headers, now));
+        return Some(hint.unwrap_or(default));
+    }
+    if headers::ratelimit_remaining(headers) == Some(0) {
+        return headers::ratelimit_reset(headers, SystemTime::now());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(name, value)| (name.parse().unwrap(), HeaderValue::from_str(value).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_429_pauses_for_its_hint_or_the_default() {
+        let default = Duration::from_secs(1);
+        let pause = |pairs| server_pause(StatusCode::TOO_MANY_REQUESTS, &headers(pairs), default);
+        assert_eq!(pause(&[("retry-after", "3")]), Some(Duration::from_secs(3)));
+        assert_eq!(pause(&[("retry-after-ms", "120"), ("retry-after", "3")]), Some(Duration::from_millis(120)));
+        assert_eq!(pause(&[("x-ratelimit-reset", "0.5")]), Some(Duration::from_millis(500)));
+        assert_eq!(pause(&[("retry-after", "soon")]), Some(default));
+        assert_eq!(pause(&[]), Some(default));
+    }
+
+    #[test]
+    fn an_exhausted_limit_pauses_until_its_reset() {
+        let default = Duration::from_secs(1);
+        let pause = |pairs| server_pause(StatusCode::OK, &headers(pairs), default);
+        let exhausted = [("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "0.2")];
+        assert_eq!(pause(&exhausted), Some(Duration::from_millis(200)));
+        assert_eq!(pause(&[("x-ratelimit-remaining", "0")]), None);
+        assert_eq!(pause(&[("x-ratelimit-remaining", "3"), ("x-ratelimit-reset", "1")]), None);
+        assert_eq!(pause(&[]), None);
+        let unavailable = server_pause(StatusCode::SERVICE_UNAVAILABLE, &headers(&[("retry-after", "5")]), default);
+        assert_eq!(unavailable, None);
+    }
+}

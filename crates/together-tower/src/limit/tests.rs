@@ -1,0 +1,482 @@
+//! The rate limit layer's behaviour, on paused tokio time.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::header::AUTHORIZATION;
+use http::{Request, Response, StatusCode};
+use tokio::time::Instant;
+use tower::{BoxError, Layer, Service, ServiceExt};
+use tower_test::mock;
+
+use super::error::{QueueFull, RateLimited, SlotsBusy};
+use super::{BucketSpec, Decision, GovernorLimiter, Limiter, MaxWait, RateLimit, RateLimitLayer};
+use crate::classify::EndpointClass;
+use crate::quota::{GroupQuota, QuotaTable, Rate};
+
+const CHAT: &str = "/v1/chat/completions";
+const COMPLETIONS: &str = "/v1/completions";
+const EMBEDDINGS: &str = "/v1/embeddings";
+const FINE_TUNES: &str = "/v1/fine-tunes";
+
+fn request(path: &str, key: &str, label: impl Into<String>) -> Request<String> {
+    let mut builder = Request::post(path).header("x-label", label.into());
+    if !key.is_empty() {
+        builder = builder.header(AUTHORIZATION, format!("Bearer {key}"));
+    }
+    builder.body(String::new()).unwrap()
+}
+
+/// A table with one rate for chat and completions, another for embeddings.
+fn table(chat: Rate) -> QuotaTable {
+    QuotaTable::builder()
+        .group("chat", GroupQuota::rate(chat))
+        .group("embeddings", GroupQuota::rate(chat))
+        .group("fine-tune-create", GroupQuota::concurrency(2))
+        .class(EndpointClass::Chat, "chat")
+        .class(EndpointClass::Completions, "chat")
+        .class(EndpointClass::Embeddings, "embeddings")
+        .class(EndpointClass::FineTuneCreate, "fine-tune-create")
+        .build()
+        .unwrap()
+}
+
+/// When each request reached the inner service (virtual time since the test began), by label.
+#[derive(Clone)]
+struct Arrivals {
+    start: Instant,
+    seen: Arc<Mutex<Vec<(Duration, String)>>>,
+}
+
+impl Arrivals {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            seen: Arc::default(),
+        }
+    }
+
+    fn record(&self, request: &Request<String>) -> usize {
+        let label = request.headers()["x-label"].to_str().unwrap().to_owned();
+        let mut seen = self.seen.lock().unwrap();
+        seen.push((self.start.elapsed(), label));
+        seen.len() - 1
+    }
+
+    fn labels(&self) -> Vec<String> {
+        self.seen.lock().unwrap().iter().map(|(_, label)| label.clone()).collect()
+    }
+
+    fn times_ms(&self) -> Vec<u128> {
+        self.seen.lock().unwrap().iter().map(|(at, _)| at.as_millis()).collect()
+    }
+}
+
+/// An inner service that records arrivals and answers with `respond(arrival index)`.
+fn recorder(
+    arrivals: Arrivals,
+    respond: impl Fn(usize) -> Response<String> + Clone + Send + Sync + 'static,
+) -> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future: Send> + Clone + Send + Sync
+{
+    let arrivals = arrivals.clone();
+    tower::service_fn(move |request: Request<String>| {
+        let index = arrivals.record(&request);
+        let response = respond(index);
+        async move { Ok::<_, Infallible>(response) }
+    })
+}
+
+fn ok(_: usize) -> Response<String> {
+    Response::new(String::new())
+}
+
+/// Sends every request at once, each from its own task, in order; returns their results.
+async fn send_all<S>(service: &S, requests: Vec<Request<String>>) -> Vec<Result<Response<String>, BoxError>>
+where
+    S: Service<Request<String>, Response = Response<String>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|request| tokio::spawn(service.clone().oneshot(request)))
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    results
+}
+
+fn chat_requests(count: usize, key: &str) -> Vec<Request<String>> {
+    (0..count).map(|i| request(CHAT, key, i.to_string())).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn n_requests_at_rate_r_over_burst_b_take_exactly_n_minus_b_over_r() {
+    // 20 requests at 10/s: (20 - b) / 10 seconds from the first to the last.
+    for (burst, last_ms) in [(1, 1_900), (5, 1_500), (10, 1_000)] {
+        let arrivals = Arrivals::new();
+        let layer = RateLimitLayer::new(table(Rate::per_second(10).with_burst(burst)));
+        let service = layer.layer(recorder(arrivals.clone(), ok));
+        let results = send_all(&service, chat_requests(20, "k")).await;
+        assert!(results.iter().all(Result::is_ok));
+        let expected: Vec<u128> = (1..=20u128).map(|n| n.saturating_sub(burst.into()) * 100).collect();
+        assert_eq!(arrivals.times_ms(), expected, "burst {burst}");
+        assert_eq!(*expected.last().unwrap(), last_ms);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_first_come_first_served() {
+    let arrivals = Arrivals::new();
+    let service = RateLimitLayer::new(table(Rate::per_second(10))).layer(recorder(arrivals.clone(), ok));
+    let labels: Vec<String> = (0..50).map(|i| format!("r{i}")).collect();
+    let requests = labels.iter().map(|label| request(CHAT, "k", label.clone())).collect();
+    send_all(&service, requests).await;
+    assert_eq!(arrivals.labels(), labels);
+    assert_eq!(*arrivals.times_ms().last().unwrap(), 4_900);
+}
+
+#[tokio::test(start_paused = true)]
+async fn keys_and_groups_do_not_share_buckets_but_shared_groups_do() {
+    let arrivals = Arrivals::new();
+    let service = RateLimitLayer::new(table(Rate::per_second(1))).layer(recorder(arrivals.clone(), ok));
+    let requests = vec![
+        request(CHAT, "key-a", "a-chat"),
+        request(CHAT, "key-b", "b-chat"),
+        request(CHAT, "", "anonymous-chat"),
+        request(EMBEDDINGS, "key-a", "a-embeddings"),
+        request(COMPLETIONS, "key-a", "a-completions"),
+        request(CHAT, "", "anonymous-chat-2"),
+    ];
+    send_all(&service, requests).await;
+    let seen: Vec<(u128, String)> = arrivals.times_ms().into_iter().zip(arrivals.labels()).collect();
+    let at = |label: &str| seen.iter().find(|(_, l)| l == label).unwrap().0;
+    assert_eq!(at("a-chat"), 0);
+    assert_eq!(at("b-chat"), 0);
+    assert_eq!(at("anonymous-chat"), 0);
+    assert_eq!(at("a-embeddings"), 0);
+    // Completions share the chat group, and requests without a key share one bucket.
+    assert_eq!(at("a-completions"), 1_000);
+    assert_eq!(at("anonymous-chat-2"), 1_000);
+    assert_eq!(service.live_buckets(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unlimited_classes_pass_straight_through_without_a_bucket() {
+    let arrivals = Arrivals::new();
+    let service = RateLimitLayer::new(table(Rate::per_second(1))).layer(recorder(arrivals.clone(), ok));
+    let requests = (0..5).map(|i| request("/v1/models", "k", i.to_string())).collect();
+    send_all(&service, requests).await;
+    assert_eq!(arrivals.times_ms(), vec![0; 5]);
+    assert_eq!(service.live_buckets(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_answers_queue_full_at_once() {
+    let arrivals = Arrivals::new();
+    let layer = RateLimitLayer::new(table(Rate::per_second(1))).with_max_queue(2);
+    let service = layer.layer(recorder(arrivals.clone(), ok));
+    let started = Instant::now();
+    let results = send_all(&service, chat_requests(5, "k")).await;
+    let errors: Vec<_> = results.iter().map(|result| result.as_ref().err()).collect();
+    assert!(errors[..3].iter().all(Option::is_none));
+    for error in &errors[3..] {
+        let full = error.unwrap().downcast_ref::<QueueFull>().expect("QueueFull");
+        assert_eq!(full.max_queue(), 2);
+        assert_eq!(full.class(), EndpointClass::Chat);
+    }
+    assert_eq!(arrivals.times_ms(), [0, 1_000, 2_000]);
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_beyond_max_wait_answers_rate_limited_at_once_and_takes_nothing() {
+    let arrivals = Arrivals::new();
+    let layer = RateLimitLayer::new(table(Rate::per_second(1))).with_max_wait(Duration::from_millis(1_500));
+    let mut service = layer.layer(recorder(arrivals.clone(), ok));
+    let results = send_all(&service, chat_requests(3, "k")).await;
+    assert!(results[0].is_ok() && results[1].is_ok());
+    let limited = results[2].as_ref().unwrap_err().downcast_ref::<RateLimited>().expect("RateLimited");
+    assert_eq!(limited.retry_after(), Duration::from_secs(2));
+    assert_eq!(arrivals.times_ms(), [0, 1_000]);
+
+    // The refused request took no turn: the next one goes exactly one interval later.
+    let response = service.ready().await.unwrap().call(request(CHAT, "k", "after")).await;
+    assert!(response.is_ok());
+    assert_eq!(arrivals.times_ms(), [0, 1_000, 2_000]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_requests_own_max_wait_overrides_the_layers() {
+    let arrivals = Arrivals::new();
+    let mut service = RateLimitLayer::new(table(Rate::per_second(1))).layer(recorder(arrivals.clone(), ok));
+    service.ready().await.unwrap().call(request(CHAT, "k", "first")).await.unwrap();
+    let mut impatient = request(CHAT, "k", "impatient");
+    impatient.extensions_mut().insert(MaxWait(Duration::ZERO));
+    let error = service.ready().await.unwrap().call(impatient).await.unwrap_err();
+    let limited = error.downcast_ref::<RateLimited>().expect("RateLimited");
+    assert_eq!(limited.retry_after(), Duration::from_secs(1));
+    assert_eq!(arrivals.labels(), ["first"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiter_frees_its_place_and_consumes_nothing() {
+    let arrivals = Arrivals::new();
+    let layer = RateLimitLayer::new(table(Rate::per_second(1))).with_max_queue(2);
+    let service = layer.layer(recorder(arrivals.clone(), ok));
+    let first = tokio::spawn(service.clone().oneshot(request(CHAT, "k", "first")));
+    // The head waiter (asleep until 1 s) and one queued behind it.
+    let head = tokio::spawn(service.clone().oneshot(request(CHAT, "k", "head")));
+    let queued = tokio::spawn(service.clone().oneshot(request(CHAT, "k", "queued")));
+    tokio::task::yield_now().await;
+    first.await.unwrap().unwrap();
+
+    head.abort();
+    queued.abort();
+    assert!(head.await.unwrap_err().is_cancelled());
+    assert!(queued.await.unwrap_err().is_cancelled());
+
+    // Both places are free again (max_queue is 2), and the turn at 1 s is still there.
+    let later = send_all(&service, chat_requests(2, "k")).await;
+    assert!(later.iter().all(Result::is_ok));
+    assert_eq!(arrivals.labels(), ["first", "0", "1"]);
+    assert_eq!(arrivals.times_ms(), [0, 1_000, 2_000]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_closes_the_bucket_for_the_other_waiters() {
+    let arrivals = Arrivals::new();
+    let respond = |index: usize| {
+        let mut response = Response::new(String::new());
+        if index == 0 {
+            *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            response.headers_mut().insert("retry-after", "5".parse().unwrap());
+        }
+        response
+    };
+    let service = RateLimitLayer::new(table(Rate::per_second(10))).layer(recorder(arrivals.clone(), respond));
+    let results = send_all(&service, chat_requests(3, "k")).await;
+    assert_eq!(results[0].as_ref().unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(arrivals.times_ms(), [0, 5_000, 5_100]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_requests_remaining_closes_the_bucket_until_the_reset() {
+    let arrivals = Arrivals::new();
+    let respond = |index: usize| {
+        let mut response = Response::new(String::new());
+        if index == 0 {
+            response.headers_mut().insert("x-ratelimit-remaining", "0".parse().unwrap());
+            response.headers_mut().insert("x-ratelimit-reset", "2".parse().unwrap());
+        }
+        response
+    };
+    let service = RateLimitLayer::new(table(Rate::per_second(10))).layer(recorder(arrivals.clone(), respond));
+    send_all(&service, chat_requests(3, "k")).await;
+    assert_eq!(arrivals.times_ms(), [0, 2_000, 2_100]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn absurd_server_hints_are_clamped_and_missing_ones_get_the_default_pause() {
+    for (retry_after, expected) in [(Some("99999999"), [0, 3_000]), (None, [0, 1_000])] {
+        let arrivals = Arrivals::new();
+        let respond = move |index: usize| {
+            let mut response = Response::new(String::new());
+            if index == 0 {
+                *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                if let Some(value) = retry_after {
+                    response.headers_mut().insert("retry-after", value.parse().unwrap());
+                }
+            }
+            response
+        };
+        let layer = RateLimitLayer::new(table(Rate::per_second(100))).with_max_pause(Duration::from_secs(3));
+        let service = layer.layer(recorder(arrivals.clone(), respond));
+        send_all(&service, chat_requests(2, "k")).await;
+        assert_eq!(arrivals.times_ms(), expected, "retry-after {retry_after:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_bucket_refuses_at_once_what_would_wait_too_long() {
+    let arrivals = Arrivals::new();
+    let respond = |_: usize| {
+        let mut response = Response::new(String::new());
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        response.headers_mut().insert("retry-after", "20".parse().unwrap());
+        response
+    };
+    let layer = RateLimitLayer::new(table(Rate::per_second(100))).with_max_wait(Duration::from_secs(10));
+    let mut service = layer.layer(recorder(arrivals.clone(), respond));
+    service.ready().await.unwrap().call(request(CHAT, "k", "a")).await.unwrap();
+    let started = Instant::now();
+    let error = service.ready().await.unwrap().call(request(CHAT, "k", "b")).await.unwrap_err();
+    assert_eq!(error.downcast_ref::<RateLimited>().unwrap().retry_after(), Duration::from_secs(20));
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(arrivals.labels(), ["a"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn job_creates_hold_a_slot_until_their_response_arrives() {
+    let (service, mut handle) = mock::pair::<Request<String>, Response<String>>();
+    let layer = RateLimitLayer::new(table(Rate::per_second(1)));
+    let service = layer.layer(service);
+    let calls: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(service.clone().oneshot(request(FINE_TUNES, "k", i.to_string()))))
+        .collect();
+
+    let (first, first_reply) = handle.next_request().await.unwrap();
+    let (second, _second_reply) = handle.next_request().await.unwrap();
+    assert_eq!((first.headers()["x-label"].to_str().unwrap(), second.headers()["x-label"].to_str().unwrap()), ("0", "1"));
+    // Both slots are taken, so the third is not sent, however long we wait.
+    let third = tokio::time::timeout(Duration::from_secs(20), handle.next_request()).await;
+    assert!(third.is_err(), "a third create went out while two were in flight");
+
+    first_reply.send_response(Response::new(String::new()));
+    let (third, _third_reply) = handle.next_request().await.unwrap();
+    assert_eq!(third.headers()["x-label"], "2");
+    let first_call = calls.into_iter().next().unwrap();
+    assert!(first_call.await.unwrap().is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_that_stays_busy_past_max_wait_is_slots_busy() {
+    let (service, mut handle) = mock::pair::<Request<String>, Response<String>>();
+    let layer = RateLimitLayer::new(table(Rate::per_second(1))).with_max_wait(Duration::from_secs(5));
+    let service = layer.layer(service);
+    let _held: Vec<_> = (0..2)
+        .map(|i| tokio::spawn(service.clone().oneshot(request(FINE_TUNES, "k", i.to_string()))))
+        .collect();
+    let _replies = (handle.next_request().await.unwrap(), handle.next_request().await.unwrap());
+    let started = Instant::now();
+    let error = service.clone().oneshot(request(FINE_TUNES, "k", "late")).await.unwrap_err();
+    let busy = error.downcast_ref::<SlotsBusy>().expect("SlotsBusy");
+    assert_eq!(busy.waited(), Duration::from_secs(5));
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn poll_ready_is_the_inner_services() {
+    let (service, mut handle) = mock::pair::<Request<String>, Response<String>>();
+    let mut service = RateLimitLayer::new(table(Rate::per_second(1))).layer(service);
+    handle.allow(0);
+    assert!(poll_ready_once(&mut service).is_pending());
+    handle.allow(1);
+    assert!(tokio::time::timeout(Duration::from_secs(1), service.ready()).await.is_ok());
+}
+
+/// Polls `poll_ready` once with a no-op waker.
+fn poll_ready_once<S: Service<Request<String>>>(service: &mut S) -> std::task::Poll<Result<(), S::Error>> {
+    let waker = std::task::Waker::noop();
+    let mut context = std::task::Context::from_waker(waker);
+    service.poll_ready(&mut context)
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_buckets_are_dropped_and_the_count_stays_bounded() {
+    let arrivals = Arrivals::new();
+    let layer = RateLimitLayer::new(table(Rate::per_second(10)))
+        .with_max_buckets(100)
+        .with_idle_timeout(Duration::from_secs(5));
+    let mut service = layer.layer(recorder(arrivals.clone(), ok));
+    let mut most = 0;
+    for key in 0..1_000 {
+        let request = request(CHAT, &format!("key-{key}"), "x");
+        service.ready().await.unwrap().call(request).await.unwrap();
+        most = most.max(service.live_buckets());
+    }
+    assert!(most <= 100, "{most} buckets live");
+    assert!(arrivals.times_ms().iter().all(|&at| at == 0));
+
+    tokio::time::advance(Duration::from_secs(6)).await;
+    service.ready().await.unwrap().call(request(CHAT, "fresh", "x")).await.unwrap();
+    assert_eq!(service.live_buckets(), 1, "idle buckets were kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bucket_is_not_dropped_before_it_has_refilled() {
+    let arrivals = Arrivals::new();
+    let layer = RateLimitLayer::new(table(Rate::per_minute(1)))
+        .with_max_buckets(100)
+        .with_idle_timeout(Duration::from_secs(1))
+        .with_max_wait(Duration::from_secs(120));
+    let mut service = layer.layer(recorder(arrivals.clone(), ok));
+    service.ready().await.unwrap().call(request(CHAT, "k", "first")).await.unwrap();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // A new key triggers a sweep; the first key's bucket is idle but not yet refilled.
+    service.ready().await.unwrap().call(request(CHAT, "other", "other")).await.unwrap();
+    service.ready().await.unwrap().call(request(CHAT, "k", "second")).await.unwrap();
+    let times = arrivals.times_ms();
+    assert_eq!(times, [0, 10_000, 60_000]);
+}
+
+/// A backend that always needs "I/O": it never decides at once, and answers after a yield.
+#[derive(Debug, Clone, Default)]
+struct RemoteLimiter {
+    inner: GovernorLimiter,
+    fail: bool,
+}
+
+impl Limiter for RemoteLimiter {
+    type Bucket = <GovernorLimiter as Limiter>::Bucket;
+
+    fn bucket(&self, spec: BucketSpec<'_>) -> Self::Bucket {
+        self.inner.bucket(spec)
+    }
+
+    fn try_acquire(&self, _: &Self::Bucket) -> Option<Decision> {
+        None
+    }
+
+    async fn acquire(&self, bucket: &Self::Bucket) -> Result<Decision, BoxError> {
+        tokio::task::yield_now().await;
+        if self.fail {
+            return Err("backend unreachable".into());
+        }
+        self.inner.acquire(bucket).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_needs_io_gives_the_same_schedule() {
+    let arrivals = Arrivals::new();
+    let layer = RateLimitLayer::new(table(Rate::per_second(10))).with_limiter(RemoteLimiter::default());
+    let service = layer.layer(recorder(arrivals.clone(), ok));
+    send_all(&service, chat_requests(5, "k")).await;
+    assert_eq!(arrivals.times_ms(), [0, 100, 200, 300, 400]);
+    assert_eq!(arrivals.labels(), ["0", "1", "2", "3", "4"]);
+
+    let failing = RemoteLimiter {
+        fail: true,
+        ..RemoteLimiter::default()
+    };
+    let service = RateLimitLayer::new(table(Rate::per_second(10))).with_limiter(failing).layer(recorder(arrivals.clone(), ok));
+    let error = service.oneshot(request(CHAT, "k", "x")).await.unwrap_err();
+    assert_eq!(error.to_string(), "backend unreachable");
+}
+
+#[test]
+fn the_service_fits_boxed_sync_services_and_its_future_is_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let service = tower::service_fn(|_: Request<String>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+    let limited: RateLimit<_> = RateLimitLayer::default().layer(service);
+    let future = limited.clone().call(request(CHAT, "k", "x"));
+    assert_send(&future);
+    let boxed = tower::util::BoxCloneSyncService::new(limited);
+    let _clone = boxed.clone();
+}
+
+#[test]
+fn debug_output_never_shows_the_key() {
+    let service = tower::service_fn(|_: Request<String>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+    let layer = RateLimitLayer::default();
+    let mut limited = layer.layer(service);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let future = limited.call(request(CHAT, "tgp_v1_secret-key-material", "x"));
+    let shown = format!("{layer:?} {limited:?} {future:?}");
+    runtime.block_on(future).unwrap();
+    assert!(!shown.contains("secret-key-material"), "{shown}");
+    assert!(shown.contains("live_buckets: 1"), "{shown}");
+}
