@@ -1,1 +1,156 @@
-fn main() {}
+//! What `RateLimit` adds to each request when its quota never binds, beside the bare inner
+//! service and tower's own `limit::RateLimit`.
+//!
+//! Each iteration is one request: `poll_ready`, `call`, and polling the response future to
+//! completion, inside a tokio runtime context. The inner service hands the request back in its
+//! response, so the same request goes round again and nothing is allocated or dropped in the
+//! timed loop: the figures are the layers' own cost.
+//!
+//! `cargo bench -p together-tower --bench overhead`
+
+#![allow(missing_docs)]
+
+use std::convert::Infallible;
+use std::future::{Future, Ready, ready};
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::header::AUTHORIZATION;
+use http::{Request, Response};
+use together_tower::RateLimitLayer;
+use together_tower::classify::{Classify, KeyHasher, TogetherClassifier};
+use together_tower::quota::{GroupQuota, QuotaTable, Rate};
+use tower::{Layer, Service};
+
+/// An inner client that answers at once with the request it was sent.
+#[derive(Clone, Copy)]
+struct Echo;
+
+impl Service<Request<()>> for Echo {
+    type Response = Response<Request<()>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<Request<()>>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<()>) -> Self::Future {
+        ready(Ok(Response::new(request)))
+    }
+}
+
+/// One request through `service`, driven to completion with a no-op waker; returns the request.
+fn one_request<S>(service: &mut S, request: Request<()>) -> Request<()>
+where
+    S: Service<Request<()>, Response = Response<Request<()>>>,
+{
+    let mut context = Context::from_waker(Waker::noop());
+    let Poll::Ready(Ok(())) = service.poll_ready(&mut context) else {
+        panic!("the service was not ready");
+    };
+    let future = pin!(service.call(request));
+    let Poll::Ready(Ok(response)) = future.poll(&mut context) else {
+        panic!("the quota bound, or the request failed");
+    };
+    response.into_body()
+}
+
+/// Benchmarks `service` sending `requests` round-robin.
+fn bench_service<S>(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    mut service: S,
+    requests: Vec<Request<()>>,
+) where
+    S: Service<Request<()>, Response = Response<Request<()>>>,
+{
+    let mut requests: Vec<Option<Request<()>>> = requests.into_iter().map(Some).collect();
+    let mut next = 0;
+    c.bench_function(name, |b| {
+        b.iter(|| {
+            let slot = &mut requests[next];
+            *slot = Some(one_request(&mut service, slot.take().unwrap()));
+            next = (next + 1) % requests.len();
+        })
+    });
+}
+
+fn chat(key: &str) -> Request<()> {
+    Request::post("https://api.together.xyz/v1/chat/completions")
+        .header(AUTHORIZATION, format!("Bearer {key}"))
+        .body(())
+        .unwrap()
+}
+
+fn never_binding() -> QuotaTable {
+    let rate = Rate::per_second(1_000_000_000).with_burst(1_000_000_000);
+    QuotaTable::together_defaults()
+        .to_builder()
+        .group("chat", GroupQuota::rate(rate))
+        .build()
+        .unwrap()
+}
+
+fn overhead(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _context = runtime.enter();
+    let key = "tgp_v1_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ";
+    let mut group = c.benchmark_group("per_request");
+
+    bench_service(&mut group, "bare_inner_service", Echo, vec![chat(key)]);
+    let layer = RateLimitLayer::new(never_binding());
+    bench_service(
+        &mut group,
+        "together_rate_limit_one_key",
+        layer.layer(Echo),
+        vec![chat(key)],
+    );
+    let keys = (0..1_000).map(|i| chat(&format!("{key}-{i}"))).collect();
+    let layer = RateLimitLayer::new(never_binding());
+    bench_service(
+        &mut group,
+        "together_rate_limit_1k_keys",
+        layer.layer(Echo),
+        keys,
+    );
+    let models = Request::get("https://api.together.xyz/v1/models")
+        .body(())
+        .unwrap();
+    let layer = RateLimitLayer::new(never_binding());
+    bench_service(
+        &mut group,
+        "together_rate_limit_unlimited_class",
+        layer.layer(Echo),
+        vec![models],
+    );
+    let unbound = tower::limit::rate::Rate::new(u64::MAX, Duration::from_secs(1));
+    bench_service(
+        &mut group,
+        "tower_rate_limit",
+        tower::limit::RateLimit::new(Echo, unbound),
+        vec![chat(key)],
+    );
+
+    let request = chat(key);
+    let hasher = KeyHasher::new();
+    group.bench_function("classify_and_fingerprint_only", |b| {
+        b.iter(|| {
+            let request = std::hint::black_box(&request);
+            let class = TogetherClassifier.classify(request);
+            (
+                class,
+                hasher.fingerprint_request(&TogetherClassifier, request),
+            )
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, overhead);
+criterion_main!(benches);

@@ -26,7 +26,7 @@ use std::str::FromStr;
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Method, Request};
-use siphasher::sip128::SipHasher13;
+use siphasher::sip::SipHasher13;
 
 /// The kind of Together endpoint a request calls.
 ///
@@ -105,7 +105,10 @@ impl EndpointClass {
     /// Such a call may have created the job even when the answer was a 5xx or never came,
     /// so it must not be repeated after one.
     pub const fn creates_job(self) -> bool {
-        matches!(self, EndpointClass::FineTuneCreate | EndpointClass::BatchCreate)
+        matches!(
+            self,
+            EndpointClass::FineTuneCreate | EndpointClass::BatchCreate
+        )
     }
 
     /// A dense index in `0..EndpointClass::ALL.len()`, for tables indexed by class.
@@ -135,7 +138,11 @@ impl UnknownClass {
 
 impl fmt::Display for UnknownClass {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "unknown endpoint class {:?}; expected one of ", self.name)?;
+        write!(
+            f,
+            "unknown endpoint class {:?}; expected one of ",
+            self.name
+        )?;
         for (i, class) in EndpointClass::ALL.iter().enumerate() {
             if i > 0 {
                 f.write_str(", ")?;
@@ -194,59 +201,94 @@ impl Classify for TogetherClassifier {
 
 /// Classifies a method and a path as Together's API would route them.
 pub fn classify_path(method: &Method, path: &str) -> EndpointClass {
-    let path = match path.find("/v1/") {
-        Some(at) => &path[at + 4..],
-        None => path.strip_suffix("/v1").map_or(path, |_| ""),
+    let tail = after_version(path).trim_end_matches('/');
+    let post = *method == Method::POST;
+    // The paths without ids, as clients send them: one string comparison each.
+    let exact = match (tail, post) {
+        ("chat/completions", true) => Some(EndpointClass::Chat),
+        ("completions", true) => Some(EndpointClass::Completions),
+        ("embeddings", true) => Some(EndpointClass::Embeddings),
+        ("rerank", true) => Some(EndpointClass::Rerank),
+        ("images/generations", true) => Some(EndpointClass::Images),
+        ("fine-tunes", true) => Some(EndpointClass::FineTuneCreate),
+        ("batches", true) => Some(EndpointClass::BatchCreate),
+        _ => None,
     };
-    let mut segments = path.split('/').filter(|segment| !segment.is_empty());
-    let first = segments.next();
-    let second = segments.next();
-    let third = segments.next();
-    let rest = segments.next();
-    let post = method == Method::POST;
-    match (first, second, third, rest) {
-        (Some("chat"), Some("completions"), None, None) if post => EndpointClass::Chat,
-        (Some("completions"), None, None, None) if post => EndpointClass::Completions,
-        (Some("embeddings"), None, None, None) if post => EndpointClass::Embeddings,
-        (Some("rerank"), None, None, None) if post => EndpointClass::Rerank,
-        (Some("images"), Some("generations"), None, None) if post => EndpointClass::Images,
-        (Some("audio"), Some("speech" | "transcriptions" | "translations"), None, None) if post => {
-            EndpointClass::Audio
+    exact.unwrap_or_else(|| classify_segments(method, tail))
+}
+
+/// Classifies by path segments: paths with ids, and paths with doubled slashes.
+fn classify_segments(method: &Method, path: &str) -> EndpointClass {
+    // Up to four non-empty segments: no exact pattern is longer than three, so a fourth only
+    // says "longer than any exact pattern", and prefix patterns need just the first.
+    let mut segments = [""; 4];
+    let mut count = 0;
+    for segment in path.split('/').filter(|segment| !segment.is_empty()) {
+        if count == segments.len() {
+            break;
         }
-        (Some("fine-tunes"), None, None, None) if post => EndpointClass::FineTuneCreate,
-        (Some("fine-tunes"), ..) => EndpointClass::FineTuneOther,
-        (Some("batches"), None, None, None) if post => EndpointClass::BatchCreate,
-        (Some("batches"), ..) => EndpointClass::BatchOther,
-        (Some("files"), ..) => EndpointClass::Files,
-        (Some("models"), ..) if method == Method::GET => EndpointClass::Models,
+        segments[count] = segment;
+        count += 1;
+    }
+    let post = *method == Method::POST;
+    match (&segments[..count], post) {
+        (["chat", "completions"], true) => EndpointClass::Chat,
+        (["completions"], true) => EndpointClass::Completions,
+        (["embeddings"], true) => EndpointClass::Embeddings,
+        (["rerank"], true) => EndpointClass::Rerank,
+        (["images", "generations"], true) => EndpointClass::Images,
+        (["audio", "speech" | "transcriptions" | "translations"], true) => EndpointClass::Audio,
+        (["fine-tunes"], true) => EndpointClass::FineTuneCreate,
+        (["fine-tunes", ..], _) => EndpointClass::FineTuneOther,
+        (["batches"], true) => EndpointClass::BatchCreate,
+        (["batches", ..], _) => EndpointClass::BatchOther,
+        (["files", ..], _) => EndpointClass::Files,
+        (["models", ..], false) if *method == Method::GET => EndpointClass::Models,
         _ => EndpointClass::Other,
     }
+}
+
+/// The part of `path` after its first `v1` segment, or all of it when it has none.
+fn after_version(path: &str) -> &str {
+    // Together's own paths start with `/v1/`; check that first, as a search costs more.
+    if let Some(rest) = path.strip_prefix("/v1/") {
+        return rest;
+    }
+    let mut offset = 0;
+    for segment in path.split('/') {
+        offset += segment.len() + 1;
+        if segment == "v1" {
+            return path.get(offset..).unwrap_or("");
+        }
+    }
+    path
 }
 
 /// The token of an `Authorization: Bearer <token>` header, if there is a non-empty one.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
     let value = headers.get(AUTHORIZATION)?.as_bytes();
     let scheme = value.get(..7)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+    if scheme != b"Bearer " && !scheme.eq_ignore_ascii_case(b"bearer ") {
         return None;
     }
     let token = value[7..].trim_ascii();
     (!token.is_empty()).then_some(token)
 }
 
-/// A fingerprint of an API key: a keyed 128-bit hash of it.
+/// A fingerprint of an API key: a keyed 64-bit hash of it.
 ///
 /// Buckets, log lines, metric labels and (later) Redis keys name a caller by this, never by
-/// the key itself. Its `Display` and `Debug` print 32 hex digits.
+/// the key itself. Its `Display` and `Debug` print 16 hex digits. Two keys share a
+/// fingerprint (and so a bucket) with odds of about 3 in 100 million among a million keys.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ApiKeyId(u128);
+pub struct ApiKeyId(u64);
 
 impl ApiKeyId {
     /// The id shared by every request that carries no key.
     pub const ANONYMOUS: ApiKeyId = ApiKeyId(0);
 
     /// The fingerprint as a number.
-    pub const fn as_u128(self) -> u128 {
+    pub const fn as_u64(self) -> u64 {
         self.0
     }
 }
@@ -256,7 +298,7 @@ impl fmt::Display for ApiKeyId {
         if *self == ApiKeyId::ANONYMOUS {
             f.write_str("anonymous")
         } else {
-            write!(f, "{:032x}", self.0)
+            write!(f, "{:016x}", self.0)
         }
     }
 }
@@ -267,7 +309,7 @@ impl fmt::Debug for ApiKeyId {
     }
 }
 
-/// Turns API keys into [`ApiKeyId`]s with SipHash-1-3 under a 128-bit secret.
+/// Turns API keys into [`ApiKeyId`]s with SipHash-1-3 (64-bit output) under a 128-bit secret.
 ///
 /// Processes that share a quota (through a shared backend) must use the same secret, so that
 /// one key maps to one id everywhere. The default secret is a fixed, public constant: the
@@ -300,11 +342,15 @@ impl KeyHasher {
             return ApiKeyId::ANONYMOUS;
         }
         // Zero is reserved for the anonymous id; a real key hashing to it moves by one.
-        ApiKeyId(self.hasher.hash(key).as_u128().max(1))
+        ApiKeyId(self.hasher.hash(key).max(1))
     }
 
     /// The fingerprint of a request's credential, as found by `classifier`.
-    pub fn fingerprint_request<C: Classify, B>(&self, classifier: &C, request: &Request<B>) -> ApiKeyId {
+    pub fn fingerprint_request<C: Classify, B>(
+        &self,
+        classifier: &C,
+        request: &Request<B>,
+    ) -> ApiKeyId {
         classifier
             .credential(request)
             .map_or(ApiKeyId::ANONYMOUS, |key| self.fingerprint(key))
@@ -350,6 +396,11 @@ mod tests {
             (Method::DELETE, "/v1/fine-tunes/ft-123", FineTuneOther),
             (Method::POST, "/v1/fine-tunes/ft-123/cancel", FineTuneOther),
             (Method::GET, "/v1/fine-tunes/ft-123/events", FineTuneOther),
+            (
+                Method::GET,
+                "/v1/fine-tunes/ft-123/events/page/2",
+                FineTuneOther,
+            ),
             (Method::POST, "/v1/batches", BatchCreate),
             (Method::GET, "/v1/batches", BatchOther),
             (Method::GET, "/v1/batches/b-1", BatchOther),
@@ -370,11 +421,26 @@ mod tests {
 
     #[test]
     fn trailing_slashes_prefixes_and_bare_paths_classify_the_same() {
-        assert_eq!(class(Method::POST, "/v1/chat/completions/"), EndpointClass::Chat);
-        assert_eq!(class(Method::POST, "/v1//chat//completions"), EndpointClass::Chat);
-        assert_eq!(class(Method::POST, "/together/v1/embeddings"), EndpointClass::Embeddings);
-        assert_eq!(class(Method::POST, "/chat/completions"), EndpointClass::Chat);
-        assert_eq!(class(Method::POST, "/v1/fine-tunes/"), EndpointClass::FineTuneCreate);
+        assert_eq!(
+            class(Method::POST, "/v1/chat/completions/"),
+            EndpointClass::Chat
+        );
+        assert_eq!(
+            class(Method::POST, "/v1//chat//completions"),
+            EndpointClass::Chat
+        );
+        assert_eq!(
+            class(Method::POST, "/together/v1/embeddings"),
+            EndpointClass::Embeddings
+        );
+        assert_eq!(
+            class(Method::POST, "/chat/completions"),
+            EndpointClass::Chat
+        );
+        assert_eq!(
+            class(Method::POST, "/v1/fine-tunes/"),
+            EndpointClass::FineTuneCreate
+        );
         assert_eq!(class(Method::GET, "/v1"), EndpointClass::Other);
         assert_eq!(class(Method::GET, "/"), EndpointClass::Other);
         assert_eq!(class(Method::GET, ""), EndpointClass::Other);
@@ -385,15 +451,27 @@ mod tests {
         let request = Request::post("https://api.together.xyz/v1/embeddings?debug=1&x=/v1/models")
             .body(())
             .unwrap();
-        assert_eq!(TogetherClassifier.classify(&request), EndpointClass::Embeddings);
+        assert_eq!(
+            TogetherClassifier.classify(&request),
+            EndpointClass::Embeddings
+        );
     }
 
     #[test]
     fn wrong_methods_and_unknown_paths_are_other() {
-        assert_eq!(class(Method::GET, "/v1/chat/completions"), EndpointClass::Other);
-        assert_eq!(class(Method::POST, "/v1/chat/completions/extra"), EndpointClass::Other);
+        assert_eq!(
+            class(Method::GET, "/v1/chat/completions"),
+            EndpointClass::Other
+        );
+        assert_eq!(
+            class(Method::POST, "/v1/chat/completions/extra"),
+            EndpointClass::Other
+        );
         assert_eq!(class(Method::POST, "/v1/models"), EndpointClass::Other);
-        assert_eq!(class(Method::POST, "/v2/chat/completions"), EndpointClass::Other);
+        assert_eq!(
+            class(Method::POST, "/v2/chat/completions"),
+            EndpointClass::Other
+        );
     }
 
     #[test]
@@ -411,8 +489,14 @@ mod tests {
 
     #[test]
     fn only_job_creating_classes_create_jobs() {
-        let creating: Vec<_> = EndpointClass::ALL.into_iter().filter(|c| c.creates_job()).collect();
-        assert_eq!(creating, [EndpointClass::FineTuneCreate, EndpointClass::BatchCreate]);
+        let creating: Vec<_> = EndpointClass::ALL
+            .into_iter()
+            .filter(|c| c.creates_job())
+            .collect();
+        assert_eq!(
+            creating,
+            [EndpointClass::FineTuneCreate, EndpointClass::BatchCreate]
+        );
     }
 
     #[test]
@@ -444,7 +528,7 @@ mod tests {
 
         let shown = format!("{id} {id:?} {hasher:?}");
         assert!(!shown.contains("example-key"), "{shown}");
-        assert_eq!(id.to_string().len(), 32);
+        assert_eq!(id.to_string().len(), 16);
         assert_eq!(ApiKeyId::ANONYMOUS.to_string(), "anonymous");
     }
 
@@ -452,7 +536,10 @@ mod tests {
     fn requests_without_a_key_are_anonymous() {
         let hasher = KeyHasher::new();
         let without = Request::post("/v1/chat/completions").body(()).unwrap();
-        assert_eq!(hasher.fingerprint_request(&TogetherClassifier, &without), ApiKeyId::ANONYMOUS);
+        assert_eq!(
+            hasher.fingerprint_request(&TogetherClassifier, &without),
+            ApiKeyId::ANONYMOUS
+        );
         let with = Request::post("/v1/chat/completions")
             .header(AUTHORIZATION, "Bearer k")
             .body(())

@@ -19,7 +19,9 @@ pub struct TokioClock {
 impl TokioClock {
     /// A clock that counts from now.
     pub fn new() -> Self {
-        Self { start: Instant::now() }
+        Self {
+            start: Instant::now(),
+        }
     }
 
     /// Time since the clock's start.
@@ -57,6 +59,9 @@ mod tests {
         assert_eq!(clock.now(), Nanos::from(0u64));
         tokio::time::advance(Duration::from_millis(1_500)).await;
         assert_eq!(Duration::from(clock.now()), Duration::from_millis(1_500));
-        assert_eq!(clock.instant_at(Duration::from_millis(1_500)), Instant::now());
+        assert_eq!(
+            clock.instant_at(Duration::from_millis(1_500)),
+            Instant::now()
+        );
     }
 }

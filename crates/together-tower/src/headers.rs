@@ -10,8 +10,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::header::{HeaderName, RETRY_AFTER};
 use http::HeaderMap;
+use http::header::{HeaderName, RETRY_AFTER};
 
 /// The longest delay any parser here returns: one day.
 pub const MAX_HINT: Duration = Duration::from_secs(24 * 60 * 60);
@@ -58,7 +58,11 @@ pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
     }
     let text = std::str::from_utf8(value).ok()?.trim();
     let date = httpdate::parse_http_date(text).ok()?;
-    Some(date.duration_since(now).unwrap_or(Duration::ZERO).min(MAX_HINT))
+    Some(
+        date.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_HINT),
+    )
 }
 
 /// How long until the request limit resets, from `x-ratelimit-reset`.
@@ -150,7 +154,19 @@ mod tests {
     #[test]
     fn garbage_is_none_and_absurd_values_are_clamped() {
         let at = |value| parse_retry_after(value, now());
-        for garbage in [&b""[..], b"-1", b"+1", b"1e3", b"inf", b"NaN", b"1.", b".5", b"1.2.3", b"soon", b"\xff"] {
+        for garbage in [
+            &b""[..],
+            b"-1",
+            b"+1",
+            b"1e3",
+            b"inf",
+            b"NaN",
+            b"1.",
+            b".5",
+            b"1.2.3",
+            b"soon",
+            b"\xff",
+        ] {
             assert_eq!(at(garbage), None, "{:?}", String::from_utf8_lossy(garbage));
         }
         assert_eq!(at(b"99999999999999999999999"), Some(MAX_HINT));
@@ -172,23 +188,35 @@ mod tests {
     #[test]
     fn reset_is_an_interval_or_a_timestamp() {
         let interval = headers(&[(&X_RATELIMIT_RESET, "0.25")]);
-        assert_eq!(ratelimit_reset(&interval, now()), Some(Duration::from_millis(250)));
+        assert_eq!(
+            ratelimit_reset(&interval, now()),
+            Some(Duration::from_millis(250))
+        );
         let stamp = headers(&[(&X_RATELIMIT_RESET, "1700000007")]);
         assert_eq!(ratelimit_reset(&stamp, now()), Some(Duration::from_secs(7)));
         let old_stamp = headers(&[(&X_RATELIMIT_RESET, "1600000000")]);
         assert_eq!(ratelimit_reset(&old_stamp, now()), Some(Duration::ZERO));
-        assert_eq!(ratelimit_reset(&headers(&[(&X_RATELIMIT_RESET, "later")]), now()), None);
+        assert_eq!(
+            ratelimit_reset(&headers(&[(&X_RATELIMIT_RESET, "later")]), now()),
+            None
+        );
     }
 
     #[test]
     fn remaining_prefers_the_plain_header_and_reads_counts() {
-        let plain = headers(&[(&X_RATELIMIT_REMAINING, "0"), (&X_RATELIMIT_REMAINING_DYNAMIC, "5")]);
+        let plain = headers(&[
+            (&X_RATELIMIT_REMAINING, "0"),
+            (&X_RATELIMIT_REMAINING_DYNAMIC, "5"),
+        ]);
         assert_eq!(ratelimit_remaining(&plain), Some(0));
         let dynamic = headers(&[(&X_RATELIMIT_REMAINING_DYNAMIC, "5")]);
         assert_eq!(ratelimit_remaining(&dynamic), Some(5));
         let fraction = headers(&[(&X_TOKENLIMIT_REMAINING, "2999.7")]);
         assert_eq!(count(&fraction, &X_TOKENLIMIT_REMAINING), Some(2_999));
-        assert_eq!(ratelimit_remaining(&headers(&[(&X_RATELIMIT_REMAINING, "-1")])), None);
+        assert_eq!(
+            ratelimit_remaining(&headers(&[(&X_RATELIMIT_REMAINING, "-1")])),
+            None
+        );
         let huge = headers(&[(&X_RATELIMIT_LIMIT, "123456789012345678901234567890")]);
         assert_eq!(count(&huge, &X_RATELIMIT_LIMIT), Some(u64::MAX));
     }

@@ -338,7 +338,10 @@ impl QuotaTable {
     /// [`QuotaTable::together_defaults`] with the chat group at `tier`'s request rate.
     pub fn chat_tier(tier: ChatTier) -> Self {
         Self::builder()
-            .group("chat", GroupQuota::rate(Rate::per_minute(tier.requests_per_minute())))
+            .group(
+                "chat",
+                GroupQuota::rate(Rate::per_minute(tier.requests_per_minute())),
+            )
             .group("embeddings", GroupQuota::rate(Rate::per_minute(300)))
             .group("images", GroupQuota::rate(Rate::per_minute(60)))
             .group("fine-tune-create", GroupQuota::concurrency(3))
@@ -398,8 +401,8 @@ impl QuotaTable {
     /// ```
     #[cfg(feature = "serde")]
     pub fn from_toml(text: &str) -> Result<Self, QuotaError> {
-        let file: file::QuotaFile =
-            toml::from_str(text).map_err(|error| QuotaError::new("", Problem::Syntax(error.to_string())))?;
+        let file: file::QuotaFile = toml::from_str(text)
+            .map_err(|error| QuotaError::new("", Problem::Syntax(error.to_string())))?;
         file.into_table()
     }
 }
@@ -422,7 +425,11 @@ impl QuotaTableBuilder {
     /// Adds a group, or replaces the limits of the group of that name.
     pub fn group(mut self, name: impl Into<String>, quota: GroupQuota) -> Self {
         let name = name.into();
-        match self.groups.iter_mut().find(|(existing, _)| *existing == name) {
+        match self
+            .groups
+            .iter_mut()
+            .find(|(existing, _)| *existing == name)
+        {
             Some((_, existing)) => *existing = quota,
             None => self.groups.push((name, quota)),
         }
@@ -432,7 +439,11 @@ impl QuotaTableBuilder {
     /// Puts a class in a group, replacing any group it was in.
     pub fn class(mut self, class: EndpointClass, group: impl Into<String>) -> Self {
         let group = group.into();
-        match self.classes.iter_mut().find(|(existing, _)| *existing == class) {
+        match self
+            .classes
+            .iter_mut()
+            .find(|(existing, _)| *existing == class)
+        {
             Some((_, existing)) => *existing = group,
             None => self.classes.push((class, group)),
         }
@@ -448,14 +459,19 @@ impl QuotaTableBuilder {
     /// Checks every group and class and builds the table.
     pub fn build(self) -> Result<QuotaTable, QuotaError> {
         if self.groups.len() > usize::from(u16::MAX) {
-            return Err(QuotaError::new("", Problem::TooManyGroups(self.groups.len())));
+            return Err(QuotaError::new(
+                "",
+                Problem::TooManyGroups(self.groups.len()),
+            ));
         }
         let mut groups = Vec::with_capacity(self.groups.len());
         for (name, quota) in self.groups {
             let governor_quota = quota.rate.map(|rate| rate.validate(&name)).transpose()?;
             match quota.concurrency {
                 Some(0) => return Err(QuotaError::new(&name, Problem::ZeroConcurrency)),
-                None if quota.rate.is_none() => return Err(QuotaError::new(&name, Problem::NoLimit)),
+                None if quota.rate.is_none() => {
+                    return Err(QuotaError::new(&name, Problem::NoLimit));
+                }
                 _ => {}
             }
             groups.push(Group {
@@ -522,7 +538,10 @@ impl fmt::Display for QuotaError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let group = &self.group;
         match &self.problem {
-            Problem::ZeroRate => write!(f, "group {group:?}: the rate allows no requests; give it at least 1 request per non-zero period"),
+            Problem::ZeroRate => write!(
+                f,
+                "group {group:?}: the rate allows no requests; give it at least 1 request per non-zero period"
+            ),
             Problem::ZeroBurst => write!(f, "group {group:?}: burst is 0; it must be at least 1"),
             Problem::BurstExceedsRate(rate) => write!(
                 f,
@@ -534,13 +553,32 @@ impl fmt::Display for QuotaError {
                 "group {group:?}: {} requests per {:?} is more than one per nanosecond; use a lower rate",
                 rate.requests, rate.period
             ),
-            Problem::ZeroConcurrency => write!(f, "group {group:?}: concurrency is 0; it must be at least 1, or left out"),
-            Problem::NoLimit => write!(f, "group {group:?} has neither a rate nor a concurrency limit; give it one, or leave its classes unlimited"),
-            Problem::UnknownGroup(class) => write!(f, "class {class} is put in group {group:?}, which is not defined; define the group or fix its name"),
-            Problem::TooManyGroups(count) => write!(f, "{count} groups is more than the {} a table can hold", u16::MAX),
+            Problem::ZeroConcurrency => write!(
+                f,
+                "group {group:?}: concurrency is 0; it must be at least 1, or left out"
+            ),
+            Problem::NoLimit => write!(
+                f,
+                "group {group:?} has neither a rate nor a concurrency limit; give it one, or leave its classes unlimited"
+            ),
+            Problem::UnknownGroup(class) => write!(
+                f,
+                "class {class} is put in group {group:?}, which is not defined; define the group or fix its name"
+            ),
+            Problem::TooManyGroups(count) => write!(
+                f,
+                "{count} groups is more than the {} a table can hold",
+                u16::MAX
+            ),
             Problem::UnknownClass(unknown) => write!(f, "{unknown}"),
-            Problem::InvalidRate(text) => write!(f, "group {group:?}: rate {text:?} is not of the form N/s, N/min or N/h"),
-            Problem::UnknownPreset(name) => write!(f, "unknown preset {name:?}; expected one of free, tier-1, tier-2, tier-3, tier-4, tier-5"),
+            Problem::InvalidRate(text) => write!(
+                f,
+                "group {group:?}: rate {text:?} is not of the form N/s, N/min or N/h"
+            ),
+            Problem::UnknownPreset(name) => write!(
+                f,
+                "unknown preset {name:?}; expected one of free, tier-1, tier-2, tier-3, tier-4, tier-5"
+            ),
             Problem::Syntax(message) => write!(f, "invalid quota file: {}", message.trim_end()),
         }
     }
@@ -587,7 +625,8 @@ mod file {
             for (name, entry) in self.groups {
                 let rate = match entry.rate {
                     Some(text) => {
-                        let rate = Rate::parse(&text).ok_or_else(|| QuotaError::new(&name, Problem::InvalidRate(text)))?;
+                        let rate = Rate::parse(&text)
+                            .ok_or_else(|| QuotaError::new(&name, Problem::InvalidRate(text)))?;
                         Some(rate.with_burst(entry.burst.unwrap_or(1)))
                     }
                     None => None,
@@ -620,15 +659,31 @@ mod tests {
     #[test]
     fn defaults_are_the_published_table() {
         let table = QuotaTable::together_defaults();
-        assert_eq!(rate_of(&table, EndpointClass::Chat), Some(Rate::per_minute(600)));
-        assert_eq!(rate_of(&table, EndpointClass::Completions), Some(Rate::per_minute(600)));
-        assert_eq!(rate_of(&table, EndpointClass::Embeddings), Some(Rate::per_minute(300)));
-        assert_eq!(rate_of(&table, EndpointClass::Images), Some(Rate::per_minute(60)));
+        assert_eq!(
+            rate_of(&table, EndpointClass::Chat),
+            Some(Rate::per_minute(600))
+        );
+        assert_eq!(
+            rate_of(&table, EndpointClass::Completions),
+            Some(Rate::per_minute(600))
+        );
+        assert_eq!(
+            rate_of(&table, EndpointClass::Embeddings),
+            Some(Rate::per_minute(300))
+        );
+        assert_eq!(
+            rate_of(&table, EndpointClass::Images),
+            Some(Rate::per_minute(60))
+        );
         let fine_tune = table.group_of(EndpointClass::FineTuneCreate).unwrap();
         assert_eq!((fine_tune.rate(), fine_tune.concurrency()), (None, Some(3)));
         let batch = table.group_of(EndpointClass::BatchCreate).unwrap();
         assert_eq!((batch.rate(), batch.concurrency()), (None, Some(10)));
-        for class in [EndpointClass::Models, EndpointClass::Files, EndpointClass::Other] {
+        for class in [
+            EndpointClass::Models,
+            EndpointClass::Files,
+            EndpointClass::Other,
+        ] {
             assert!(table.group_of(class).is_none(), "{class}");
         }
         // Chat and completions share one group, so one bucket.
@@ -636,7 +691,11 @@ mod tests {
             table.group_id(EndpointClass::Chat),
             table.group_id(EndpointClass::Completions)
         );
-        let quota = table.group_of(EndpointClass::Chat).unwrap().governor_quota().unwrap();
+        let quota = table
+            .group_of(EndpointClass::Chat)
+            .unwrap()
+            .governor_quota()
+            .unwrap();
         assert_eq!(quota.replenish_interval(), Duration::from_millis(100));
         assert_eq!(quota.burst_size().get(), 1);
     }
@@ -646,20 +705,37 @@ mod tests {
         let expected = [60, 600, 1_800, 3_000, 4_500, 6_000];
         for (tier, requests) in ChatTier::ALL.into_iter().zip(expected) {
             let table = QuotaTable::chat_tier(tier);
-            assert_eq!(rate_of(&table, EndpointClass::Chat), Some(Rate::per_minute(requests)));
-            assert_eq!(rate_of(&table, EndpointClass::Embeddings), Some(Rate::per_minute(300)));
+            assert_eq!(
+                rate_of(&table, EndpointClass::Chat),
+                Some(Rate::per_minute(requests))
+            );
+            assert_eq!(
+                rate_of(&table, EndpointClass::Embeddings),
+                Some(Rate::per_minute(300))
+            );
         }
         assert_eq!(ChatTier::Tier3.tokens_per_minute(), 500_000);
     }
 
     #[test]
     fn invalid_tables_say_what_to_fix() {
-        let build = |quota| QuotaTable::builder().group("g", quota).build().unwrap_err().to_string();
+        let build = |quota| {
+            QuotaTable::builder()
+                .group("g", quota)
+                .build()
+                .unwrap_err()
+                .to_string()
+        };
         assert!(build(GroupQuota::rate(Rate::per_second(0))).contains("at least 1 request"));
-        assert!(build(GroupQuota::rate(Rate::new(5, Duration::ZERO))).contains("at least 1 request"));
+        assert!(
+            build(GroupQuota::rate(Rate::new(5, Duration::ZERO))).contains("at least 1 request")
+        );
         assert!(build(GroupQuota::rate(Rate::per_second(5).with_burst(0))).contains("burst is 0"));
         let message = build(GroupQuota::rate(Rate::per_second(5).with_burst(6)));
-        assert!(message.contains("burst 6") && message.contains("at most 5"), "{message}");
+        assert!(
+            message.contains("burst 6") && message.contains("at most 5"),
+            "{message}"
+        );
         let message = build(GroupQuota::rate(Rate::new(10, Duration::from_nanos(1))));
         assert!(message.contains("per nanosecond"), "{message}");
         assert!(build(GroupQuota::concurrency(0)).contains("concurrency is 0"));
@@ -675,7 +751,12 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(error.group(), "caht");
-        assert!(error.to_string().contains("class chat is put in group \"caht\""), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("class chat is put in group \"caht\""),
+            "{error}"
+        );
     }
 
     #[test]
@@ -687,19 +768,38 @@ mod tests {
             .unlimited(EndpointClass::Images)
             .build()
             .unwrap();
-        assert_eq!(rate_of(&table, EndpointClass::Chat), Some(Rate::per_second(2)));
-        assert_eq!(rate_of(&table, EndpointClass::Rerank), Some(Rate::per_second(2)));
+        assert_eq!(
+            rate_of(&table, EndpointClass::Chat),
+            Some(Rate::per_second(2))
+        );
+        assert_eq!(
+            rate_of(&table, EndpointClass::Rerank),
+            Some(Rate::per_second(2))
+        );
         assert!(table.group_of(EndpointClass::Images).is_none());
         assert_eq!(table.groups().count(), 5);
-        assert!(QuotaTable::unlimited().group_of(EndpointClass::Chat).is_none());
+        assert!(
+            QuotaTable::unlimited()
+                .group_of(EndpointClass::Chat)
+                .is_none()
+        );
     }
 
     #[test]
     fn rates_print_readably() {
         assert_eq!(Rate::per_minute(600).to_string(), "600/min (burst 1)");
-        assert_eq!(Rate::per_second(10).with_burst(3).to_string(), "10/s (burst 3)");
-        assert_eq!(Rate::new(5, Duration::from_secs(2)).to_string(), "5 per 2s (burst 1)");
-        assert_eq!(Rate::per_minute(600).refill_time(), Duration::from_millis(100));
+        assert_eq!(
+            Rate::per_second(10).with_burst(3).to_string(),
+            "10/s (burst 3)"
+        );
+        assert_eq!(
+            Rate::new(5, Duration::from_secs(2)).to_string(),
+            "5 per 2s (burst 1)"
+        );
+        assert_eq!(
+            Rate::per_minute(600).refill_time(),
+            Duration::from_millis(100)
+        );
     }
 
     #[cfg(feature = "serde")]
@@ -723,9 +823,15 @@ mod tests {
                 "#,
             )
             .unwrap();
-            assert_eq!(rate_of(&table, EndpointClass::Completions), Some(Rate::per_second(20).with_burst(4)));
+            assert_eq!(
+                rate_of(&table, EndpointClass::Completions),
+                Some(Rate::per_second(20).with_burst(4))
+            );
             let jobs = table.group_of(EndpointClass::FineTuneCreate).unwrap();
-            assert_eq!((jobs.rate(), jobs.concurrency()), (Some(Rate::per_minute(10)), Some(2)));
+            assert_eq!(
+                (jobs.rate(), jobs.concurrency()),
+                (Some(Rate::per_minute(10)), Some(2))
+            );
             assert!(table.group_of(EndpointClass::Embeddings).is_none());
         }
 
@@ -739,22 +845,36 @@ mod tests {
                 "#,
             )
             .unwrap();
-            assert_eq!(rate_of(&table, EndpointClass::Chat), Some(Rate::per_minute(1_800)));
-            assert_eq!(rate_of(&table, EndpointClass::Images), Some(Rate::per_hour(120)));
-            assert_eq!(rate_of(&table, EndpointClass::Embeddings), Some(Rate::per_minute(300)));
+            assert_eq!(
+                rate_of(&table, EndpointClass::Chat),
+                Some(Rate::per_minute(1_800))
+            );
+            assert_eq!(
+                rate_of(&table, EndpointClass::Images),
+                Some(Rate::per_hour(120))
+            );
+            assert_eq!(
+                rate_of(&table, EndpointClass::Embeddings),
+                Some(Rate::per_minute(300))
+            );
         }
 
         #[test]
         fn bad_files_are_typed_errors_that_name_the_problem() {
             let error = |text: &str| QuotaTable::from_toml(text).unwrap_err().to_string();
             let message = error("[classes]\nchats = \"chat\"\n[groups.chat]\nrate = \"1/s\"");
-            assert!(message.contains("unknown endpoint class \"chats\""), "{message}");
+            assert!(
+                message.contains("unknown endpoint class \"chats\""),
+                "{message}"
+            );
             assert!(error("[groups.chat]\nrate = \"ten/s\"").contains("not of the form"));
             assert!(error("[groups.chat]\nrate = \"10/fortnight\"").contains("not of the form"));
             assert!(error("[groups.chat]\nrate = \"0/s\"").contains("at least 1 request"));
             assert!(error("[groups.chat]\nrate = \"5/s\"\nburst = 9").contains("at most 5"));
             assert!(error("preset = \"tier-9\"").contains("unknown preset \"tier-9\""));
-            assert!(error("[groups.chat]\nrate = \"1/s\"\nbrust = 2").contains("invalid quota file"));
+            assert!(
+                error("[groups.chat]\nrate = \"1/s\"\nbrust = 2").contains("invalid quota file")
+            );
             assert!(error("[groups.chat]\nrate = \"-1/s\"").contains("not of the form"));
             assert!(error("not toml at all [").contains("invalid quota file"));
             assert!(error("[groups.chat]\nburst = -3").contains("invalid quota file"));

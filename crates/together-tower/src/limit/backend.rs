@@ -4,9 +4,9 @@ use std::future::{Future, Ready, ready};
 use std::time::Duration;
 
 use governor::clock::Clock;
-use governor::state::{InMemoryState, NotKeyed};
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
+use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tower::BoxError;
 
@@ -54,7 +54,10 @@ pub trait Limiter: Send + Sync + 'static {
     fn try_acquire(&self, bucket: &Self::Bucket) -> Option<Decision>;
 
     /// Decides, with I/O if the backend needs it. An error fails the request that asked.
-    fn acquire(&self, bucket: &Self::Bucket) -> impl Future<Output = Result<Decision, BoxError>> + Send;
+    fn acquire(
+        &self,
+        bucket: &Self::Bucket,
+    ) -> impl Future<Output = Result<Decision, BoxError>> + Send;
 }
 
 /// One in-process GCRA bucket.

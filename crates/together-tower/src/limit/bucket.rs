@@ -2,7 +2,8 @@
 //! bounded map that holds them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -16,10 +17,75 @@ use crate::clock::TokioClock;
 use crate::quota::GroupId;
 
 /// Which bucket a request belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct BucketKey {
     pub(crate) key: ApiKeyId,
     pub(crate) group: GroupId,
+}
+
+impl Hash for BucketKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // One word: the fingerprint is already a keyed hash of the API key.
+        let group = u64::from(self.group.0).rotate_right(16);
+        state.write_u64(self.key.as_u64() ^ group);
+    }
+}
+
+/// Hashes [`BucketKey`]s for the bucket map: one folded multiply with per-process random seeds.
+///
+/// SipHash would cost more than the rest of the lookup. Fingerprints are already uniform, and
+/// the random seeds keep someone who can choose API keys (and compute fingerprints under the
+/// default, public secret) from steering many keys into one slot of the map.
+#[derive(Clone, Copy)]
+pub(crate) struct SeededMix {
+    seeds: [u64; 2],
+}
+
+impl SeededMix {
+    fn new() -> Self {
+        let random = std::hash::RandomState::new();
+        // An odd multiplier keeps every bit of the input in the product.
+        Self {
+            seeds: [random.hash_one(0u8), random.hash_one(1u8) | 1],
+        }
+    }
+}
+
+impl BuildHasher for SeededMix {
+    type Hasher = MixHasher;
+
+    fn build_hasher(&self) -> MixHasher {
+        MixHasher {
+            seeds: self.seeds,
+            state: 0,
+        }
+    }
+}
+
+pub(crate) struct MixHasher {
+    seeds: [u64; 2],
+    state: u64,
+}
+
+impl Hasher for MixHasher {
+    fn write_u64(&mut self, word: u64) {
+        let product = u128::from(word ^ self.state ^ self.seeds[0]) * u128::from(self.seeds[1]);
+        // Folding the high half into the low spreads every input bit over the low bits that
+        // pick the slot.
+        self.state = (product as u64) ^ ((product >> 64) as u64);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.state
+    }
 }
 
 /// One bucket. Times are readings of the layer's [`TokioClock`], in nanoseconds.
@@ -28,8 +94,6 @@ pub(crate) struct Bucket<T> {
     rate: Option<T>,
     /// The steady spacing of the rate, to estimate how long a queue takes to drain.
     interval: Duration,
-    /// How long after its last use the bucket is surely back at rest, so dropping it loses nothing.
-    idle_after: Duration,
     /// Concurrent-call slots, if the group limits them.
     slots: Option<Arc<Semaphore>>,
     /// The queue: tokio's mutex hands itself over first come, first served, and only its
@@ -41,7 +105,8 @@ pub(crate) struct Bucket<T> {
     closed_until: AtomicU64,
     /// When the backend last said the next turn is due, to estimate waits without asking it.
     next_turn: AtomicU64,
-    last_used: AtomicU64,
+    /// Used since the last sweep of its shard. Cheaper than a timestamp: no clock read per request.
+    recently_used: AtomicBool,
 }
 
 fn nanos(duration: Duration) -> u64 {
@@ -49,23 +114,16 @@ fn nanos(duration: Duration) -> u64 {
 }
 
 impl<T> Bucket<T> {
-    pub(crate) fn new(
-        rate: Option<T>,
-        interval: Duration,
-        idle_after: Duration,
-        slots: Option<u32>,
-        now: Duration,
-    ) -> Self {
+    pub(crate) fn new(rate: Option<T>, interval: Duration, slots: Option<u32>) -> Self {
         Self {
             rate,
             interval,
-            idle_after,
             slots: slots.map(|slots| Arc::new(Semaphore::new(slots as usize))),
             gate: tokio::sync::Mutex::new(()),
             waiting: AtomicUsize::new(0),
             closed_until: AtomicU64::new(0),
             next_turn: AtomicU64::new(0),
-            last_used: AtomicU64::new(nanos(now)),
+            recently_used: AtomicBool::new(true),
         }
     }
 
@@ -77,12 +135,32 @@ impl<T> Bucket<T> {
         self.slots.as_ref()
     }
 
-    pub(crate) fn touch(&self, now: Duration) {
-        self.last_used.store(nanos(now), Ordering::Relaxed);
+    fn touch(&self) {
+        // Read first: most requests find the flag set, and a read leaves the cache line shared.
+        if !self.recently_used.load(Ordering::Relaxed) {
+            self.recently_used.store(true, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn has_waiters(&self) -> bool {
         self.waiting.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether the server's word closes the bucket now. Reads the clock only if the bucket was
+    /// ever closed, and forgets a closure that has lapsed so later calls need no clock at all.
+    pub(crate) fn is_closed(&self, clock: &TokioClock) -> bool {
+        let until = self.closed_until.load(Ordering::Acquire);
+        if until == 0 {
+            return false;
+        }
+        if nanos(clock.elapsed()) < until {
+            return true;
+        }
+        // A newer closure may have been stored meanwhile; only the lapsed one is cleared.
+        let _ = self
+            .closed_until
+            .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Acquire);
+        false
     }
 
     /// How long the bucket stays closed by the server's word, if it is closed now.
@@ -101,7 +179,10 @@ impl<T> Bucket<T> {
     /// due, then one turn for each waiter ahead.
     pub(crate) fn estimated_wait(&self, now: Duration) -> Duration {
         let next_turn = Duration::from_nanos(self.next_turn.load(Ordering::Acquire));
-        let first = self.closed_for(now).unwrap_or_default().max(next_turn.saturating_sub(now));
+        let first = self
+            .closed_for(now)
+            .unwrap_or_default()
+            .max(next_turn.saturating_sub(now));
         if self.rate.is_none() {
             return first;
         }
@@ -109,11 +190,11 @@ impl<T> Bucket<T> {
         first.saturating_add(self.interval.saturating_mul(ahead))
     }
 
-    fn is_idle(&self, now: Duration) -> bool {
-        let last_used = Duration::from_nanos(self.last_used.load(Ordering::Relaxed));
-        self.waiting.load(Ordering::Acquire) == 0
-            && self.closed_for(now).is_none()
-            && last_used.saturating_add(self.idle_after) <= now
+    /// Whether the bucket went unused for a whole sweep interval and is open; clears the
+    /// "used" mark so that the next sweep can tell.
+    fn take_idle(&self, now: Duration) -> bool {
+        let used = self.recently_used.swap(false, Ordering::Relaxed);
+        !used && self.waiting.load(Ordering::Acquire) == 0 && self.closed_for(now).is_none()
     }
 }
 
@@ -220,12 +301,15 @@ impl<L: Limiter> Turn<L> {
 
 /// The live buckets, in shards so that requests of different buckets rarely meet on a lock.
 ///
-/// The map is bounded. A bucket is dropped when it is idle: nobody holds it, nobody waits on
-/// it, the server has not closed it, and it has been unused long enough to be back at rest, so
-/// dropping it loses nothing. When a shard is full of buckets that are not idle, the least
-/// recently used eighth of those nobody holds is dropped (those may forget a partly used burst).
-/// Buckets held by requests in flight are never dropped, so a shard can hold more than its
-/// share only while that many requests are in flight.
+/// The map is bounded. Each shard is swept, when a bucket is added to it, at most once per
+/// `sweep_every` (at least the longest refill time of any quota). A sweep drops the buckets that
+/// are idle: nobody holds them, nobody waits on them, the server has not closed them, and they
+/// went unused since the previous sweep. Such a bucket has been unused for a whole sweep
+/// interval, so its quota has refilled and dropping it loses nothing. When a shard is full of
+/// buckets that are not idle, an eighth of those nobody holds is dropped, those unused since
+/// the last sweep first (those may forget a partly used burst). Buckets held by requests in
+/// flight are never dropped, so a shard can hold more than its share only while that many
+/// requests are in flight.
 pub(crate) struct Buckets<T> {
     shards: Box<[Mutex<Shard<T>>]>,
     shard_capacity: usize,
@@ -233,7 +317,7 @@ pub(crate) struct Buckets<T> {
 }
 
 struct Shard<T> {
-    map: HashMap<BucketKey, Arc<Bucket<T>>>,
+    map: HashMap<BucketKey, Arc<Bucket<T>>, SeededMix>,
     next_sweep: Duration,
 }
 
@@ -241,10 +325,11 @@ impl<T> Buckets<T> {
     pub(crate) fn new(max_buckets: usize, sweep_every: Duration) -> Self {
         let max_buckets = max_buckets.max(1);
         let shard_count = if max_buckets >= 1_024 { 16 } else { 1 };
+        let hasher = SeededMix::new();
         let shards = (0..shard_count)
             .map(|_| {
                 Mutex::new(Shard {
-                    map: HashMap::new(),
+                    map: HashMap::with_hasher(hasher),
                     next_sweep: sweep_every,
                 })
             })
@@ -258,29 +343,31 @@ impl<T> Buckets<T> {
 
     fn shard(&self, key: &BucketKey) -> MutexGuard<'_, Shard<T>> {
         // The fingerprint is already a keyed hash, so its low bits spread keys evenly.
-        let spread = key.key.as_u128() as usize ^ usize::from(key.group.0);
+        let spread = key.key.as_u64() as usize ^ usize::from(key.group.0);
         let shard = &self.shards[spread % self.shards.len()];
         shard.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The bucket for `key`, created by `make` if it is not live.
+    /// The bucket for `key`, created by `make` if it is not live. The clock is read only when
+    /// a bucket is added.
     pub(crate) fn get_or_insert_with(
         &self,
         key: BucketKey,
-        now: Duration,
+        clock: &TokioClock,
         make: impl FnOnce() -> Bucket<T>,
     ) -> Arc<Bucket<T>> {
         let mut shard = self.shard(&key);
         if let Some(bucket) = shard.map.get(&key) {
-            bucket.touch(now);
+            bucket.touch();
             return Arc::clone(bucket);
         }
+        let now = clock.elapsed();
         if now >= shard.next_sweep || shard.map.len() >= self.shard_capacity {
             shard.drop_idle(now);
             shard.next_sweep = now.saturating_add(self.sweep_every);
         }
         if shard.map.len() >= self.shard_capacity {
-            shard.drop_least_recently_used(self.shard_capacity.div_ceil(8));
+            shard.drop_some_unheld(self.shard_capacity.div_ceil(8));
         }
         let bucket = Arc::new(make());
         shard.map.insert(key, Arc::clone(&bucket));
@@ -291,7 +378,13 @@ impl<T> Buckets<T> {
     pub(crate) fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|shard| shard.lock().unwrap_or_else(PoisonError::into_inner).map.len())
+            .map(|shard| {
+                shard
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .map
+                    .len()
+            })
             .sum()
     }
 }
@@ -300,22 +393,24 @@ impl<T> Shard<T> {
     fn drop_idle(&mut self, now: Duration) {
         // Under the shard lock, the map's reference is the only one unless a request holds it.
         self.map
-            .retain(|_, bucket| Arc::strong_count(bucket) > 1 || !bucket.is_idle(now));
+            .retain(|_, bucket| Arc::strong_count(bucket) > 1 || !bucket.take_idle(now));
     }
 
-    fn drop_least_recently_used(&mut self, count: usize) {
-        let mut unheld: Vec<(u64, BucketKey)> = self
+    /// Drops up to `count` buckets that nobody holds, those unused since the last sweep first.
+    fn drop_some_unheld(&mut self, count: usize) {
+        let mut unheld: Vec<(bool, BucketKey)> = self
             .map
             .iter()
             .filter(|(_, bucket)| Arc::strong_count(bucket) == 1)
-            .map(|(key, bucket)| (bucket.last_used.load(Ordering::Relaxed), *key))
+            .map(|(key, bucket)| (bucket.recently_used.load(Ordering::Relaxed), *key))
             .collect();
         let count = count.min(unheld.len());
         if count == 0 {
             return;
         }
         if count < unheld.len() {
-            unheld.select_nth_unstable_by_key(count - 1, |(last_used, _)| *last_used);
+            // `false` sorts first: the unused ones go before the recently used ones.
+            unheld.select_nth_unstable_by_key(count - 1, |(used, _)| *used);
         }
         for (_, key) in &unheld[..count] {
             self.map.remove(key);

@@ -40,7 +40,7 @@ pin_project! {
         Rejected {
             error: Option<BoxError>,
         },
-        Admitting {
+        Waiting {
             turn: Option<WaitForTurn>,
             service: S,
             request: Option<Request<B>>,
@@ -56,26 +56,26 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn ready(
-        service: S,
-        request: Request<B>,
+    pub(crate) fn calling(
+        future: S::Future,
         permit: Option<OwnedSemaphorePermit>,
         learner: Option<Learner>,
     ) -> Self {
         Self {
-            state: State::Admitting {
-                turn: None,
-                service,
-                request: Some(request),
-            },
+            state: State::Calling { future },
             permit,
             learner,
         }
     }
 
-    pub(crate) fn waiting(turn: WaitForTurn, service: S, request: Request<B>, learner: Learner) -> Self {
+    pub(crate) fn waiting(
+        turn: WaitForTurn,
+        service: S,
+        request: Request<B>,
+        learner: Learner,
+    ) -> Self {
         Self {
-            state: State::Admitting {
+            state: State::Waiting {
                 turn: Some(turn),
                 service,
                 request: Some(request),
@@ -108,7 +108,11 @@ where
                 StateProj::Rejected { error } => {
                     return Poll::Ready(Err(error.take().expect("polled after completion")));
                 }
-                StateProj::Admitting { turn, service, request } => {
+                StateProj::Waiting {
+                    turn,
+                    service,
+                    request,
+                } => {
                     if let Some(wait) = turn {
                         *this.permit = ready!(wait.as_mut().poll(cx))?;
                         *turn = None;
@@ -138,8 +142,8 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Rejected { .. } => "rejected",
-            State::Admitting { turn: Some(_), .. } => "waiting",
-            State::Admitting { turn: None, .. } => "ready",
+            State::Waiting { turn: Some(_), .. } => "waiting",
+            State::Waiting { turn: None, .. } => "ready",
             State::Calling { .. } => "calling",
         };
         f.debug_struct("ResponseFuture")

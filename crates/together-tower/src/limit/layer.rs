@@ -68,7 +68,13 @@ impl<C: Clone, L: Limiter> RateLimitLayer<C, L> {
         let mut settings = self.shared.settings.clone();
         let mut key_hasher = self.shared.key_hasher.clone();
         change(&mut settings, &mut key_hasher);
-        let shared = Shared::new(classifier, limiter, self.shared.table.clone(), key_hasher, settings);
+        let shared = Shared::new(
+            classifier,
+            limiter,
+            self.shared.table.clone(),
+            key_hasher,
+            settings,
+        );
         RateLimitLayer {
             shared: Arc::new(shared),
         }
@@ -76,7 +82,11 @@ impl<C: Clone, L: Limiter> RateLimitLayer<C, L> {
 
     fn with_settings(self, change: impl FnOnce(&mut Settings)) -> Self {
         let classifier = self.shared.classifier.clone();
-        self.rebuild(classifier, Arc::clone(&self.shared.limiter), |settings, _| change(settings))
+        self.rebuild(
+            classifier,
+            Arc::clone(&self.shared.limiter),
+            |settings, _| change(settings),
+        )
     }
 
     /// How many requests may wait in one bucket at once.

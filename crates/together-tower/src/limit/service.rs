@@ -8,11 +8,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tower::BoxError;
 use tower_service::Service;
 
+use super::MaxWait;
 use super::backend::{BucketSpec, Decision, GovernorLimiter, Limiter};
 use super::bucket::{Bucket, BucketKey, Buckets, Close, QueueSlot, Turn};
 use super::error::{QueueFull, RateLimited};
 use super::future::{ResponseFuture, WaitForTurn};
-use super::MaxWait;
 use crate::classify::{Classify, EndpointClass, KeyHasher, TogetherClassifier};
 use crate::clock::TokioClock;
 use crate::headers;
@@ -94,10 +94,8 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         match self.shared.admit(&request) {
             Admission::Go { permit, learner } => {
-                // The inner service was made ready for this call; keep a fresh clone for the next.
-                let clone = self.inner.clone();
-                let inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::ready(inner, request, permit, learner)
+                // The inner service is ready (our `poll_ready` is its own), so call it now.
+                ResponseFuture::calling(self.inner.call(request), permit, learner)
             }
             Admission::Wait { turn, learner } => {
                 // A waiting request takes an unready clone, so that it holds none of the inner
@@ -157,6 +155,16 @@ enum Admission {
     Reject(BoxError),
 }
 
+/// What the fast path decided.
+enum FastPath {
+    /// Send now, holding this slot if the group has slots.
+    Go(Option<OwnedSemaphorePermit>),
+    /// Take the waiting path.
+    Wait,
+    /// Refuse at once.
+    Reject(BoxError),
+}
+
 impl<C, L: Limiter> Shared<C, L> {
     pub(crate) fn new(
         classifier: C,
@@ -165,13 +173,17 @@ impl<C, L: Limiter> Shared<C, L> {
         key_hasher: KeyHasher,
         settings: Settings,
     ) -> Self {
+        let buckets = Buckets::new(
+            settings.max_buckets,
+            sweep_every(&table, settings.idle_timeout),
+        );
         Self {
             classifier,
             limiter,
             table,
             key_hasher,
             clock: TokioClock::new(),
-            buckets: Buckets::new(settings.max_buckets, settings.idle_timeout),
+            buckets,
             settings,
         }
     }
@@ -192,43 +204,48 @@ impl<C, L: Limiter> Shared<C, L> {
             };
         };
         let key = BucketKey {
-            key: self.key_hasher.fingerprint_request(&self.classifier, request),
+            key: self
+                .key_hasher
+                .fingerprint_request(&self.classifier, request),
             group: group_id,
         };
-        let now = self.clock.elapsed();
-        let bucket = self.buckets.get_or_insert_with(key, now, || {
+        let bucket = self.buckets.get_or_insert_with(key, &self.clock, || {
             let group = self.table.group(group_id);
-            let rate = group.rate().zip(group.governor_quota()).map(|(rate, quota)| {
-                let spec = BucketSpec {
-                    key: key.key,
-                    group: group.name(),
-                    rate,
-                    quota,
-                };
-                (rate, self.limiter.bucket(spec))
-            });
-            let refill = rate.as_ref().map_or(Duration::ZERO, |(rate, _)| rate.refill_time());
-            let interval = rate.as_ref().map_or(Duration::ZERO, |(rate, _)| rate.interval());
-            let idle_after = self.settings.idle_timeout.max(refill);
-            Bucket::new(rate.map(|(_, state)| state), interval, idle_after, group.concurrency(), now)
+            let rate = group
+                .rate()
+                .zip(group.governor_quota())
+                .map(|(rate, quota)| {
+                    let spec = BucketSpec {
+                        key: key.key,
+                        group: group.name(),
+                        rate,
+                        quota,
+                    };
+                    (rate.interval(), self.limiter.bucket(spec))
+                });
+            let interval = rate
+                .as_ref()
+                .map_or(Duration::ZERO, |(interval, _)| *interval);
+            Bucket::new(rate.map(|(_, state)| state), interval, group.concurrency())
         });
         let max_wait = request
             .extensions()
             .get::<MaxWait>()
             .map_or(self.settings.max_wait, |max_wait| max_wait.0);
 
-        match self.try_fast_path(&bucket, now, max_wait, class) {
-            Ok(Some(permit)) => {
+        match self.try_fast_path(&bucket, max_wait, class) {
+            FastPath::Go(permit) => {
                 let learner = self.learner(bucket);
                 return Admission::Go {
                     permit,
                     learner: Some(learner),
                 };
             }
-            Ok(None) => {}
-            Err(error) => return Admission::Reject(error),
+            FastPath::Reject(error) => return Admission::Reject(error),
+            FastPath::Wait => {}
         }
 
+        let now = self.clock.elapsed();
         let estimate = bucket.estimated_wait(now);
         if estimate > max_wait {
             return Admission::Reject(RateLimited::new(estimate, class).into());
@@ -250,39 +267,37 @@ impl<C, L: Limiter> Shared<C, L> {
     }
 
     /// Lets the request go at once when nobody waits, the server has not closed the bucket, a
-    /// slot is free and the backend has a turn. `Ok(None)` sends it down the waiting path.
-    #[allow(clippy::type_complexity)]
+    /// slot is free and the backend has a turn. The clock is not read unless it must be.
     fn try_fast_path(
         &self,
         bucket: &Bucket<L::Bucket>,
-        now: Duration,
         max_wait: Duration,
         class: EndpointClass,
-    ) -> Result<Option<Option<OwnedSemaphorePermit>>, BoxError> {
-        if bucket.has_waiters() || bucket.closed_for(now).is_some() {
-            return Ok(None);
+    ) -> FastPath {
+        if bucket.has_waiters() || bucket.is_closed(&self.clock) {
+            return FastPath::Wait;
         }
         let permit = match bucket.slots() {
             Some(slots) => match Arc::clone(slots).try_acquire_owned() {
                 Ok(permit) => Some(permit),
-                Err(_) => return Ok(None),
+                Err(_) => return FastPath::Wait,
             },
             None => None,
         };
         let Some(rate) = bucket.rate() else {
-            return Ok(Some(permit));
+            return FastPath::Go(permit);
         };
         match self.limiter.try_acquire(rate) {
-            Some(Decision::Allow) => Ok(Some(permit)),
+            Some(Decision::Allow) => FastPath::Go(permit),
             Some(Decision::Wait(wait)) => {
-                bucket.next_turn_at(now.saturating_add(wait));
+                bucket.next_turn_at(self.clock.elapsed().saturating_add(wait));
                 if wait > max_wait {
                     // Known to be too long already: answer now rather than queue.
-                    return Err(RateLimited::new(wait, class).into());
+                    return FastPath::Reject(RateLimited::new(wait, class).into());
                 }
-                Ok(None)
+                FastPath::Wait
             }
-            None => Ok(None),
+            None => FastPath::Wait,
         }
     }
 
@@ -294,6 +309,16 @@ impl<C, L: Limiter> Shared<C, L> {
             default_pause: self.settings.default_pause,
         }
     }
+}
+
+/// How often a shard of buckets may be swept: never sooner than any quota of `table` refills,
+/// so that a bucket unused for a whole interval is back at rest and dropping it loses nothing.
+fn sweep_every(table: &QuotaTable, idle_timeout: Duration) -> Duration {
+    table
+        .groups()
+        .filter_map(|group| group.rate())
+        .map(|rate| rate.refill_time())
+        .fold(idle_timeout, Duration::max)
 }
 
 impl<C: fmt::Debug, L: Limiter + fmt::Debug> fmt::Debug for Shared<C, L> {
@@ -321,8 +346,12 @@ pub(crate) struct Learner {
 
 impl Learner {
     pub(crate) fn learn<B>(&self, response: &Response<B>) {
-        if let Some(pause) = server_pause(response.status(), response.headers(), self.default_pause) {
-            let until = self.clock.elapsed().saturating_add(pause.min(self.max_pause));
+        if let Some(pause) = server_pause(response.status(), response.headers(), self.default_pause)
+        {
+            let until = self
+                .clock
+                .elapsed()
+                .saturating_add(pause.min(self.max_pause));
             self.bucket.close_until(until);
         }
     }
@@ -343,10 +372,11 @@ impl fmt::Debug for Learner {
 fn server_pause(status: StatusCode, headers: &HeaderMap, default: Duration) -> Option<Duration> {
     if status == StatusCode::TOO_MANY_REQUESTS {
         let now = SystemTime::now();
-        let hint = headers::retry_after(headers, now).or_else(|| headers::ratelimit_reset(headers, now));
+        let hint =
+            headers::retry_after(headers, now).or_else(|| headers::ratelimit_reset(headers, now));
         return Some(hint.unwrap_or(default));
     }
-    if headers::ratelimit_remaining(headers) == Some(0) {
+    if !headers.is_empty() && headers::ratelimit_remaining(headers) == Some(0) {
         return headers::ratelimit_reset(headers, SystemTime::now());
     }
     None
@@ -369,8 +399,14 @@ mod tests {
         let default = Duration::from_secs(1);
         let pause = |pairs| server_pause(StatusCode::TOO_MANY_REQUESTS, &headers(pairs), default);
         assert_eq!(pause(&[("retry-after", "3")]), Some(Duration::from_secs(3)));
-        assert_eq!(pause(&[("retry-after-ms", "120"), ("retry-after", "3")]), Some(Duration::from_millis(120)));
-        assert_eq!(pause(&[("x-ratelimit-reset", "0.5")]), Some(Duration::from_millis(500)));
+        assert_eq!(
+            pause(&[("retry-after-ms", "120"), ("retry-after", "3")]),
+            Some(Duration::from_millis(120))
+        );
+        assert_eq!(
+            pause(&[("x-ratelimit-reset", "0.5")]),
+            Some(Duration::from_millis(500))
+        );
         assert_eq!(pause(&[("retry-after", "soon")]), Some(default));
         assert_eq!(pause(&[]), Some(default));
     }
@@ -382,9 +418,16 @@ mod tests {
         let exhausted = [("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "0.2")];
         assert_eq!(pause(&exhausted), Some(Duration::from_millis(200)));
         assert_eq!(pause(&[("x-ratelimit-remaining", "0")]), None);
-        assert_eq!(pause(&[("x-ratelimit-remaining", "3"), ("x-ratelimit-reset", "1")]), None);
+        assert_eq!(
+            pause(&[("x-ratelimit-remaining", "3"), ("x-ratelimit-reset", "1")]),
+            None
+        );
         assert_eq!(pause(&[]), None);
-        let unavailable = server_pause(StatusCode::SERVICE_UNAVAILABLE, &headers(&[("retry-after", "5")]), default);
+        let unavailable = server_pause(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &headers(&[("retry-after", "5")]),
+            default,
+        );
         assert_eq!(unavailable, None);
     }
 }

@@ -65,11 +65,21 @@ impl Arrivals {
     }
 
     fn labels(&self) -> Vec<String> {
-        self.seen.lock().unwrap().iter().map(|(_, label)| label.clone()).collect()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, label)| label.clone())
+            .collect()
     }
 
     fn times_ms(&self) -> Vec<u128> {
-        self.seen.lock().unwrap().iter().map(|(at, _)| at.as_millis()).collect()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, _)| at.as_millis())
+            .collect()
     }
 }
 
@@ -77,8 +87,10 @@ impl Arrivals {
 fn recorder(
     arrivals: Arrivals,
     respond: impl Fn(usize) -> Response<String> + Clone + Send + Sync + 'static,
-) -> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future: Send> + Clone + Send + Sync
-{
+) -> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ Sync {
     let arrivals = arrivals.clone();
     tower::service_fn(move |request: Request<String>| {
         let index = arrivals.record(&request);
@@ -92,9 +104,15 @@ fn ok(_: usize) -> Response<String> {
 }
 
 /// Sends every request at once, each from its own task, in order; returns their results.
-async fn send_all<S>(service: &S, requests: Vec<Request<String>>) -> Vec<Result<Response<String>, BoxError>>
+async fn send_all<S>(
+    service: &S,
+    requests: Vec<Request<String>>,
+) -> Vec<Result<Response<String>, BoxError>>
 where
-    S: Service<Request<String>, Response = Response<String>, Error = BoxError> + Clone + Send + 'static,
+    S: Service<Request<String>, Response = Response<String>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send,
 {
     let tasks: Vec<_> = requests
@@ -109,7 +127,9 @@ where
 }
 
 fn chat_requests(count: usize, key: &str) -> Vec<Request<String>> {
-    (0..count).map(|i| request(CHAT, key, i.to_string())).collect()
+    (0..count)
+        .map(|i| request(CHAT, key, i.to_string()))
+        .collect()
 }
 
 #[tokio::test(start_paused = true)]
@@ -121,7 +141,9 @@ async fn n_requests_at_rate_r_over_burst_b_take_exactly_n_minus_b_over_r() {
         let service = layer.layer(recorder(arrivals.clone(), ok));
         let results = send_all(&service, chat_requests(20, "k")).await;
         assert!(results.iter().all(Result::is_ok));
-        let expected: Vec<u128> = (1..=20u128).map(|n| n.saturating_sub(burst.into()) * 100).collect();
+        let expected: Vec<u128> = (1..=20u128)
+            .map(|n| n.saturating_sub(burst.into()) * 100)
+            .collect();
         assert_eq!(arrivals.times_ms(), expected, "burst {burst}");
         assert_eq!(*expected.last().unwrap(), last_ms);
     }
@@ -130,9 +152,13 @@ async fn n_requests_at_rate_r_over_burst_b_take_exactly_n_minus_b_over_r() {
 #[tokio::test(start_paused = true)]
 async fn waiters_are_served_first_come_first_served() {
     let arrivals = Arrivals::new();
-    let service = RateLimitLayer::new(table(Rate::per_second(10))).layer(recorder(arrivals.clone(), ok));
+    let service =
+        RateLimitLayer::new(table(Rate::per_second(10))).layer(recorder(arrivals.clone(), ok));
     let labels: Vec<String> = (0..50).map(|i| format!("r{i}")).collect();
-    let requests = labels.iter().map(|label| request(CHAT, "k", label.clone())).collect();
+    let requests = labels
+        .iter()
+        .map(|label| request(CHAT, "k", label.clone()))
+        .collect();
     send_all(&service, requests).await;
     assert_eq!(arrivals.labels(), labels);
     assert_eq!(*arrivals.times_ms().last().unwrap(), 4_900);
@@ -141,7 +167,8 @@ async fn waiters_are_served_first_come_first_served() {
 #[tokio::test(start_paused = true)]
 async fn keys_and_groups_do_not_share_buckets_but_shared_groups_do() {
     let arrivals = Arrivals::new();
-    let service = RateLimitLayer::new(table(Rate::per_second(1))).layer(recorder(arrivals.clone(), ok));
+    let service =
+        RateLimitLayer::new(table(Rate::per_second(1))).layer(recorder(arrivals.clone(), ok));
     let requests = vec![
         request(CHAT, "key-a", "a-chat"),
         request(CHAT, "key-b", "b-chat"),
@@ -151,7 +178,11 @@ async fn keys_and_groups_do_not_share_buckets_but_shared_groups_do() {
         request(CHAT, "", "anonymous-chat-2"),
     ];
     send_all(&service, requests).await;
-    let seen: Vec<(u128, String)> = arrivals.times_ms().into_iter().zip(arrivals.labels()).collect();
+    let seen: Vec<(u128, String)> = arrivals
+        .times_ms()
+        .into_iter()
+        .zip(arrivals.labels())
+        .collect();
     let at = |label: &str| seen.iter().find(|(_, l)| l == label).unwrap().0;
     assert_eq!(at("a-chat"), 0);
     assert_eq!(at("b-chat"), 0);
@@ -166,8 +197,11 @@ async fn keys_and_groups_do_not_share_buckets_but_shared_groups_do() {
 #[tokio::test(start_paused = true)]
 async fn unlimited_classes_pass_straight_through_without_a_bucket() {
     let arrivals = Arrivals::new();
-    let service = RateLimitLayer::new(table(Rate::per_second(1))).layer(recorder(arrivals.clone(), ok));
-    let requests = (0..5).map(|i| request("/v1/models", "k", i.to_string())).collect();
+    let service =
+        RateLimitLayer::new(table(Rate::per_second(1))).layer(recorder(arrivals.clone(), ok));
+    let requests = (0..5)
+        .map(|i| request("/v1/models", "k", i.to_string()))
+        .collect();
     send_all(&service, requests).await;
     assert_eq!(arrivals.times_ms(), vec![0; 5]);
     assert_eq!(service.live_buckets(), 0);
@@ -183,7 +217,10 @@ async fn a_full_queue_answers_queue_full_at_once() {
     let errors: Vec<_> = results.iter().map(|result| result.as_ref().err()).collect();
     assert!(errors[..3].iter().all(Option::is_none));
     for error in &errors[3..] {
-        let full = error.unwrap().downcast_ref::<QueueFull>().expect("QueueFull");
+        let full = error
+            .unwrap()
+            .downcast_ref::<QueueFull>()
+            .expect("QueueFull");
         assert_eq!(full.max_queue(), 2);
         assert_eq!(full.class(), EndpointClass::Chat);
     }
@@ -194,16 +231,26 @@ async fn a_full_queue_answers_queue_full_at_once() {
 #[tokio::test(start_paused = true)]
 async fn a_wait_beyond_max_wait_answers_rate_limited_at_once_and_takes_nothing() {
     let arrivals = Arrivals::new();
-    let layer = RateLimitLayer::new(table(Rate::per_second(1))).with_max_wait(Duration::from_millis(1_500));
+    let layer =
+        RateLimitLayer::new(table(Rate::per_second(1))).with_max_wait(Duration::from_millis(1_500));
     let mut service = layer.layer(recorder(arrivals.clone(), ok));
     let results = send_all(&service, chat_requests(3, "k")).await;
     assert!(results[0].is_ok() && results[1].is_ok());
-    let limited = results[2].as_ref().unwrap_err().downcast_ref::<RateLimited>().expect("RateLimited");
+    let limited = results[2]
+        .as_ref()
+        .unwrap_err()
+        .downcast_ref::<RateLimited>()
+        .expect("RateLimited");
     assert_eq!(limited.retry_after(), Duration::from_secs(2));
     assert_eq!(arrivals.times_ms(), [0, 1_000]);
 
     // The refused request took no turn: the next one goes exactly one interval later.
-    let response = service.ready().await.unwrap().call(request(CHAT, "k", "after")).await;
+    let response = service
+        .ready()
+        .await
+        .unwrap()
+        .call(request(CHAT, "k", "after"))
+        .await;
     assert!(response.is_ok());
     assert_eq!(arrivals.times_ms(), [0, 1_000, 2_000]);
 }
@@ -211,11 +258,24 @@ async fn a_wait_beyond_max_wait_answers_rate_limited_at_once_and_takes_nothing()
 #[tokio::test(start_paused = true)]
 async fn a_requests_own_max_wait_overrides_the_layers() {
     let arrivals = Arrivals::new();
-    let mut service = RateLimitLayer::new(table(Rate::per_second(1))).layer(recorder(arrivals.clone(), ok));
-    service.ready().await.unwrap().call(request(CHAT, "k", "first")).await.unwrap();
+    let mut service =
+        RateLimitLayer::new(table(Rate::per_second(1))).layer(recorder(arrivals.clone(), ok));
+    service
+        .ready()
+        .await
+        .unwrap()
+        .call(request(CHAT, "k", "first"))
+        .await
+        .unwrap();
     let mut impatient = request(CHAT, "k", "impatient");
     impatient.extensions_mut().insert(MaxWait(Duration::ZERO));
-    let error = service.ready().await.unwrap().call(impatient).await.unwrap_err();
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(impatient)
+        .await
+        .unwrap_err();
     let limited = error.downcast_ref::<RateLimited>().expect("RateLimited");
     assert_eq!(limited.retry_after(), Duration::from_secs(1));
     assert_eq!(arrivals.labels(), ["first"]);
@@ -252,13 +312,19 @@ async fn a_429_closes_the_bucket_for_the_other_waiters() {
         let mut response = Response::new(String::new());
         if index == 0 {
             *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-            response.headers_mut().insert("retry-after", "5".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("retry-after", "5".parse().unwrap());
         }
         response
     };
-    let service = RateLimitLayer::new(table(Rate::per_second(10))).layer(recorder(arrivals.clone(), respond));
+    let service =
+        RateLimitLayer::new(table(Rate::per_second(10))).layer(recorder(arrivals.clone(), respond));
     let results = send_all(&service, chat_requests(3, "k")).await;
-    assert_eq!(results[0].as_ref().unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        results[0].as_ref().unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
     assert_eq!(arrivals.times_ms(), [0, 5_000, 5_100]);
 }
 
@@ -268,12 +334,17 @@ async fn no_requests_remaining_closes_the_bucket_until_the_reset() {
     let respond = |index: usize| {
         let mut response = Response::new(String::new());
         if index == 0 {
-            response.headers_mut().insert("x-ratelimit-remaining", "0".parse().unwrap());
-            response.headers_mut().insert("x-ratelimit-reset", "2".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("x-ratelimit-remaining", "0".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("x-ratelimit-reset", "2".parse().unwrap());
         }
         response
     };
-    let service = RateLimitLayer::new(table(Rate::per_second(10))).layer(recorder(arrivals.clone(), respond));
+    let service =
+        RateLimitLayer::new(table(Rate::per_second(10))).layer(recorder(arrivals.clone(), respond));
     send_all(&service, chat_requests(3, "k")).await;
     assert_eq!(arrivals.times_ms(), [0, 2_000, 2_100]);
 }
@@ -287,12 +358,15 @@ async fn absurd_server_hints_are_clamped_and_missing_ones_get_the_default_pause(
             if index == 0 {
                 *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
                 if let Some(value) = retry_after {
-                    response.headers_mut().insert("retry-after", value.parse().unwrap());
+                    response
+                        .headers_mut()
+                        .insert("retry-after", value.parse().unwrap());
                 }
             }
             response
         };
-        let layer = RateLimitLayer::new(table(Rate::per_second(100))).with_max_pause(Duration::from_secs(3));
+        let layer = RateLimitLayer::new(table(Rate::per_second(100)))
+            .with_max_pause(Duration::from_secs(3));
         let service = layer.layer(recorder(arrivals.clone(), respond));
         send_all(&service, chat_requests(2, "k")).await;
         assert_eq!(arrivals.times_ms(), expected, "retry-after {retry_after:?}");
@@ -305,15 +379,33 @@ async fn a_closed_bucket_refuses_at_once_what_would_wait_too_long() {
     let respond = |_: usize| {
         let mut response = Response::new(String::new());
         *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-        response.headers_mut().insert("retry-after", "20".parse().unwrap());
+        response
+            .headers_mut()
+            .insert("retry-after", "20".parse().unwrap());
         response
     };
-    let layer = RateLimitLayer::new(table(Rate::per_second(100))).with_max_wait(Duration::from_secs(10));
+    let layer =
+        RateLimitLayer::new(table(Rate::per_second(100))).with_max_wait(Duration::from_secs(10));
     let mut service = layer.layer(recorder(arrivals.clone(), respond));
-    service.ready().await.unwrap().call(request(CHAT, "k", "a")).await.unwrap();
+    service
+        .ready()
+        .await
+        .unwrap()
+        .call(request(CHAT, "k", "a"))
+        .await
+        .unwrap();
     let started = Instant::now();
-    let error = service.ready().await.unwrap().call(request(CHAT, "k", "b")).await.unwrap_err();
-    assert_eq!(error.downcast_ref::<RateLimited>().unwrap().retry_after(), Duration::from_secs(20));
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(request(CHAT, "k", "b"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.downcast_ref::<RateLimited>().unwrap().retry_after(),
+        Duration::from_secs(20)
+    );
     assert_eq!(started.elapsed(), Duration::ZERO);
     assert_eq!(arrivals.labels(), ["a"]);
 }
@@ -324,15 +416,30 @@ async fn job_creates_hold_a_slot_until_their_response_arrives() {
     let layer = RateLimitLayer::new(table(Rate::per_second(1)));
     let service = layer.layer(service);
     let calls: Vec<_> = (0..3)
-        .map(|i| tokio::spawn(service.clone().oneshot(request(FINE_TUNES, "k", i.to_string()))))
+        .map(|i| {
+            tokio::spawn(
+                service
+                    .clone()
+                    .oneshot(request(FINE_TUNES, "k", i.to_string())),
+            )
+        })
         .collect();
 
     let (first, first_reply) = handle.next_request().await.unwrap();
     let (second, _second_reply) = handle.next_request().await.unwrap();
-    assert_eq!((first.headers()["x-label"].to_str().unwrap(), second.headers()["x-label"].to_str().unwrap()), ("0", "1"));
+    assert_eq!(
+        (
+            first.headers()["x-label"].to_str().unwrap(),
+            second.headers()["x-label"].to_str().unwrap()
+        ),
+        ("0", "1")
+    );
     // Both slots are taken, so the third is not sent, however long we wait.
     let third = tokio::time::timeout(Duration::from_secs(20), handle.next_request()).await;
-    assert!(third.is_err(), "a third create went out while two were in flight");
+    assert!(
+        third.is_err(),
+        "a third create went out while two were in flight"
+    );
 
     first_reply.send_response(Response::new(String::new()));
     let (third, _third_reply) = handle.next_request().await.unwrap();
@@ -344,14 +451,28 @@ async fn job_creates_hold_a_slot_until_their_response_arrives() {
 #[tokio::test(start_paused = true)]
 async fn a_slot_that_stays_busy_past_max_wait_is_slots_busy() {
     let (service, mut handle) = mock::pair::<Request<String>, Response<String>>();
-    let layer = RateLimitLayer::new(table(Rate::per_second(1))).with_max_wait(Duration::from_secs(5));
+    let layer =
+        RateLimitLayer::new(table(Rate::per_second(1))).with_max_wait(Duration::from_secs(5));
     let service = layer.layer(service);
     let _held: Vec<_> = (0..2)
-        .map(|i| tokio::spawn(service.clone().oneshot(request(FINE_TUNES, "k", i.to_string()))))
+        .map(|i| {
+            tokio::spawn(
+                service
+                    .clone()
+                    .oneshot(request(FINE_TUNES, "k", i.to_string())),
+            )
+        })
         .collect();
-    let _replies = (handle.next_request().await.unwrap(), handle.next_request().await.unwrap());
+    let _replies = (
+        handle.next_request().await.unwrap(),
+        handle.next_request().await.unwrap(),
+    );
     let started = Instant::now();
-    let error = service.clone().oneshot(request(FINE_TUNES, "k", "late")).await.unwrap_err();
+    let error = service
+        .clone()
+        .oneshot(request(FINE_TUNES, "k", "late"))
+        .await
+        .unwrap_err();
     let busy = error.downcast_ref::<SlotsBusy>().expect("SlotsBusy");
     assert_eq!(busy.waited(), Duration::from_secs(5));
     assert_eq!(started.elapsed(), Duration::from_secs(5));
@@ -364,11 +485,17 @@ async fn poll_ready_is_the_inner_services() {
     handle.allow(0);
     assert!(poll_ready_once(&mut service).is_pending());
     handle.allow(1);
-    assert!(tokio::time::timeout(Duration::from_secs(1), service.ready()).await.is_ok());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), service.ready())
+            .await
+            .is_ok()
+    );
 }
 
 /// Polls `poll_ready` once with a no-op waker.
-fn poll_ready_once<S: Service<Request<String>>>(service: &mut S) -> std::task::Poll<Result<(), S::Error>> {
+fn poll_ready_once<S: Service<Request<String>>>(
+    service: &mut S,
+) -> std::task::Poll<Result<(), S::Error>> {
     let waker = std::task::Waker::noop();
     let mut context = std::task::Context::from_waker(waker);
     service.poll_ready(&mut context)
@@ -390,9 +517,14 @@ async fn idle_buckets_are_dropped_and_the_count_stays_bounded() {
     assert!(most <= 100, "{most} buckets live");
     assert!(arrivals.times_ms().iter().all(|&at| at == 0));
 
-    tokio::time::advance(Duration::from_secs(6)).await;
-    service.ready().await.unwrap().call(request(CHAT, "fresh", "x")).await.unwrap();
-    assert_eq!(service.live_buckets(), 1, "idle buckets were kept");
+    // A sweep marks what went unused since the one before; buckets unused for a whole
+    // interval go at the next, so idle buckets are gone within two idle timeouts.
+    for fresh in ["fresh-1", "fresh-2"] {
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let request = request(CHAT, fresh, "x");
+        service.ready().await.unwrap().call(request).await.unwrap();
+    }
+    assert_eq!(service.live_buckets(), 2, "idle buckets were kept");
 }
 
 #[tokio::test(start_paused = true)]
@@ -403,11 +535,29 @@ async fn a_bucket_is_not_dropped_before_it_has_refilled() {
         .with_idle_timeout(Duration::from_secs(1))
         .with_max_wait(Duration::from_secs(120));
     let mut service = layer.layer(recorder(arrivals.clone(), ok));
-    service.ready().await.unwrap().call(request(CHAT, "k", "first")).await.unwrap();
+    service
+        .ready()
+        .await
+        .unwrap()
+        .call(request(CHAT, "k", "first"))
+        .await
+        .unwrap();
     tokio::time::advance(Duration::from_secs(10)).await;
     // A new key triggers a sweep; the first key's bucket is idle but not yet refilled.
-    service.ready().await.unwrap().call(request(CHAT, "other", "other")).await.unwrap();
-    service.ready().await.unwrap().call(request(CHAT, "k", "second")).await.unwrap();
+    service
+        .ready()
+        .await
+        .unwrap()
+        .call(request(CHAT, "other", "other"))
+        .await
+        .unwrap();
+    service
+        .ready()
+        .await
+        .unwrap()
+        .call(request(CHAT, "k", "second"))
+        .await
+        .unwrap();
     let times = arrivals.times_ms();
     assert_eq!(times, [0, 10_000, 60_000]);
 }
@@ -442,7 +592,8 @@ impl Limiter for RemoteLimiter {
 #[tokio::test(start_paused = true)]
 async fn a_backend_that_needs_io_gives_the_same_schedule() {
     let arrivals = Arrivals::new();
-    let layer = RateLimitLayer::new(table(Rate::per_second(10))).with_limiter(RemoteLimiter::default());
+    let layer =
+        RateLimitLayer::new(table(Rate::per_second(10))).with_limiter(RemoteLimiter::default());
     let service = layer.layer(recorder(arrivals.clone(), ok));
     send_all(&service, chat_requests(5, "k")).await;
     assert_eq!(arrivals.times_ms(), [0, 100, 200, 300, 400]);
@@ -452,7 +603,9 @@ async fn a_backend_that_needs_io_gives_the_same_schedule() {
         fail: true,
         ..RemoteLimiter::default()
     };
-    let service = RateLimitLayer::new(table(Rate::per_second(10))).with_limiter(failing).layer(recorder(arrivals.clone(), ok));
+    let service = RateLimitLayer::new(table(Rate::per_second(10)))
+        .with_limiter(failing)
+        .layer(recorder(arrivals.clone(), ok));
     let error = service.oneshot(request(CHAT, "k", "x")).await.unwrap_err();
     assert_eq!(error.to_string(), "backend unreachable");
 }
@@ -460,7 +613,9 @@ async fn a_backend_that_needs_io_gives_the_same_schedule() {
 #[test]
 fn the_service_fits_boxed_sync_services_and_its_future_is_send() {
     fn assert_send<T: Send>(_: &T) {}
-    let service = tower::service_fn(|_: Request<String>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+    let service = tower::service_fn(|_: Request<String>| async {
+        Ok::<_, Infallible>(Response::new(String::new()))
+    });
     let limited: RateLimit<_> = RateLimitLayer::default().layer(service);
     let future = limited.clone().call(request(CHAT, "k", "x"));
     assert_send(&future);
@@ -470,10 +625,15 @@ fn the_service_fits_boxed_sync_services_and_its_future_is_send() {
 
 #[test]
 fn debug_output_never_shows_the_key() {
-    let service = tower::service_fn(|_: Request<String>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+    let service = tower::service_fn(|_: Request<String>| async {
+        Ok::<_, Infallible>(Response::new(String::new()))
+    });
     let layer = RateLimitLayer::default();
     let mut limited = layer.layer(service);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     let future = limited.call(request(CHAT, "tgp_v1_secret-key-material", "x"));
     let shown = format!("{layer:?} {limited:?} {future:?}");
     runtime.block_on(future).unwrap();
