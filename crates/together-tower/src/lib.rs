@@ -1,6 +1,6 @@
 //! Tower layers that keep a Together AI client under its rate limits.
 //!
-//! Put [`RateLimitLayer`](limit::RateLimitLayer) around any HTTP client that is a
+//! Put [`RateLimitLayer`] around any HTTP client that is a
 //! `Service<http::Request<B>>` (hyper-util's `Client`, a tonic `Channel`, a `service_fn` in
 //! tests) and each request waits its turn in its (API key, endpoint class) bucket instead of
 //! walking into a 429, while the client still uses the whole quota it pays for.
