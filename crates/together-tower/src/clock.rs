@@ -29,9 +29,13 @@ impl TokioClock {
         Instant::now().saturating_duration_since(self.start)
     }
 
-    /// The tokio instant at a reading of this clock, for `sleep_until`.
+    /// The tokio instant at a reading of this clock, for `sleep_until`. A reading too far
+    /// ahead to represent (a "wait forever" deadline) becomes about thirty years from now.
     pub fn instant_at(&self, reading: Duration) -> Instant {
-        self.start + reading
+        const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
+        self.start
+            .checked_add(reading)
+            .unwrap_or_else(|| Instant::now() + FAR_FUTURE)
     }
 }
 

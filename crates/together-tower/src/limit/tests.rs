@@ -126,6 +126,17 @@ where
     results
 }
 
+/// One request through `service`, once it is ready.
+async fn send_one<S>(
+    service: &mut S,
+    request: Request<String>,
+) -> Result<Response<String>, BoxError>
+where
+    S: Service<Request<String>, Response = Response<String>, Error = BoxError>,
+{
+    service.ready().await?.call(request).await
+}
+
 fn chat_requests(count: usize, key: &str) -> Vec<Request<String>> {
     (0..count)
         .map(|i| request(CHAT, key, i.to_string()))
@@ -245,12 +256,7 @@ async fn a_wait_beyond_max_wait_answers_rate_limited_at_once_and_takes_nothing()
     assert_eq!(arrivals.times_ms(), [0, 1_000]);
 
     // The refused request took no turn: the next one goes exactly one interval later.
-    let response = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(CHAT, "k", "after"))
-        .await;
+    let response = send_one(&mut service, request(CHAT, "k", "after")).await;
     assert!(response.is_ok());
     assert_eq!(arrivals.times_ms(), [0, 1_000, 2_000]);
 }
@@ -260,25 +266,27 @@ async fn a_requests_own_max_wait_overrides_the_layers() {
     let arrivals = Arrivals::new();
     let mut service =
         RateLimitLayer::new(table(Rate::per_second(1))).layer(recorder(arrivals.clone(), ok));
-    service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(CHAT, "k", "first"))
+    send_one(&mut service, request(CHAT, "k", "first"))
         .await
         .unwrap();
     let mut impatient = request(CHAT, "k", "impatient");
     impatient.extensions_mut().insert(MaxWait(Duration::ZERO));
-    let error = service
-        .ready()
-        .await
-        .unwrap()
-        .call(impatient)
-        .await
-        .unwrap_err();
+    let error = send_one(&mut service, impatient).await.unwrap_err();
     let limited = error.downcast_ref::<RateLimited>().expect("RateLimited");
     assert_eq!(limited.retry_after(), Duration::from_secs(1));
     assert_eq!(arrivals.labels(), ["first"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unbounded_max_wait_waits_as_long_as_it_takes() {
+    let arrivals = Arrivals::new();
+    let layer = RateLimitLayer::new(table(Rate::per_hour(1))).with_max_wait(Duration::MAX);
+    let service = layer.layer(recorder(arrivals.clone(), ok));
+    let mut requests = chat_requests(2, "k");
+    requests[1].extensions_mut().insert(MaxWait(Duration::MAX));
+    let results = send_all(&service, requests).await;
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(arrivals.times_ms(), [0, 3_600_000]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -387,19 +395,11 @@ async fn a_closed_bucket_refuses_at_once_what_would_wait_too_long() {
     let layer =
         RateLimitLayer::new(table(Rate::per_second(100))).with_max_wait(Duration::from_secs(10));
     let mut service = layer.layer(recorder(arrivals.clone(), respond));
-    service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(CHAT, "k", "a"))
+    send_one(&mut service, request(CHAT, "k", "a"))
         .await
         .unwrap();
     let started = Instant::now();
-    let error = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(CHAT, "k", "b"))
+    let error = send_one(&mut service, request(CHAT, "k", "b"))
         .await
         .unwrap_err();
     assert_eq!(
@@ -511,7 +511,7 @@ async fn idle_buckets_are_dropped_and_the_count_stays_bounded() {
     let mut most = 0;
     for key in 0..1_000 {
         let request = request(CHAT, &format!("key-{key}"), "x");
-        service.ready().await.unwrap().call(request).await.unwrap();
+        send_one(&mut service, request).await.unwrap();
         most = most.max(service.live_buckets());
     }
     assert!(most <= 100, "{most} buckets live");
@@ -522,7 +522,7 @@ async fn idle_buckets_are_dropped_and_the_count_stays_bounded() {
     for fresh in ["fresh-1", "fresh-2"] {
         tokio::time::advance(Duration::from_secs(6)).await;
         let request = request(CHAT, fresh, "x");
-        service.ready().await.unwrap().call(request).await.unwrap();
+        send_one(&mut service, request).await.unwrap();
     }
     assert_eq!(service.live_buckets(), 2, "idle buckets were kept");
 }
@@ -535,27 +535,15 @@ async fn a_bucket_is_not_dropped_before_it_has_refilled() {
         .with_idle_timeout(Duration::from_secs(1))
         .with_max_wait(Duration::from_secs(120));
     let mut service = layer.layer(recorder(arrivals.clone(), ok));
-    service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(CHAT, "k", "first"))
+    send_one(&mut service, request(CHAT, "k", "first"))
         .await
         .unwrap();
     tokio::time::advance(Duration::from_secs(10)).await;
     // A new key triggers a sweep; the first key's bucket is idle but not yet refilled.
-    service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(CHAT, "other", "other"))
+    send_one(&mut service, request(CHAT, "other", "other"))
         .await
         .unwrap();
-    service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(CHAT, "k", "second"))
+    send_one(&mut service, request(CHAT, "k", "second"))
         .await
         .unwrap();
     let times = arrivals.times_ms();
