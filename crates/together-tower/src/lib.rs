@@ -30,13 +30,19 @@
 //! - `serde`: load quota tables from TOML ([`quota::QuotaTable::from_toml`]).
 //! - `full`: every feature.
 
+pub mod buffer;
 pub mod classify;
 pub mod clock;
 pub mod headers;
 pub mod limit;
 pub mod quota;
+pub mod retry;
 
 mod builder;
+mod stack;
 
+pub use self::buffer::{Buffer, BufferLayer};
 pub use self::builder::ServiceBuilderExt;
 pub use self::limit::{RateLimit, RateLimitLayer};
+pub use self::retry::{RetryLayer, RetryPolicy};
+pub use self::stack::{TogetherLayer, TogetherService};

@@ -1,0 +1,148 @@
+//! Reading a request body once, so it can be sent again and its JSON read.
+//!
+//! [`BufferLayer`] collects the request body, up to a limit, into a [`BufferedBody`] that is
+//! cheap to clone, so the retry layer can send the request again. While it holds the bytes it
+//! reads the few JSON fields later layers decide by (`model`, `max_tokens`, the number of
+//! `input` items) into a [`RequestMeta`] request extension.
+//!
+//! A body over the limit is not refused: it is passed on as a stream (the part already read
+//! first) and marked with [`BodyNotBuffered`], so it is sent once and never retried. A body
+//! that is not JSON is passed on untouched, without a `RequestMeta`.
+//!
+//! # Example
+//!
+//! ```
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use bytes::Bytes;
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use together_tower::buffer::{BufferLayer, BufferedBody, RequestMeta};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let client = tower::service_fn(|request: Request<BufferedBody<Full<Bytes>>>| async move {
+//!     let meta = request.extensions().get::<RequestMeta>().cloned().unwrap_or_default();
+//!     Ok::<_, tower::BoxError>(Response::new(meta.model.unwrap_or_default()))
+//! });
+//! let mut together = ServiceBuilder::new().layer(BufferLayer::new()).service(client);
+//!
+//! let body = Full::new(Bytes::from_static(br#"{"model":"m-1","messages":[]}"#));
+//! let request = Request::post("/v1/chat/completions").body(body)?;
+//! let response = together.ready().await?.call(request).await?;
+//! assert_eq!(response.body(), "m-1");
+//! # Ok(())
+//! # }
+//! ```
+
+mod body;
+pub mod future;
+mod meta;
+
+use std::task::{Context, Poll};
+
+use http::Request;
+use http_body::Body;
+use tower::BoxError;
+use tower_layer::Layer;
+use tower_service::Service;
+
+pub use self::body::BufferedBody;
+pub use self::meta::RequestMeta;
+
+/// A request extension that marks a request whose body was too large to buffer: it streams
+/// through once and is never retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyNotBuffered;
+
+/// Applies [`Buffer`]: buffers request bodies up to a size (default 4 MiB) and reads their
+/// [`RequestMeta`].
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct BufferLayer {
+    limit: usize,
+}
+
+impl BufferLayer {
+    /// The default limit: 4 MiB, well above any chat or embeddings request.
+    pub const DEFAULT_LIMIT: usize = 4 * 1024 * 1024;
+
+    /// A layer with the default limit.
+    pub const fn new() -> Self {
+        Self {
+            limit: Self::DEFAULT_LIMIT,
+        }
+    }
+
+    /// Buffers bodies of at most `limit` bytes; larger ones stream through once.
+    pub const fn with_limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+}
+
+impl Default for BufferLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> Layer<S> for BufferLayer {
+    type Service = Buffer<S>;
+
+    fn layer(&self, inner: S) -> Buffer<S> {
+        Buffer {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+/// Buffers each request's body (see the [module docs](self)) before it calls the inner service.
+#[derive(Debug, Clone)]
+pub struct Buffer<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S> Buffer<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the layer, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> Service<Request<B>> for Buffer<S>
+where
+    S: Service<Request<BufferedBody<B>>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = future::ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // The ready service goes with the request, which is sent once its body is read.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        future::ResponseFuture::new(inner, request, self.limit)
+    }
+}
+
+#[cfg(test)]
+mod tests;

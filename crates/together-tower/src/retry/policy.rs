@@ -1,0 +1,391 @@
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode};
+use tokio::time::{Instant, Sleep};
+use tower::BoxError;
+use tower::retry::Policy;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::util::rng::{HasherRng, Rng};
+
+use crate::buffer::BufferedBody;
+use crate::classify::{Classify, EndpointClass, TogetherClassifier};
+use crate::headers;
+use crate::limit::error::{QueueFull, RateLimited, SlotsBusy};
+
+/// `x-should-retry`: the server's own word on whether a retry may help (`true` or `false`).
+pub const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+
+/// A request body the retry layer can send again.
+///
+/// Bodies that are `Clone` are; a [`BufferedBody`] is when it was buffered whole.
+pub trait RetryBody: Sized {
+    /// A copy to send again, or `None` if this body can be sent only once.
+    fn try_clone_body(&self) -> Option<Self>;
+}
+
+impl<B: Clone> RetryBody for B {
+    fn try_clone_body(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
+impl<B> RetryBody for BufferedBody<B> {
+    fn try_clone_body(&self) -> Option<Self> {
+        self.try_clone()
+    }
+}
+
+/// Waiting for a free fine-tune job slot when a create is refused with 409.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobSlotWait {
+    /// How long to wait between tries.
+    pub delay: Duration,
+    /// How long to keep trying in all.
+    pub deadline: Duration,
+}
+
+/// The settings of [`RetryPolicy`], shared by every request it handles.
+#[derive(Debug, Clone)]
+struct Settings {
+    max_retries: u32,
+    max_elapsed: Duration,
+    base_delay: Duration,
+    max_delay: Duration,
+    max_hint: Duration,
+    job_slot_wait: Option<JobSlotWait>,
+}
+
+/// When and how long to retry a Together call. Use it through [`RetryLayer`](super::RetryLayer).
+///
+/// - Retries 429, 408, 500, 502, 503, 504 and connection errors (an I/O error, or a timeout
+///   from tower's timeout layer); never other 4xx, and never errors this crate's rate limit
+///   layer returns itself (it already decided the request should not wait).
+/// - Never retries a job-creating call (fine-tune create, batch create) after a 5xx, a 408 or a
+///   timeout: the job may exist. A 429, or a connection refused before anything was sent, is
+///   still retried.
+/// - A 409 on fine-tune create (too many running jobs) is retried only with
+///   [`with_job_slot_wait`](Self::with_job_slot_wait), at its own delay until its own deadline.
+/// - `x-should-retry: true|false` overrides the rules above when the server sends it.
+/// - The delay is the server's hint (`retry-after-ms`, `Retry-After`, `x-ratelimit-reset`) plus up
+///   to 10% (at most one second) of jitter, so callers told the same thing do not return in
+///   lockstep. A hint longer than `max_hint` (60 s) means "give up now". Without a hint: full
+///   jitter, a random delay up to `min(max_delay, base_delay * 2^attempt)` (0.5 s and 8 s).
+/// - Stops after `max_retries` (4) retries, once `max_elapsed` (2 min) would pass, or when the
+///   shared budget (20% of requests plus 10 a second, over 10 s) is spent. The caller then gets
+///   the last response or error, unchanged.
+/// - A request whose body cannot be sent again (it was too large to buffer) is sent once.
+pub struct RetryPolicy<C = TogetherClassifier> {
+    settings: Arc<Settings>,
+    budget: Arc<TpsBudget>,
+    classifier: C,
+    rng: HasherRng,
+    // Per request: tower clones the policy for each request it sends. `retries` counts the
+    // backoff and hint retries, `tries` every retry (job-slot waits too); the shared template
+    // policy that tower clones from always has `tries == 0`.
+    retries: u32,
+    tries: u32,
+    started: Option<Instant>,
+}
+
+impl RetryPolicy {
+    /// The defaults described above, with Together's classifier.
+    pub fn new() -> Self {
+        Self {
+            settings: Arc::new(Settings {
+                max_retries: 4,
+                max_elapsed: Duration::from_secs(120),
+                base_delay: Duration::from_millis(500),
+                max_delay: Duration::from_secs(8),
+                max_hint: Duration::from_secs(60),
+                job_slot_wait: None,
+            }),
+            budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
+            classifier: TogetherClassifier,
+            rng: HasherRng::new(),
+            retries: 0,
+            tries: 0,
+            started: None,
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C> RetryPolicy<C> {
+    fn with_settings(mut self, change: impl FnOnce(&mut Settings)) -> Self {
+        change(Arc::make_mut(&mut self.settings));
+        self
+    }
+
+    /// Retries at most this many times (default 4).
+    pub fn with_max_retries(self, max_retries: u32) -> Self {
+        self.with_settings(|settings| settings.max_retries = max_retries)
+    }
+
+    /// Does not retry once this much time would have passed since the first send (default 2 min).
+    pub fn with_max_elapsed(self, max_elapsed: Duration) -> Self {
+        self.with_settings(|settings| settings.max_elapsed = max_elapsed)
+    }
+
+    /// The backoff without a server hint: full jitter up to `min(max, base * 2^attempt)`.
+    pub fn with_backoff(self, base: Duration, max: Duration) -> Self {
+        self.with_settings(|settings| {
+            settings.base_delay = base;
+            settings.max_delay = max;
+        })
+    }
+
+    /// The longest server hint worth waiting for (default 60 s); a longer one hands the
+    /// response back at once.
+    pub fn with_max_hint(self, max_hint: Duration) -> Self {
+        self.with_settings(|settings| settings.max_hint = max_hint)
+    }
+
+    /// Retries a fine-tune create refused with 409 (too many running jobs) every `delay`,
+    /// until `deadline` has passed since the first try.
+    pub fn with_job_slot_wait(self, delay: Duration, deadline: Duration) -> Self {
+        self.with_settings(|settings| {
+            settings.job_slot_wait = Some(JobSlotWait { delay, deadline })
+        })
+    }
+
+    /// Shares this retry budget instead of the default (20% of requests plus 10/s over 10 s).
+    pub fn with_budget(mut self, budget: TpsBudget) -> Self {
+        self.budget = Arc::new(budget);
+        self
+    }
+
+    /// Classifies requests with `classifier`, to know which create paid jobs.
+    pub fn with_classifier<C2>(self, classifier: C2) -> RetryPolicy<C2> {
+        RetryPolicy {
+            settings: self.settings,
+            budget: self.budget,
+            classifier,
+            rng: self.rng,
+            retries: 0,
+            tries: 0,
+            started: None,
+        }
+    }
+
+    /// The delay before retry number `attempt` (0-based) without a server hint.
+    fn backoff(&mut self, attempt: u32) -> Duration {
+        let ceiling = self
+            .settings
+            .base_delay
+            .saturating_mul(2u32.saturating_pow(attempt))
+            .min(self.settings.max_delay);
+        ceiling.mul_f64(self.rng.next_f64())
+    }
+
+    /// A server hint plus up to 10% of jitter, at most one second of it.
+    fn jittered(&mut self, hint: Duration) -> Duration {
+        let spread = (hint / 10).min(Duration::from_secs(1));
+        hint.saturating_add(spread.mul_f64(self.rng.next_f64()))
+    }
+}
+
+/// What the answer says about trying again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Done,
+    /// Retry after the server's hint if it gave one, else after backoff.
+    Retry {
+        hint: Option<Duration>,
+    },
+    /// Retry after a fixed delay, until a deadline of its own (a 409 job-slot wait).
+    RetryFixed(JobSlotWait),
+}
+
+impl<C> RetryPolicy<C> {
+    fn judge_response(
+        &self,
+        class: EndpointClass,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> Verdict {
+        let hint = || {
+            let now = SystemTime::now();
+            headers::retry_after(headers, now).or_else(|| headers::ratelimit_reset(headers, now))
+        };
+        match should_retry(headers) {
+            Some(false) => return Verdict::Done,
+            Some(true) if !status.is_success() => return Verdict::Retry { hint: hint() },
+            _ => {}
+        }
+        match status.as_u16() {
+            429 => Verdict::Retry { hint: hint() },
+            409 if class == EndpointClass::FineTuneCreate => self
+                .settings
+                .job_slot_wait
+                .map_or(Verdict::Done, Verdict::RetryFixed),
+            408 | 500 | 502 | 503 | 504 if !class.creates_job() => Verdict::Retry { hint: hint() },
+            _ => Verdict::Done,
+        }
+    }
+
+    fn judge_error(&self, class: EndpointClass, error: &BoxError) -> Verdict {
+        if error.is::<RateLimited>() || error.is::<QueueFull>() || error.is::<SlotsBusy>() {
+            return Verdict::Done;
+        }
+        let retryable = if class.creates_job() {
+            refused_before_sending(error)
+        } else {
+            is_connection_error(error)
+        };
+        if retryable {
+            Verdict::Retry { hint: None }
+        } else {
+            Verdict::Done
+        }
+    }
+}
+
+fn should_retry(headers: &HeaderMap) -> Option<bool> {
+    match headers.get(X_SHOULD_RETRY)?.as_bytes() {
+        b"true" => Some(true),
+        b"false" => Some(false),
+        _ => None,
+    }
+}
+
+/// The errors in `error`'s chain, itself first.
+fn chain<'e>(
+    error: &'e (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'e (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |error| error.source())
+}
+
+/// A connection that was refused sent nothing: even a job-creating call is safe to repeat.
+fn refused_before_sending(error: &BoxError) -> bool {
+    chain(&**error).any(|error| {
+        error
+            .downcast_ref::<io::Error>()
+            .is_some_and(|error| error.kind() == io::ErrorKind::ConnectionRefused)
+    })
+}
+
+/// An I/O failure or a timeout: the call may not have reached the server, or its answer was lost.
+fn is_connection_error(error: &BoxError) -> bool {
+    chain(&**error)
+        .any(|error| error.is::<io::Error>() || error.is::<tower::timeout::error::Elapsed>())
+}
+
+impl<B, ResBody, C> Policy<Request<B>, Response<ResBody>, BoxError> for RetryPolicy<C>
+where
+    B: RetryBody,
+    C: Classify + Clone,
+{
+    type Future = Sleep;
+
+    fn retry(
+        &mut self,
+        request: &mut Request<B>,
+        result: &mut Result<Response<ResBody>, BoxError>,
+    ) -> Option<Sleep> {
+        let class = self.classifier.classify(request);
+        let verdict = match result {
+            Ok(response) => self.judge_response(class, response.status(), response.headers()),
+            Err(error) => self.judge_error(class, error),
+        };
+        let started = *self.started.get_or_insert_with(Instant::now);
+        let elapsed = started.elapsed();
+        let delay = match verdict {
+            Verdict::Done => return None,
+            Verdict::Retry { hint: Some(hint) } if hint > self.settings.max_hint => return None,
+            Verdict::Retry { hint: Some(hint) } => self.jittered(hint),
+            Verdict::Retry { hint: None } => self.backoff(self.retries),
+            Verdict::RetryFixed(wait) => {
+                // A job-slot wait has its own deadline and does not count against the others.
+                if elapsed.saturating_add(wait.delay) > wait.deadline {
+                    return None;
+                }
+                self.tries += 1;
+                return Some(tokio::time::sleep(wait.delay));
+            }
+        };
+        if self.retries >= self.settings.max_retries
+            || elapsed.saturating_add(delay) > self.settings.max_elapsed
+            || !self.budget.withdraw()
+        {
+            return None;
+        }
+        self.retries += 1;
+        self.tries += 1;
+        Some(tokio::time::sleep(delay))
+    }
+
+    fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
+        if self.tries == 0 {
+            // The template policy, about to be cloned for a new request's first send.
+            self.budget.deposit();
+            self.started = Some(Instant::now());
+        }
+        let body = request.body().try_clone_body()?;
+        let mut clone = Request::new(body);
+        *clone.method_mut() = request.method().clone();
+        *clone.uri_mut() = request.uri().clone();
+        *clone.version_mut() = request.version();
+        *clone.headers_mut() = request.headers().clone();
+        *clone.extensions_mut() = request.extensions().clone();
+        Some(clone)
+    }
+}
+
+impl<C: Clone> Clone for RetryPolicy<C> {
+    fn clone(&self) -> Self {
+        Self {
+            settings: Arc::clone(&self.settings),
+            budget: Arc::clone(&self.budget),
+            classifier: self.classifier.clone(),
+            rng: self.rng.clone(),
+            retries: self.retries,
+            tries: self.tries,
+            started: self.started,
+        }
+    }
+}
+
+impl<C: fmt::Debug> fmt::Debug for RetryPolicy<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryPolicy")
+            .field("settings", &self.settings)
+            .field("budget", &self.budget)
+            .field("classifier", &self.classifier)
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn backoff_never_exceeds_its_cap(attempt in 0u32..200, base_ms in 0u64..10_000, cap_ms in 0u64..100_000) {
+            let (base, cap) = (Duration::from_millis(base_ms), Duration::from_millis(cap_ms));
+            let mut policy = RetryPolicy::new().with_backoff(base, cap);
+            let delay = policy.backoff(attempt);
+            prop_assert!(delay <= cap);
+            prop_assert!(delay <= base.saturating_mul(2u32.saturating_pow(attempt)));
+        }
+
+        #[test]
+        fn hint_jitter_adds_at_most_a_tenth_and_a_second(hint_ms in 0u64..100_000_000) {
+            let hint = Duration::from_millis(hint_ms);
+            let delay = RetryPolicy::new().jittered(hint);
+            prop_assert!(delay >= hint);
+            prop_assert!(delay - hint <= (hint / 10).min(Duration::from_secs(1)));
+        }
+    }
+}

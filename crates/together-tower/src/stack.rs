@@ -1,0 +1,217 @@
+//! The three layers composed in the one order that works.
+
+use tower_layer::Layer;
+
+use crate::buffer::{Buffer, BufferLayer};
+use crate::classify::TogetherClassifier;
+use crate::limit::{GovernorLimiter, Limiter, RateLimit, RateLimitLayer};
+use crate::quota::QuotaTable;
+use crate::retry::{Retry, RetryLayer, RetryPolicy};
+
+/// The service [`TogetherLayer`] builds around a client `S`.
+pub type TogetherService<S, C = TogetherClassifier, L = GovernorLimiter> =
+    Buffer<Retry<RetryPolicy<C>, RateLimit<S, C, L>>>;
+
+/// Buffer, then retry, then rate limit, around any HTTP client:
+///
+/// ```text
+/// caller ─► Buffer ─► Retry ─► RateLimit ─► client ─► Together
+/// ```
+///
+/// The body is read once (so it can be sent again, and its `model` read); each attempt,
+/// retries included, waits its turn in the rate limiter; the retry layer sees every answer and
+/// the limiter learns from each 429.
+///
+/// # Example
+///
+/// ```
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use bytes::Bytes;
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+/// use together_tower::TogetherLayer;
+/// use together_tower::buffer::BufferedBody;
+/// use together_tower::quota::QuotaTable;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower::BoxError> {
+/// # let client = tower::service_fn(|_: Request<BufferedBody<Full<Bytes>>>| async {
+/// #     Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+/// # });
+/// let mut together = ServiceBuilder::new()
+///     .layer(TogetherLayer::new(QuotaTable::together_defaults()))
+///     .service(client);
+/// let request = Request::post("https://api.together.xyz/v1/embeddings")
+///     .header("authorization", "Bearer my-key")
+///     .body(Full::new(Bytes::from_static(br#"{"model":"m","input":["a","b"]}"#)))?;
+/// let response = together.ready().await?.call(request).await?;
+/// # assert_eq!(response.status(), 200);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct TogetherLayer<C = TogetherClassifier, L = GovernorLimiter>
+where
+    L: Limiter,
+{
+    buffer: BufferLayer,
+    retry: RetryLayer<C>,
+    limit: RateLimitLayer<C, L>,
+}
+
+impl TogetherLayer {
+    /// The stack with `table`'s quotas and every other setting at its default.
+    pub fn new(table: QuotaTable) -> Self {
+        Self {
+            buffer: BufferLayer::new(),
+            retry: RetryLayer::default(),
+            limit: RateLimitLayer::new(table),
+        }
+    }
+}
+
+impl<C, L: Limiter> TogetherLayer<C, L> {
+    /// Buffers bodies with this layer (to change the size limit).
+    pub fn with_buffer(mut self, buffer: BufferLayer) -> Self {
+        self.buffer = buffer;
+        self
+    }
+
+    /// Retries by this policy.
+    pub fn with_retry(mut self, policy: RetryPolicy<C>) -> Self {
+        self.retry = RetryLayer::new(policy);
+        self
+    }
+
+    /// Rate limits with this layer (its quotas, bounds, classifier and backend).
+    pub fn with_rate_limit<L2: Limiter>(
+        self,
+        limit: RateLimitLayer<C, L2>,
+    ) -> TogetherLayer<C, L2> {
+        TogetherLayer {
+            buffer: self.buffer,
+            retry: self.retry,
+            limit,
+        }
+    }
+
+    /// The rate limit layer, to read its live bucket count or its table.
+    pub fn rate_limit(&self) -> &RateLimitLayer<C, L> {
+        &self.limit
+    }
+}
+
+impl<S, C: Clone, L: Limiter> Layer<S> for TogetherLayer<C, L> {
+    type Service = TogetherService<S, C, L>;
+
+    fn layer(&self, client: S) -> Self::Service {
+        self.buffer
+            .layer(self.retry.layer(self.limit.layer(client)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use tokio::time::Instant;
+    use tower::{Layer, ServiceExt};
+
+    use super::TogetherLayer;
+    use crate::buffer::{BufferLayer, BufferedBody};
+    use crate::classify::EndpointClass;
+    use crate::quota::{GroupQuota, QuotaTable, Rate};
+
+    type Log = Arc<Mutex<Vec<(Duration, Bytes)>>>;
+
+    /// A client that logs each call's virtual time and body, and answers `status(call)`.
+    fn client(
+        status: impl Fn(usize) -> StatusCode + Clone + Send + Sync + 'static,
+    ) -> (
+        impl tower::Service<
+            Request<BufferedBody<Full<Bytes>>>,
+            Response = Response<String>,
+            Error = Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + Sync,
+        Log,
+    ) {
+        let log: Log = Arc::default();
+        let start = Instant::now();
+        let record = Arc::clone(&log);
+        let service = tower::service_fn(move |request: Request<BufferedBody<Full<Bytes>>>| {
+            let (record, status) = (Arc::clone(&record), status.clone());
+            async move {
+                let at = start.elapsed();
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let call = {
+                    let mut log = record.lock().unwrap();
+                    log.push((at, body));
+                    log.len() - 1
+                };
+                let response = Response::builder()
+                    .status(status(call))
+                    .body(String::new())
+                    .unwrap();
+                Ok::<_, Infallible>(response)
+            }
+        });
+        (service, log)
+    }
+
+    fn chat_table(rate: Rate) -> QuotaTable {
+        QuotaTable::builder()
+            .group("chat", GroupQuota::rate(rate))
+            .class(EndpointClass::Chat, "chat")
+            .build()
+            .unwrap()
+    }
+
+    fn chat(body: &'static str) -> Request<Full<Bytes>> {
+        Request::post("/v1/chat/completions")
+            .header("authorization", "Bearer k")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retried_request_waits_its_turn_in_the_limiter_again() {
+        let (inner, log) = client(|call| match call {
+            0 => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::OK,
+        });
+        let service = TogetherLayer::new(chat_table(Rate::per_second(1))).layer(inner);
+        let response = service.oneshot(chat(r#"{"model":"m"}"#)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let log = log.lock().unwrap();
+        // The backoff (at most 0.5 s) ends before the bucket's next turn at 1 s: the retry
+        // goes through the limiter, so it waits for that turn. The same bytes went twice.
+        let times: Vec<_> = log.iter().map(|(at, _)| at.as_millis()).collect();
+        assert_eq!(times, [0, 1_000]);
+        assert!(log.iter().all(|(_, body)| body == r#"{"model":"m"}"#));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_over_the_buffer_limit_is_sent_once() {
+        let (inner, log) = client(|_| StatusCode::SERVICE_UNAVAILABLE);
+        let layer = TogetherLayer::new(chat_table(Rate::per_second(100)))
+            .with_buffer(BufferLayer::new().with_limit(8));
+        let response = layer
+            .layer(inner)
+            .oneshot(chat(r#"{"model":"a-long-model-name"}"#))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        let log = log.lock().unwrap();
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].1, r#"{"model":"a-long-model-name"}"#);
+    }
+}
