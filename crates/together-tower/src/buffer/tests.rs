@@ -98,8 +98,7 @@ where
     let service = BufferLayer::new().with_limit(limit).layer(inner);
     let request = Request::post("/v1/embeddings").body(body).unwrap();
     service.oneshot(request).await.unwrap();
-    let seen = seen.lock().unwrap().clone();
-    seen
+    seen.lock().unwrap().clone()
 }
 
 #[tokio::test]

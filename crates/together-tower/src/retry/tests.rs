@@ -16,6 +16,7 @@ const FINE_TUNES: &str = "/v1/fine-tunes";
 const BATCHES: &str = "/v1/batches";
 
 type Answer = Result<Response<String>, BoxError>;
+type Headers<'a> = &'a [(&'a str, &'a str)];
 
 /// When each call reached the inner service, in virtual time since the test began.
 #[derive(Clone)]
@@ -195,7 +196,8 @@ async fn a_fine_tune_409_waits_for_a_job_slot_only_when_asked() {
 async fn the_delay_is_the_servers_hint_plus_a_little_jitter() {
     let in_three_seconds =
         httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3));
-    let cases: [(&[(&str, &str)], u64, u64); 5] = [
+    // The hint's headers, and the shortest and longest delay expected, in milliseconds.
+    let cases: [(Headers<'_>, u64, u64); 5] = [
         (&[("retry-after", "2")], 2_000, 2_200),
         (&[("retry-after", "0.5")], 500, 550),
         (
