@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -29,16 +30,19 @@ pub struct Seen {
     pub authorization: Option<String>,
     /// The status the server answered with.
     pub status: u16,
+    /// The request body.
+    pub body: Bytes,
 }
 
-/// Decides the answer to each request, given everything the server saw before it.
+/// Decides the answer to each request (its body read whole), given everything the server saw
+/// before it.
 pub trait Script:
-    Fn(&Request<Incoming>, &[Seen]) -> Response<Full<Bytes>> + Send + Sync + 'static
+    Fn(&Request<Bytes>, &[Seen]) -> Response<Full<Bytes>> + Send + Sync + 'static
 {
 }
 
 impl<F> Script for F where
-    F: Fn(&Request<Incoming>, &[Seen]) -> Response<Full<Bytes>> + Send + Sync + 'static
+    F: Fn(&Request<Bytes>, &[Seen]) -> Response<Full<Bytes>> + Send + Sync + 'static
 {
 }
 
@@ -63,8 +67,18 @@ impl LoopbackServer {
                 while let Ok((stream, _)) = listener.accept().await {
                     let (log, script) = (Arc::clone(&log), Arc::clone(&script));
                     let service = service_fn(move |request: Request<Incoming>| {
-                        let response = answer(&request, &log, &*script);
-                        async move { Ok::<_, Infallible>(response) }
+                        let (log, script) = (Arc::clone(&log), Arc::clone(&script));
+                        async move {
+                            let at = Instant::now();
+                            let (parts, body) = request.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|body| body.to_bytes())
+                                .unwrap_or_default();
+                            let request = Request::from_parts(parts, body);
+                            Ok::<_, Infallible>(answer(at, &request, &log, &*script))
+                        }
                     });
                     tokio::spawn(
                         http1::Builder::new().serve_connection(TokioIo::new(stream), service),
@@ -96,12 +110,12 @@ impl Drop for LoopbackServer {
 }
 
 fn answer(
-    request: &Request<Incoming>,
+    at: Instant,
+    request: &Request<Bytes>,
     log: &Mutex<Vec<Seen>>,
     script: &dyn Script,
 ) -> Response<Full<Bytes>> {
     let mut log = log.lock().unwrap_or_else(|poison| poison.into_inner());
-    let at = Instant::now();
     let response = script(request, &log);
     log.push(Seen {
         at,
@@ -112,6 +126,7 @@ fn answer(
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned),
         status: response.status().as_u16(),
+        body: request.body().clone(),
     });
     response
 }
@@ -130,6 +145,11 @@ pub fn json(status: u16, headers: &[(&str, &str)], body: &str) -> Response<Full<
 }
 
 /// hyper-util's pooled HTTP client, as users put it under the layers.
-pub fn http_client() -> Client<HttpConnector, Full<Bytes>> {
+pub fn http_client<B>() -> Client<HttpConnector, B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     Client::builder(TokioExecutor::new()).build_http()
 }

@@ -65,6 +65,7 @@ async fn two_keys_use_their_whole_quota_and_never_see_a_429() {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
             status: 0,
+            body: Bytes::new(),
         });
         let allowed = *gcra_verdicts(&all, interval, interval / 2).last().unwrap();
         match allowed {

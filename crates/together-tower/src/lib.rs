@@ -1,20 +1,33 @@
-//! Tower layers that keep a Together AI client under its rate limits.
+//! Tower layers for Rust services that call Together AI: wait your turn instead of walking
+//! into a 429, retry what is safe to retry, and still use the whole quota you pay for.
 //!
-//! Put [`RateLimitLayer`] around any HTTP client that is a
-//! `Service<http::Request<B>>` (hyper-util's `Client`, a tonic `Channel`, a `service_fn` in
-//! tests) and each request waits its turn in its (API key, endpoint class) bucket instead of
-//! walking into a 429, while the client still uses the whole quota it pays for.
+//! [`TogetherLayer`] puts three layers, in the one order that works, around any HTTP client
+//! that is a `Service<http::Request<B>>` (hyper-util's `Client`, a tonic `Channel`, a
+//! `service_fn` in tests):
+//!
+//! ```text
+//! caller ─► BufferLayer ─► RetryLayer ─► RateLimitLayer ─► client ─► Together
+//! ```
+//!
+//! - [`BufferLayer`] reads the request body once, so it can be sent again, and reads its
+//!   `model`, `max_tokens` and input count into a [`RequestMeta`](buffer::RequestMeta).
+//! - [`RetryLayer`] retries 429s, 5xx and connection errors by the server's hints, with jittered
+//!   backoff and a shared budget, and never repeats a call that may have created a paid job.
+//! - [`RateLimitLayer`] makes each request wait its turn in its (API key, quota group) bucket,
+//!   first come first served, bounded, cancellable, and taught by the server's 429s.
+//!
+//! Each works alone in any `ServiceBuilder` too.
 //!
 //! ```
 //! use together_tower::quota::{ChatTier, QuotaTable};
 //! use together_tower::ServiceBuilderExt;
 //! use tower::ServiceBuilder;
 //!
-//! # let client = tower::service_fn(|_: http::Request<String>| async {
+//! # let client = tower::service_fn(|_: http::Request<together_tower::buffer::BufferedBody<String>>| async {
 //! #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
 //! # });
 //! let together = ServiceBuilder::new()
-//!     .together_rate_limit(QuotaTable::chat_tier(ChatTier::Tier2))
+//!     .together(QuotaTable::chat_tier(ChatTier::Tier2))
 //!     .service(client);
 //! # let _ = together;
 //! ```
@@ -23,6 +36,8 @@
 //! - [`classify`]: which endpoint class a request calls, and the fingerprint of its API key.
 //! - [`quota`]: tables from classes to quota groups to limits; Together's defaults and tiers.
 //! - [`limit`]: the rate limit layer, its errors and its backend trait.
+//! - [`retry`]: the retry layer and its policy.
+//! - [`buffer`]: the body buffering layer and the request metadata it reads.
 //! - [`headers`]: parsers for the server's rate-limit and retry hints.
 //! - [`clock`]: the tokio clock governor runs on, so tests can pause time.
 //!

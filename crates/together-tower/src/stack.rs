@@ -214,4 +214,50 @@ mod tests {
         assert_eq!(log.len(), 1);
         assert_eq!(log[0].1, r#"{"model":"a-long-model-name"}"#);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_with_retry_after_2_to_100_concurrent_callers_of_one_bucket() {
+        let (inner, log) = client(|call| match call {
+            0 => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::OK,
+        });
+        // The 429 says `Retry-After: 2`.
+        let inner = tower::ServiceBuilder::new()
+            .map_response(|mut response: Response<String>| {
+                if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                    response
+                        .headers_mut()
+                        .insert("retry-after", "2".parse().unwrap());
+                }
+                response
+            })
+            .service(inner);
+        let service = TogetherLayer::new(chat_table(Rate::per_second(10))).layer(inner);
+        let calls: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(service.clone().oneshot(chat("{}"))))
+            .collect();
+        let mut finished_ms = Vec::new();
+        let start = Instant::now();
+        for call in calls {
+            assert_eq!(call.await.unwrap().unwrap().status(), 200);
+            finished_ms.push(start.elapsed().as_millis());
+        }
+
+        let times: Vec<u128> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, _)| at.as_millis())
+            .collect();
+        // One request reaches the server in the first two seconds: the one refused.
+        assert_eq!(times.iter().filter(|&&at| at < 2_000).count(), 1);
+        // Then the 99 waiters go in arrival order at the quota, and the refused request, whose
+        // retry slept 2 to 2.2 s, waits its turn behind them.
+        assert_eq!(times.len(), 101);
+        let expected: Vec<u128> = std::iter::once(0)
+            .chain((0..100).map(|i| 2_000 + 100 * i))
+            .collect();
+        assert_eq!(times, expected);
+        assert_eq!(*finished_ms.iter().max().unwrap(), 11_900);
+    }
 }
