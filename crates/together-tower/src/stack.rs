@@ -260,4 +260,15 @@ mod tests {
         assert_eq!(times, expected);
         assert_eq!(*finished_ms.iter().max().unwrap(), 11_900);
     }
+
+    #[test]
+    fn the_stack_fits_boxed_sync_services_and_its_future_is_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let (inner, _) = client(|_| StatusCode::OK);
+        let mut service = TogetherLayer::new(QuotaTable::together_defaults()).layer(inner);
+        let future = tower::Service::call(&mut service, chat("{}"));
+        assert_send(&future);
+        let boxed = tower::util::BoxCloneSyncService::new(service);
+        let _clone = boxed.clone();
+    }
 }

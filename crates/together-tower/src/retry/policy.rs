@@ -324,9 +324,12 @@ where
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
         if self.tries == 0 {
-            // The template policy, about to be cloned for a new request's first send.
+            // The template policy, about to be cloned for a new request's first send. Each
+            // request gets a generator of its own: clones of one would draw the same jitter,
+            // and callers told the same hint would come back in lockstep.
             self.budget.deposit();
             self.started = Some(Instant::now());
+            self.rng = HasherRng::new();
         }
         let body = request.body().try_clone_body()?;
         let mut clone = Request::new(body);

@@ -336,3 +336,32 @@ async fn limiter_refusals_are_not_retried() {
     assert!(answer.unwrap_err().is::<RateLimited>());
     assert_eq!(calls.count(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn callers_told_the_same_hint_do_not_come_back_in_lockstep() {
+    let (inner, calls) = scripted(|call| match call {
+        0..20 => status(429, &[("retry-after", "2")]),
+        _ => status(200, &[]),
+    });
+    let service = RetryLayer::new(RetryPolicy::new()).layer(inner);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            tokio::spawn(
+                service
+                    .clone()
+                    .oneshot(Request::post(CHAT).body(String::new()).unwrap()),
+            )
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().status(), 200);
+    }
+    let mut retried_at = calls.times.lock().unwrap()[20..].to_vec();
+    retried_at.sort();
+    retried_at.dedup();
+    assert!(
+        retried_at.len() > 10,
+        "the retries came back at only {} distinct times",
+        retried_at.len()
+    );
+}
