@@ -1,0 +1,721 @@
+//! Answering requests as Together would.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::config::{Class, ClassLimits, SimConfig};
+use crate::state::{Job, LimitOutcome, State, key_label};
+
+/// The largest request body the simulator reads.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// What every connection shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    config: SimConfig,
+    started: Instant,
+    state: Mutex<State>,
+    rng: Mutex<fastrand::Rng>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: SimConfig) -> Self {
+        Self {
+            state: Mutex::new(State::new(&config)),
+            rng: Mutex::new(fastrand::Rng::with_seed(config.seed)),
+            started: Instant::now(),
+            config,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Forgets meters that hold nothing.
+    pub(crate) fn prune(&self) {
+        let now = self.now();
+        self.state().prune(now);
+    }
+}
+
+/// An answer on its way out, with the rate-limit headers to put on it.
+struct Answer {
+    status: StatusCode,
+    body: Value,
+    tokens: u64,
+}
+
+impl Answer {
+    fn ok(body: Value) -> Self {
+        Self {
+            status: StatusCode::OK,
+            body,
+            tokens: 0,
+        }
+    }
+
+    fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Self {
+        let body = json!({"error": {"message": message.into(), "type": kind, "param": null, "code": null}});
+        Self {
+            status,
+            body,
+            tokens: 0,
+        }
+    }
+}
+
+/// Answers one request.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().trim_end_matches('/').to_owned();
+    if let Some(control) = path.strip_prefix("/sim/") {
+        let body = read_body(body).await.unwrap_or_default();
+        return respond(control_answer(&shared, &parts.method, control, &body), None);
+    }
+
+    let key = bearer(&parts.headers);
+    let route = route(&parts.method, &path);
+    let label = key_label(key.unwrap_or(""));
+    let (answer, limits) = match key {
+        None => (
+            Answer::error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "Invalid API key provided. Pass it as `Authorization: Bearer <key>`.",
+            ),
+            None,
+        ),
+        Some(key) => answer(&shared, key, &route, body).await,
+    };
+    shared
+        .state()
+        .record(&label, route.class, answer.status.as_u16(), answer.tokens);
+    respond(answer, limits)
+}
+
+/// The request's class and what to do with it.
+struct Route {
+    class: Class,
+    endpoint: Endpoint,
+}
+
+enum Endpoint {
+    Chat,
+    Completions,
+    Embeddings,
+    Images,
+    Rerank,
+    Models,
+    CreateJob,
+    ListJobs,
+    GetJob(String),
+    CancelJob(String),
+    Files,
+    NotFound,
+}
+
+fn route(method: &Method, path: &str) -> Route {
+    let segments: Vec<&str> = path
+        .trim_start_matches("/v1")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let post = *method == Method::POST;
+    let get = *method == Method::GET;
+    let (class, endpoint) = match (segments.as_slice(), post, get) {
+        (["chat", "completions"], true, _) => (Class::Chat, Endpoint::Chat),
+        (["completions"], true, _) => (Class::Completions, Endpoint::Completions),
+        (["embeddings"], true, _) => (Class::Embeddings, Endpoint::Embeddings),
+        (["images", "generations"], true, _) => (Class::Images, Endpoint::Images),
+        (["rerank"], true, _) => (Class::Rerank, Endpoint::Rerank),
+        (["models"], _, true) => (Class::Models, Endpoint::Models),
+        (["audio", ..], ..) => (Class::Audio, Endpoint::NotFound),
+        ([jobs @ ("fine-tunes" | "batches"), rest @ ..], ..) => {
+            let class = if *jobs == "fine-tunes" {
+                Class::FineTunes
+            } else {
+                Class::Batches
+            };
+            let endpoint = match (rest, post, get) {
+                ([], true, _) => Endpoint::CreateJob,
+                ([], _, true) => Endpoint::ListJobs,
+                ([id], _, true) => Endpoint::GetJob((*id).to_owned()),
+                ([id, "cancel"], true, _) => Endpoint::CancelJob((*id).to_owned()),
+                _ => Endpoint::NotFound,
+            };
+            (class, endpoint)
+        }
+        (["files", ..], ..) => (Class::Files, Endpoint::Files),
+        _ => (Class::Other, Endpoint::NotFound),
+    };
+    Route { class, endpoint }
+}
+
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+}
+
+async fn read_body(body: Incoming) -> Result<Bytes, ()> {
+    Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map(|body| body.to_bytes())
+        .map_err(|_| ())
+}
+
+async fn answer(
+    shared: &Shared,
+    key: &str,
+    route: &Route,
+    body: Incoming,
+) -> (Answer, Option<LimitOutcome>) {
+    let needs_json = matches!(
+        route.endpoint,
+        Endpoint::Chat
+            | Endpoint::Completions
+            | Endpoint::Embeddings
+            | Endpoint::Images
+            | Endpoint::Rerank
+            | Endpoint::CreateJob
+    );
+    let json = if needs_json {
+        let Ok(bytes) = read_body(body).await else {
+            return (
+                Answer::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    "The request body is too large.",
+                ),
+                None,
+            );
+        };
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(value @ Value::Object(_)) => value,
+            _ => {
+                return (
+                    Answer::error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request_error",
+                        "The request body is not a JSON object.",
+                    ),
+                    None,
+                );
+            }
+        }
+    } else {
+        Value::Null
+    };
+    let model = json.get("model").and_then(Value::as_str);
+    if let Some(model) = model {
+        if !shared.config.models.iter().any(|known| known == model) {
+            let message = format!(
+                "Unable to access model {model}. Please visit https://api.together.ai/models to view the list of supported models."
+            );
+            return (
+                Answer::error(StatusCode::NOT_FOUND, "model_not_found", message),
+                None,
+            );
+        }
+    } else if matches!(
+        route.endpoint,
+        Endpoint::Chat
+            | Endpoint::Completions
+            | Endpoint::Embeddings
+            | Endpoint::Images
+            | Endpoint::Rerank
+    ) {
+        return (
+            Answer::error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "`model` is required.",
+            ),
+            None,
+        );
+    }
+
+    let (latency, unavailable) = draw_faults(shared);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    if unavailable {
+        return (
+            Answer::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "The server is overloaded or not ready yet.",
+            ),
+            None,
+        );
+    }
+
+    let (prompt_tokens, completion_tokens) = token_estimate(&route.endpoint, &json);
+    let now = shared.now();
+    let mut state = shared.state();
+    let limits = state.check_limits(
+        now,
+        key,
+        route.class,
+        model,
+        prompt_tokens + completion_tokens,
+    );
+    if let Some(outcome) = limits.filter(|outcome| !outcome.allowed()) {
+        let (kind, message) = if outcome.requests.allowed {
+            (
+                "dynamic_token_limited",
+                "You have exceeded your token rate limit.",
+            )
+        } else {
+            (
+                "dynamic_request_limited",
+                "You have exceeded your request rate limit.",
+            )
+        };
+        return (
+            Answer::error(StatusCode::TOO_MANY_REQUESTS, kind, message),
+            limits,
+        );
+    }
+    let answer = serve(
+        shared,
+        &mut state,
+        key,
+        route,
+        &json,
+        now,
+        prompt_tokens,
+        completion_tokens,
+    );
+    (answer, limits)
+}
+
+/// Latency to add, and whether to answer 503, by the configured faults.
+fn draw_faults(shared: &Shared) -> (Duration, bool) {
+    let faults = &shared.config.faults;
+    let mut rng = shared.rng.lock().unwrap_or_else(PoisonError::into_inner);
+    let jitter = if faults.latency_jitter_ms > 0 {
+        rng.u64(0..=faults.latency_jitter_ms)
+    } else {
+        0
+    };
+    let latency = Duration::from_millis(faults.latency_ms + jitter);
+    let in_burst = faults.unavailable_every_ms > 0
+        && (shared.now().as_millis() % u128::from(faults.unavailable_every_ms))
+            < u128::from(faults.unavailable_for_ms);
+    let unlucky = faults.unavailable_rate > 0.0 && rng.f64() < faults.unavailable_rate;
+    (latency, in_burst || unlucky)
+}
+
+/// Words in the text fields of a request: the simulator's token count (about right for English).
+fn text_tokens(value: &Value) -> u64 {
+    match value {
+        Value::String(text) => text.split_whitespace().count().max(1) as u64,
+        Value::Array(items) => items.iter().map(text_tokens).sum(),
+        Value::Object(fields) => [
+            "content",
+            "prompt",
+            "input",
+            "query",
+            "documents",
+            "messages",
+        ]
+        .iter()
+        .filter_map(|name| fields.get(*name))
+        .map(text_tokens)
+        .sum(),
+        _ => 0,
+    }
+}
+
+fn reply_text(json: &Value) -> String {
+    let last_user = json["messages"]
+        .as_array()
+        .and_then(|messages| {
+            messages
+                .iter()
+                .rev()
+                .find(|message| message["role"] == "user")
+        })
+        .and_then(|message| message["content"].as_str())
+        .or_else(|| json["prompt"].as_str())
+        .unwrap_or("");
+    let words: Vec<&str> = last_user.split_whitespace().take(8).collect();
+    format!("Simulated reply to: {}", words.join(" "))
+}
+
+/// Prompt and completion tokens: what the request is charged against a token limit.
+fn token_estimate(endpoint: &Endpoint, json: &Value) -> (u64, u64) {
+    let prompt = text_tokens(json);
+    let completion = match endpoint {
+        Endpoint::Chat | Endpoint::Completions => {
+            let reply = reply_text(json).split_whitespace().count() as u64;
+            json["max_tokens"]
+                .as_u64()
+                .map_or(reply, |max| reply.min(max))
+        }
+        _ => 0,
+    };
+    (prompt, completion)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    shared: &Shared,
+    state: &mut State,
+    key: &str,
+    route: &Route,
+    json: &Value,
+    now: Duration,
+    prompt: u64,
+    completion: u64,
+) -> Answer {
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let model = json["model"].clone();
+    let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+    let mut answer = match &route.endpoint {
+        Endpoint::Chat => {
+            let reply: String = reply_text(json)
+                .split_whitespace()
+                .take(completion as usize)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let id = state.new_id("chatcmpl");
+            Answer::ok(json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                "usage": usage,
+            }))
+        }
+        Endpoint::Completions => {
+            let reply: String = reply_text(json)
+                .split_whitespace()
+                .take(completion as usize)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let id = state.new_id("cmpl");
+            Answer::ok(json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": reply, "finish_reason": "stop"}],
+                "usage": usage,
+            }))
+        }
+        Endpoint::Embeddings => {
+            let inputs: Vec<&str> = match &json["input"] {
+                Value::String(text) => vec![text.as_str()],
+                Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+                _ => Vec::new(),
+            };
+            if inputs.is_empty() {
+                return Answer::error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "`input` must be a string or a list of strings.",
+                );
+            }
+            let data: Vec<Value> = inputs
+                .iter()
+                .enumerate()
+                .map(|(index, text)| json!({"object": "embedding", "index": index, "embedding": embedding(text, shared.config.embedding_dimensions)}))
+                .collect();
+            Answer::ok(json!({"object": "list", "model": model, "data": data, "usage": usage}))
+        }
+        Endpoint::Images => {
+            let id = state.new_id("img");
+            let image = if json["response_format"] == "b64_json" {
+                json!({"index": 0, "b64_json": ONE_PIXEL_PNG})
+            } else {
+                json!({"index": 0, "url": format!("https://images.sim.invalid/{id}.png")})
+            };
+            Answer::ok(json!({"id": id, "model": model, "object": "list", "data": [image]}))
+        }
+        Endpoint::Rerank => {
+            let query: Vec<String> = json["query"]
+                .as_str()
+                .unwrap_or("")
+                .split_whitespace()
+                .map(str::to_lowercase)
+                .collect();
+            let documents: Vec<&str> = json["documents"]
+                .as_array()
+                .map(|docs| docs.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let mut results: Vec<(usize, f64)> = documents
+                .iter()
+                .enumerate()
+                .map(|(index, document)| {
+                    let document = document.to_lowercase();
+                    let hits = query
+                        .iter()
+                        .filter(|word| document.contains(word.as_str()))
+                        .count();
+                    (index, hits as f64 / query.len().max(1) as f64)
+                })
+                .collect();
+            results.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            results.truncate(
+                json["top_n"]
+                    .as_u64()
+                    .map_or(usize::MAX, |top| top as usize),
+            );
+            let results: Vec<Value> = results
+                .into_iter()
+                .map(|(index, score)| json!({"index": index, "relevance_score": score}))
+                .collect();
+            let id = state.new_id("rerank");
+            Answer::ok(
+                json!({"id": id, "object": "rerank", "model": model, "results": results, "usage": usage}),
+            )
+        }
+        Endpoint::Models => {
+            let data: Vec<Value> = shared.config.models.iter().map(|id| json!({"id": id, "object": "model", "created": 0, "organization": "simulated"})).collect();
+            Answer::ok(Value::Array(data))
+        }
+        Endpoint::CreateJob => create_job(shared, state, key, route.class, json, now),
+        Endpoint::ListJobs => {
+            let data: Vec<Value> = state
+                .jobs
+                .iter()
+                .filter(|job| job.key == key && job.class == route.class)
+                .map(|job| job_json(job, now))
+                .collect();
+            Answer::ok(json!({"object": "list", "data": data}))
+        }
+        Endpoint::GetJob(id) | Endpoint::CancelJob(id) => {
+            let cancel = matches!(route.endpoint, Endpoint::CancelJob(_));
+            match state
+                .jobs
+                .iter_mut()
+                .find(|job| job.key == key && job.class == route.class && job.id == *id)
+            {
+                Some(job) => {
+                    if cancel && job.status(now) != "completed" {
+                        job.cancelled = true;
+                    }
+                    Answer::ok(job_json(job, now))
+                }
+                None => Answer::error(StatusCode::NOT_FOUND, "not_found", format!("No job {id}.")),
+            }
+        }
+        Endpoint::Files => Answer::ok(json!({"object": "list", "data": []})),
+        Endpoint::NotFound => Answer::error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "The simulator does not know this endpoint.",
+        ),
+    };
+    answer.tokens = prompt + completion;
+    answer
+}
+
+fn create_job(
+    shared: &Shared,
+    state: &mut State,
+    key: &str,
+    class: Class,
+    json: &Value,
+    now: Duration,
+) -> Answer {
+    let settings = if class == Class::FineTunes {
+        shared.config.fine_tunes
+    } else {
+        shared.config.batches
+    };
+    let running = state.running_jobs(key, class, now);
+    if running >= settings.concurrent as usize {
+        let message = format!(
+            "You have reached the limit of {} running jobs. Wait for one to finish.",
+            settings.concurrent
+        );
+        return Answer::error(StatusCode::CONFLICT, "concurrency_limit_exceeded", message);
+    }
+    let id = state.new_id(if class == Class::FineTunes {
+        "ft"
+    } else {
+        "batch"
+    });
+    let job = Job {
+        id,
+        key: key.to_owned(),
+        class,
+        created: now,
+        finishes: now + Duration::from_millis(settings.duration_ms),
+        cancelled: false,
+        detail: json.clone(),
+    };
+    let body = job_json(&job, now);
+    state.jobs.push(job);
+    Answer::ok(body)
+}
+
+fn job_json(job: &Job, now: Duration) -> Value {
+    let mut body = json!({
+        "id": job.id,
+        "object": if job.class == Class::FineTunes { "fine-tune" } else { "batch" },
+        "status": job.status(now),
+        "created_at_ms": job.created.as_millis() as u64,
+    });
+    for field in ["model", "training_file", "input_file_id", "endpoint"] {
+        if let Some(value) = job.detail.get(field) {
+            body[field] = value.clone();
+        }
+    }
+    body
+}
+
+/// A deterministic unit vector from the text: the same text always embeds the same.
+fn embedding(text: &str, dimensions: usize) -> Vec<f32> {
+    let seed = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let raw: Vec<f32> = (0..dimensions).map(|_| rng.f32() * 2.0 - 1.0).collect();
+    let norm = raw
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
+    raw.into_iter().map(|x| x / norm).collect()
+}
+
+/// A 1x1 transparent PNG, base64-encoded.
+const ONE_PIXEL_PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+
+/// `/sim/...`: stats, reset, and run-time limit changes.
+fn control_answer(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Answer {
+    match (method, path) {
+        (&Method::GET, "stats") => {
+            Answer::ok(serde_json::to_value(shared.state().stats()).unwrap_or(Value::Null))
+        }
+        (&Method::POST, "reset") => {
+            shared.state().reset();
+            Answer::ok(json!({"reset": true}))
+        }
+        (&Method::GET, "limits") => {
+            Answer::ok(serde_json::to_value(shared.state().limits()).unwrap_or(Value::Null))
+        }
+        (&Method::POST, "limits") => {
+            match serde_json::from_slice::<BTreeMap<Class, ClassLimits>>(body) {
+                Ok(changes)
+                    if changes
+                        .values()
+                        .all(|l| l.rpm > 0 && l.burst > 0 && l.tpm != Some(0)) =>
+                {
+                    let mut state = shared.state();
+                    state.set_limits(changes);
+                    Answer::ok(serde_json::to_value(state.limits()).unwrap_or(Value::Null))
+                }
+                Ok(_) => Answer::error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "rpm, tpm and burst must be at least 1.",
+                ),
+                Err(error) => Answer::error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    format!("Expected {{\"CLASS\": {{\"rpm\": N, \"tpm\": N}}}}: {error}"),
+                ),
+            }
+        }
+        _ => Answer::error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "Simulator control endpoints: GET /sim/stats, POST /sim/reset, GET and POST /sim/limits.",
+        ),
+    }
+}
+
+fn respond(answer: Answer, limits: Option<LimitOutcome>) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&answer.body).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = answer.status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(limits) = limits {
+        let number = |n: u64| HeaderValue::from(n);
+        let seconds = |d: Duration| {
+            HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64()))
+                .unwrap_or(HeaderValue::from_static("0"))
+        };
+        headers.insert("x-ratelimit-limit", number(limits.requests.limit));
+        headers.insert("x-ratelimit-remaining", number(limits.requests.remaining));
+        headers.insert("x-ratelimit-reset", seconds(limits.requests.reset));
+        if let Some(tokens) = limits.tokens {
+            headers.insert("x-tokenlimit-limit", number(tokens.limit));
+            headers.insert("x-tokenlimit-remaining", number(tokens.remaining));
+        }
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            let wait = if limits.requests.allowed {
+                limits.tokens.map_or(Duration::ZERO, |t| t.reset)
+            } else {
+                limits.requests.reset
+            };
+            // Whole seconds, rounded up, as `Retry-After` is usually sent; the precise wait
+            // is in `x-ratelimit-reset`.
+            headers.insert(
+                RETRY_AFTER,
+                number(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
+            );
+        }
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_cover_the_endpoint_table() {
+        let class = |method: Method, path: &str| route(&method, path).class;
+        assert_eq!(class(Method::POST, "/v1/chat/completions"), Class::Chat);
+        assert_eq!(class(Method::POST, "/v1/embeddings"), Class::Embeddings);
+        assert_eq!(class(Method::GET, "/v1/models"), Class::Models);
+        assert_eq!(class(Method::POST, "/v1/fine-tunes"), Class::FineTunes);
+        assert_eq!(class(Method::GET, "/v1/batches/batch-1"), Class::Batches);
+        assert_eq!(class(Method::POST, "/v1/audio/speech"), Class::Audio);
+        assert_eq!(class(Method::GET, "/v1/jobs/x"), Class::Other);
+        assert!(
+            matches!(route(&Method::POST, "/v1/fine-tunes/ft-1/cancel").endpoint, Endpoint::CancelJob(ref id) if id == "ft-1")
+        );
+    }
+
+    #[test]
+    fn embeddings_are_deterministic_unit_vectors() {
+        let a = embedding("hello", 16);
+        assert_eq!(a, embedding("hello", 16));
+        assert_ne!(a, embedding("hello!", 16));
+        let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn tokens_are_counted_from_the_text_fields() {
+        let chat = json!({"model": "m", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 2});
+        assert_eq!(token_estimate(&Endpoint::Chat, &chat), (3, 2));
+        let embeddings = json!({"model": "m", "input": ["a b", "c"]});
+        assert_eq!(token_estimate(&Endpoint::Embeddings, &embeddings), (3, 0));
+    }
+}
