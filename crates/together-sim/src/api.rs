@@ -318,11 +318,18 @@ fn draw_faults(shared: &Shared) -> (Duration, bool) {
         0
     };
     let latency = Duration::from_millis(faults.latency_ms + jitter);
-    let in_burst = faults.unavailable_every_ms > 0
-        && (shared.now().as_millis() % u128::from(faults.unavailable_every_ms))
-            < u128::from(faults.unavailable_for_ms);
+    let in_burst = in_unavailable_burst(
+        shared.now(),
+        faults.unavailable_every_ms,
+        faults.unavailable_for_ms,
+    );
     let unlucky = faults.unavailable_rate > 0.0 && rng.f64() < faults.unavailable_rate;
     (latency, in_burst || unlucky)
+}
+
+/// Whether `now` falls in a 503 burst: the first `for_ms` of every `every_ms`.
+fn in_unavailable_burst(now: Duration, every_ms: u64, for_ms: u64) -> bool {
+    every_ms > 0 && now.as_millis() % u128::from(every_ms) < u128::from(for_ms)
 }
 
 /// Words in the text fields of a request: the simulator's token count (about right for English).
@@ -700,6 +707,17 @@ mod tests {
         assert!(
             matches!(route(&Method::POST, "/v1/fine-tunes/ft-1/cancel").endpoint, Endpoint::CancelJob(ref id) if id == "ft-1")
         );
+    }
+
+    #[test]
+    fn bursts_of_503s_cover_the_start_of_every_period() {
+        let at = |ms| in_unavailable_burst(Duration::from_millis(ms), 10_000, 1_000);
+        let pattern: Vec<bool> = [0, 999, 1_000, 9_999, 10_000, 10_500, 11_000]
+            .into_iter()
+            .map(at)
+            .collect();
+        assert_eq!(pattern, [true, true, false, false, true, true, false]);
+        assert!(!in_unavailable_burst(Duration::ZERO, 0, 0));
     }
 
     #[test]

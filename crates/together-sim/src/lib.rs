@@ -43,3 +43,8 @@ pub use self::config::{Args, Class, ClassLimits, ConfigError, Faults, JobSetting
 pub use self::meter::Algorithm;
 pub use self::server::{Sim, SimHandle, parse_stats};
 pub use self::state::{Counters, Stats, key_label};
+
+/// The README's code, compiled as a doc test so that it stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

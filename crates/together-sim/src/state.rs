@@ -256,6 +256,13 @@ impl State {
 mod tests {
     use super::*;
 
+    fn state_with(limits: BTreeMap<Class, ClassLimits>) -> State {
+        State::new(&SimConfig {
+            limits,
+            ..SimConfig::default()
+        })
+    }
+
     #[test]
     fn key_labels_are_stable_and_hide_the_key() {
         assert_eq!(key_label("sk-test"), key_label("sk-test"));
@@ -267,9 +274,10 @@ mod tests {
 
     #[test]
     fn a_refusal_by_tokens_spends_no_request() {
-        let mut config = SimConfig::default();
-        config.limits = BTreeMap::from([(Class::Chat, ClassLimits::rpm(600).with_tpm(60_000))]);
-        let mut state = State::new(&config);
+        let mut state = state_with(BTreeMap::from([(
+            Class::Chat,
+            ClassLimits::rpm(600).with_tpm(60_000),
+        )]));
         let now = Duration::ZERO;
         // 1,000 tokens a second: a 1,500-token request is refused, and the request meter keeps
         // its one request a 100 ms for the next.
@@ -296,15 +304,13 @@ mod tests {
 
     #[test]
     fn per_model_limits_keep_models_apart() {
-        let mut config = SimConfig::default();
-        config.limits = BTreeMap::from([(
+        let mut state = state_with(BTreeMap::from([(
             Class::Chat,
             ClassLimits {
                 per_model: true,
                 ..ClassLimits::rpm(60)
             },
-        )]);
-        let mut state = State::new(&config);
+        )]));
         let now = Duration::ZERO;
         assert!(
             state
@@ -328,9 +334,7 @@ mod tests {
 
     #[test]
     fn limits_change_at_run_time() {
-        let mut config = SimConfig::default();
-        config.limits = BTreeMap::from([(Class::Chat, ClassLimits::rpm(60))]);
-        let mut state = State::new(&config);
+        let mut state = state_with(BTreeMap::from([(Class::Chat, ClassLimits::rpm(60))]));
         let at = Duration::from_millis;
         assert!(
             state
