@@ -401,30 +401,28 @@ fn serve(
         .as_secs();
     let model = json["model"].clone();
     let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+    // The reply, cut to the completion tokens it is charged for.
+    let reply = || {
+        reply_text(json)
+            .split_whitespace()
+            .take(completion as usize)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let mut answer = match &route.endpoint {
         Endpoint::Chat => {
-            let reply: String = reply_text(json)
-                .split_whitespace()
-                .take(completion as usize)
-                .collect::<Vec<_>>()
-                .join(" ");
             let id = state.new_id("chatcmpl");
             Answer::ok(json!({
                 "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply()}, "finish_reason": "stop"}],
                 "usage": usage,
             }))
         }
         Endpoint::Completions => {
-            let reply: String = reply_text(json)
-                .split_whitespace()
-                .take(completion as usize)
-                .collect::<Vec<_>>()
-                .join(" ");
             let id = state.new_id("cmpl");
             Answer::ok(json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": reply, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "text": reply(), "finish_reason": "stop"}],
                 "usage": usage,
             }))
         }

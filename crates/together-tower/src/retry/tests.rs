@@ -95,6 +95,31 @@ async fn send(
     (service.oneshot(request).await, calls)
 }
 
+/// Sends `count` chat requests at once, each from its own task; returns their statuses.
+async fn send_concurrently<S>(service: &S, count: usize) -> Vec<StatusCode>
+where
+    S: Service<Request<String>, Response = Response<String>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let tasks: Vec<_> = (0..count)
+        .map(|_| {
+            tokio::spawn(
+                service
+                    .clone()
+                    .oneshot(Request::post(CHAT).body(String::new()).unwrap()),
+            )
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.unwrap().unwrap().status());
+    }
+    statuses
+}
+
 fn first_then_ok(first: Answer) -> impl Fn(usize) -> Answer + Clone + Send + Sync + 'static {
     let first = Arc::new(Mutex::new(Some(first)));
     move |call| match call {
@@ -307,18 +332,8 @@ async fn the_budget_stops_a_retry_storm_against_an_always_failing_server() {
     let policy = RetryPolicy::new().with_budget(TpsBudget::new(Duration::from_secs(1), 1, 0.1));
     let (inner, calls) = scripted(|_| status(503, &[]));
     let service = RetryLayer::new(policy).layer(inner);
-    let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            tokio::spawn(
-                service
-                    .clone()
-                    .oneshot(Request::post(CHAT).body(String::new()).unwrap()),
-            )
-        })
-        .collect();
-    for task in tasks {
-        assert_eq!(task.await.unwrap().unwrap().status(), 503);
-    }
+    let statuses = send_concurrently(&service, 100).await;
+    assert!(statuses.iter().all(|&status| status == 503));
     // Without the budget, four retries each would make 500 calls.
     let retries = calls.count() - 100;
     assert!((1..=12).contains(&retries), "{retries} retries");
@@ -344,18 +359,8 @@ async fn callers_told_the_same_hint_do_not_come_back_in_lockstep() {
         _ => status(200, &[]),
     });
     let service = RetryLayer::new(RetryPolicy::new()).layer(inner);
-    let tasks: Vec<_> = (0..20)
-        .map(|_| {
-            tokio::spawn(
-                service
-                    .clone()
-                    .oneshot(Request::post(CHAT).body(String::new()).unwrap()),
-            )
-        })
-        .collect();
-    for task in tasks {
-        assert_eq!(task.await.unwrap().unwrap().status(), 200);
-    }
+    let statuses = send_concurrently(&service, 20).await;
+    assert!(statuses.iter().all(|&status| status == 200));
     let mut retried_at = calls.times.lock().unwrap()[20..].to_vec();
     retried_at.sort();
     retried_at.dedup();
