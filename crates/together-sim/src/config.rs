@@ -164,6 +164,9 @@ pub struct SimConfig {
     pub algorithm: Algorithm,
     /// The window per-minute limits are enforced over, in milliseconds (Together: one second).
     pub window_ms: u64,
+    /// GCRA only: how early a request may arrive before its exact turn, in milliseconds
+    /// (network jitter allowance).
+    pub gcra_tolerance_ms: u64,
     /// Limits by class; classes not listed are not limited. A file's limits are added to the
     /// defaults (replacing those of the classes it names) unless it says `default_limits = false`.
     pub limits: BTreeMap<Class, ClassLimits>,
@@ -207,6 +210,7 @@ impl Default for SimConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             algorithm: Algorithm::Gcra,
             window_ms: 1_000,
+            gcra_tolerance_ms: 5,
             limits,
             default_limits: true,
             models: models.into_iter().map(str::to_owned).collect(),
@@ -318,6 +322,10 @@ pub struct Args {
     /// Removes every default limit first (then only --limit and the file's limits apply).
     #[arg(long)]
     pub no_default_limits: bool,
+    /// GCRA only: how early a request may arrive before its exact turn, in milliseconds
+    /// [default: 5].
+    #[arg(long, value_name = "MS")]
+    pub gcra_tolerance_ms: Option<u64>,
     /// GCRA burst, in requests, for every limited class [default: 1].
     #[arg(long, value_name = "N")]
     pub burst: Option<u64>,
@@ -389,6 +397,7 @@ impl Args {
         }
         let set = |target: &mut u64, value: Option<u64>| *target = value.unwrap_or(*target);
         set(&mut config.window_ms, self.window_ms);
+        set(&mut config.gcra_tolerance_ms, self.gcra_tolerance_ms);
         set(
             &mut config.fine_tunes.duration_ms,
             self.fine_tune_duration_ms,
@@ -556,6 +565,7 @@ mod tests {
             "--listen",
             "--algorithm",
             "--window-ms",
+            "--gcra-tolerance-ms",
             "--limit",
             "--no-default-limits",
             "--burst",

@@ -30,6 +30,9 @@ pub struct Limit {
     pub window: Duration,
     /// GCRA only: how many units may go back to back (at least 1).
     pub burst: u64,
+    /// GCRA only: how early a unit may arrive before its exact turn. A server that timed
+    /// arrivals to the nanosecond would refuse even a perfect client on a real network.
+    pub tolerance: Duration,
 }
 
 impl Limit {
@@ -45,13 +48,21 @@ impl Limit {
                 amount: 1,
                 window: minute / u32::try_from(per_minute).unwrap_or(u32::MAX),
                 burst: 1,
+                tolerance: Duration::ZERO,
             };
         }
         Self {
             amount,
             window,
             burst: burst.clamp(1, amount),
+            tolerance: Duration::ZERO,
         }
+    }
+
+    /// The same limit, with a GCRA tolerance.
+    pub fn with_tolerance(mut self, tolerance: Duration) -> Self {
+        self.tolerance = tolerance;
+        self
     }
 
     fn interval(&self) -> Duration {
@@ -130,14 +141,18 @@ impl Meter {
                     interval.saturating_mul(u32::try_from(cost).unwrap_or(u32::MAX)),
                 );
                 let fill = new_tat - now;
-                let allowed = fill <= capacity;
+                let allowed = fill <= capacity.saturating_add(limit.tolerance);
                 if allowed {
                     *tat = new_tat;
                 }
                 let held = (*tat).max(now) - now;
                 let remaining =
                     capacity.saturating_sub(held).as_nanos() / interval.as_nanos().max(1);
-                let reset = if allowed { held } else { fill - capacity };
+                let reset = if allowed {
+                    held
+                } else {
+                    fill - capacity.saturating_add(limit.tolerance)
+                };
                 Verdict {
                     allowed,
                     limit: limit.amount,
@@ -245,7 +260,8 @@ mod tests {
             Limit {
                 amount: 10,
                 window: ms(1_000),
-                burst: 1
+                burst: 1,
+                tolerance: Duration::ZERO,
             }
         );
         assert_eq!(
@@ -253,7 +269,8 @@ mod tests {
             Limit {
                 amount: 1,
                 window: ms(2_000),
-                burst: 1
+                burst: 1,
+                tolerance: Duration::ZERO,
             }
         );
         assert_eq!(Limit::per_minute(600, ms(1_000), 50).burst, 10);
@@ -266,6 +283,12 @@ mod tests {
         assert_eq!(
             pattern(Algorithm::Gcra, ten_a_second(1), &times),
             [true, true, false, true, false, false, true]
+        );
+        // A tolerance of 5 ms lets a unit come up to 5 ms before its turn, and no earlier.
+        let tolerant = ten_a_second(1).with_tolerance(ms(5));
+        assert_eq!(
+            pattern(Algorithm::Gcra, tolerant, &[0, 95, 189, 195]),
+            [true, true, false, true]
         );
         // Burst 3: three at once, the fourth must wait for the first interval.
         let times = [0, 0, 0, 0, 100, 100];

@@ -131,6 +131,7 @@ impl LimitOutcome {
 pub(crate) struct State {
     algorithm: Algorithm,
     window: Duration,
+    tolerance: Duration,
     limits: BTreeMap<Class, ClassLimits>,
     meters: HashMap<(String, Class, Option<String>), Meters>,
     stats: Stats,
@@ -143,6 +144,7 @@ impl State {
         Self {
             algorithm: config.algorithm,
             window: config.window(),
+            tolerance: Duration::from_millis(config.gcra_tolerance_ms),
             limits: config.limits.clone(),
             meters: HashMap::new(),
             stats: Stats::default(),
@@ -163,6 +165,7 @@ impl State {
     ) -> Option<LimitOutcome> {
         let limits = *self.limits.get(&class)?;
         let (request_limit, token_limit) = limits_per_window(&limits, self.window);
+        let request_limit = request_limit.with_tolerance(self.tolerance);
         let model = if limits.per_model {
             model.map(str::to_owned)
         } else {

@@ -46,6 +46,7 @@ pub struct Rate {
     requests: u32,
     period: Duration,
     burst: u32,
+    tolerance: Option<Duration>,
 }
 
 impl Rate {
@@ -55,6 +56,7 @@ impl Rate {
             requests,
             period,
             burst: 1,
+            tolerance: None,
         }
     }
 
@@ -101,7 +103,30 @@ impl Rate {
 
     /// How long a bucket of this rate takes to refill completely after being emptied.
     pub fn refill_time(&self) -> Duration {
-        self.interval().saturating_mul(self.burst)
+        self.interval()
+            .saturating_mul(self.burst)
+            .saturating_add(self.tolerance())
+    }
+
+    /// The same rate with another pacing tolerance: how much before its exact turn a request
+    /// may go. It must be below one interval; use the burst for whole requests.
+    pub const fn with_tolerance(mut self, tolerance: Duration) -> Self {
+        self.tolerance = Some(tolerance);
+        self
+    }
+
+    /// How much before its exact turn a request may go. By default the smaller of 2 ms and
+    /// half an interval.
+    ///
+    /// Timers fire late (tokio's by up to about a millisecond), and a GCRA bucket that is
+    /// asked late starts its next interval from the late moment: over a run, a pacing of 10
+    /// requests a second would lose about 1% of the quota. With a tolerance the waiting
+    /// request wakes that much early, so a late timer lands on its exact turn and the
+    /// schedule keeps to the quota. A request can thus go at most `tolerance` early, which
+    /// any server that counts per second (as Together does) allows.
+    pub fn tolerance(&self) -> Duration {
+        self.tolerance
+            .unwrap_or_else(|| Duration::from_millis(2).min(self.interval() / 2))
     }
 
     fn validate(&self, group: &str) -> Result<governor::Quota, QuotaError> {
@@ -114,6 +139,12 @@ impl Rate {
         }
         if self.burst > self.requests {
             return Err(error(Problem::BurstExceedsRate(*self)));
+        }
+        if self
+            .tolerance
+            .is_some_and(|tolerance| tolerance >= self.interval())
+        {
+            return Err(error(Problem::ToleranceTooLarge(*self)));
         }
         let burst = std::num::NonZeroU32::new(self.burst).ok_or(error(Problem::ZeroBurst))?;
         governor::Quota::with_period(self.interval())
@@ -506,6 +537,7 @@ enum Problem {
     ZeroBurst,
     BurstExceedsRate(Rate),
     RateTooFine(Rate),
+    ToleranceTooLarge(Rate),
     ZeroConcurrency,
     NoLimit,
     UnknownGroup(EndpointClass),
@@ -552,6 +584,12 @@ impl fmt::Display for QuotaError {
                 f,
                 "group {group:?}: {} requests per {:?} is more than one per nanosecond; use a lower rate",
                 rate.requests, rate.period
+            ),
+            Problem::ToleranceTooLarge(rate) => write!(
+                f,
+                "group {group:?}: a tolerance of {:?} is not below one interval ({:?}); lower it, or raise the burst for whole requests",
+                rate.tolerance(),
+                rate.interval()
             ),
             Problem::ZeroConcurrency => write!(
                 f,
@@ -739,6 +777,8 @@ mod tests {
         let message = build(GroupQuota::rate(Rate::new(10, Duration::from_nanos(1))));
         assert!(message.contains("per nanosecond"), "{message}");
         assert!(build(GroupQuota::concurrency(0)).contains("concurrency is 0"));
+        let tolerant = Rate::per_second(10).with_tolerance(Duration::from_millis(100));
+        assert!(build(GroupQuota::rate(tolerant)).contains("not below one interval"));
         let no_limit = GroupQuota {
             rate: None,
             concurrency: None,
@@ -796,10 +836,17 @@ mod tests {
             Rate::new(5, Duration::from_secs(2)).to_string(),
             "5 per 2s (burst 1)"
         );
+        assert_eq!(Rate::per_minute(600).tolerance(), Duration::from_millis(2));
         assert_eq!(
             Rate::per_minute(600).refill_time(),
-            Duration::from_millis(100)
+            Duration::from_millis(102)
         );
+        assert_eq!(
+            Rate::per_second(1_000).tolerance(),
+            Duration::from_micros(500)
+        );
+        let exact = Rate::per_minute(600).with_tolerance(Duration::ZERO);
+        assert_eq!(exact.refill_time(), Duration::from_millis(100));
     }
 
     #[cfg(feature = "serde")]

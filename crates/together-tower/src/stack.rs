@@ -167,9 +167,13 @@ mod tests {
         (service, log)
     }
 
+    /// Exact pacing (no tolerance), so the tests can name the millisecond of every turn.
     fn chat_table(rate: Rate) -> QuotaTable {
         QuotaTable::builder()
-            .group("chat", GroupQuota::rate(rate))
+            .group(
+                "chat",
+                GroupQuota::rate(rate.with_tolerance(Duration::ZERO)),
+            )
             .class(EndpointClass::Chat, "chat")
             .build()
             .unwrap()

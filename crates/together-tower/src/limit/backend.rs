@@ -1,6 +1,7 @@
 //! Where a bucket's rate state lives: in this process (governor) or elsewhere (Redis, later).
 
 use std::future::{Future, Ready, ready};
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use governor::clock::Clock;
@@ -61,7 +62,44 @@ pub trait Limiter: Send + Sync + 'static {
 }
 
 /// One in-process GCRA bucket.
-pub type GovernorBucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Nanos>>;
+///
+/// A request costs `cells` governor cells, so the rate's tolerance (a fraction of one
+/// request) can be expressed as extra cells of burst.
+#[derive(Debug)]
+pub struct GovernorBucket {
+    limiter: RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Nanos>>,
+    cells: NonZeroU32,
+}
+
+/// Cells per request: a thousand, so millisecond tolerances of millisecond-aligned intervals
+/// are exact; fewer when an interval is shorter than a thousand nanoseconds.
+fn cells_per_request(rate: &Rate) -> NonZeroU32 {
+    let interval = u32::try_from(rate.interval().as_nanos()).unwrap_or(u32::MAX);
+    NonZeroU32::new(interval.clamp(1, 1_000)).unwrap_or(NonZeroU32::MIN)
+}
+
+/// The rate as a governor quota of cells: one cell every `interval / cells` (rounded up, so
+/// the client never runs faster than the quota), with the burst plus the tolerance in cells.
+fn cell_quota(rate: &Rate) -> Quota {
+    let cells = cells_per_request(rate).get();
+    let cell_ns = rate
+        .interval()
+        .as_nanos()
+        .div_ceil(u128::from(cells))
+        .max(1);
+    let cell = Duration::from_nanos(u64::try_from(cell_ns).unwrap_or(u64::MAX));
+    let tolerance = u32::try_from(rate.tolerance().as_nanos() / cell_ns).unwrap_or(u32::MAX);
+    let burst = rate
+        .burst()
+        .max(1)
+        .saturating_mul(cells)
+        .saturating_add(tolerance);
+    Quota::with_period(cell)
+        .unwrap_or_else(|| {
+            Quota::with_period(Duration::from_nanos(1)).expect("one nanosecond is a valid period")
+        })
+        .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
+}
 
 /// The in-process backend: one governor GCRA limiter per bucket, on tokio's clock.
 #[derive(Debug, Clone, Copy, Default)]
@@ -76,9 +114,11 @@ impl GovernorLimiter {
     }
 
     fn decide(&self, bucket: &GovernorBucket) -> Decision {
-        match bucket.check() {
-            Ok(()) => Decision::Allow,
-            Err(not_until) => Decision::Wait(not_until.wait_time_from(self.clock.now())),
+        match bucket.limiter.check_n(bucket.cells) {
+            Ok(Ok(())) => Decision::Allow,
+            Ok(Err(not_until)) => Decision::Wait(not_until.wait_time_from(self.clock.now())),
+            // The burst always holds at least one request's cells.
+            Err(_) => Decision::Wait(Duration::MAX),
         }
     }
 }
@@ -87,7 +127,10 @@ impl Limiter for GovernorLimiter {
     type Bucket = GovernorBucket;
 
     fn bucket(&self, spec: BucketSpec<'_>) -> Self::Bucket {
-        RateLimiter::direct_with_clock(spec.quota, self.clock)
+        GovernorBucket {
+            limiter: RateLimiter::direct_with_clock(cell_quota(&spec.rate), self.clock),
+            cells: cells_per_request(&spec.rate),
+        }
     }
 
     fn try_acquire(&self, bucket: &Self::Bucket) -> Option<Decision> {

@@ -202,11 +202,22 @@ impl<T> Bucket<T> {
 pub(crate) trait Close: Send + Sync {
     /// Keeps the bucket closed until at least `until`.
     fn close_until(&self, until: Duration);
+
+    /// The steady spacing of the bucket's own rate (zero without a rate).
+    fn interval(&self) -> Duration;
 }
 
 impl<T: Send + Sync> Close for Bucket<T> {
     fn close_until(&self, until: Duration) {
         self.closed_until.fetch_max(nanos(until), Ordering::AcqRel);
+    }
+
+    fn interval(&self) -> Duration {
+        if self.rate.is_some() {
+            self.interval
+        } else {
+            Duration::ZERO
+        }
     }
 }
 

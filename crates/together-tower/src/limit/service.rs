@@ -346,14 +346,20 @@ pub(crate) struct Learner {
 
 impl Learner {
     pub(crate) fn learn<B>(&self, response: &Response<B>) {
-        if let Some(pause) = server_pause(response.status(), response.headers(), self.default_pause)
-        {
-            let until = self
-                .clock
-                .elapsed()
-                .saturating_add(pause.min(self.max_pause));
-            self.bucket.close_until(until);
-        }
+        let pause = match server_pause(response.status(), response.headers(), self.default_pause) {
+            Some(Pause::Refused(pause)) => pause,
+            // A limit used up says something the bucket's own pacing does not know only when
+            // it resets later than the bucket's next turn: another client shares the key, or a
+            // window is full. A reset within one interval is our own pacing, seen from the
+            // server; closing for it would cost a round trip on every request.
+            Some(Pause::Exhausted(reset)) if reset > self.bucket.interval() => reset,
+            Some(Pause::Exhausted(_)) | None => return,
+        };
+        let until = self
+            .clock
+            .elapsed()
+            .saturating_add(pause.min(self.max_pause));
+        self.bucket.close_until(until);
     }
 }
 
@@ -366,18 +372,25 @@ impl fmt::Debug for Learner {
     }
 }
 
-/// How long the server asks a bucket to stop sending, if it does: after a 429, its retry hint
-/// (`retry-after-ms`, `Retry-After`, then `x-ratelimit-reset`), or `default` without one; after
-/// any response that says no requests remain, the time until the limit resets.
-fn server_pause(status: StatusCode, headers: &HeaderMap, default: Duration) -> Option<Duration> {
+/// What the server said about a bucket's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pause {
+    /// A 429: stop for its retry hint (`retry-after-ms`, `Retry-After`, then
+    /// `x-ratelimit-reset`), or for the default without one.
+    Refused(Duration),
+    /// No requests remain (`x-ratelimit-remaining: 0`) until `x-ratelimit-reset`.
+    Exhausted(Duration),
+}
+
+fn server_pause(status: StatusCode, headers: &HeaderMap, default: Duration) -> Option<Pause> {
     if status == StatusCode::TOO_MANY_REQUESTS {
         let now = SystemTime::now();
         let hint =
             headers::retry_after(headers, now).or_else(|| headers::ratelimit_reset(headers, now));
-        return Some(hint.unwrap_or(default));
+        return Some(Pause::Refused(hint.unwrap_or(default)));
     }
     if !headers.is_empty() && headers::ratelimit_remaining(headers) == Some(0) {
-        return headers::ratelimit_reset(headers, SystemTime::now());
+        return headers::ratelimit_reset(headers, SystemTime::now()).map(Pause::Exhausted);
     }
     None
 }
@@ -397,7 +410,11 @@ mod tests {
     #[test]
     fn a_429_pauses_for_its_hint_or_the_default() {
         let default = Duration::from_secs(1);
-        let pause = |pairs| server_pause(StatusCode::TOO_MANY_REQUESTS, &headers(pairs), default);
+        let pause =
+            |pairs| match server_pause(StatusCode::TOO_MANY_REQUESTS, &headers(pairs), default) {
+                Some(Pause::Refused(pause)) => Some(pause),
+                _ => None,
+            };
         assert_eq!(pause(&[("retry-after", "3")]), Some(Duration::from_secs(3)));
         assert_eq!(
             pause(&[("retry-after-ms", "120"), ("retry-after", "3")]),
@@ -414,7 +431,10 @@ mod tests {
     #[test]
     fn an_exhausted_limit_pauses_until_its_reset() {
         let default = Duration::from_secs(1);
-        let pause = |pairs| server_pause(StatusCode::OK, &headers(pairs), default);
+        let pause = |pairs| match server_pause(StatusCode::OK, &headers(pairs), default) {
+            Some(Pause::Exhausted(pause)) => Some(pause),
+            _ => None,
+        };
         let exhausted = [("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "0.2")];
         assert_eq!(pause(&exhausted), Some(Duration::from_millis(200)));
         assert_eq!(pause(&[("x-ratelimit-remaining", "0")]), None);

@@ -28,8 +28,10 @@ fn request(path: &str, key: &str, label: impl Into<String>) -> Request<String> {
     builder.body(String::new()).unwrap()
 }
 
-/// A table with one rate for chat and completions, another for embeddings.
+/// A table with one rate for chat and completions, another for embeddings. Pacing is exact
+/// (no tolerance), so the tests can name the millisecond of every turn.
 fn table(chat: Rate) -> QuotaTable {
+    let chat = chat.with_tolerance(Duration::ZERO);
     QuotaTable::builder()
         .group("chat", GroupQuota::rate(chat))
         .group("embeddings", GroupQuota::rate(chat))
@@ -627,4 +629,50 @@ fn debug_output_never_shows_the_key() {
     runtime.block_on(future).unwrap();
     assert!(!shown.contains("secret-key-material"), "{shown}");
     assert!(shown.contains("live_buckets: 1"), "{shown}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_used_up_limit_closes_the_bucket_only_when_it_resets_after_the_next_turn() {
+    // Every answer says no requests remain; at 10/s the next turn is 100 ms away.
+    for (reset, expected) in [("0.1", [0, 100, 200]), ("0.3", [0, 300, 600])] {
+        let arrivals = Arrivals::new();
+        let respond = move |_: usize| {
+            let mut response = Response::new(String::new());
+            let headers = response.headers_mut();
+            headers.insert("x-ratelimit-remaining", "0".parse().unwrap());
+            headers.insert("x-ratelimit-reset", reset.parse().unwrap());
+            response
+        };
+        let service = RateLimitLayer::new(table(Rate::per_second(10)))
+            .layer(recorder(arrivals.clone(), respond));
+        send_all(&service, chat_requests(3, "k")).await;
+        assert_eq!(arrivals.times_ms(), expected, "reset {reset}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pacing_tolerance_wakes_waiters_early_so_late_timers_keep_the_schedule() {
+    // The default tolerance at 10/s is 2 ms: each turn may go 2 ms early, and the schedule
+    // stays on whole intervals instead of starting again from a late wake-up.
+    for (rate, expected) in [
+        (Rate::per_second(10), [0, 98, 198, 298]),
+        (
+            Rate::per_second(10).with_tolerance(Duration::from_millis(5)),
+            [0, 95, 195, 295],
+        ),
+        (
+            Rate::per_second(10).with_tolerance(Duration::ZERO),
+            [0, 100, 200, 300],
+        ),
+    ] {
+        let arrivals = Arrivals::new();
+        let table = QuotaTable::builder()
+            .group("chat", GroupQuota::rate(rate))
+            .class(EndpointClass::Chat, "chat")
+            .build()
+            .unwrap();
+        let service = RateLimitLayer::new(table).layer(recorder(arrivals.clone(), ok));
+        send_all(&service, chat_requests(4, "k")).await;
+        assert_eq!(arrivals.times_ms(), expected, "{:?}", rate.tolerance());
+    }
 }

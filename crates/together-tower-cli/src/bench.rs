@@ -1,0 +1,314 @@
+//! `together-tower bench`: a workload through the stack, and what happened.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use together_sim::Algorithm;
+use tower::ServiceExt;
+
+use crate::CliError;
+use crate::client::{Endpoint, Mode, stack};
+use crate::observe::{Attempt, Observations};
+use crate::target::{ApiKey, SimLimits, Target};
+
+/// Flags of `together-tower bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Base URL of the API [default: env TOGETHER_BASE_URL; without either, an embedded
+    /// simulator is started on a loopback port].
+    #[arg(long, env = "TOGETHER_BASE_URL", value_name = "URL")]
+    pub base_url: Option<String>,
+    /// API key [default: env TOGETHER_API_KEY; the simulator accepts any].
+    #[arg(
+        long,
+        env = "TOGETHER_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<ApiKey>,
+    /// The endpoint to exercise.
+    #[arg(long, value_enum, default_value = "chat")]
+    pub endpoint: Endpoint,
+    /// The model to name [default: one Together serves for the endpoint].
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
+    /// How many requests to send.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub requests: u64,
+    /// How many requests in flight at once.
+    #[arg(long, default_value_t = 16, value_name = "C", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub concurrency: u64,
+    /// The client's request quota for the endpoint, a minute; the embedded simulator enforces
+    /// the same unless --sim-rpm says otherwise.
+    #[arg(long, default_value_t = 600, value_name = "R")]
+    pub rpm: u32,
+    /// The client's burst: requests that may go back to back.
+    #[arg(long, default_value_t = 1, value_name = "B")]
+    pub burst: u32,
+    /// Retries per request at most.
+    #[arg(long, default_value_t = 4, value_name = "K")]
+    pub max_retries: u32,
+    /// `limited` (the whole stack) or `retry-only` (no limiter: today's SDK behaviour).
+    #[arg(long, value_enum, default_value = "limited")]
+    pub mode: Mode,
+    /// Print one JSON object with the results on the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Draw requests per second over time, the quota and the 429s to this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// The embedded simulator's enforcement algorithm.
+    #[arg(long, value_enum, default_value = "gcra")]
+    pub sim_algorithm: Algorithm,
+    /// The embedded simulator's limit, a minute [default: --rpm].
+    #[arg(long, value_name = "R")]
+    pub sim_rpm: Option<u32>,
+}
+
+/// What a run did. Serialised as the `--json` line.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Requests sent by the caller.
+    pub requests: u64,
+    /// Requests that ended 2xx.
+    pub ok: u64,
+    /// Requests that did not (after retries).
+    pub failed: u64,
+    /// 429 answers that reached the stack from the server, counted below the retry layer.
+    pub server_429: u64,
+    /// Attempts beyond the first of each request.
+    pub retries: u64,
+    /// Seconds from the first send to the last answer.
+    pub elapsed_s: f64,
+    /// 2xx answers a minute.
+    pub achieved_rpm: f64,
+    /// The client's quota a minute.
+    pub quota_rpm: u32,
+    /// The share of the quota used: 2xx answers over what the quota allowed in that time.
+    pub quota_share: f64,
+    /// Median latency of a request, waiting and retries included.
+    pub p50_ms: f64,
+    /// 99th percentile latency.
+    pub p99_ms: f64,
+    /// The mode.
+    pub mode: Mode,
+    /// The endpoint.
+    pub endpoint: Endpoint,
+    /// The embedded simulator's algorithm, if one ran.
+    pub sim_algorithm: Option<Algorithm>,
+    /// Requests in flight at once.
+    pub concurrency: u64,
+}
+
+/// Runs a bench; returns the report and every attempt the server answered.
+pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Vec<Attempt>), CliError> {
+    if args.requests == 0 || args.rpm == 0 || args.burst == 0 {
+        return Err(CliError::Usage(
+            "--requests, --rpm and --burst must be at least 1".into(),
+        ));
+    }
+    let limits = SimLimits {
+        class: args.endpoint.sim_class(),
+        rpm: args.sim_rpm.unwrap_or(args.rpm),
+        algorithm: args.sim_algorithm,
+    };
+    let target = Target::resolve(args.base_url.as_deref(), limits).await?;
+    let observations = Observations::new();
+    let service = stack(
+        args.mode,
+        args.endpoint,
+        args.rpm,
+        args.burst,
+        args.max_retries,
+        &observations,
+    )?;
+    let key = args
+        .api_key
+        .clone()
+        .unwrap_or_else(|| "together-tower-bench".parse().unwrap_or_default());
+    let model = args
+        .model
+        .clone()
+        .unwrap_or_else(|| args.endpoint.default_model().to_owned());
+    let url = format!("{}{}", target.base_url, args.endpoint.path());
+
+    let progress = progress_bar(args.requests);
+    let next = Arc::new(AtomicU64::new(0));
+    let ok = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.requests as usize)));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..args.concurrency.min(args.requests))
+        .map(|_| {
+            let (service, next, ok, latencies) = (
+                service.clone(),
+                Arc::clone(&next),
+                Arc::clone(&ok),
+                Arc::clone(&latencies),
+            );
+            let (progress, observations) = (progress.clone(), Arc::clone(&observations));
+            let (url, model, key, endpoint, total) = (
+                url.clone(),
+                model.clone(),
+                key.clone(),
+                args.endpoint,
+                args.requests,
+            );
+            tokio::spawn(async move {
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= total {
+                        break;
+                    }
+                    let body = endpoint.body(&model, index).to_string();
+                    let request = Request::post(&url)
+                        .header("authorization", format!("Bearer {}", key.expose()))
+                        .header("content-type", "application/json")
+                        .body(Full::from(body))
+                        .expect("a URL that parsed and fixed headers make a valid request");
+                    let sent = Instant::now();
+                    if let Ok(response) = service.clone().oneshot(request).await {
+                        let success = response.status().is_success();
+                        // Read the body, so the connection goes back to the pool.
+                        let _ = response.into_body().collect().await;
+                        if success {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    latencies
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(sent.elapsed());
+                    progress.inc(1);
+                    let attempts = observations.attempts.load(Ordering::Relaxed);
+                    let done = progress.position();
+                    progress.set_message(format!(
+                        "sent {attempts}, 429s {}, retries {}",
+                        observations.server_429.load(Ordering::Relaxed),
+                        attempts.saturating_sub(done)
+                    ));
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker
+            .await
+            .map_err(|error| CliError::Setup(format!("a worker failed: {error}")))?;
+    }
+    let elapsed = started.elapsed();
+    progress.finish_and_clear();
+
+    let mut latencies =
+        std::mem::take(&mut *latencies.lock().unwrap_or_else(PoisonError::into_inner));
+    latencies.sort();
+    let ok = ok.load(Ordering::Relaxed);
+    let attempts = observations.attempts.load(Ordering::Relaxed);
+    let seconds = elapsed.as_secs_f64().max(f64::EPSILON);
+    let allowed = f64::from(args.burst) + f64::from(args.rpm) / 60.0 * seconds;
+    let report = BenchReport {
+        requests: args.requests,
+        ok,
+        failed: args.requests - ok,
+        server_429: observations.server_429.load(Ordering::Relaxed),
+        retries: attempts.saturating_sub(args.requests),
+        elapsed_s: seconds,
+        achieved_rpm: ok as f64 / seconds * 60.0,
+        quota_rpm: args.rpm,
+        quota_share: (ok as f64 / allowed).min(1.0),
+        p50_ms: percentile(&latencies, 50.0),
+        p99_ms: percentile(&latencies, 99.0),
+        mode: args.mode,
+        endpoint: args.endpoint,
+        sim_algorithm: target.sim.as_ref().map(|_| args.sim_algorithm),
+        concurrency: args.concurrency,
+    };
+    if let Some(sim) = target.sim {
+        sim.shutdown().await;
+    }
+    Ok((report, observations.attempts_log()))
+}
+
+/// The latency below which `percent` of requests finished, in milliseconds.
+fn percentile(sorted: &[Duration], percent: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1_000.0
+}
+
+/// A progress bar on stderr, or a hidden one when stderr is not a terminal.
+pub(crate) fn progress_bar(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    let style =
+        ProgressStyle::with_template("{bar:30} {pos}/{len} done, {per_sec} · {msg} · {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// The short table printed at the end of a run.
+pub fn table(report: &BenchReport) -> String {
+    let target = report
+        .sim_algorithm
+        .map_or("the given base URL".to_owned(), |algorithm| {
+            format!("the embedded simulator ({algorithm:?})")
+        });
+    format!(
+        "bench: {} requests to {:?} through the {:?} stack, {} at a time, against {target}\n\
+         \n\
+         {:<14} {:>10}\n{:<14} {:>10}\n{:<14} {:>10}\n{:<14} {:>10}\n{:<14} {:>10}\n\
+         {:<14} {:>10.2}\n{:<14} {:>10.1}\n{:<14} {:>10}\n{:<14} {:>9.1}%\n{:<14} {:>10.1}\n{:<14} {:>10.1}\n",
+        report.requests,
+        report.endpoint,
+        report.mode,
+        report.concurrency,
+        "ok",
+        report.ok,
+        "failed",
+        report.failed,
+        "server 429s",
+        report.server_429,
+        "retries",
+        report.retries,
+        "requests",
+        report.requests,
+        "elapsed s",
+        report.elapsed_s,
+        "achieved rpm",
+        report.achieved_rpm,
+        "quota rpm",
+        report.quota_rpm,
+        "quota used",
+        report.quota_share * 100.0,
+        "p50 ms",
+        report.p50_ms,
+        "p99 ms",
+        report.p99_ms,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_ranks_of_the_sorted_latencies() {
+        let latencies: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&latencies, 50.0), 50.0);
+        assert_eq!(percentile(&latencies, 99.0), 99.0);
+        assert_eq!(percentile(&latencies[..1], 99.0), 1.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+}

@@ -1,0 +1,180 @@
+//! The HTTP client and the stack a run sends through.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::ValueEnum;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use together_sim::Class;
+use together_tower::buffer::{BufferLayer, BufferedBody};
+use together_tower::classify::EndpointClass;
+use together_tower::limit::RateLimitLayer;
+use together_tower::quota::{GroupQuota, QuotaTable, Rate};
+use together_tower::retry::{RetryLayer, RetryPolicy};
+use tower::retry::budget::TpsBudget;
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, ServiceBuilder};
+
+use crate::CliError;
+use crate::observe::{Observations, ObserveLayer};
+
+/// The request body type the stack takes.
+pub type Body = Full<Bytes>;
+
+/// The stack, boxed: one type for both modes.
+pub type Stack = BoxCloneSyncService<Request<Body>, Response<hyper::body::Incoming>, BoxError>;
+
+/// How a run sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The whole stack: buffer, retry, rate limit. Waits its turn, then sends.
+    Limited,
+    /// Today's SDK behaviour: no limiter, retries on 429 and 5xx by the server's hints.
+    RetryOnly,
+}
+
+/// The endpoints a run can exercise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    Completions,
+    /// `POST /v1/embeddings`.
+    Embeddings,
+    /// `POST /v1/images/generations`.
+    Images,
+    /// `POST /v1/rerank`.
+    Rerank,
+}
+
+impl Endpoint {
+    /// The path under the base URL.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Images => "/v1/images/generations",
+            Endpoint::Rerank => "/v1/rerank",
+        }
+    }
+
+    /// A model Together (and the simulator) serves for this endpoint.
+    pub fn default_model(self) -> &'static str {
+        match self {
+            Endpoint::Chat | Endpoint::Completions => "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+            Endpoint::Embeddings => "BAAI/bge-large-en-v1.5",
+            Endpoint::Images => "black-forest-labs/FLUX.1-schnell",
+            Endpoint::Rerank => "Salesforce/Llama-Rank-V1",
+        }
+    }
+
+    /// The simulator's class for this endpoint.
+    pub fn sim_class(self) -> Class {
+        match self {
+            Endpoint::Chat => Class::Chat,
+            Endpoint::Completions => Class::Completions,
+            Endpoint::Embeddings => Class::Embeddings,
+            Endpoint::Images => Class::Images,
+            Endpoint::Rerank => Class::Rerank,
+        }
+    }
+
+    fn class(self) -> EndpointClass {
+        match self {
+            Endpoint::Chat => EndpointClass::Chat,
+            Endpoint::Completions => EndpointClass::Completions,
+            Endpoint::Embeddings => EndpointClass::Embeddings,
+            Endpoint::Images => EndpointClass::Images,
+            Endpoint::Rerank => EndpointClass::Rerank,
+        }
+    }
+
+    /// The JSON body of request number `index`.
+    pub fn body(self, model: &str, index: u64) -> serde_json::Value {
+        use serde_json::json;
+        let text =
+            format!("Request {index} from together-tower bench: say hello in one short sentence.");
+        match self {
+            Endpoint::Chat => {
+                json!({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 16})
+            }
+            Endpoint::Completions => json!({"model": model, "prompt": text, "max_tokens": 16}),
+            Endpoint::Embeddings => json!({"model": model, "input": [text]}),
+            Endpoint::Images => json!({"model": model, "prompt": text, "n": 1}),
+            Endpoint::Rerank => {
+                json!({"model": model, "query": text, "documents": ["hello", "goodbye", "say hello"]})
+            }
+        }
+    }
+}
+
+/// hyper-util's pooled client, for `http` and `https` base URLs alike.
+fn http_client() -> Client<HttpsConnector<HttpConnector>, BufferedBody<Body>> {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// The stack for `mode`: the client's quota for `endpoint` is `rpm` with `burst`.
+pub fn stack(
+    mode: Mode,
+    endpoint: Endpoint,
+    rpm: u32,
+    burst: u32,
+    max_retries: u32,
+    observations: &Arc<Observations>,
+) -> Result<Stack, CliError> {
+    let client = ServiceBuilder::new()
+        .map_err(BoxError::from)
+        .layer(ObserveLayer(Arc::clone(observations)))
+        .service(http_client());
+    let retry = RetryPolicy::new().with_max_retries(max_retries);
+    Ok(match mode {
+        Mode::Limited => {
+            let table = QuotaTable::builder()
+                .group(
+                    "bench",
+                    GroupQuota::rate(Rate::per_minute(rpm).with_burst(burst)),
+                )
+                .class(endpoint.class(), "bench")
+                .build()
+                .map_err(|error| {
+                    CliError::Usage(format!("--rpm {rpm} --burst {burst}: {error}"))
+                })?;
+            BoxCloneSyncService::new(
+                ServiceBuilder::new()
+                    .layer(BufferLayer::new())
+                    .layer(RetryLayer::new(retry))
+                    .layer(
+                        RateLimitLayer::new(table)
+                            .with_max_wait(Duration::from_secs(600))
+                            .with_max_queue(1 << 20),
+                    )
+                    .service(client),
+            )
+        }
+        Mode::RetryOnly => {
+            // The SDKs have no retry budget: only their attempt count bounds a retry storm.
+            let unbounded = TpsBudget::new(Duration::from_secs(1), 1_000_000, 1_000.0);
+            BoxCloneSyncService::new(
+                ServiceBuilder::new()
+                    .layer(BufferLayer::new())
+                    .layer(RetryLayer::new(retry.with_budget(unbounded)))
+                    .service(client),
+            )
+        }
+    })
+}

@@ -1,0 +1,322 @@
+//! `together-tower embed`: embeds a file, one text per line, into JSON lines, and resumes.
+//!
+//! Output lines are `{"index":N,"embedding":[...]}`, in input order, written whole and flushed
+//! a batch at a time. Run again on the same output and it checks what is there (every
+//! complete line must be the next index; a torn last line from a crash is cut off), then
+//! embeds only the rest: nothing is embedded twice, nothing is lost.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use together_sim::{Algorithm, Class};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Semaphore, mpsc};
+use tower::ServiceExt;
+
+use crate::CliError;
+use crate::client::{Endpoint, Mode, Stack, stack};
+use crate::observe::Observations;
+use crate::target::{ApiKey, SimLimits, Target};
+
+/// Flags of `together-tower embed`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EmbedArgs {
+    /// Base URL of the API [default: env TOGETHER_BASE_URL; without either, an embedded
+    /// simulator is started on a loopback port].
+    #[arg(long, env = "TOGETHER_BASE_URL", value_name = "URL")]
+    pub base_url: Option<String>,
+    /// API key [default: env TOGETHER_API_KEY; the simulator accepts any].
+    #[arg(
+        long,
+        env = "TOGETHER_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<ApiKey>,
+    /// The texts, one a line.
+    #[arg(long, value_name = "FILE")]
+    pub input: PathBuf,
+    /// Where to write `{"index":N,"embedding":[...]}` lines; an existing file is resumed.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub output: PathBuf,
+    /// The embedding model.
+    #[arg(long, default_value = "BAAI/bge-large-en-v1.5", value_name = "NAME")]
+    pub model: String,
+    /// Inputs per request (Together's guidance: 20).
+    #[arg(long, default_value_t = 20, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=2048))]
+    pub batch: u64,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4, value_name = "C", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub concurrency: u64,
+    /// The client's quota for embeddings, requests a minute (Together's default: 300).
+    #[arg(long, default_value_t = 300, value_name = "R")]
+    pub rpm: u32,
+    /// Retries per request at most.
+    #[arg(long, default_value_t = 4, value_name = "K")]
+    pub max_retries: u32,
+}
+
+/// What an embed run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbedReport {
+    /// Inputs in the file.
+    pub inputs: usize,
+    /// Inputs the output already held.
+    pub resumed_from: usize,
+    /// Inputs embedded by this run.
+    pub embedded: usize,
+}
+
+/// Embeds what the output does not hold yet.
+pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
+    let text = tokio::fs::read_to_string(&args.input)
+        .await
+        .map_err(|error| CliError::Io(format!("cannot read {}: {error}", args.input.display())))?;
+    let inputs: Vec<String> = text.lines().map(str::to_owned).collect();
+    let done = verify_output(&args.output, inputs.len()).await?;
+    if done == inputs.len() {
+        eprintln!(
+            "{} already holds all {} embeddings",
+            args.output.display(),
+            inputs.len()
+        );
+        return Ok(EmbedReport {
+            inputs: inputs.len(),
+            resumed_from: done,
+            embedded: 0,
+        });
+    }
+    if done > 0 {
+        eprintln!(
+            "resuming: {} holds inputs 0 to {}",
+            args.output.display(),
+            done - 1
+        );
+    }
+
+    let limits = SimLimits {
+        class: Class::Embeddings,
+        rpm: args.rpm,
+        algorithm: Algorithm::Gcra,
+    };
+    let target = Target::resolve(args.base_url.as_deref(), limits).await?;
+    let observations = Observations::new();
+    let service = stack(
+        Mode::Limited,
+        Endpoint::Embeddings,
+        args.rpm,
+        1,
+        args.max_retries,
+        &observations,
+    )?;
+    let key = args
+        .api_key
+        .clone()
+        .unwrap_or_else(|| "together-tower-embed".parse().unwrap_or_default());
+    let url = format!("{}{}", target.base_url, Endpoint::Embeddings.path());
+    let mut output = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args.output)
+        .await
+        .map_err(|error| CliError::Io(format!("cannot open {}: {error}", args.output.display())))?;
+
+    let progress = crate::bench::progress_bar((inputs.len() - done) as u64);
+    let inputs = Arc::new(inputs);
+    let (results, mut finished) = mpsc::channel::<(usize, Result<Vec<Value>, String>)>(64);
+    let launcher = {
+        let slots = Arc::new(Semaphore::new(args.concurrency as usize));
+        let (inputs, batch, model) = (Arc::clone(&inputs), args.batch as usize, args.model.clone());
+        tokio::spawn(async move {
+            for start in (done..inputs.len()).step_by(batch) {
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    break;
+                };
+                let end = (start + batch).min(inputs.len());
+                let body = json!({"model": model, "input": &inputs[start..end]}).to_string();
+                let request = Request::post(&url)
+                    .header("authorization", format!("Bearer {}", key.expose()))
+                    .header("content-type", "application/json")
+                    .body(Full::from(body))
+                    .expect("a URL that parsed and fixed headers make a valid request");
+                let (service, results) = (service.clone(), results.clone());
+                tokio::spawn(async move {
+                    let embedded = embed_batch(service, request, end - start).await;
+                    let _ = results.send((start, embedded)).await;
+                    drop(slot);
+                });
+            }
+        })
+    };
+
+    // Batches finish out of order; write each once every batch before it is written.
+    let mut waiting: BTreeMap<usize, Vec<Value>> = BTreeMap::new();
+    let mut written = done;
+    let outcome = loop {
+        let received = tokio::select! {
+            received = finished.recv() => received,
+            _ = tokio::signal::ctrl_c() => break Err(format!("interrupted: {} holds inputs 0 to {}; run again to resume", args.output.display(), written.saturating_sub(1))),
+        };
+        let Some((start, embedded)) = received else {
+            break Ok(());
+        };
+        match embedded {
+            Ok(vectors) => {
+                waiting.insert(start, vectors);
+            }
+            Err(error) => {
+                break Err(format!(
+                    "the batch from input {start} failed ({error}); {} holds inputs before {written}; run again to resume",
+                    args.output.display()
+                ));
+            }
+        }
+        while let Some(vectors) = waiting.remove(&written) {
+            let mut lines = String::new();
+            for (offset, vector) in vectors.iter().enumerate() {
+                lines
+                    .push_str(&json!({"index": written + offset, "embedding": vector}).to_string());
+                lines.push('\n');
+            }
+            output.write_all(lines.as_bytes()).await.map_err(|error| {
+                CliError::Io(format!("cannot write {}: {error}", args.output.display()))
+            })?;
+            output.sync_data().await.map_err(|error| {
+                CliError::Io(format!("cannot write {}: {error}", args.output.display()))
+            })?;
+            progress.inc(vectors.len() as u64);
+            written += vectors.len();
+        }
+        if written == inputs.len() {
+            break Ok(());
+        }
+    };
+    launcher.abort();
+    progress.finish_and_clear();
+    if let Some(sim) = target.sim {
+        sim.shutdown().await;
+    }
+    outcome.map_err(CliError::Failed)?;
+    Ok(EmbedReport {
+        inputs: inputs.len(),
+        resumed_from: done,
+        embedded: written - done,
+    })
+}
+
+/// Sends one batch; returns its vectors in input order.
+async fn embed_batch(
+    service: Stack,
+    request: Request<Full<bytes::Bytes>>,
+    count: usize,
+) -> Result<Vec<Value>, String> {
+    let response = service
+        .oneshot(request)
+        .await
+        .map_err(|error| error.to_string())?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|error| error.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!(
+            "status {status}: {}",
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(200)
+                .collect::<String>()
+        ));
+    }
+    let json: Value = serde_json::from_slice(&body)
+        .map_err(|error| format!("the answer is not JSON: {error}"))?;
+    let mut data: Vec<(u64, Value)> = json["data"]
+        .as_array()
+        .ok_or("the answer has no `data` list")?
+        .iter()
+        .map(|item| {
+            (
+                item["index"].as_u64().unwrap_or(u64::MAX),
+                item["embedding"].clone(),
+            )
+        })
+        .collect();
+    data.sort_by_key(|(index, _)| *index);
+    let in_order = data
+        .iter()
+        .enumerate()
+        .all(|(i, (index, vector))| *index == i as u64 && vector.is_array());
+    if data.len() != count || !in_order {
+        return Err(format!(
+            "expected {count} embeddings indexed 0 to {}, got {}",
+            count - 1,
+            data.len()
+        ));
+    }
+    Ok(data.into_iter().map(|(_, vector)| vector).collect())
+}
+
+/// Checks an existing output and cuts off a torn last line; returns how many inputs it holds.
+async fn verify_output(path: &Path, inputs: usize) -> Result<usize, CliError> {
+    let bytes = match tokio::fs::read(path).await {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(error) => {
+            return Err(CliError::Io(format!(
+                "cannot read {}: {error}",
+                path.display()
+            )));
+        }
+    };
+    let complete = bytes
+        .iter()
+        .rposition(|&byte| byte == b'\n')
+        .map_or(0, |end| end + 1);
+    let mut count = 0;
+    for (number, line) in bytes[..complete]
+        .split(|&byte| byte == b'\n')
+        .filter(|line| !line.is_empty())
+        .enumerate()
+    {
+        let parsed: Option<Value> = serde_json::from_slice(line).ok();
+        let valid = parsed.as_ref().is_some_and(|value| {
+            value["index"].as_u64() == Some(number as u64) && value["embedding"].is_array()
+        });
+        if !valid {
+            return Err(CliError::Io(format!(
+                "{} is not this input's embed output: line {} is not {{\"index\":{number},\"embedding\":[...]}}; use another --output",
+                path.display(),
+                number + 1
+            )));
+        }
+        count += 1;
+    }
+    if count > inputs {
+        return Err(CliError::Io(format!(
+            "{} holds {count} embeddings but the input has only {inputs} lines; use another --output",
+            path.display()
+        )));
+    }
+    if complete < bytes.len() {
+        eprintln!(
+            "{}: cutting off a torn last line ({} bytes)",
+            path.display(),
+            bytes.len() - complete
+        );
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .await
+            .map_err(|error| CliError::Io(format!("cannot repair {}: {error}", path.display())))?;
+        file.set_len(complete as u64)
+            .await
+            .map_err(|error| CliError::Io(format!("cannot repair {}: {error}", path.display())))?;
+    }
+    Ok(count)
+}

@@ -1,0 +1,93 @@
+//! `--plot`: 2xx answers per second over time against the quota, with the 429s marked.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::CliError;
+use crate::observe::Attempt;
+
+/// Draws the run's attempts, one-second bins, to an SVG file.
+pub fn draw(path: &Path, attempts: &[Attempt], quota_rpm: u32) -> Result<(), CliError> {
+    let seconds = attempts
+        .iter()
+        .map(|attempt| attempt.at.as_secs() as usize + 1)
+        .max()
+        .unwrap_or(1);
+    let mut ok = vec![0u32; seconds];
+    let mut limited = vec![0u32; seconds];
+    for attempt in attempts {
+        let second = attempt.at.as_secs() as usize;
+        match attempt.status {
+            Some(200..=299) => ok[second] += 1,
+            Some(429) => limited[second] += 1,
+            _ => {}
+        }
+    }
+    let quota = f64::from(quota_rpm) / 60.0;
+    let top = ok.iter().chain(&limited).copied().max().unwrap_or(0).max(1) as f64;
+    let top = top.max(quota) * 1.2;
+    let failed = |error: &dyn std::fmt::Display| {
+        CliError::Io(format!("cannot draw {}: {error}", path.display()))
+    };
+
+    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|error| failed(&error))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Requests per second (2xx) against the quota; 429s in red",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0f64..seconds as f64, 0f64..top)
+        .map_err(|error| failed(&error))?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("per second")
+        .draw()
+        .map_err(|error| failed(&error))?;
+    let per_second = |counts: &[u32]| -> Vec<(f64, f64)> {
+        counts
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (i as f64 + 0.5, f64::from(n)))
+            .collect()
+    };
+    chart
+        .draw_series(LineSeries::new(per_second(&ok), BLUE.stroke_width(2)))
+        .map_err(|error| failed(&error))?
+        .label("2xx per second")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+    chart
+        .draw_series(LineSeries::new(
+            vec![(0.0, quota), (seconds as f64, quota)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(|error| failed(&error))?
+        .label(format!("quota ({quota_rpm}/min)"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK));
+    let marks: Vec<(f64, f64)> = per_second(&limited)
+        .into_iter()
+        .filter(|&(_, n)| n > 0.0)
+        .collect();
+    chart
+        .draw_series(
+            marks
+                .into_iter()
+                .map(|point| Circle::new(point, 4, RED.filled())),
+        )
+        .map_err(|error| failed(&error))?
+        .label("429s per second")
+        .legend(|(x, y)| Circle::new((x + 8, y), 4, RED.filled()));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|error| failed(&error))?;
+    root.present().map_err(|error| failed(&error))?;
+    Ok(())
+}

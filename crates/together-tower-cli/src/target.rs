@@ -1,0 +1,116 @@
+//! Where requests go: a given base URL, or the embedded simulator.
+
+use std::fmt;
+use std::time::Duration;
+
+use together_sim::{Algorithm, Class, ClassLimits, Sim, SimConfig, SimHandle};
+
+use crate::CliError;
+
+/// An API key that never prints: `Debug` and `Display` show `<hidden>`.
+#[derive(Clone, Default)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// The key, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for ApiKey {
+    type Err = std::convert::Infallible;
+
+    fn from_str(key: &str) -> Result<Self, Self::Err> {
+        Ok(Self(key.to_owned()))
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<hidden>")
+    }
+}
+
+/// The server a command talks to. Holding it keeps an embedded simulator running.
+#[derive(Debug)]
+pub struct Target {
+    /// The base URL, up to but without `/v1`.
+    pub base_url: String,
+    /// The simulator, when one was started for this run.
+    pub sim: Option<SimHandle>,
+}
+
+/// What an embedded simulator should enforce.
+#[derive(Debug, Clone, Copy)]
+pub struct SimLimits {
+    /// The class it limits.
+    pub class: Class,
+    /// Its requests a minute.
+    pub rpm: u32,
+    /// How it enforces them.
+    pub algorithm: Algorithm,
+}
+
+impl Target {
+    /// The given base URL if it answers, else a simulator started on a loopback port.
+    pub async fn resolve(base_url: Option<&str>, limits: SimLimits) -> Result<Self, CliError> {
+        match base_url {
+            Some(url) => {
+                check_reachable(url).await?;
+                Ok(Self {
+                    base_url: url.trim_end_matches('/').trim_end_matches("/v1").to_owned(),
+                    sim: None,
+                })
+            }
+            None => {
+                let config = SimConfig {
+                    algorithm: limits.algorithm,
+                    limits: [(limits.class, ClassLimits::rpm(u64::from(limits.rpm)))].into(),
+                    ..SimConfig::default()
+                };
+                let sim = Sim::start(config).await.map_err(|error| {
+                    CliError::Setup(format!("cannot start the embedded simulator: {error}"))
+                })?;
+                eprintln!(
+                    "no --base-url or TOGETHER_BASE_URL: started the embedded simulator at {} ({} {} requests/min, {:?})",
+                    sim.url(),
+                    limits.class,
+                    limits.rpm,
+                    limits.algorithm
+                );
+                Ok(Self {
+                    base_url: sim.url(),
+                    sim: Some(sim),
+                })
+            }
+        }
+    }
+}
+
+/// Fails fast, with one line, when nothing answers at the URL's host and port.
+async fn check_reachable(url: &str) -> Result<(), CliError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| CliError::Usage(format!("--base-url {url:?} is not a URL")))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| CliError::Usage(format!("--base-url {url:?} has no host")))?;
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let connect = tokio::net::TcpStream::connect((host, port));
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(CliError::Unreachable(format!(
+            "cannot reach {url}: {error}"
+        ))),
+        Err(_) => Err(CliError::Unreachable(format!(
+            "cannot reach {url}: no answer in 5 s"
+        ))),
+    }
+}
