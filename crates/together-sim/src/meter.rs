@@ -79,8 +79,9 @@ pub struct Verdict {
     pub limit: u64,
     /// Units left now, for `x-ratelimit-remaining`.
     pub remaining: u64,
-    /// Refused: how long until the request would be granted. Granted: how long until the
-    /// meter is full again. For `x-ratelimit-reset` and `Retry-After`.
+    /// Refused: how long until the request would be granted. Granted: how long until one
+    /// more unit would be (zero while some remain), or for fixed windows, until the window
+    /// ends. For `x-ratelimit-reset` ("the suggested retry interval") and `Retry-After`.
     pub reset: Duration,
 }
 
@@ -148,10 +149,13 @@ impl Meter {
                 let held = (*tat).max(now) - now;
                 let remaining =
                     capacity.saturating_sub(held).as_nanos() / interval.as_nanos().max(1);
+                // When one more unit would fit: the bucket must drain to `capacity + tolerance`
+                // less one interval.
+                let room = capacity.saturating_add(limit.tolerance);
                 let reset = if allowed {
-                    held
+                    held.saturating_add(interval).saturating_sub(room)
                 } else {
-                    fill - capacity.saturating_add(limit.tolerance)
+                    fill - room
                 };
                 Verdict {
                     allowed,
@@ -193,19 +197,16 @@ impl Meter {
                     *used += cost;
                 }
                 // Until enough of the oldest spending leaves the window to fit `cost` (or, when
-                // granted, until the oldest leaves).
-                let mut need = if allowed {
-                    1
-                } else {
-                    used.saturating_add(cost).saturating_sub(limit.amount)
-                };
+                // granted, one more unit; zero while some remain).
+                let cost = if allowed { 1 } else { cost };
+                let mut need = used.saturating_add(cost).saturating_sub(limit.amount);
                 let mut reset = Duration::ZERO;
                 for &(at, spent) in log.iter() {
-                    reset = at.saturating_add(limit.window).saturating_sub(now);
-                    need = need.saturating_sub(spent);
                     if need == 0 {
                         break;
                     }
+                    reset = at.saturating_add(limit.window).saturating_sub(now);
+                    need = need.saturating_sub(spent);
                 }
                 Verdict {
                     allowed,

@@ -94,6 +94,8 @@ pub(crate) struct Bucket<T> {
     rate: Option<T>,
     /// The steady spacing of the rate, to estimate how long a queue takes to drain.
     interval: Duration,
+    /// How soon after a request the rate may let the next one go (see [`Close::earliest_next`]).
+    earliest_next: Duration,
     /// Concurrent-call slots, if the group limits them.
     slots: Option<Arc<Semaphore>>,
     /// The queue: tokio's mutex hands itself over first come, first served, and only its
@@ -114,10 +116,16 @@ fn nanos(duration: Duration) -> u64 {
 }
 
 impl<T> Bucket<T> {
-    pub(crate) fn new(rate: Option<T>, interval: Duration, slots: Option<u32>) -> Self {
+    pub(crate) fn new(
+        rate: Option<T>,
+        interval: Duration,
+        earliest_next: Duration,
+        slots: Option<u32>,
+    ) -> Self {
         Self {
             rate,
             interval,
+            earliest_next,
             slots: slots.map(|slots| Arc::new(Semaphore::new(slots as usize))),
             gate: tokio::sync::Mutex::new(()),
             waiting: AtomicUsize::new(0),
@@ -203,8 +211,9 @@ pub(crate) trait Close: Send + Sync {
     /// Keeps the bucket closed until at least `until`.
     fn close_until(&self, until: Duration);
 
-    /// The steady spacing of the bucket's own rate (zero without a rate).
-    fn interval(&self) -> Duration;
+    /// How soon after a request the bucket's own pacing may let the next one go: one interval
+    /// less the pacing tolerance (zero without a rate).
+    fn earliest_next(&self) -> Duration;
 }
 
 impl<T: Send + Sync> Close for Bucket<T> {
@@ -212,12 +221,8 @@ impl<T: Send + Sync> Close for Bucket<T> {
         self.closed_until.fetch_max(nanos(until), Ordering::AcqRel);
     }
 
-    fn interval(&self) -> Duration {
-        if self.rate.is_some() {
-            self.interval
-        } else {
-            Duration::ZERO
-        }
+    fn earliest_next(&self) -> Duration {
+        self.earliest_next
     }
 }
 

@@ -221,12 +221,16 @@ impl<C, L: Limiter> Shared<C, L> {
                         rate,
                         quota,
                     };
-                    (rate.interval(), self.limiter.bucket(spec))
+                    (rate, self.limiter.bucket(spec))
                 });
             let interval = rate
                 .as_ref()
-                .map_or(Duration::ZERO, |(interval, _)| *interval);
-            Bucket::new(rate.map(|(_, state)| state), interval, group.concurrency())
+                .map_or(Duration::ZERO, |(rate, _)| rate.interval());
+            let earliest_next = rate.as_ref().map_or(Duration::ZERO, |(rate, _)| {
+                rate.interval().saturating_sub(rate.tolerance())
+            });
+            let state = rate.map(|(_, state)| state);
+            Bucket::new(state, interval, earliest_next, group.concurrency())
         });
         let max_wait = request
             .extensions()
@@ -349,10 +353,10 @@ impl Learner {
         let pause = match server_pause(response.status(), response.headers(), self.default_pause) {
             Some(Pause::Refused(pause)) => pause,
             // A limit used up says something the bucket's own pacing does not know only when
-            // it resets later than the bucket's next turn: another client shares the key, or a
-            // window is full. A reset within one interval is our own pacing, seen from the
+            // it resets later than the bucket's next turn may come: another client shares the
+            // key, or a window is full. A reset before then is our own pacing, seen from the
             // server; closing for it would cost a round trip on every request.
-            Some(Pause::Exhausted(reset)) if reset > self.bucket.interval() => reset,
+            Some(Pause::Exhausted(reset)) if reset > self.bucket.earliest_next() => reset,
             Some(Pause::Exhausted(_)) | None => return,
         };
         let until = self
