@@ -16,12 +16,15 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::header::AUTHORIZATION;
 use http::{Request, Response};
-use together_tower::RateLimitLayer;
+use http_body_util::Full;
+use together_tower::buffer::BufferedBody;
 use together_tower::classify::{Classify, KeyHasher, TogetherClassifier};
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
+use together_tower::{RateLimitLayer, TogetherLayer};
 use tower::{Layer, Service};
 
 /// An inner client that answers at once with the request it was sent.
@@ -104,6 +107,10 @@ fn overhead(c: &mut Criterion) {
     let mut group = c.benchmark_group("per_request");
 
     bench_service(&mut group, "bare_inner_service", Echo, vec![chat(key)]);
+    // The same thousand requests as the thousand-key case below, so both pay the same cache
+    // misses for the requests themselves.
+    let keys = (0..1_000).map(|i| chat(&format!("{key}-{i}"))).collect();
+    bench_service(&mut group, "bare_inner_service_1k_requests", Echo, keys);
     let layer = RateLimitLayer::new(never_binding());
     bench_service(
         &mut group,
@@ -152,5 +159,84 @@ fn overhead(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, overhead);
+/// An inner client for the whole stack: it answers at once and drops the request.
+#[derive(Clone, Copy)]
+struct Ok200;
+
+impl Service<Request<BufferedBody<Full<Bytes>>>> for Ok200 {
+    type Response = Response<()>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<()>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<BufferedBody<Full<Bytes>>>) -> Self::Future {
+        ready(Ok(Response::new(())))
+    }
+}
+
+/// The whole stack (buffer, retry, rate limit) beside the same client alone, with a chat
+/// body. Requests are built outside the timed part; both sides drop theirs inside it.
+fn full_stack(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _context = runtime.enter();
+    let body = Bytes::from_static(br#"{"model":"meta-llama/Llama-3.3-70B-Instruct-Turbo","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}"#);
+    let request = || {
+        Request::post("https://api.together.xyz/v1/chat/completions")
+            .header(
+                AUTHORIZATION,
+                "Bearer tgp_v1_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ",
+            )
+            .header("content-type", "application/json")
+            .body(Full::new(body.clone()))
+            .unwrap()
+    };
+    let mut group = c.benchmark_group("full_stack");
+    let mut bare = Ok200;
+    group.bench_function("bare_client", |b| {
+        b.iter_batched(
+            || request().map(|body| BufferedBody::buffered(body_bytes(body))),
+            |request| drive(&mut bare, request),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let mut stack = TogetherLayer::new(never_binding()).layer(Ok200);
+    group.bench_function("together_layer", |b| {
+        b.iter_batched(
+            request,
+            |request| drive(&mut stack, request),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+/// The bytes of a `Full` body built from one `Bytes`.
+fn body_bytes(body: Full<Bytes>) -> Bytes {
+    let mut body = pin!(body);
+    let mut context = Context::from_waker(Waker::noop());
+    match http_body::Body::poll_frame(body.as_mut(), &mut context) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    }
+}
+
+/// One request through `service` to completion, with a no-op waker.
+fn drive<S: Service<R>, R>(service: &mut S, request: R) {
+    let mut context = Context::from_waker(Waker::noop());
+    let Poll::Ready(Ok(())) = service.poll_ready(&mut context) else {
+        panic!("the service was not ready");
+    };
+    let future = pin!(service.call(request));
+    let Poll::Ready(Ok(_)) = future.poll(&mut context) else {
+        panic!("the request did not complete at once");
+    };
+}
+
+criterion_group!(benches, overhead, full_stack);
 criterion_main!(benches);

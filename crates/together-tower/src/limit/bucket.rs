@@ -89,26 +89,31 @@ impl Hasher for MixHasher {
 }
 
 /// One bucket. Times are readings of the layer's [`TokioClock`], in nanoseconds.
+///
+/// Laid out in declaration order (`repr(C)`) so that what every request reads (the waiter
+/// count, the closure, the usage mark, the backend's state) shares the first cache lines, and
+/// what only waiting requests touch comes after.
+#[repr(C)]
 pub(crate) struct Bucket<T> {
-    /// The backend's rate state, if the group has a rate.
-    rate: Option<T>,
-    /// The steady spacing of the rate, to estimate how long a queue takes to drain.
-    interval: Duration,
-    /// How soon after a request the rate may let the next one go (see [`Close::earliest_next`]).
-    earliest_next: Duration,
-    /// Concurrent-call slots, if the group limits them.
-    slots: Option<Arc<Semaphore>>,
-    /// The queue: tokio's mutex hands itself over first come, first served, and only its
-    /// holder (the head waiter) asks the backend and sleeps.
-    gate: tokio::sync::Mutex<()>,
     /// Requests on the waiting path, queued or at the head.
     waiting: AtomicUsize,
     /// Until when the server told us to stop sending (0: open).
     closed_until: AtomicU64,
-    /// When the backend last said the next turn is due, to estimate waits without asking it.
-    next_turn: AtomicU64,
     /// Used since the last sweep of its shard. Cheaper than a timestamp: no clock read per request.
     recently_used: AtomicBool,
+    /// The backend's rate state, if the group has a rate.
+    rate: Option<T>,
+    /// Concurrent-call slots, if the group limits them.
+    slots: Option<Arc<Semaphore>>,
+    /// How soon after a request the rate may let the next one go (see [`Close::earliest_next`]).
+    earliest_next: Duration,
+    /// The steady spacing of the rate, to estimate how long a queue takes to drain.
+    interval: Duration,
+    /// When the backend last said the next turn is due, to estimate waits without asking it.
+    next_turn: AtomicU64,
+    /// The queue: tokio's mutex hands itself over first come, first served, and only its
+    /// holder (the head waiter) asks the backend and sleeps.
+    gate: tokio::sync::Mutex<()>,
 }
 
 fn nanos(duration: Duration) -> u64 {

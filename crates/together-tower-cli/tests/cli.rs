@@ -1,0 +1,312 @@
+//! The `together-tower` command end to end: in-process, and as a process against the
+//! simulator on loopback.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use together_sim::{Class, ClassLimits, Sim, SimConfig, parse_stats};
+use together_tower_cli::bench::{self, BenchArgs};
+use together_tower_cli::client::{Endpoint, Mode};
+
+fn bench_args(requests: u64, rpm: u32, concurrency: u64, mode: Mode) -> BenchArgs {
+    BenchArgs {
+        base_url: None,
+        api_key: None,
+        endpoint: Endpoint::Chat,
+        model: None,
+        requests,
+        concurrency,
+        rpm,
+        burst: 1,
+        max_retries: 4,
+        mode,
+        json: false,
+        plot: None,
+        sim_algorithm: together_sim::Algorithm::Gcra,
+        sim_rpm: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limited_bench_uses_the_quota_without_a_429() {
+    let (report, attempts) = bench::run(&bench_args(40, 6_000, 8, Mode::Limited))
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.ok, report.failed, report.server_429, report.retries),
+        (40, 0, 0, 0)
+    );
+    assert_eq!(attempts.len(), 40);
+    assert!(report.quota_share > 0.9, "{report:?}");
+    assert!(report.p50_ms <= report.p99_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_only_bench_walks_into_429s_and_retries() {
+    let (report, _) = bench::run(&bench_args(20, 600, 16, Mode::RetryOnly))
+        .await
+        .unwrap();
+    assert!(report.server_429 > 0, "{report:?}");
+    assert!(report.retries > 0, "{report:?}");
+    assert_eq!(report.ok + report.failed, 20);
+}
+
+fn together_tower(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_together-tower"))
+        .args(args)
+        .env_remove("TOGETHER_BASE_URL")
+        .env_remove("TOGETHER_API_KEY")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn json_is_one_object_on_the_last_line_and_the_plot_is_drawn() {
+    let dir = scratch("json");
+    let plot = dir.join("bench.svg");
+    let output = together_tower(&[
+        "bench",
+        "--requests",
+        "12",
+        "--rpm",
+        "6000",
+        "--json",
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    for field in [
+        "requests",
+        "ok",
+        "failed",
+        "server_429",
+        "retries",
+        "elapsed_s",
+        "achieved_rpm",
+        "quota_rpm",
+        "p50_ms",
+        "p99_ms",
+    ] {
+        assert!(last.get(field).is_some(), "no {field} in {last}");
+    }
+    assert_eq!(
+        (
+            last["requests"].as_u64(),
+            last["ok"].as_u64(),
+            last["server_429"].as_u64()
+        ),
+        (Some(12), Some(12), Some(0))
+    );
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("quota (6000/min)"),
+        "{}",
+        &svg[..svg.len().min(200)]
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("started the embedded simulator"));
+}
+
+#[test]
+fn bad_flags_and_an_unreachable_url_fail_with_one_line() {
+    let bad = together_tower(&["bench", "--requests", "many"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--requests"));
+    let zero_burst = together_tower(&["bench", "--burst", "0"]);
+    assert_eq!(zero_burst.status.code(), Some(2));
+    let too_bursty = together_tower(&["bench", "--rpm", "10", "--burst", "11"]);
+    assert_eq!(too_bursty.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&too_bursty.stderr).contains("burst 11"));
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let unreachable = together_tower(&[
+        "bench",
+        "--base-url",
+        &format!("http://{closed}"),
+        "--api-key",
+        "tgp_v1_secret",
+    ]);
+    assert_eq!(unreachable.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot reach") && !stderr.contains("tgp_v1_secret"),
+        "{stderr}"
+    );
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("together-tower-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_inputs(dir: &Path, count: usize) -> PathBuf {
+    let input = dir.join("input.txt");
+    let lines: Vec<String> = (0..count)
+        .map(|i| format!("text number {i} to embed"))
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    input
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+#[test]
+fn embed_writes_every_input_in_order() {
+    let dir = scratch("embed");
+    let input = write_inputs(&dir, 45);
+    let output = dir.join("out.jsonl");
+    let args = [
+        "embed",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--batch",
+        "10",
+        "--rpm",
+        "60000",
+    ];
+    let run = together_tower(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let written = lines(&output);
+    assert_eq!(written.len(), 45);
+    assert!(
+        written
+            .iter()
+            .enumerate()
+            .all(|(i, line)| line["index"] == i
+                && line["embedding"].as_array().is_some_and(|v| v.len() == 32))
+    );
+    // Run again: nothing left to do, nothing written twice.
+    let again = together_tower(&args);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds all 45"));
+    assert_eq!(lines(&output).len(), 45);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_embed_resumes_to_the_same_output_as_an_uninterrupted_one() {
+    let dir = scratch("resume");
+    let input = write_inputs(&dir, 60);
+    // A slow server, so the run can be killed part-way.
+    let mut config = SimConfig::default();
+    config.faults.latency_ms = 40;
+    config.limits = [(Class::Embeddings, ClassLimits::rpm(60_000))].into();
+    let sim = Sim::start(config).await.unwrap();
+    let embed = |output: &Path| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_together-tower"));
+        command
+            .args([
+                "embed",
+                "--base-url",
+                &sim.url(),
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+            ])
+            .args(["--batch", "4", "--concurrency", "1", "--rpm", "60000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    };
+
+    let whole = dir.join("whole.jsonl");
+    assert!(embed(&whole).status().unwrap().success());
+
+    let resumed = dir.join("resumed.jsonl");
+    let mut child = embed(&resumed).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&resumed).map_or(0, |text| text.lines().count()) < 12 {
+        assert!(Instant::now() < deadline, "the run wrote nothing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = lines(&resumed).len();
+    assert!((12..60).contains(&partial), "killed after {partial} lines");
+    // As if the crash came in the middle of a write.
+    let mut torn = std::fs::read(&resumed).unwrap();
+    torn.extend_from_slice(br#"{"index":999,"embedd"#);
+    std::fs::write(&resumed, torn).unwrap();
+
+    let finish = embed(&resumed).output().unwrap();
+    assert!(
+        finish.status.success(),
+        "{}",
+        String::from_utf8_lossy(&finish.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&finish.stderr);
+    assert!(
+        stderr.contains("torn last line") && stderr.contains("resuming"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&resumed).unwrap(),
+        std::fs::read(&whole).unwrap()
+    );
+
+    // The server saw each batch once, but for the ones in flight when the run was killed.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let response = client
+        .get(format!("{}/sim/stats", sim.url()).parse().unwrap())
+        .await
+        .unwrap();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let stats = parse_stats(&body).unwrap();
+    let batches = stats.classes["embeddings"].ok;
+    assert!(
+        (30..=31).contains(&batches),
+        "{batches} batches for 2 runs of 15"
+    );
+    sim.shutdown().await;
+}
+
+#[test]
+fn embed_refuses_an_output_that_is_not_its_own() {
+    let dir = scratch("foreign");
+    let input = write_inputs(&dir, 5);
+    let output = dir.join("notes.jsonl");
+    std::fs::write(&output, "{\"title\":\"my notes\"}\n").unwrap();
+    let run = together_tower(&[
+        "embed",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("is not this input's embed output"));
+    assert_eq!(
+        std::fs::read_to_string(&output).unwrap(),
+        "{\"title\":\"my notes\"}\n"
+    );
+}
