@@ -45,6 +45,9 @@ pub fn draw(path: &Path, attempts: &[Attempt], quota_rpm: u32) -> Result<(), Cli
         .map_err(|error| failed(&error))?;
     chart
         .configure_mesh()
+        // Only the bold grid: the fine one, drawn by opacity, turns solid in some renderers.
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(BLACK.mix(0.15))
         .x_desc("seconds")
         .y_desc("per second")
         .draw()
@@ -57,18 +60,18 @@ pub fn draw(path: &Path, attempts: &[Attempt], quota_rpm: u32) -> Result<(), Cli
             .collect()
     };
     chart
+        .draw_series(LineSeries::new(
+            vec![(0.0, quota), (seconds as f64, quota)],
+            GREEN.stroke_width(3),
+        ))
+        .map_err(|error| failed(&error))?
+        .label(format!("quota ({quota_rpm}/min)"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], GREEN.stroke_width(3)));
+    chart
         .draw_series(LineSeries::new(per_second(&ok), BLUE.stroke_width(2)))
         .map_err(|error| failed(&error))?
         .label("2xx per second")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
-    chart
-        .draw_series(LineSeries::new(
-            vec![(0.0, quota), (seconds as f64, quota)],
-            BLACK.stroke_width(1),
-        ))
-        .map_err(|error| failed(&error))?
-        .label(format!("quota ({quota_rpm}/min)"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK));
     let marks: Vec<(f64, f64)> = per_second(&limited)
         .into_iter()
         .filter(|&(_, n)| n > 0.0)
