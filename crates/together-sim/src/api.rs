@@ -130,6 +130,20 @@ enum Endpoint {
     NotFound,
 }
 
+impl Endpoint {
+    /// The inference endpoints: their body is JSON that must name a model.
+    fn needs_model(&self) -> bool {
+        matches!(
+            self,
+            Endpoint::Chat
+                | Endpoint::Completions
+                | Endpoint::Embeddings
+                | Endpoint::Images
+                | Endpoint::Rerank
+        )
+    }
+}
+
 fn route(method: &Method, path: &str) -> Route {
     let segments: Vec<&str> = path
         .trim_start_matches("/v1")
@@ -188,15 +202,7 @@ async fn answer(
     route: &Route,
     body: Incoming,
 ) -> (Answer, Option<LimitOutcome>) {
-    let needs_json = matches!(
-        route.endpoint,
-        Endpoint::Chat
-            | Endpoint::Completions
-            | Endpoint::Embeddings
-            | Endpoint::Images
-            | Endpoint::Rerank
-            | Endpoint::CreateJob
-    );
+    let needs_json = route.endpoint.needs_model() || matches!(route.endpoint, Endpoint::CreateJob);
     let json = if needs_json {
         let Ok(bytes) = read_body(body).await else {
             return (
@@ -235,14 +241,7 @@ async fn answer(
                 None,
             );
         }
-    } else if matches!(
-        route.endpoint,
-        Endpoint::Chat
-            | Endpoint::Completions
-            | Endpoint::Embeddings
-            | Endpoint::Images
-            | Endpoint::Rerank
-    ) {
+    } else if route.endpoint.needs_model() {
         return (
             Answer::error(
                 StatusCode::BAD_REQUEST,

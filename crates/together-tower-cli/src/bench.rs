@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use together_sim::Algorithm;
@@ -16,23 +15,14 @@ use tower::ServiceExt;
 use crate::CliError;
 use crate::client::{Endpoint, Mode, stack};
 use crate::observe::{Attempt, Observations};
-use crate::target::{ApiKey, SimLimits, Target};
+use crate::target::{SimLimits, Target, TargetArgs, json_request};
 
 /// Flags of `together-tower bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Base URL of the API [default: env TOGETHER_BASE_URL; without either, an embedded
-    /// simulator is started on a loopback port].
-    #[arg(long, env = "TOGETHER_BASE_URL", value_name = "URL")]
-    pub base_url: Option<String>,
-    /// API key [default: env TOGETHER_API_KEY; the simulator accepts any].
-    #[arg(
-        long,
-        env = "TOGETHER_API_KEY",
-        hide_env_values = true,
-        value_name = "KEY"
-    )]
-    pub api_key: Option<ApiKey>,
+    /// Where to send, and with which key.
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// The endpoint to exercise.
     #[arg(long, value_enum, default_value = "chat")]
     pub endpoint: Endpoint,
@@ -120,7 +110,7 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Vec<Attempt>), CliErr
         rpm: args.sim_rpm.unwrap_or(args.rpm),
         algorithm: args.sim_algorithm,
     };
-    let target = Target::resolve(args.base_url.as_deref(), limits).await?;
+    let target = Target::resolve(args.target.base_url.as_deref(), limits).await?;
     let observations = Observations::new();
     let service = stack(
         args.mode,
@@ -130,10 +120,7 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Vec<Attempt>), CliErr
         args.max_retries,
         &observations,
     )?;
-    let key = args
-        .api_key
-        .clone()
-        .unwrap_or_else(|| "together-tower-bench".parse().unwrap_or_default());
+    let key = args.target.key_or("together-tower-bench");
     let model = args
         .model
         .clone()
@@ -168,11 +155,7 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Vec<Attempt>), CliErr
                         break;
                     }
                     let body = endpoint.body(&model, index).to_string();
-                    let request = Request::post(&url)
-                        .header("authorization", format!("Bearer {}", key.expose()))
-                        .header("content-type", "application/json")
-                        .body(Full::from(body))
-                        .expect("a URL that parsed and fixed headers make a valid request");
+                    let request = json_request(&url, &key, body);
                     let sent = Instant::now();
                     if let Ok(response) = service.clone().oneshot(request).await {
                         let success = response.status().is_success();

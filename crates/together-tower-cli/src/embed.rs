@@ -20,23 +20,14 @@ use tower::ServiceExt;
 use crate::CliError;
 use crate::client::{Endpoint, Mode, Stack, stack};
 use crate::observe::Observations;
-use crate::target::{ApiKey, SimLimits, Target};
+use crate::target::{SimLimits, Target, TargetArgs, json_request};
 
 /// Flags of `together-tower embed`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EmbedArgs {
-    /// Base URL of the API [default: env TOGETHER_BASE_URL; without either, an embedded
-    /// simulator is started on a loopback port].
-    #[arg(long, env = "TOGETHER_BASE_URL", value_name = "URL")]
-    pub base_url: Option<String>,
-    /// API key [default: env TOGETHER_API_KEY; the simulator accepts any].
-    #[arg(
-        long,
-        env = "TOGETHER_API_KEY",
-        hide_env_values = true,
-        value_name = "KEY"
-    )]
-    pub api_key: Option<ApiKey>,
+    /// Where to send, and with which key.
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// The texts, one a line.
     #[arg(long, value_name = "FILE")]
     pub input: PathBuf,
@@ -103,7 +94,7 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
         rpm: args.rpm,
         algorithm: Algorithm::Gcra,
     };
-    let target = Target::resolve(args.base_url.as_deref(), limits).await?;
+    let target = Target::resolve(args.target.base_url.as_deref(), limits).await?;
     let observations = Observations::new();
     let service = stack(
         Mode::Limited,
@@ -113,10 +104,7 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
         args.max_retries,
         &observations,
     )?;
-    let key = args
-        .api_key
-        .clone()
-        .unwrap_or_else(|| "together-tower-embed".parse().unwrap_or_default());
+    let key = args.target.key_or("together-tower-embed");
     let url = format!("{}{}", target.base_url, Endpoint::Embeddings.path());
     let mut output = tokio::fs::OpenOptions::new()
         .create(true)
@@ -138,11 +126,7 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
                 };
                 let end = (start + batch).min(inputs.len());
                 let body = json!({"model": model, "input": &inputs[start..end]}).to_string();
-                let request = Request::post(&url)
-                    .header("authorization", format!("Bearer {}", key.expose()))
-                    .header("content-type", "application/json")
-                    .body(Full::from(body))
-                    .expect("a URL that parsed and fixed headers make a valid request");
+                let request = json_request(&url, &key, body);
                 let (service, results) = (service.clone(), results.clone());
                 tokio::spawn(async move {
                     let embedded = embed_batch(service, request, end - start).await;

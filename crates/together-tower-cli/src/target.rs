@@ -7,6 +7,45 @@ use together_sim::{Algorithm, Class, ClassLimits, Sim, SimConfig, SimHandle};
 
 use crate::CliError;
 
+/// The flags every command shares: where to send, and with which key.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TargetArgs {
+    /// Base URL of the API [default: env TOGETHER_BASE_URL; without either, an embedded
+    /// simulator is started on a loopback port].
+    #[arg(long, env = "TOGETHER_BASE_URL", value_name = "URL")]
+    pub base_url: Option<String>,
+    /// API key [default: env TOGETHER_API_KEY; the simulator accepts any].
+    #[arg(
+        long,
+        env = "TOGETHER_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<ApiKey>,
+}
+
+impl TargetArgs {
+    /// The key given, or `fallback` (the simulator accepts any key).
+    pub fn key_or(&self, fallback: &str) -> ApiKey {
+        self.api_key
+            .clone()
+            .unwrap_or_else(|| ApiKey(fallback.to_owned()))
+    }
+}
+
+/// A JSON POST to `url` with the key as a bearer token.
+pub fn json_request(
+    url: &str,
+    key: &ApiKey,
+    body: String,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::post(url)
+        .header("authorization", format!("Bearer {}", key.expose()))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::from(body))
+        .expect("a URL that parsed and fixed headers make a valid request")
+}
+
 /// An API key that never prints: `Debug` and `Display` show `<hidden>`.
 #[derive(Clone, Default)]
 pub struct ApiKey(String);

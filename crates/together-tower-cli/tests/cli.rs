@@ -9,11 +9,11 @@ use serde_json::Value;
 use together_sim::{Class, ClassLimits, Sim, SimConfig, parse_stats};
 use together_tower_cli::bench::{self, BenchArgs};
 use together_tower_cli::client::{Endpoint, Mode};
+use together_tower_cli::target::TargetArgs;
 
 fn bench_args(requests: u64, rpm: u32, concurrency: u64, mode: Mode) -> BenchArgs {
     BenchArgs {
-        base_url: None,
-        api_key: None,
+        target: TargetArgs::default(),
         endpoint: Endpoint::Chat,
         model: None,
         requests,

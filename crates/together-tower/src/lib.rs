@@ -55,6 +55,8 @@ pub mod retry;
 
 mod builder;
 mod stack;
+#[cfg(test)]
+mod test_support;
 
 pub use self::buffer::{Buffer, BufferLayer};
 pub use self::builder::ServiceBuilderExt;

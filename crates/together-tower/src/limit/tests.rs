@@ -14,6 +14,7 @@ use super::error::{QueueFull, RateLimited, SlotsBusy};
 use super::{BucketSpec, Decision, GovernorLimiter, Limiter, MaxWait, RateLimit, RateLimitLayer};
 use crate::classify::EndpointClass;
 use crate::quota::{GroupQuota, QuotaTable, Rate};
+use crate::test_support::{send_all, send_one};
 
 const CHAT: &str = "/v1/chat/completions";
 const COMPLETIONS: &str = "/v1/completions";
@@ -103,40 +104,6 @@ fn recorder(
 
 fn ok(_: usize) -> Response<String> {
     Response::new(String::new())
-}
-
-/// Sends every request at once, each from its own task, in order; returns their results.
-async fn send_all<S>(
-    service: &S,
-    requests: Vec<Request<String>>,
-) -> Vec<Result<Response<String>, BoxError>>
-where
-    S: Service<Request<String>, Response = Response<String>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    let tasks: Vec<_> = requests
-        .into_iter()
-        .map(|request| tokio::spawn(service.clone().oneshot(request)))
-        .collect();
-    let mut results = Vec::new();
-    for task in tasks {
-        results.push(task.await.unwrap());
-    }
-    results
-}
-
-/// One request through `service`, once it is ready.
-async fn send_one<S>(
-    service: &mut S,
-    request: Request<String>,
-) -> Result<Response<String>, BoxError>
-where
-    S: Service<Request<String>, Response = Response<String>, Error = BoxError>,
-{
-    service.ready().await?.call(request).await
 }
 
 fn chat_requests(count: usize, key: &str) -> Vec<Request<String>> {

@@ -104,20 +104,14 @@ where
         + 'static,
     S::Future: Send,
 {
-    let tasks: Vec<_> = (0..count)
-        .map(|_| {
-            tokio::spawn(
-                service
-                    .clone()
-                    .oneshot(Request::post(CHAT).body(String::new()).unwrap()),
-            )
-        })
+    let requests = (0..count)
+        .map(|_| Request::post(CHAT).body(String::new()).unwrap())
         .collect();
-    let mut statuses = Vec::new();
-    for task in tasks {
-        statuses.push(task.await.unwrap().unwrap().status());
-    }
-    statuses
+    let results = crate::test_support::send_all(service, requests).await;
+    results
+        .into_iter()
+        .map(|result| result.unwrap().status())
+        .collect()
 }
 
 fn first_then_ok(first: Answer) -> impl Fn(usize) -> Answer + Clone + Send + Sync + 'static {
