@@ -103,7 +103,7 @@ fn overhead(c: &mut Criterion) {
         .build()
         .unwrap();
     let _context = runtime.enter();
-    let key = "tgp_v1_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ";
+    let key = "fake-key-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH";
     let mut group = c.benchmark_group("per_request");
 
     bench_service(&mut group, "bare_inner_service", Echo, vec![chat(key)]);
@@ -190,7 +190,7 @@ fn full_stack(c: &mut Criterion) {
         Request::post("https://api.together.xyz/v1/chat/completions")
             .header(
                 AUTHORIZATION,
-                "Bearer tgp_v1_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ",
+                "Bearer fake-key-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH",
             )
             .header("content-type", "application/json")
             .body(Full::new(body.clone()))

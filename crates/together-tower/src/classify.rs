@@ -517,7 +517,7 @@ mod tests {
 
     #[test]
     fn fingerprints_are_stable_keyed_and_never_show_the_key() {
-        let key = b"tgp_v1_example-key-for-tests";
+        let key = b"fake-example-key-for-tests";
         let hasher = KeyHasher::new();
         let id = hasher.fingerprint(key);
         assert_eq!(id, KeyHasher::new().fingerprint(key));
