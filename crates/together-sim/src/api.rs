@@ -590,9 +590,7 @@ fn job_json(job: &Job, now: Duration) -> Value {
 
 /// A deterministic unit vector from the text: the same text always embeds the same.
 fn embedding(text: &str, dimensions: usize) -> Vec<f32> {
-    let seed = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let seed = crate::state::fnv1a(text.as_bytes());
     let mut rng = fastrand::Rng::with_seed(seed);
     let raw: Vec<f32> = (0..dimensions).map(|_| rng.f32() * 2.0 - 1.0).collect();
     let norm = raw

@@ -16,10 +16,14 @@ pub fn key_label(key: &str) -> String {
     if key.is_empty() {
         return "anonymous".to_owned();
     }
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+    format!("key-{:016x}", fnv1a(key.as_bytes()))
+}
+
+/// FNV-1a, 64-bit: a hash that is the same in every process and every version.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, &byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("key-{hash:016x}")
+    })
 }
 
 /// Counts of what the server answered, for one key and class.

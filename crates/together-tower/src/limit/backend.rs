@@ -32,10 +32,8 @@ pub struct BucketSpec<'a> {
     pub key: ApiKeyId,
     /// The name of the quota group.
     pub group: &'a str,
-    /// The group's request rate.
+    /// The group's request rate (validated), with its pacing tolerance.
     pub rate: Rate,
-    /// The same rate as a governor quota (already validated).
-    pub quota: Quota,
 }
 
 /// A backend that makes the GCRA decision for each bucket.

@@ -211,18 +211,14 @@ impl<C, L: Limiter> Shared<C, L> {
         };
         let bucket = self.buckets.get_or_insert_with(key, &self.clock, || {
             let group = self.table.group(group_id);
-            let rate = group
-                .rate()
-                .zip(group.governor_quota())
-                .map(|(rate, quota)| {
-                    let spec = BucketSpec {
-                        key: key.key,
-                        group: group.name(),
-                        rate,
-                        quota,
-                    };
-                    (rate, self.limiter.bucket(spec))
-                });
+            let rate = group.rate().map(|rate| {
+                let spec = BucketSpec {
+                    key: key.key,
+                    group: group.name(),
+                    rate,
+                };
+                (rate, self.limiter.bucket(spec))
+            });
             let interval = rate
                 .as_ref()
                 .map_or(Duration::ZERO, |(rate, _)| rate.interval());

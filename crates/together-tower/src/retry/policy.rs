@@ -295,8 +295,11 @@ where
             Ok(response) => self.judge_response(class, response.status(), response.headers()),
             Err(error) => self.judge_error(class, error),
         };
-        let started = *self.started.get_or_insert_with(Instant::now);
-        let elapsed = started.elapsed();
+        if verdict == Verdict::Done {
+            return None;
+        }
+        // Only a request that may be retried reads the clock.
+        let elapsed = self.started.get_or_insert_with(Instant::now).elapsed();
         let delay = match verdict {
             Verdict::Done => return None,
             Verdict::Retry { hint: Some(hint) } if hint > self.settings.max_hint => return None,
@@ -324,12 +327,9 @@ where
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
         if self.tries == 0 {
-            // The template policy, about to be cloned for a new request's first send. Each
-            // request gets a generator of its own: clones of one would draw the same jitter,
-            // and callers told the same hint would come back in lockstep.
+            // The template policy, about to be cloned for a new request's first send.
             self.budget.deposit();
             self.started = Some(Instant::now());
-            self.rng = HasherRng::new();
         }
         let body = request.body().try_clone_body()?;
         let mut clone = Request::new(body);
@@ -348,7 +348,9 @@ impl<C: Clone> Clone for RetryPolicy<C> {
             settings: Arc::clone(&self.settings),
             budget: Arc::clone(&self.budget),
             classifier: self.classifier.clone(),
-            rng: self.rng.clone(),
+            // A generator of its own: a copy of this one would draw the same jitter, and
+            // callers told the same hint would come back in lockstep.
+            rng: HasherRng::new(),
             retries: self.retries,
             tries: self.tries,
             started: self.started,
