@@ -160,12 +160,11 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
             }
         }
         while let Some(vectors) = waiting.remove(&written) {
-            let mut lines = String::new();
-            for (offset, vector) in vectors.iter().enumerate() {
-                lines
-                    .push_str(&json!({"index": written + offset, "embedding": vector}).to_string());
-                lines.push('\n');
-            }
+            let lines: String = vectors
+                .iter()
+                .enumerate()
+                .map(|(offset, vector)| output_line(written + offset, vector))
+                .collect();
             output.write_all(lines.as_bytes()).await.map_err(|error| {
                 CliError::Io(format!("cannot write {}: {error}", args.output.display()))
             })?;
@@ -246,7 +245,8 @@ async fn embed_batch(
     Ok(data.into_iter().map(|(_, vector)| vector).collect())
 }
 
-/// Checks an existing output and cuts off a torn last line; returns how many inputs it holds.
+/// Checks an existing output and cuts off a torn last line of our own; returns how many
+/// inputs it holds. A file that is not provably this command's output is never changed.
 async fn verify_output(path: &Path, inputs: usize) -> Result<usize, CliError> {
     let bytes = match tokio::fs::read(path).await {
         Ok(bytes) => bytes,
@@ -258,49 +258,200 @@ async fn verify_output(path: &Path, inputs: usize) -> Result<usize, CliError> {
             )));
         }
     };
-    let complete = bytes
-        .iter()
-        .rposition(|&byte| byte == b'\n')
-        .map_or(0, |end| end + 1);
-    let mut count = 0;
-    for (number, line) in bytes[..complete]
-        .split(|&byte| byte == b'\n')
-        .filter(|line| !line.is_empty())
-        .enumerate()
-    {
-        let parsed: Option<Value> = serde_json::from_slice(line).ok();
-        let valid = parsed.as_ref().is_some_and(|value| {
-            value["index"].as_u64() == Some(number as u64) && value["embedding"].is_array()
-        });
-        if !valid {
-            return Err(CliError::Io(format!(
-                "{} is not this input's embed output: line {} is not {{\"index\":{number},\"embedding\":[...]}}; use another --output",
-                path.display(),
-                number + 1
-            )));
-        }
-        count += 1;
-    }
-    if count > inputs {
-        return Err(CliError::Io(format!(
-            "{} holds {count} embeddings but the input has only {inputs} lines; use another --output",
-            path.display()
-        )));
-    }
-    if complete < bytes.len() {
+    let existing = ExistingOutput::check(&bytes, inputs)
+        .map_err(|problem| CliError::Io(format!("{}: {problem}", path.display())))?;
+    if existing.keep < bytes.len() {
         eprintln!(
             "{}: cutting off a torn last line ({} bytes)",
             path.display(),
-            bytes.len() - complete
+            bytes.len() - existing.keep
         );
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .open(path)
             .await
             .map_err(|error| CliError::Io(format!("cannot repair {}: {error}", path.display())))?;
-        file.set_len(complete as u64)
+        file.set_len(existing.keep as u64)
             .await
             .map_err(|error| CliError::Io(format!("cannot repair {}: {error}", path.display())))?;
     }
-    Ok(count)
+    Ok(existing.lines)
+}
+
+/// One output line, as this command writes it.
+fn output_line(index: usize, embedding: &Value) -> String {
+    format!("{{\"index\":{index},\"embedding\":{embedding}}}\n")
+}
+
+/// What an existing output file holds, once checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ExistingOutput {
+    /// Complete lines: the inputs already embedded.
+    lines: usize,
+    /// How many bytes to keep: all of them, or all but a torn last line of our own.
+    keep: usize,
+}
+
+impl ExistingOutput {
+    /// Accepts a file only if every complete line is the next `{"index":n,"embedding":[...]}`
+    /// and what follows the last newline (if anything) is provably the start of our own next
+    /// line. Anything else is someone else's file, and the answer says why.
+    fn check(bytes: &[u8], inputs: usize) -> Result<Self, String> {
+        let complete = bytes
+            .iter()
+            .rposition(|&byte| byte == b'\n')
+            .map_or(0, |end| end + 1);
+        let mut lines = 0;
+        for line in bytes[..complete].split(|&byte| byte == b'\n') {
+            if line.is_empty() {
+                continue;
+            }
+            let parsed: Option<Value> = serde_json::from_slice(line).ok();
+            let valid = parsed.as_ref().is_some_and(|value| {
+                value["index"].as_u64() == Some(lines as u64) && value["embedding"].is_array()
+            });
+            if !valid {
+                return Err(format!(
+                    "is not this input's embed output: line {} is not {{\"index\":{lines},\"embedding\":[...]}}; use another --output",
+                    lines + 1
+                ));
+            }
+            lines += 1;
+        }
+        if lines > inputs {
+            return Err(format!(
+                "holds {lines} embeddings but the input has only {inputs} lines; use another --output"
+            ));
+        }
+        let tail = &bytes[complete..];
+        if !tail.is_empty() && !is_torn_line(tail, lines, lines > 0) {
+            return Err(format!(
+                "is not this input's embed output: it ends in {} bytes that are not the start of line {}; use another --output",
+                tail.len(),
+                lines + 1
+            ));
+        }
+        Ok(Self {
+            lines,
+            keep: complete,
+        })
+    }
+}
+
+/// Whether `tail` is the start of the line for `index` as a crash mid-write leaves it.
+///
+/// With complete lines of ours before it, any prefix of our line will do. Alone in the file,
+/// the tail must carry the whole `{"index":0,"embedding":[` to prove it is ours: a short
+/// fragment such as `{` could be anybody's. Lines written by earlier versions, with the keys
+/// in the other order, are recognised too.
+fn is_torn_line(tail: &[u8], index: usize, after_our_lines: bool) -> bool {
+    let heads = [
+        (
+            format!("{{\"index\":{index},\"embedding\":["),
+            "]}".to_owned(),
+        ),
+        (
+            "{\"embedding\":[".to_owned(),
+            format!("],\"index\":{index}}}"),
+        ),
+    ];
+    heads.iter().any(|(head, end)| {
+        let head = head.as_bytes();
+        if tail.len() <= head.len() {
+            return after_our_lines && head.starts_with(tail);
+        }
+        let Some(rest) = tail.strip_prefix(head) else {
+            return false;
+        };
+        // Then numbers, then perhaps the start of the line's end.
+        let numbers = rest
+            .iter()
+            .position(|byte| !matches!(byte, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E' | b','))
+            .unwrap_or(rest.len());
+        end.as_bytes().starts_with(&rest[numbers..])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ours(lines: usize) -> Vec<u8> {
+        (0..lines)
+            .flat_map(|index| output_line(index, &json!([0.25, -1e-3])).into_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn files_that_are_not_ours_are_refused_whatever_they_end_with() {
+        let foreign: [&[u8]; 6] = [
+            b"precious",
+            b"{\"listen\": \"127.0.0.1:8080\", \"seed\": 1}",
+            b"\x00\x01\x02\xff\xfe binary",
+            b"{",
+            b"{\"index\":0,\"embedding\":[1,2]}\nprecious",
+            b"{\"index\":0,\"embedding\":[1,2]}\n{\"index\":1,\"embedding\":[1]}x",
+        ];
+        for (i, bytes) in foreign.into_iter().enumerate() {
+            let error = ExistingOutput::check(bytes, 10).unwrap_err();
+            assert!(
+                error.contains("not this input's embed output"),
+                "{i}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_torn_line_of_our_own_is_cut_and_complete_lines_kept() {
+        let whole = ours(3);
+        let next = output_line(3, &json!([0.5, 0.75]));
+        for cut in 1..next.len() - 1 {
+            let mut bytes = whole.clone();
+            bytes.extend_from_slice(&next.as_bytes()[..cut]);
+            assert_eq!(
+                ExistingOutput::check(&bytes, 10),
+                Ok(ExistingOutput {
+                    lines: 3,
+                    keep: whole.len()
+                }),
+                "cut after {cut} bytes"
+            );
+        }
+        // The old key order, as earlier versions wrote it.
+        let mut old = whole.clone();
+        old.extend_from_slice(b"{\"embedding\":[0.5,0.7");
+        assert_eq!(ExistingOutput::check(&old, 10).unwrap().keep, whole.len());
+        old.extend_from_slice(b"5],\"index\":3");
+        assert_eq!(ExistingOutput::check(&old, 10).unwrap().keep, whole.len());
+        // A torn line of the wrong index is not ours.
+        let mut wrong = whole.clone();
+        wrong.extend_from_slice(b"{\"index\":9,\"embedding\":[0.5");
+        assert!(ExistingOutput::check(&wrong, 10).is_err());
+        // Alone in the file, a tail is ours only when it carries our whole head.
+        assert_eq!(
+            ExistingOutput::check(b"{\"index\":0,\"embedding\":[0.1,", 10),
+            Ok(ExistingOutput { lines: 0, keep: 0 })
+        );
+        assert!(ExistingOutput::check(b"{\"index\":0,\"embed", 10).is_err());
+    }
+
+    #[test]
+    fn complete_outputs_count_their_lines() {
+        assert_eq!(
+            ExistingOutput::check(&ours(4), 4),
+            Ok(ExistingOutput {
+                lines: 4,
+                keep: ours(4).len()
+            })
+        );
+        assert_eq!(
+            ExistingOutput::check(b"", 4),
+            Ok(ExistingOutput { lines: 0, keep: 0 })
+        );
+        assert!(
+            ExistingOutput::check(&ours(5), 4)
+                .unwrap_err()
+                .contains("only 4")
+        );
+    }
 }

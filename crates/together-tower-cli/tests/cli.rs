@@ -249,9 +249,15 @@ async fn an_interrupted_embed_resumes_to_the_same_output_as_an_uninterrupted_one
     child.wait().unwrap();
     let partial = lines(&resumed).len();
     assert!((12..60).contains(&partial), "killed after {partial} lines");
-    // As if the crash came in the middle of a write.
+    // As if the crash came in the middle of a write: the first half of the next line.
+    let next_line = std::fs::read_to_string(&whole)
+        .unwrap()
+        .lines()
+        .nth(partial)
+        .unwrap()
+        .to_owned();
     let mut torn = std::fs::read(&resumed).unwrap();
-    torn.extend_from_slice(br#"{"index":999,"embedd"#);
+    torn.extend_from_slice(&next_line.as_bytes()[..next_line.len() / 2]);
     std::fs::write(&resumed, torn).unwrap();
 
     let finish = embed(&resumed).output().unwrap();
@@ -288,6 +294,43 @@ async fn an_interrupted_embed_resumes_to_the_same_output_as_an_uninterrupted_one
         "{batches} batches for 2 runs of 15"
     );
     sim.shutdown().await;
+}
+
+#[test]
+fn embed_never_cuts_a_file_that_is_not_its_own_output() {
+    let dir = scratch("not-ours");
+    let input = write_inputs(&dir, 3);
+    let files: [(&str, &[u8]); 4] = [
+        ("precious.txt", b"precious"),
+        ("config.json", b"{\"listen\": \"127.0.0.1:8080\"}"),
+        ("data.bin", b"\x7fELF\x02\x01\x01\x00\xff\xfe"),
+        (
+            "almost.jsonl",
+            b"{\"index\":0,\"embedding\":[0.5]}\nmy notes",
+        ),
+    ];
+    for (name, contents) in files {
+        let output = dir.join(name);
+        std::fs::write(&output, contents).unwrap();
+        let run = together_tower(&[
+            "embed",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains("is not this input's embed output"),
+            "{name}: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read(&output).unwrap(),
+            contents,
+            "{name} was changed"
+        );
+    }
 }
 
 #[test]
