@@ -153,3 +153,22 @@ where
 {
     Client::builder(TokioExecutor::new()).build_http()
 }
+
+/// What a running simulator saw (`GET /sim/stats`).
+pub async fn sim_stats(base_url: &str) -> together_sim::Stats {
+    let response = http_client::<http_body_util::Empty<Bytes>>()
+        .get(
+            format!("{base_url}/sim/stats")
+                .parse()
+                .expect("a simulator's URL is valid"),
+        )
+        .await
+        .expect("the simulator answers its stats");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("the stats arrive whole")
+        .to_bytes();
+    together_sim::parse_stats(&body).expect("the stats are the simulator's JSON")
+}

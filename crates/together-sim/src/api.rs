@@ -77,16 +77,32 @@ impl Answer {
     }
 }
 
-/// Answers one request.
+/// The `hangup_rate` fault: the request was read, and the connection is closed without an
+/// answer. hyper closes a connection whose service fails.
+#[derive(Debug)]
+pub(crate) struct HungUp;
+
+impl std::fmt::Display for HungUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("hung up after reading the request (injected fault)")
+    }
+}
+
+impl std::error::Error for HungUp {}
+
+/// Answers one request, or hangs up on it.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Result<Response<Full<Bytes>>, HungUp> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().trim_end_matches('/').to_owned();
     if let Some(control) = path.strip_prefix("/sim/") {
         let body = read_body(body).await.unwrap_or_default();
-        return respond(control_answer(&shared, &parts.method, control, &body), None);
+        return Ok(respond(
+            control_answer(&shared, &parts.method, control, &body),
+            None,
+        ));
     }
 
     let key = bearer(&parts.headers);
@@ -101,12 +117,18 @@ pub(crate) async fn handle(
             ),
             None,
         ),
-        Some(key) => answer(&shared, key, &route, body).await,
+        Some(key) => match answer(&shared, key, &route, body).await {
+            Reply::Answer(answer, limits) => (answer, limits),
+            Reply::HangUp => {
+                shared.state().record_hangup(&label, route.class);
+                return Err(HungUp);
+            }
+        },
     };
     shared
         .state()
         .record(&label, route.class, answer.status.as_u16(), answer.tokens);
-    respond(answer, limits)
+    Ok(respond(answer, limits))
 }
 
 /// The request's class and what to do with it.
@@ -196,75 +218,44 @@ async fn read_body(body: Incoming) -> Result<Bytes, ()> {
         .map_err(|_| ())
 }
 
-async fn answer(
-    shared: &Shared,
-    key: &str,
-    route: &Route,
-    body: Incoming,
-) -> (Answer, Option<LimitOutcome>) {
-    let needs_json = route.endpoint.needs_model() || matches!(route.endpoint, Endpoint::CreateJob);
-    let json = if needs_json {
-        let Ok(bytes) = read_body(body).await else {
-            return (
-                Answer::error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "invalid_request_error",
-                    "The request body is too large.",
-                ),
-                None,
-            );
-        };
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(value @ Value::Object(_)) => value,
-            _ => {
-                return (
-                    Answer::error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request_error",
-                        "The request body is not a JSON object.",
-                    ),
-                    None,
-                );
-            }
-        }
-    } else {
-        Value::Null
+/// What becomes of an authenticated request.
+enum Reply {
+    /// An answer, with the limit check's outcome for the rate-limit headers.
+    Answer(Answer, Option<LimitOutcome>),
+    /// No answer: the connection is closed (an injected fault).
+    HangUp,
+}
+
+impl From<Answer> for Reply {
+    fn from(answer: Answer) -> Self {
+        Reply::Answer(answer, None)
+    }
+}
+
+/// Reads, checks and answers an authenticated request: body, model, faults, limits, work.
+async fn answer(shared: &Shared, key: &str, route: &Route, body: Incoming) -> Reply {
+    let json = match read_json(route, body).await {
+        Ok(json) => json,
+        Err(refusal) => return refusal.into(),
     };
     let model = json.get("model").and_then(Value::as_str);
-    if let Some(model) = model {
-        if !shared.config.models.iter().any(|known| known == model) {
-            let message = format!(
-                "Unable to access model {model}. Please visit https://api.together.ai/models to view the list of supported models."
-            );
-            return (
-                Answer::error(StatusCode::NOT_FOUND, "model_not_found", message),
-                None,
-            );
-        }
-    } else if route.endpoint.needs_model() {
-        return (
-            Answer::error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "`model` is required.",
-            ),
-            None,
-        );
+    if let Err(refusal) = check_model(shared, route, model) {
+        return refusal.into();
     }
-
-    let (latency, unavailable) = draw_faults(shared);
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
+    let faults = draw_faults(shared);
+    if !faults.latency.is_zero() {
+        tokio::time::sleep(faults.latency).await;
     }
-    if unavailable {
-        return (
-            Answer::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "The server is overloaded or not ready yet.",
-            ),
-            None,
-        );
+    if faults.hang_up {
+        return Reply::HangUp;
+    }
+    if faults.unavailable {
+        return Answer::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "The server is overloaded or not ready yet.",
+        )
+        .into();
     }
 
     let (prompt_tokens, completion_tokens) = token_estimate(&route.endpoint, &json);
@@ -278,37 +269,87 @@ async fn answer(
         prompt_tokens + completion_tokens,
     );
     if let Some(outcome) = limits.filter(|outcome| !outcome.allowed()) {
-        let (kind, message) = if outcome.requests.allowed {
-            (
-                "dynamic_token_limited",
-                "You have exceeded your token rate limit.",
-            )
-        } else {
-            (
-                "dynamic_request_limited",
-                "You have exceeded your request rate limit.",
-            )
-        };
-        return (
-            Answer::error(StatusCode::TOO_MANY_REQUESTS, kind, message),
-            limits,
-        );
+        return Reply::Answer(over_limit(&outcome), limits);
     }
-    let answer = serve(
-        shared,
-        &mut state,
+    let work = Work {
         key,
         route,
-        &json,
+        json: &json,
         now,
-        prompt_tokens,
-        completion_tokens,
-    );
-    (answer, limits)
+        prompt: prompt_tokens,
+        completion: completion_tokens,
+    };
+    Reply::Answer(serve(shared, &mut state, &work), limits)
 }
 
-/// Latency to add, and whether to answer 503, by the configured faults.
-fn draw_faults(shared: &Shared) -> (Duration, bool) {
+/// The JSON object the endpoint needs (`null` for endpoints without a body), or the refusal.
+async fn read_json(route: &Route, body: Incoming) -> Result<Value, Answer> {
+    if !route.endpoint.needs_model() && !matches!(route.endpoint, Endpoint::CreateJob) {
+        return Ok(Value::Null);
+    }
+    let bytes = read_body(body).await.map_err(|()| {
+        Answer::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "The request body is too large.",
+        )
+    })?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        _ => Err(Answer::error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "The request body is not a JSON object.",
+        )),
+    }
+}
+
+/// Refuses an unknown model (404, as Together does) or a missing one where it is needed.
+fn check_model(shared: &Shared, route: &Route, model: Option<&str>) -> Result<(), Answer> {
+    match model {
+        Some(model) if !shared.config.models.iter().any(|known| known == model) => {
+            Err(Answer::error(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!(
+                    "Unable to access model {model}. Please visit https://api.together.ai/models to view the list of supported models."
+                ),
+            ))
+        }
+        None if route.endpoint.needs_model() => Err(Answer::error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "`model` is required.",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The 429 for a request over its request or token limit.
+fn over_limit(outcome: &LimitOutcome) -> Answer {
+    let (kind, message) = if outcome.requests.allowed {
+        (
+            "dynamic_token_limited",
+            "You have exceeded your token rate limit.",
+        )
+    } else {
+        (
+            "dynamic_request_limited",
+            "You have exceeded your request rate limit.",
+        )
+    };
+    Answer::error(StatusCode::TOO_MANY_REQUESTS, kind, message)
+}
+
+/// The faults drawn for one request.
+struct Drawn {
+    latency: Duration,
+    unavailable: bool,
+    hang_up: bool,
+}
+
+/// Latency to add, and whether to answer 503 or hang up, by the configured faults.
+fn draw_faults(shared: &Shared) -> Drawn {
     let faults = &shared.config.faults;
     let mut rng = shared.rng.lock().unwrap_or_else(PoisonError::into_inner);
     let jitter = if faults.latency_jitter_ms > 0 {
@@ -323,7 +364,12 @@ fn draw_faults(shared: &Shared) -> (Duration, bool) {
         faults.unavailable_for_ms,
     );
     let unlucky = faults.unavailable_rate > 0.0 && rng.f64() < faults.unavailable_rate;
-    (latency, in_burst || unlucky)
+    let hang_up = faults.hangup_rate > 0.0 && rng.f64() < faults.hangup_rate;
+    Drawn {
+        latency,
+        unavailable: in_burst || unlucky,
+        hang_up,
+    }
 }
 
 /// Whether `now` falls in a 503 burst: the first `for_ms` of every `every_ms`.
@@ -383,17 +429,26 @@ fn token_estimate(endpoint: &Endpoint, json: &Value) -> (u64, u64) {
     (prompt, completion)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn serve(
-    shared: &Shared,
-    state: &mut State,
-    key: &str,
-    route: &Route,
-    json: &Value,
+/// A request that passed every check, and what it is charged.
+struct Work<'a> {
+    key: &'a str,
+    route: &'a Route,
+    json: &'a Value,
     now: Duration,
     prompt: u64,
     completion: u64,
-) -> Answer {
+}
+
+/// Does the work of a request that passed every check.
+fn serve(shared: &Shared, state: &mut State, work: &Work<'_>) -> Answer {
+    let &Work {
+        key,
+        route,
+        json,
+        now,
+        prompt,
+        completion,
+    } = work;
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

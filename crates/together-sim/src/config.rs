@@ -152,6 +152,9 @@ pub struct Faults {
     pub latency_ms: u64,
     /// Up to this much more latency, drawn at random, in milliseconds.
     pub latency_jitter_ms: u64,
+    /// The chance (0 to 1) that a request is read whole and then the connection is closed
+    /// without an answer: the client cannot tell whether it was acted on.
+    pub hangup_rate: f64,
 }
 
 /// Everything the simulator can be told.
@@ -270,10 +273,15 @@ impl SimConfig {
                 )));
             }
         }
-        if !(0.0..=1.0).contains(&self.faults.unavailable_rate) {
-            return Err(ConfigError(
-                "faults.unavailable_rate must be between 0 and 1".into(),
-            ));
+        for (name, rate) in [
+            ("unavailable_rate", self.faults.unavailable_rate),
+            ("hangup_rate", self.faults.hangup_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(ConfigError(format!(
+                    "faults.{name} must be between 0 and 1"
+                )));
+            }
         }
         if self.faults.unavailable_for_ms > 0 && self.faults.unavailable_every_ms == 0 {
             return Err(ConfigError(
@@ -350,6 +358,10 @@ pub struct Args {
     /// The chance (0 to 1) that a request is answered 503 [default: 0].
     #[arg(long, value_name = "P")]
     pub unavailable_rate: Option<f64>,
+    /// The chance (0 to 1) that a request is read and the connection closed without an
+    /// answer [default: 0].
+    #[arg(long, value_name = "P")]
+    pub hangup_rate: Option<f64>,
     /// 503 bursts: one every this many milliseconds [default: none].
     #[arg(long, value_name = "MS")]
     pub unavailable_every_ms: Option<u64>,
@@ -424,6 +436,7 @@ impl Args {
         config.faults.unavailable_rate = self
             .unavailable_rate
             .unwrap_or(config.faults.unavailable_rate);
+        config.faults.hangup_rate = self.hangup_rate.unwrap_or(config.faults.hangup_rate);
         config.embedding_dimensions = self
             .embedding_dimensions
             .unwrap_or(config.embedding_dimensions);
@@ -576,6 +589,7 @@ mod tests {
             "--batch-concurrency",
             "--batch-duration-ms",
             "--unavailable-rate",
+            "--hangup-rate",
             "--unavailable-every-ms",
             "--unavailable-for-ms",
             "--latency-ms",

@@ -52,7 +52,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stopped: watch::R
                 let shared = Arc::clone(&shared);
                 let service = service_fn(move |request| {
                     let shared = Arc::clone(&shared);
-                    async move { Ok::<_, std::convert::Infallible>(handle(shared, request).await) }
+                    async move { handle(shared, request).await }
                 });
                 let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);

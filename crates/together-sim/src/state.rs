@@ -43,6 +43,9 @@ pub struct Counters {
     pub unauthorized: u64,
     /// Answered with another 4xx (bad JSON, unknown model or endpoint).
     pub other_errors: u64,
+    /// Read and hung up on without an answer (injected faults).
+    #[serde(default)]
+    pub hung_up: u64,
     /// Tokens (prompt plus completion) of the requests answered 2xx.
     pub tokens: u64,
 }
@@ -211,16 +214,27 @@ impl State {
 
     /// Counts one answer.
     pub(crate) fn record(&mut self, key_label: &str, class: Class, status: u16, tokens: u64) {
-        let by_class = self.stats.keys.entry(key_label.to_owned()).or_default();
-        by_class
-            .entry(class.as_str().to_owned())
-            .or_default()
-            .add(status, tokens);
-        self.stats
-            .classes
-            .entry(class.as_str().to_owned())
-            .or_default()
-            .add(status, tokens);
+        for counters in self.counters(key_label, class) {
+            counters.add(status, tokens);
+        }
+    }
+
+    /// Counts one request that was read and hung up on.
+    pub(crate) fn record_hangup(&mut self, key_label: &str, class: Class) {
+        for counters in self.counters(key_label, class) {
+            counters.requests += 1;
+            counters.hung_up += 1;
+        }
+    }
+
+    /// The counters an answer adds to: the key's for its class, and the class's over all keys.
+    fn counters(&mut self, key_label: &str, class: Class) -> [&mut Counters; 2] {
+        let name = class.as_str();
+        let by_key = self.stats.keys.entry(key_label.to_owned()).or_default();
+        [
+            by_key.entry(name.to_owned()).or_default(),
+            self.stats.classes.entry(name.to_owned()).or_default(),
+        ]
     }
 
     pub(crate) fn stats(&self) -> &Stats {

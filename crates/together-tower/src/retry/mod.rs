@@ -41,6 +41,7 @@
 //! # }
 //! ```
 
+mod delivery;
 mod policy;
 
 use tower_layer::Layer;

@@ -1,5 +1,4 @@
 use std::fmt;
-use std::io;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -10,10 +9,10 @@ use tower::retry::Policy;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::rng::{HasherRng, Rng};
 
+use super::delivery::Delivery;
 use crate::buffer::BufferedBody;
 use crate::classify::{Classify, EndpointClass, TogetherClassifier};
 use crate::headers;
-use crate::limit::error::{QueueFull, RateLimited, SlotsBusy};
 
 /// `x-should-retry`: the server's own word on whether a retry may help (`true` or `false`).
 pub const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
@@ -60,12 +59,17 @@ struct Settings {
 
 /// When and how long to retry a Together call. Use it through [`RetryLayer`](super::RetryLayer).
 ///
-/// - Retries 429, 408, 500, 502, 503, 504 and connection errors (an I/O error, or a timeout
-///   from tower's timeout layer); never other 4xx, and never errors this crate's rate limit
-///   layer returns itself (it already decided the request should not wait).
-/// - Never retries a job-creating call (fine-tune create, batch create) after a 5xx, a 408 or a
-///   timeout: the job may exist. A 429, or a connection refused before anything was sent, is
-///   still retried.
+/// - Retries 429, 408, 500, 502, 503, 504 and connection failures; never other 4xx, and never
+///   errors this crate's rate limit layer returns itself (it already decided the request
+///   should not wait).
+/// - Connection failures are told apart by their types (hyper-util's client error, hyper's
+///   error, tower's timeout, `io::Error`), never by message text. A request that never left
+///   (a failed connect, a refused connection, a request hyper cancelled before writing it) is
+///   safe to repeat. One the server may have read (the connection closed or reset before the
+///   answer, a timeout) is repeated only if repeating cannot create a second paid job.
+/// - So a job-creating call (fine-tune create, batch create) is never repeated after a 5xx, a
+///   408, a timeout or a connection that broke after sending: the job may exist. A 429, or a
+///   connection that failed before sending, is still retried.
 /// - A 409 on fine-tune create (too many running jobs) is retried only with
 ///   [`with_job_slot_wait`](Self::with_job_slot_wait), at its own delay until its own deadline.
 /// - `x-should-retry: true|false` overrides the rules above when the server sends it.
@@ -232,18 +236,11 @@ impl<C> RetryPolicy<C> {
     }
 
     fn judge_error(&self, class: EndpointClass, error: &BoxError) -> Verdict {
-        if error.is::<RateLimited>() || error.is::<QueueFull>() || error.is::<SlotsBusy>() {
-            return Verdict::Done;
-        }
-        let retryable = if class.creates_job() {
-            refused_before_sending(error)
-        } else {
-            is_connection_error(error)
-        };
-        if retryable {
-            Verdict::Retry { hint: None }
-        } else {
-            Verdict::Done
+        match Delivery::of(error) {
+            Delivery::NotSent => Verdict::Retry { hint: None },
+            // The server may have read it: a job create may have created its job.
+            Delivery::MaybeSent if !class.creates_job() => Verdict::Retry { hint: None },
+            Delivery::MaybeSent | Delivery::Final => Verdict::Done,
         }
     }
 }
@@ -254,28 +251,6 @@ fn should_retry(headers: &HeaderMap) -> Option<bool> {
         b"false" => Some(false),
         _ => None,
     }
-}
-
-/// The errors in `error`'s chain, itself first.
-fn chain<'e>(
-    error: &'e (dyn std::error::Error + 'static),
-) -> impl Iterator<Item = &'e (dyn std::error::Error + 'static)> {
-    std::iter::successors(Some(error), |error| error.source())
-}
-
-/// A connection that was refused sent nothing: even a job-creating call is safe to repeat.
-fn refused_before_sending(error: &BoxError) -> bool {
-    chain(&**error).any(|error| {
-        error
-            .downcast_ref::<io::Error>()
-            .is_some_and(|error| error.kind() == io::ErrorKind::ConnectionRefused)
-    })
-}
-
-/// An I/O failure or a timeout: the call may not have reached the server, or its answer was lost.
-fn is_connection_error(error: &BoxError) -> bool {
-    chain(&**error)
-        .any(|error| error.is::<io::Error>() || error.is::<tower::timeout::error::Elapsed>())
 }
 
 impl<B, ResBody, C> Policy<Request<B>, Response<ResBody>, BoxError> for RetryPolicy<C>
