@@ -4,8 +4,8 @@
 //! fine-tune create, ...) and by the API key it is sent with. [`Classify`] maps a request to
 //! its class; [`TogetherClassifier`], the default, knows Together's paths.
 //!
-//! The API key never leaves this module in the clear: [`KeyHasher`] turns the bearer token into
-//! an [`ApiKeyId`], a keyed 128-bit hash, and only that reaches buckets, logs and errors.
+//! Where the key is found is the classifier's business too ([`Classify::credential`]); what
+//! happens to it is [`crate::key`]'s.
 //!
 //! # Example
 //!
@@ -24,9 +24,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use http::header::AUTHORIZATION;
 use http::{HeaderMap, Method, Request};
-use siphasher::sip::SipHasher13;
+
+use crate::key;
 
 /// The kind of Together endpoint a request calls.
 ///
@@ -178,9 +178,18 @@ pub trait Classify {
     fn classify<B>(&self, request: &Request<B>) -> EndpointClass;
 
     /// The secret that identifies the caller, if any; requests without one share one anonymous
-    /// bucket. The bytes are hashed by [`KeyHasher`] at once and never stored.
+    /// bucket. The bytes are hashed by [`KeyHasher`](crate::key::KeyHasher) at once and never
+    /// stored. The default reads `Authorization: Bearer`.
     fn credential<'r, B>(&self, request: &'r Request<B>) -> Option<&'r [u8]> {
-        bearer_token(request.headers())
+        key::bearer_token(request.headers())
+    }
+
+    /// Marks every header that carries a credential as sensitive, so that no `Debug` print of
+    /// the request (by this crate, tower, hyper or a log line) shows it. Each layer calls this
+    /// as a request enters it. The default marks [`key::CREDENTIAL_HEADERS`]; a classifier that
+    /// reads its credential from another header marks that one too.
+    fn hide_credentials(&self, headers: &mut HeaderMap) {
+        key::hide_credentials(headers);
     }
 }
 
@@ -262,112 +271,6 @@ fn after_version(path: &str) -> &str {
         }
     }
     path
-}
-
-/// The token of an `Authorization: Bearer <token>` header, if there is a non-empty one.
-pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
-    let value = headers.get(AUTHORIZATION)?.as_bytes();
-    let scheme = value.get(..7)?;
-    if scheme != b"Bearer " && !scheme.eq_ignore_ascii_case(b"bearer ") {
-        return None;
-    }
-    let token = value[7..].trim_ascii();
-    (!token.is_empty()).then_some(token)
-}
-
-/// A fingerprint of an API key: a keyed 64-bit hash of it.
-///
-/// Buckets, log lines, metric labels and (later) Redis keys name a caller by this, never by
-/// the key itself. Its `Display` and `Debug` print 16 hex digits. Two keys share a
-/// fingerprint (and so a bucket) with odds of about 3 in 100 million among a million keys.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ApiKeyId(u64);
-
-impl ApiKeyId {
-    /// The id shared by every request that carries no key.
-    pub const ANONYMOUS: ApiKeyId = ApiKeyId(0);
-
-    /// The fingerprint as a number.
-    pub const fn as_u64(self) -> u64 {
-        self.0
-    }
-}
-
-impl fmt::Display for ApiKeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if *self == ApiKeyId::ANONYMOUS {
-            f.write_str("anonymous")
-        } else {
-            write!(f, "{:016x}", self.0)
-        }
-    }
-}
-
-impl fmt::Debug for ApiKeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ApiKeyId({self})")
-    }
-}
-
-/// Turns API keys into [`ApiKeyId`]s with SipHash-1-3 (64-bit output) under a 128-bit secret.
-///
-/// Processes that share a quota (through a shared backend) must use the same secret, so that
-/// one key maps to one id everywhere. The default secret is a fixed, public constant: the
-/// fingerprint is then still one-way (API keys are long random strings), but anyone can
-/// recompute it from a key they already hold. Set a secret of your own with
-/// [`KeyHasher::with_secret`] to prevent even that.
-#[derive(Clone)]
-pub struct KeyHasher {
-    hasher: SipHasher13,
-}
-
-impl KeyHasher {
-    const DEFAULT_SECRET: [u8; 16] = *b"together-tower/1";
-
-    /// A hasher with the default, public secret.
-    pub fn new() -> Self {
-        Self::with_secret(Self::DEFAULT_SECRET)
-    }
-
-    /// A hasher with a secret of your own.
-    pub fn with_secret(secret: [u8; 16]) -> Self {
-        Self {
-            hasher: SipHasher13::new_with_key(&secret),
-        }
-    }
-
-    /// The fingerprint of one key. The empty key is [`ApiKeyId::ANONYMOUS`].
-    pub fn fingerprint(&self, key: &[u8]) -> ApiKeyId {
-        if key.is_empty() {
-            return ApiKeyId::ANONYMOUS;
-        }
-        // Zero is reserved for the anonymous id; a real key hashing to it moves by one.
-        ApiKeyId(self.hasher.hash(key).max(1))
-    }
-
-    /// The fingerprint of a request's credential, as found by `classifier`.
-    pub fn fingerprint_request<C: Classify, B>(
-        &self,
-        classifier: &C,
-        request: &Request<B>,
-    ) -> ApiKeyId {
-        classifier
-            .credential(request)
-            .map_or(ApiKeyId::ANONYMOUS, |key| self.fingerprint(key))
-    }
-}
-
-impl Default for KeyHasher {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl fmt::Debug for KeyHasher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The secret stays out of Debug output.
-        f.debug_struct("KeyHasher").finish_non_exhaustive()
-    }
 }
 
 #[cfg(test)]
@@ -496,57 +399,6 @@ mod tests {
         assert_eq!(
             creating,
             [EndpointClass::FineTuneCreate, EndpointClass::BatchCreate]
-        );
-    }
-
-    #[test]
-    fn bearer_tokens_are_found_case_insensitively_and_trimmed() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(bearer_token(&headers), None);
-        headers.insert(AUTHORIZATION, "Bearer abc".parse().unwrap());
-        assert_eq!(bearer_token(&headers), Some(&b"abc"[..]));
-        headers.insert(AUTHORIZATION, "bearer   abc  ".parse().unwrap());
-        assert_eq!(bearer_token(&headers), Some(&b"abc"[..]));
-        headers.insert(AUTHORIZATION, "Bearer    ".parse().unwrap());
-        assert_eq!(bearer_token(&headers), None);
-        headers.insert(AUTHORIZATION, "Basic abc".parse().unwrap());
-        assert_eq!(bearer_token(&headers), None);
-        headers.insert(AUTHORIZATION, "Bear".parse().unwrap());
-        assert_eq!(bearer_token(&headers), None);
-    }
-
-    #[test]
-    fn fingerprints_are_stable_keyed_and_never_show_the_key() {
-        let key = b"fake-example-key-for-tests";
-        let hasher = KeyHasher::new();
-        let id = hasher.fingerprint(key);
-        assert_eq!(id, KeyHasher::new().fingerprint(key));
-        assert_ne!(id, hasher.fingerprint(b"another key"));
-        assert_ne!(id, KeyHasher::with_secret([7; 16]).fingerprint(key));
-        assert_ne!(id, ApiKeyId::ANONYMOUS);
-        assert_eq!(hasher.fingerprint(b""), ApiKeyId::ANONYMOUS);
-
-        let shown = format!("{id} {id:?} {hasher:?}");
-        assert!(!shown.contains("example-key"), "{shown}");
-        assert_eq!(id.to_string().len(), 16);
-        assert_eq!(ApiKeyId::ANONYMOUS.to_string(), "anonymous");
-    }
-
-    #[test]
-    fn requests_without_a_key_are_anonymous() {
-        let hasher = KeyHasher::new();
-        let without = Request::post("/v1/chat/completions").body(()).unwrap();
-        assert_eq!(
-            hasher.fingerprint_request(&TogetherClassifier, &without),
-            ApiKeyId::ANONYMOUS
-        );
-        let with = Request::post("/v1/chat/completions")
-            .header(AUTHORIZATION, "Bearer k")
-            .body(())
-            .unwrap();
-        assert_eq!(
-            hasher.fingerprint_request(&TogetherClassifier, &with),
-            hasher.fingerprint(b"k")
         );
     }
 }

@@ -33,7 +33,8 @@
 //! ```
 //!
 //! # Modules
-//! - [`classify`]: which endpoint class a request calls, and the fingerprint of its API key.
+//! - [`classify`]: which endpoint class a request calls.
+//! - [`key`]: API keys: found, fingerprinted, and hidden from every print.
 //! - [`quota`]: tables from classes to quota groups to limits; Together's defaults and tiers.
 //! - [`limit`]: the rate limit layer, its errors and its backend trait.
 //! - [`retry`]: the retry layer and its policy.
@@ -49,6 +50,7 @@ pub mod buffer;
 pub mod classify;
 pub mod clock;
 pub mod headers;
+pub mod key;
 pub mod limit;
 pub mod quota;
 pub mod retry;

@@ -10,7 +10,7 @@ use crate::retry::{Retry, RetryLayer, RetryPolicy};
 
 /// The service [`TogetherLayer`] builds around a client `S`.
 pub type TogetherService<S, C = TogetherClassifier, L = GovernorLimiter> =
-    Buffer<Retry<RetryPolicy<C>, RateLimit<S, C, L>>>;
+    Buffer<Retry<RateLimit<S, C, L>, C>>;
 
 /// Buffer, then retry, then rate limit, around any HTTP client:
 ///

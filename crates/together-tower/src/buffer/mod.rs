@@ -136,7 +136,8 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        crate::key::hide_credentials(request.headers_mut());
         // The ready service goes with the request, which is sent once its body is read.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);

@@ -11,8 +11,8 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tower::BoxError;
 
-use crate::classify::ApiKeyId;
 use crate::clock::TokioClock;
+use crate::key::ApiKeyId;
 use crate::quota::Rate;
 
 /// What a [`Limiter`] says about one request.

@@ -12,8 +12,9 @@ use tower::BoxError;
 
 use super::backend::{Decision, Limiter};
 use super::error::{RateLimited, SlotsBusy};
-use crate::classify::{ApiKeyId, EndpointClass};
+use crate::classify::EndpointClass;
 use crate::clock::TokioClock;
+use crate::key::ApiKeyId;
 use crate::quota::GroupId;
 
 /// Which bucket a request belongs to.

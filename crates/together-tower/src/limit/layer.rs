@@ -6,7 +6,8 @@ use tower_layer::Layer;
 
 use super::backend::{GovernorLimiter, Limiter};
 use super::service::{RateLimit, Settings, Shared};
-use crate::classify::{Classify, KeyHasher, TogetherClassifier};
+use crate::classify::{Classify, TogetherClassifier};
+use crate::key::KeyHasher;
 use crate::quota::QuotaTable;
 
 /// Applies [`RateLimit`] to a service: each request waits its turn in its

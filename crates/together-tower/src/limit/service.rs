@@ -13,9 +13,10 @@ use super::backend::{BucketSpec, Decision, GovernorLimiter, Limiter};
 use super::bucket::{Bucket, BucketKey, Buckets, Close, QueueSlot, Turn};
 use super::error::{QueueFull, RateLimited};
 use super::future::{ResponseFuture, WaitForTurn};
-use crate::classify::{Classify, EndpointClass, KeyHasher, TogetherClassifier};
+use crate::classify::{Classify, EndpointClass, TogetherClassifier};
 use crate::clock::TokioClock;
 use crate::headers;
+use crate::key::KeyHasher;
 use crate::quota::QuotaTable;
 
 /// Makes each request wait its turn in its (API key, quota group) bucket before it is sent.
@@ -91,7 +92,10 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        self.shared
+            .classifier
+            .hide_credentials(request.headers_mut());
         match self.shared.admit(&request) {
             Admission::Go { permit, learner } => {
                 // The inner service is ready (our `poll_ready` is its own), so call it now.

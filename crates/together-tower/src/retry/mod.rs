@@ -44,12 +44,20 @@
 mod delivery;
 mod policy;
 
+use std::task::{Context, Poll};
+
+use http::Request;
 use tower_layer::Layer;
+use tower_service::Service;
 
 pub use self::policy::{JobSlotWait, RetryBody, RetryPolicy, X_SHOULD_RETRY};
-pub use tower::retry::Retry;
 
-use crate::classify::TogetherClassifier;
+use crate::classify::{Classify, TogetherClassifier};
+
+/// The response future of [`Retry`]: tower's own.
+pub mod future {
+    pub use tower::retry::future::ResponseFuture;
+}
 
 /// Applies tower's [`Retry`] with a [`RetryPolicy`].
 #[derive(Debug, Clone)]
@@ -77,10 +85,65 @@ impl Default for RetryLayer {
 }
 
 impl<S, C: Clone> Layer<S> for RetryLayer<C> {
-    type Service = Retry<RetryPolicy<C>, S>;
+    type Service = Retry<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Retry::new(self.policy.clone(), inner)
+        Retry {
+            classifier: self.policy.classifier().clone(),
+            inner: tower::retry::Retry::new(self.policy.clone(), inner),
+        }
+    }
+}
+
+/// Retries requests by a [`RetryPolicy`]: tower's [`Retry`](tower::retry::Retry), which also
+/// marks each request's credential headers sensitive as it enters, so that neither the copy it
+/// keeps to send again nor the request it passes on prints the key.
+#[derive(Debug, Clone)]
+pub struct Retry<S, C = TogetherClassifier> {
+    inner: tower::retry::Retry<RetryPolicy<C>, S>,
+    // tower's `Retry` does not lend out its policy, so the classifier comes along.
+    classifier: C,
+}
+
+impl<S, C> Retry<S, C> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        self.inner.get_ref()
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        self.inner.get_mut()
+    }
+
+    /// Consumes the layer, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner.into_inner()
+    }
+}
+
+impl<S, C, B> Service<Request<B>> for Retry<S, C>
+where
+    C: Classify + Clone,
+    tower::retry::Retry<RetryPolicy<C>, S>: Service<Request<B>>,
+    RetryPolicy<C>: tower::retry::Policy<
+            Request<B>,
+            <S as Service<Request<B>>>::Response,
+            <S as Service<Request<B>>>::Error,
+        >,
+    S: Service<Request<B>> + Clone,
+{
+    type Response = <tower::retry::Retry<RetryPolicy<C>, S> as Service<Request<B>>>::Response;
+    type Error = <tower::retry::Retry<RetryPolicy<C>, S> as Service<Request<B>>>::Error;
+    type Future = <tower::retry::Retry<RetryPolicy<C>, S> as Service<Request<B>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        self.classifier.hide_credentials(request.headers_mut());
+        self.inner.call(request)
     }
 }
 

@@ -179,6 +179,11 @@ impl<C> RetryPolicy<C> {
         }
     }
 
+    /// The classifier, which knows which calls create paid jobs and where keys are.
+    pub(crate) fn classifier(&self) -> &C {
+        &self.classifier
+    }
+
     /// The delay before retry number `attempt` (0-based) without a server hint.
     fn backoff(&mut self, attempt: u32) -> Duration {
         let ceiling = self
@@ -312,6 +317,8 @@ where
         *clone.uri_mut() = request.uri().clone();
         *clone.version_mut() = request.version();
         *clone.headers_mut() = request.headers().clone();
+        // The copy lives in the retry future, which tower prints with `Debug`.
+        self.classifier.hide_credentials(clone.headers_mut());
         *clone.extensions_mut() = request.extensions().clone();
         Some(clone)
     }
