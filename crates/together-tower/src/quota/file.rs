@@ -1,0 +1,103 @@
+//! Quota tables from TOML.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::error::{Problem, excerpt};
+use super::table::MAX_GROUPS;
+use super::{ChatTier, GroupQuota, QuotaError, QuotaTable, Rate};
+
+/// The largest quota file read: a real one is a few hundred bytes.
+pub(super) const MAX_FILE_BYTES: usize = 1 << 20;
+
+/// The longest a syntax error's message may be; the TOML parser quotes the offending line,
+/// which may be enormous.
+const MAX_MESSAGE_CHARS: usize = 400;
+
+pub(super) fn load(text: &str) -> Result<QuotaTable, QuotaError> {
+    if text.len() > MAX_FILE_BYTES {
+        return Err(QuotaError::new("", Problem::TooLarge(text.len())));
+    }
+    let file: QuotaFile =
+        toml::from_str(text).map_err(|error| QuotaError::new("", syntax(&error)))?;
+    file.into_table()
+}
+
+fn syntax(error: &toml::de::Error) -> Problem {
+    let message = error.to_string();
+    let message = message.trim_end();
+    let message = match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((end, _)) => format!("{}… (cut)", &message[..end]),
+        None => message.to_owned(),
+    };
+    Problem::Syntax(message)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaFile {
+    preset: Option<String>,
+    #[serde(default)]
+    groups: BTreeMap<String, GroupEntry>,
+    #[serde(default)]
+    classes: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupEntry {
+    rate: Option<String>,
+    burst: Option<u32>,
+    concurrency: Option<u32>,
+}
+
+impl QuotaFile {
+    fn into_table(self) -> Result<QuotaTable, QuotaError> {
+        // Before anything is built: a file of many thousand groups is refused at once.
+        if self.groups.len() > MAX_GROUPS {
+            return Err(QuotaError::new(
+                "",
+                Problem::TooManyGroups(self.groups.len()),
+            ));
+        }
+        let mut builder = match self.preset {
+            None => QuotaTable::builder(),
+            Some(name) => ChatTier::ALL
+                .into_iter()
+                .find(|tier| tier.as_str() == name)
+                .map(|tier| QuotaTable::chat_tier(tier).to_builder())
+                .ok_or_else(|| QuotaError::new("", Problem::UnknownPreset(excerpt(&name))))?,
+        };
+        for (name, entry) in self.groups {
+            let rate = match entry.rate {
+                Some(text) => {
+                    let rate = Rate::parse(&text).ok_or_else(|| {
+                        QuotaError::new(&name, Problem::InvalidRate(excerpt(&text)))
+                    })?;
+                    Some(rate.with_burst(entry.burst.unwrap_or(1)))
+                }
+                None => None,
+            };
+            let quota = match (rate, entry.concurrency) {
+                (Some(rate), concurrency) => {
+                    let quota = GroupQuota::rate(rate);
+                    match concurrency {
+                        Some(calls) => quota.with_concurrency(calls),
+                        None => quota,
+                    }
+                }
+                (None, Some(calls)) => GroupQuota::concurrency(calls),
+                (None, None) => return Err(QuotaError::new(&name, Problem::NoLimit)),
+            };
+            builder = builder.group(name, quota);
+        }
+        for (class, group) in self.classes {
+            let class = class
+                .parse()
+                .map_err(|_| QuotaError::new(&group, Problem::UnknownClass(excerpt(&class))))?;
+            builder = builder.class(class, group);
+        }
+        builder.build()
+    }
+}
