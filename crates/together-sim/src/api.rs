@@ -36,6 +36,10 @@ impl Shared {
         }
     }
 
+    pub(crate) fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -98,7 +102,7 @@ pub(crate) async fn handle(
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().trim_end_matches('/').to_owned();
     if let Some(control) = path.strip_prefix("/sim/") {
-        let body = read_body(body).await.unwrap_or_default();
+        let body = read_body(&shared, body).await.unwrap_or_default();
         return Ok(respond(
             control_answer(&shared, &parts.method, control, &body),
             None,
@@ -210,12 +214,22 @@ fn bearer(headers: &http::HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
-async fn read_body(body: Incoming) -> Result<Bytes, ()> {
-    Limited::new(body, MAX_BODY)
-        .collect()
-        .await
-        .map(|body| body.to_bytes())
-        .map_err(|_| ())
+/// Reads a request body whole, within the size bound and the read timeout.
+async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, Answer> {
+    let collect = Limited::new(body, MAX_BODY).collect();
+    match tokio::time::timeout(shared.config.read_timeout(), collect).await {
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(_)) => Err(Answer::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "The request body is too large.",
+        )),
+        Err(_) => Err(Answer::error(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "The request body did not arrive in time.",
+        )),
+    }
 }
 
 /// What becomes of an authenticated request.
@@ -234,7 +248,7 @@ impl From<Answer> for Reply {
 
 /// Reads, checks and answers an authenticated request: body, model, faults, limits, work.
 async fn answer(shared: &Shared, key: &str, route: &Route, body: Incoming) -> Reply {
-    let json = match read_json(route, body).await {
+    let json = match read_json(shared, route, body).await {
         Ok(json) => json,
         Err(refusal) => return refusal.into(),
     };
@@ -283,17 +297,11 @@ async fn answer(shared: &Shared, key: &str, route: &Route, body: Incoming) -> Re
 }
 
 /// The JSON object the endpoint needs (`null` for endpoints without a body), or the refusal.
-async fn read_json(route: &Route, body: Incoming) -> Result<Value, Answer> {
+async fn read_json(shared: &Shared, route: &Route, body: Incoming) -> Result<Value, Answer> {
     if !route.endpoint.needs_model() && !matches!(route.endpoint, Endpoint::CreateJob) {
         return Ok(Value::Null);
     }
-    let bytes = read_body(body).await.map_err(|()| {
-        Answer::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "The request body is too large.",
-        )
-    })?;
+    let bytes = read_body(shared, body).await?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(value @ Value::Object(_)) => Ok(value),
         _ => Err(Answer::error(

@@ -188,6 +188,12 @@ pub struct SimConfig {
     pub faults: Faults,
     /// Seed of the random draws (faults, latency), so runs repeat.
     pub seed: u64,
+    /// How long a client may take to send a request's headers, and then its body, in
+    /// milliseconds; a slower one is cut off (a closed connection, or 408 for a body).
+    pub read_timeout_ms: u64,
+    /// The largest request head (start line and headers) read, in bytes; a larger one is
+    /// answered 431. At least 8192.
+    pub max_header_bytes: usize,
 }
 
 impl Default for SimConfig {
@@ -228,9 +234,14 @@ impl Default for SimConfig {
             },
             faults: Faults::default(),
             seed: 0x5eed,
+            read_timeout_ms: 10_000,
+            max_header_bytes: 16 * 1024,
         }
     }
 }
+
+/// The smallest bound on a request head hyper's HTTP/1 server accepts.
+const MIN_HEADER_BYTES: usize = 8_192;
 
 /// A configuration that cannot be used, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,6 +299,14 @@ impl SimConfig {
                 "faults.unavailable_for_ms needs faults.unavailable_every_ms".into(),
             ));
         }
+        if self.read_timeout_ms == 0 {
+            return Err(ConfigError("read_timeout_ms must be at least 1".into()));
+        }
+        if self.max_header_bytes < MIN_HEADER_BYTES {
+            return Err(ConfigError(format!(
+                "max_header_bytes must be at least {MIN_HEADER_BYTES}"
+            )));
+        }
         if self.fine_tunes.concurrent == 0 || self.batches.concurrent == 0 {
             return Err(ConfigError(
                 "jobs' concurrent limits must be at least 1".into(),
@@ -299,6 +318,11 @@ impl SimConfig {
     /// The window as a duration.
     pub fn window(&self) -> Duration {
         Duration::from_millis(self.window_ms)
+    }
+
+    /// The read timeout as a duration.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
     }
 }
 
@@ -380,6 +404,13 @@ pub struct Args {
     /// Seed of the random draws, so runs repeat.
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
+    /// How long a client may take to send its headers, and then its body, in milliseconds
+    /// [default: 10000].
+    #[arg(long, value_name = "MS")]
+    pub read_timeout_ms: Option<u64>,
+    /// The largest request head read, in bytes; larger ones get 431 [default: 16384].
+    #[arg(long, value_name = "BYTES")]
+    pub max_header_bytes: Option<usize>,
 }
 
 impl Args {
@@ -426,6 +457,8 @@ impl Args {
         set(&mut config.faults.latency_ms, self.latency_ms);
         set(&mut config.faults.latency_jitter_ms, self.latency_jitter_ms);
         set(&mut config.seed, self.seed);
+        set(&mut config.read_timeout_ms, self.read_timeout_ms);
+        config.max_header_bytes = self.max_header_bytes.unwrap_or(config.max_header_bytes);
         config.listen = self.listen.unwrap_or(config.listen);
         config.algorithm = self.algorithm.unwrap_or(config.algorithm);
         config.models = self.models.unwrap_or(config.models);
@@ -596,6 +629,8 @@ mod tests {
             "--latency-jitter-ms",
             "--embedding-dimensions",
             "--seed",
+            "--read-timeout-ms",
+            "--max-header-bytes",
         ] {
             assert!(help.contains(flag), "{flag} is not in --help");
         }
