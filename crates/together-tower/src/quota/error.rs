@@ -26,7 +26,10 @@ pub(super) enum Problem {
     UnknownGroup(EndpointClass),
     TooManyGroups(usize),
     #[cfg_attr(not(feature = "serde"), allow(dead_code))]
-    TooLarge(usize),
+    TooLarge {
+        bytes: usize,
+        max: usize,
+    },
     #[cfg_attr(not(feature = "serde"), allow(dead_code))]
     UnknownClass(String),
     #[cfg_attr(not(feature = "serde"), allow(dead_code))]
@@ -109,10 +112,9 @@ impl fmt::Display for QuotaError {
                 f,
                 "{count} groups is more than the {MAX_GROUPS} a table may hold"
             ),
-            Problem::TooLarge(bytes) => write!(
+            Problem::TooLarge { bytes, max } => write!(
                 f,
-                "the quota file is {bytes} bytes, more than the {} a quota file may be",
-                super::file::MAX_FILE_BYTES
+                "the quota file is {bytes} bytes, more than the {max} a quota file may be"
             ),
             Problem::UnknownClass(name) => {
                 write!(f, "unknown endpoint class {name:?}; expected one of ")?;

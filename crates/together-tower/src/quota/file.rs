@@ -9,7 +9,7 @@ use super::table::MAX_GROUPS;
 use super::{ChatTier, GroupQuota, QuotaError, QuotaTable, Rate};
 
 /// The largest quota file read: a real one is a few hundred bytes.
-pub(super) const MAX_FILE_BYTES: usize = 1 << 20;
+const MAX_FILE_BYTES: usize = 1 << 20;
 
 /// The longest a syntax error's message may be; the TOML parser quotes the offending line,
 /// which may be enormous.
@@ -17,7 +17,13 @@ const MAX_MESSAGE_CHARS: usize = 400;
 
 pub(super) fn load(text: &str) -> Result<QuotaTable, QuotaError> {
     if text.len() > MAX_FILE_BYTES {
-        return Err(QuotaError::new("", Problem::TooLarge(text.len())));
+        return Err(QuotaError::new(
+            "",
+            Problem::TooLarge {
+                bytes: text.len(),
+                max: MAX_FILE_BYTES,
+            },
+        ));
     }
     let file: QuotaFile =
         toml::from_str(text).map_err(|error| QuotaError::new("", syntax(&error)))?;
