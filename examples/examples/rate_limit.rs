@@ -17,6 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use together_tower::ServiceBuilderExt;
 use together_tower::classify::EndpointClass;
+use together_tower::limit::Limits;
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
 use together_tower_examples::{LocalServer, send_chat_requests};
 use tower::{BoxError, ServiceBuilder};
@@ -63,7 +64,7 @@ async fn main() -> Result<(), BoxError> {
         .class(EndpointClass::Chat, "chat")
         .build()?;
     let limited_client = ServiceBuilder::new()
-        .together_rate_limit(table)
+        .together_rate_limit(Limits::new(table))
         .service(client);
     let limited = send_chat_requests(limited_client, &server.url, requests, body).await;
 

@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use together_tower::ServiceBuilderExt;
 use together_tower::buffer::BufferedBody;
 use together_tower::classify::EndpointClass;
+use together_tower::limit::Limits;
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
 use together_tower_examples::{LocalServer, send_chat_requests};
 use tower::{BoxError, ServiceBuilder};
@@ -47,7 +48,9 @@ async fn main() -> Result<(), BoxError> {
         .class(EndpointClass::Chat, "chat")
         .build()?;
     let client = Client::builder(TokioExecutor::new()).build_http::<BufferedBody<Full<Bytes>>>();
-    let together = ServiceBuilder::new().together(table).service(client);
+    let together = ServiceBuilder::new()
+        .together(Limits::new(table))
+        .service(client);
     let body = || Full::new(Bytes::from_static(br#"{"model":"m","messages":[]}"#));
     let tally = send_chat_requests(together, &server.url, requests, body).await;
 

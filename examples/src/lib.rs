@@ -134,17 +134,15 @@ pub struct Tally {
 
 /// Sends `count` chat requests at once through `client`, each from its own task, and tallies
 /// the answers.
-pub async fn send_chat_requests<S, B>(
+pub async fn send_chat_requests<S, B, R>(
     client: S,
     url: &str,
     count: usize,
     body: impl Fn() -> B,
 ) -> Tally
 where
-    S: tower::Service<Request<B>, Response = Response<hyper::body::Incoming>>
-        + Clone
-        + Send
-        + 'static,
+    S: tower::Service<Request<B>, Response = Response<R>> + Clone + Send + 'static,
+    R: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
     S::Future: Send,
     B: Send + 'static,

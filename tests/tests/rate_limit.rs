@@ -7,6 +7,7 @@ use http::Request;
 use http_body_util::Full;
 use together_tower::RateLimitLayer;
 use together_tower::classify::EndpointClass;
+use together_tower::limit::Limits;
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
 use together_tower_tests::{LoopbackServer, Seen, http_client, json};
 use tower::{ServiceBuilder, ServiceExt};
@@ -77,7 +78,9 @@ async fn two_keys_use_their_whole_quota_and_never_see_a_429() {
     .unwrap();
 
     let client = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(chat_table(Rate::per_second(10))))
+        .layer(RateLimitLayer::new(Limits::new(chat_table(
+            Rate::per_second(10),
+        ))))
         .service(http_client());
     let calls: Vec<_> = (0..30)
         .map(|i| {
@@ -124,7 +127,9 @@ async fn a_429_with_retry_after_holds_back_every_waiter_of_the_bucket() {
     .unwrap();
 
     let client = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(chat_table(Rate::per_second(50))))
+        .layer(RateLimitLayer::new(Limits::new(chat_table(
+            Rate::per_second(50),
+        ))))
         .service(http_client());
     let calls: Vec<_> = (0..6)
         .map(|_| tokio::spawn(client.clone().oneshot(chat_request(&server.url(), "k"))))

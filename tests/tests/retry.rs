@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use together_sim::{Sim, SimConfig};
 use together_tower::buffer::BufferedBody;
+use together_tower::limit::Limits;
 use together_tower::quota::QuotaTable;
 use together_tower::{RetryPolicy, TogetherLayer};
 use together_tower_tests::{http_client, sim_stats};
@@ -53,7 +54,7 @@ async fn a_request_the_server_read_and_hung_up_on_is_retried_but_a_job_create_is
     config.faults.hangup_rate = 1.0;
     let sim = Sim::start(config).await.unwrap();
     let retry = RetryPolicy::new().with_backoff(Duration::from_millis(1), Duration::from_millis(5));
-    let stack = TogetherLayer::new(QuotaTable::unlimited())
+    let stack = TogetherLayer::new(Limits::new(QuotaTable::unlimited()))
         .with_retry(retry)
         .layer(http_client::<BufferedBody<Full<Bytes>>>());
     let send = |path: &str, body: &'static str| {

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use together_tower::TogetherLayer;
-use together_tower::quota::QuotaTable;
+use together_tower::limit::Limits;
 use together_tower_tests::{LoopbackServer, http_client, json};
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -26,7 +26,7 @@ async fn a_429_with_retry_after_is_waited_out_and_the_same_request_sent_again() 
     .unwrap();
 
     let together = ServiceBuilder::new()
-        .layer(TogetherLayer::new(QuotaTable::together_defaults()))
+        .layer(TogetherLayer::new(Limits::default()))
         .service(http_client());
     let request = Request::post(format!("{}/v1/chat/completions", server.url()))
         .header("authorization", "Bearer tgp_v1_loopback-test-key")
@@ -60,7 +60,7 @@ async fn a_fine_tune_create_that_failed_with_a_500_is_not_sent_again() {
             .await
             .unwrap();
     let together = ServiceBuilder::new()
-        .layer(TogetherLayer::new(QuotaTable::together_defaults()))
+        .layer(TogetherLayer::new(Limits::default()))
         .service(http_client());
     let request = Request::post(format!("{}/v1/fine-tunes", server.url()))
         .header("authorization", "Bearer k")

@@ -11,8 +11,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
-use crate::config::{Class, ClassLimits, SimConfig};
-use crate::state::{Job, LimitOutcome, State, key_label};
+use crate::config::{Class, ClassLimits, Hints, SimConfig};
+use crate::state::{Job, JobStatus, LimitOutcome, State, key_label};
 
 /// The largest request body the simulator reads.
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -46,6 +46,17 @@ impl Shared {
 
     fn now(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    pub(crate) fn stats(&self) -> crate::state::Stats {
+        self.state().stats().clone()
+    }
+
+    pub(crate) fn limits(&self) -> BTreeMap<Class, ClassLimits> {
+        let now = self.now();
+        let mut state = self.state();
+        state.apply_schedule(now);
+        state.limits().clone()
     }
 
     /// Forgets meters that hold nothing.
@@ -106,6 +117,7 @@ pub(crate) async fn handle(
         return Ok(respond(
             control_answer(&shared, &parts.method, control, &body),
             None,
+            Hints::None,
         ));
     }
 
@@ -132,7 +144,7 @@ pub(crate) async fn handle(
     shared
         .state()
         .record(&label, route.class, answer.status.as_u16(), answer.tokens);
-    Ok(respond(answer, limits))
+    Ok(respond(answer, limits, shared.config.hints))
 }
 
 /// The request's class and what to do with it.
@@ -283,7 +295,10 @@ async fn answer(shared: &Shared, key: &str, route: &Route, body: Incoming) -> Re
         prompt_tokens + completion_tokens,
     );
     if let Some(outcome) = limits.filter(|outcome| !outcome.allowed()) {
-        return Reply::Answer(over_limit(&outcome), limits);
+        return Reply::Answer(
+            over_limit(&outcome, shared.config.over_limit_status),
+            limits,
+        );
     }
     let work = Work {
         key,
@@ -333,8 +348,16 @@ fn check_model(shared: &Shared, route: &Route, model: Option<&str>) -> Result<()
     }
 }
 
-/// The 429 for a request over its request or token limit.
-fn over_limit(outcome: &LimitOutcome) -> Answer {
+/// The answer to a request over its request or token limit: a 429, or the 503 Together sends
+/// when it is out of capacity below a client's dynamic limit.
+fn over_limit(outcome: &LimitOutcome, status: u16) -> Answer {
+    if status == 503 {
+        return Answer::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "The server is overloaded. Please slow down and retry later.",
+        );
+    }
     let (kind, message) = if outcome.requests.allowed {
         (
             "dynamic_token_limited",
@@ -577,7 +600,7 @@ fn serve(shared: &Shared, state: &mut State, work: &Work<'_>) -> Answer {
                 .find(|job| job.key == key && job.class == route.class && job.id == *id)
             {
                 Some(job) => {
-                    if cancel && job.status(now) != "completed" {
+                    if cancel && job.status(now) == JobStatus::Running {
                         job.cancelled = true;
                     }
                     Answer::ok(job_json(job, now))
@@ -640,7 +663,7 @@ fn job_json(job: &Job, now: Duration) -> Value {
     let mut body = json!({
         "id": job.id,
         "object": if job.class == Class::FineTunes { "fine-tune" } else { "batch" },
-        "status": job.status(now),
+        "status": job.status(now).as_str(job.class),
         "created_at_ms": job.created.as_millis() as u64,
     });
     for field in ["model", "training_file", "input_file_id", "endpoint"] {
@@ -712,13 +735,13 @@ fn control_answer(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> 
     }
 }
 
-fn respond(answer: Answer, limits: Option<LimitOutcome>) -> Response<Full<Bytes>> {
+fn respond(answer: Answer, limits: Option<LimitOutcome>, hints: Hints) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(&answer.body).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = answer.status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Some(limits) = limits {
+    if let Some(limits) = limits.filter(|_| hints != Hints::None) {
         let number = |n: u64| HeaderValue::from(n);
         let seconds = |d: Duration| {
             HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64()))
@@ -731,7 +754,8 @@ fn respond(answer: Answer, limits: Option<LimitOutcome>) -> Response<Full<Bytes>
             headers.insert("x-tokenlimit-limit", number(tokens.limit));
             headers.insert("x-tokenlimit-remaining", number(tokens.remaining));
         }
-        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+        let refused = !limits.allowed();
+        if refused && hints == Hints::All {
             let wait = if limits.requests.allowed {
                 limits.tokens.map_or(Duration::ZERO, |t| t.reset)
             } else {

@@ -126,6 +126,11 @@ impl ClassLimits {
         self.tpm = Some(tpm);
         self
     }
+
+    /// Whether every amount is at least 1.
+    pub const fn is_valid(&self) -> bool {
+        self.rpm > 0 && self.burst > 0 && !matches!(self.tpm, Some(0))
+    }
 }
 
 /// How paid jobs (fine-tunes, batches) behave.
@@ -136,6 +141,30 @@ pub struct JobSettings {
     pub concurrent: u32,
     /// How long a job runs before it completes, in milliseconds.
     pub duration_ms: u64,
+}
+
+/// Which hints the server puts on its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hints {
+    /// `x-ratelimit-*` and `x-tokenlimit-*` on every answer of a limited class, and
+    /// `Retry-After` (whole seconds) on refusals.
+    #[default]
+    All,
+    /// What Together documents: `x-ratelimit-*` and `x-tokenlimit-*`, no `Retry-After`.
+    Together,
+    /// Nothing: the client learns only from the statuses.
+    None,
+}
+
+/// A change of limits at a given time of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitChange {
+    /// When, in milliseconds after the simulator started.
+    pub at_ms: u64,
+    /// The limits of the classes named, from then on; other classes keep theirs.
+    pub limits: BTreeMap<Class, ClassLimits>,
 }
 
 /// Injected failures and latency.
@@ -194,6 +223,13 @@ pub struct SimConfig {
     /// The largest request head (start line and headers) read, in bytes; a larger one is
     /// answered 431. At least 8192.
     pub max_header_bytes: usize,
+    /// Which hints answers carry.
+    pub hints: Hints,
+    /// The status of an answer over a limit: 429, or 503 as Together answers when it is out of
+    /// capacity below a client's dynamic limit.
+    pub over_limit_status: u16,
+    /// Changes of limits at given times of the run, in any order.
+    pub schedule: Vec<LimitChange>,
 }
 
 impl Default for SimConfig {
@@ -236,6 +272,9 @@ impl Default for SimConfig {
             seed: 0x5eed,
             read_timeout_ms: 10_000,
             max_header_bytes: 16 * 1024,
+            hints: Hints::All,
+            over_limit_status: 429,
+            schedule: Vec::new(),
         }
     }
 }
@@ -278,7 +317,7 @@ impl SimConfig {
             return Err(ConfigError("window_ms must be at least 1".into()));
         }
         for (class, limits) in &self.limits {
-            if limits.rpm == 0 || limits.tpm == Some(0) || limits.burst == 0 {
+            if !limits.is_valid() {
                 return Err(ConfigError(format!(
                     "limits of {class}: rpm, tpm and burst must be at least 1"
                 )));
@@ -298,6 +337,20 @@ impl SimConfig {
             return Err(ConfigError(
                 "faults.unavailable_for_ms needs faults.unavailable_every_ms".into(),
             ));
+        }
+        if !matches!(self.over_limit_status, 429 | 503) {
+            return Err(ConfigError(format!(
+                "over_limit_status must be 429 or 503, not {}",
+                self.over_limit_status
+            )));
+        }
+        for change in &self.schedule {
+            if change.limits.values().any(|limits| !limits.is_valid()) {
+                return Err(ConfigError(format!(
+                    "the limits changed at {} ms: rpm, tpm and burst must be at least 1",
+                    change.at_ms
+                )));
+            }
         }
         if self.read_timeout_ms == 0 {
             return Err(ConfigError("read_timeout_ms must be at least 1".into()));
@@ -411,6 +464,16 @@ pub struct Args {
     /// The largest request head read, in bytes; larger ones get 431 [default: 16384].
     #[arg(long, value_name = "BYTES")]
     pub max_header_bytes: Option<usize>,
+    /// Which hints answers carry [default: all].
+    #[arg(long, value_enum)]
+    pub hints: Option<Hints>,
+    /// The status of an answer over a limit: 429, or 503 ("slow down") [default: 429].
+    #[arg(long, value_name = "STATUS")]
+    pub over_limit_status: Option<u16>,
+    /// A change of a class's limit at a time of the run: AT_MS:CLASS=RPM[/TPM], such as
+    /// 5000:chat=3000. Repeat for several.
+    #[arg(long = "change", value_name = "AT_MS:CLASS=RPM[/TPM]")]
+    pub changes: Vec<String>,
 }
 
 impl Args {
@@ -458,6 +521,11 @@ impl Args {
         set(&mut config.faults.latency_jitter_ms, self.latency_jitter_ms);
         set(&mut config.seed, self.seed);
         set(&mut config.read_timeout_ms, self.read_timeout_ms);
+        config.hints = self.hints.unwrap_or(config.hints);
+        config.over_limit_status = self.over_limit_status.unwrap_or(config.over_limit_status);
+        for spec in &self.changes {
+            config.schedule.push(parse_change(spec)?);
+        }
         config.max_header_bytes = self.max_header_bytes.unwrap_or(config.max_header_bytes);
         config.listen = self.listen.unwrap_or(config.listen);
         config.algorithm = self.algorithm.unwrap_or(config.algorithm);
@@ -475,6 +543,22 @@ impl Args {
             .unwrap_or(config.embedding_dimensions);
         config.validate()
     }
+}
+
+/// `AT_MS:CLASS=RPM[/TPM]`.
+fn parse_change(spec: &str) -> Result<LimitChange, ConfigError> {
+    let invalid = || {
+        ConfigError(format!(
+            "--change {spec:?}: expected AT_MS:CLASS=RPM[/TPM], such as 5000:chat=3000"
+        ))
+    };
+    let (at_ms, limit) = spec.split_once(':').ok_or_else(invalid)?;
+    let at_ms = at_ms.trim().parse().map_err(|_| invalid())?;
+    let (class, limits) = parse_limit(limit)?;
+    Ok(LimitChange {
+        at_ms,
+        limits: BTreeMap::from([(class, limits)]),
+    })
 }
 
 /// `CLASS=RPM` or `CLASS=RPM/TPM`.
@@ -631,6 +715,9 @@ mod tests {
             "--seed",
             "--read-timeout-ms",
             "--max-header-bytes",
+            "--hints",
+            "--over-limit-status",
+            "--change",
         ] {
             assert!(help.contains(flag), "{flag} is not in --help");
         }

@@ -39,7 +39,9 @@ mod api;
 mod server;
 mod state;
 
-pub use self::config::{Args, Class, ClassLimits, ConfigError, Faults, JobSettings, SimConfig};
+pub use self::config::{
+    Args, Class, ClassLimits, ConfigError, Faults, Hints, JobSettings, LimitChange, SimConfig,
+};
 pub use self::meter::Algorithm;
 pub use self::server::{Sim, SimHandle, parse_stats};
 pub use self::state::{Counters, Stats, key_label};

@@ -1,5 +1,6 @@
 //! Serving: a hyper HTTP/1 server with keep-alive and graceful shutdown.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::api::{Shared, handle};
-use crate::config::SimConfig;
+use crate::config::{Class, ClassLimits, SimConfig};
 use crate::state::Stats;
 
 /// How long shutdown waits for requests in flight before it drops them.
@@ -36,6 +37,7 @@ impl Sim {
         let task = tokio::spawn(serve(listener, Arc::clone(&shared), stopped));
         Ok(SimHandle {
             addr,
+            shared,
             stop,
             task: Some(task),
         })
@@ -114,6 +116,7 @@ impl Default for AcceptBackoff {
 #[derive(Debug)]
 pub struct SimHandle {
     addr: SocketAddr,
+    shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
@@ -127,6 +130,16 @@ impl SimHandle {
     /// Its base URL, such as `http://127.0.0.1:40123` (Together's paths start with `/v1`).
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// What it has answered so far (as `GET /sim/stats` reports it).
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// The limits it enforces now, scheduled changes that are due included.
+    pub fn limits(&self) -> BTreeMap<Class, ClassLimits> {
+        self.shared.limits()
     }
 
     /// Stops accepting, lets requests in flight finish (up to 5 s), and returns when done.

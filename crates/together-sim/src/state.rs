@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Class, ClassLimits, SimConfig};
+use crate::config::{Class, ClassLimits, LimitChange, SimConfig};
 use crate::meter::{Algorithm, Limit, Meter, Verdict};
 
 /// A label for an API key in stats: a hash of it, never the key itself.
@@ -98,18 +98,39 @@ pub(crate) struct Job {
     pub(crate) detail: serde_json::Value,
 }
 
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobStatus {
+    Running,
+    Completed,
+    Cancelled,
+}
+
+impl JobStatus {
+    /// The status as Together spells it for a job of `class`.
+    pub(crate) fn as_str(self, class: Class) -> &'static str {
+        match (self, class) {
+            (JobStatus::Running, Class::Batches) => "in_progress",
+            (JobStatus::Running, _) => "running",
+            (JobStatus::Completed, _) => "completed",
+            (JobStatus::Cancelled, _) => "cancelled",
+        }
+    }
+}
+
 impl Job {
-    pub(crate) fn status(&self, now: Duration) -> &'static str {
-        match (self.cancelled, now >= self.finishes, self.class) {
-            (true, _, _) => "cancelled",
-            (false, true, _) => "completed",
-            (false, false, Class::Batches) => "in_progress",
-            (false, false, _) => "running",
+    pub(crate) fn status(&self, now: Duration) -> JobStatus {
+        if self.cancelled {
+            JobStatus::Cancelled
+        } else if now >= self.finishes {
+            JobStatus::Completed
+        } else {
+            JobStatus::Running
         }
     }
 
     fn is_running(&self, now: Duration) -> bool {
-        !self.cancelled && now < self.finishes
+        self.status(now) == JobStatus::Running
     }
 }
 
@@ -141,6 +162,8 @@ pub(crate) struct State {
     tolerance: Duration,
     limits: BTreeMap<Class, ClassLimits>,
     meters: HashMap<(String, Class, Option<String>), Meters>,
+    /// Changes still to come, latest first.
+    schedule: Vec<LimitChange>,
     stats: Stats,
     pub(crate) jobs: Vec<Job>,
     next_id: u64,
@@ -154,6 +177,11 @@ impl State {
             tolerance: Duration::from_millis(config.gcra_tolerance_ms),
             limits: config.limits.clone(),
             meters: HashMap::new(),
+            schedule: {
+                let mut schedule = config.schedule.clone();
+                schedule.sort_by_key(|change| std::cmp::Reverse(change.at_ms));
+                schedule
+            },
             stats: Stats::default(),
             jobs: Vec::new(),
             next_id: 1,
@@ -170,6 +198,7 @@ impl State {
         model: Option<&str>,
         tokens: u64,
     ) -> Option<LimitOutcome> {
+        self.apply_schedule(now);
         let limits = *self.limits.get(&class)?;
         let (request_limit, token_limit) = limits_per_window(&limits, self.window);
         let request_limit = request_limit.with_tolerance(self.tolerance);
@@ -198,6 +227,19 @@ impl State {
             meters.tokens = token_meter;
         }
         Some(outcome)
+    }
+
+    /// Makes the scheduled changes that are due at `now`.
+    pub(crate) fn apply_schedule(&mut self, now: Duration) {
+        while self
+            .schedule
+            .last()
+            .is_some_and(|change| Duration::from_millis(change.at_ms) <= now)
+        {
+            if let Some(change) = self.schedule.pop() {
+                self.set_limits(change.limits);
+            }
+        }
     }
 
     /// Replaces the limits of the classes named. Their meters start afresh under the new

@@ -11,7 +11,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use together_sim::{
-    Algorithm, Class, ClassLimits, Counters, Sim, SimConfig, SimHandle, key_label, parse_stats,
+    Algorithm, Class, ClassLimits, Counters, Hints, LimitChange, Sim, SimConfig, SimHandle,
+    key_label, parse_stats,
 };
 
 struct Answer {
@@ -499,4 +500,105 @@ async fn shutdown_stops_the_server() {
     assert_eq!(caller.chat("k").await.status, 200);
     sim.shutdown().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn hints_can_be_limited_to_togethers_or_turned_off() {
+    for (hints, limit_headers, retry_after) in [
+        (Hints::All, true, true),
+        (Hints::Together, true, false),
+        (Hints::None, false, false),
+    ] {
+        let sim = Sim::start(SimConfig {
+            hints,
+            ..config(Algorithm::Gcra, &[(Class::Chat, ClassLimits::rpm(1))])
+        })
+        .await
+        .unwrap();
+        let caller = Caller::new(&sim);
+        let ok = caller.chat("k").await;
+        let refused = caller.chat("k").await;
+        assert_eq!(
+            (ok.status, refused.status),
+            (StatusCode::OK, StatusCode::TOO_MANY_REQUESTS)
+        );
+        for answer in [&ok, &refused] {
+            assert_eq!(
+                answer.headers.contains_key("x-ratelimit-limit"),
+                limit_headers,
+                "{hints:?}"
+            );
+            assert_eq!(
+                answer.headers.contains_key("x-ratelimit-reset"),
+                limit_headers,
+                "{hints:?}"
+            );
+        }
+        assert_eq!(
+            refused.headers.contains_key("retry-after"),
+            retry_after,
+            "{hints:?}"
+        );
+        sim.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn over_the_limit_can_be_answered_503_instead_of_429() {
+    let sim = Sim::start(SimConfig {
+        over_limit_status: 503,
+        ..config(Algorithm::Gcra, &[(Class::Chat, ClassLimits::rpm(1))])
+    })
+    .await
+    .unwrap();
+    let caller = Caller::new(&sim);
+    assert_eq!(caller.chat("k").await.status, StatusCode::OK);
+    let slow_down = caller.chat("k").await;
+    assert_eq!(slow_down.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(slow_down.json["error"]["type"], "server_error");
+    let stats = caller.stats().await;
+    assert_eq!(
+        (
+            stats.classes["chat"].unavailable,
+            stats.classes["chat"].rate_limited
+        ),
+        (1, 0)
+    );
+    assert!(
+        SimConfig {
+            over_limit_status: 500,
+            ..SimConfig::default()
+        }
+        .validate()
+        .is_err()
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn limits_change_at_their_scheduled_times() {
+    // One request a minute; from 300 ms in, a hundred.
+    let sim = Sim::start(SimConfig {
+        schedule: vec![LimitChange {
+            at_ms: 300,
+            limits: [(Class::Chat, ClassLimits::rpm(100))].into(),
+        }],
+        ..config(
+            Algorithm::SlidingWindow,
+            &[(Class::Chat, ClassLimits::rpm(1))],
+        )
+    })
+    .await
+    .unwrap();
+    let caller = Caller::new(&sim);
+    assert_eq!(caller.chat("k").await.status, StatusCode::OK);
+    assert_eq!(caller.chat("k").await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(sim.limits()[&Class::Chat].rpm, 1);
+    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    assert_eq!(sim.limits()[&Class::Chat].rpm, 100);
+    for _ in 0..5 {
+        assert_eq!(caller.chat("k").await.status, StatusCode::OK);
+    }
+    assert_eq!(sim.stats().classes["chat"].ok, 6);
+    sim.shutdown().await;
 }

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
-use together_sim::Algorithm;
+use together_sim::{Algorithm, Hints};
+use together_tower::limit::Limits;
 use tower::ServiceExt;
 
 use crate::CliError;
@@ -45,8 +46,10 @@ pub struct BenchArgs {
     /// Retries per request at most.
     #[arg(long, default_value_t = 4, value_name = "K")]
     pub max_retries: u32,
-    /// `limited` (the whole stack) or `retry-only` (no limiter: today's SDK behaviour).
-    #[arg(long, value_enum, default_value = "limited")]
+    /// `adaptive` (the whole stack, rates that follow the server; `limited` is an alias),
+    /// `static` (the whole stack, the table's rates only) or `retry-only` (no limiter: today's
+    /// SDK behaviour).
+    #[arg(long, value_enum, default_value = "adaptive")]
     pub mode: Mode,
     /// Print one JSON object with the results on the last line of stdout.
     #[arg(long)]
@@ -60,6 +63,35 @@ pub struct BenchArgs {
     /// The embedded simulator's limit, a minute [default: --rpm].
     #[arg(long, value_name = "R")]
     pub sim_rpm: Option<u32>,
+    /// Which hints the embedded simulator's answers carry.
+    #[arg(long, value_enum, default_value = "all")]
+    pub sim_hints: Hints,
+    /// The embedded simulator's answer over its limit: 429, or 503 ("slow down").
+    #[arg(long, default_value_t = 429, value_name = "STATUS", value_parser = parse_over_limit_status)]
+    pub sim_over_limit_status: u16,
+    /// A change of the embedded simulator's limit during the run: AT_MS=RPM, such as
+    /// 5000=3000. Repeat for several.
+    #[arg(long = "sim-change", value_name = "AT_MS=RPM", value_parser = parse_change)]
+    pub sim_changes: Vec<(u64, u32)>,
+}
+
+fn parse_over_limit_status(status: &str) -> Result<u16, String> {
+    match status.trim() {
+        "429" => Ok(429),
+        "503" => Ok(503),
+        _ => Err(format!("{status:?} is neither 429 nor 503")),
+    }
+}
+
+fn parse_change(spec: &str) -> Result<(u64, u32), String> {
+    let invalid = || format!("{spec:?} is not AT_MS=RPM, such as 5000=3000");
+    let (at, rpm) = spec.split_once('=').ok_or_else(invalid)?;
+    let at = at.trim().parse().map_err(|_| invalid())?;
+    let rpm: u32 = rpm.trim().parse().map_err(|_| invalid())?;
+    if rpm == 0 {
+        return Err(format!("{spec:?}: the limit must be at least 1 a minute"));
+    }
+    Ok((at, rpm))
 }
 
 /// What a run did. Serialised as the `--json` line.
@@ -73,6 +105,8 @@ pub struct BenchReport {
     pub failed: u64,
     /// 429 answers that reached the stack from the server, counted below the retry layer.
     pub server_429: u64,
+    /// 503 answers ("slow down") from the server, counted the same way.
+    pub refused_503: u64,
     /// Attempts beyond the first of each request.
     pub retries: u64,
     /// Seconds from the first send to the last answer.
@@ -96,23 +130,50 @@ pub struct BenchReport {
     pub sim_algorithm: Option<Algorithm>,
     /// Requests in flight at once.
     pub concurrency: u64,
+    /// The request rate in force at the end of the run, a minute (none in retry-only mode).
+    pub final_rate_rpm: Option<f64>,
+    /// The embedded simulator's limit at the end of the run, a minute.
+    pub server_rate_rpm: Option<u32>,
+    /// 2xx answers over what the embedded simulator allowed in the time the run took: the
+    /// goodput, as a share of what the server would have accepted.
+    pub server_share: Option<f64>,
 }
 
-/// Runs a bench; returns the report and every attempt the server answered.
-pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Vec<Attempt>), CliError> {
+/// What a run saw, for the plot.
+#[derive(Debug, Clone, Default)]
+pub struct Timeline {
+    /// Every attempt the server answered.
+    pub attempts: Vec<Attempt>,
+    /// The request rate in force over the run, per second, sampled.
+    pub rates: Vec<(Duration, f64)>,
+    /// The server's limit over the run, per second (embedded simulator only).
+    pub server_rates: Vec<(Duration, f64)>,
+}
+
+/// How often the rate in force is sampled for the plot.
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// Runs a bench; returns the report and what it saw over time.
+pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> {
     if args.requests == 0 || args.rpm == 0 || args.burst == 0 {
         return Err(CliError::Usage(
             "--requests, --rpm and --burst must be at least 1".into(),
         ));
     }
-    let limits = SimLimits {
-        class: args.endpoint.sim_class(),
-        rpm: args.sim_rpm.unwrap_or(args.rpm),
-        algorithm: args.sim_algorithm,
+    let sim_limits = SimLimits {
+        hints: args.sim_hints,
+        over_limit_status: args.sim_over_limit_status,
+        changes: args.sim_changes.clone(),
+        ..SimLimits::new(
+            args.endpoint.sim_class(),
+            args.sim_rpm.unwrap_or(args.rpm),
+            args.sim_algorithm,
+        )
     };
-    let target = Target::resolve(args.target.base_url.as_deref(), limits).await?;
+    let sim_started = Instant::now();
+    let target = Target::resolve(args.target.base_url.as_deref(), sim_limits.clone()).await?;
     let observations = Observations::new();
-    let service = stack(
+    let (service, limits) = stack(
         args.mode,
         args.endpoint,
         args.rpm,
@@ -132,6 +193,10 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Vec<Attempt>), CliErr
     let ok = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.requests as usize)));
     let started = Instant::now();
+    let rates = Arc::new(Mutex::new(Vec::new()));
+    let sampler = limits
+        .clone()
+        .map(|limits| tokio::spawn(sample_rates(limits, started, Arc::clone(&rates))));
     let workers: Vec<_> = (0..args.concurrency.min(args.requests))
         .map(|_| {
             let (service, next, ok, latencies) = (
@@ -188,6 +253,10 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Vec<Attempt>), CliErr
     }
     let elapsed = started.elapsed();
     progress.finish_and_clear();
+    if let Some(sampler) = sampler {
+        sampler.abort();
+    }
+    let rates = std::mem::take(&mut *rates.lock().unwrap_or_else(PoisonError::into_inner));
 
     let mut latencies =
         std::mem::take(&mut *latencies.lock().unwrap_or_else(PoisonError::into_inner));
@@ -196,11 +265,16 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Vec<Attempt>), CliErr
     let attempts = observations.attempts.load(Ordering::Relaxed);
     let seconds = elapsed.as_secs_f64().max(f64::EPSILON);
     let allowed = f64::from(args.burst) + f64::from(args.rpm) / 60.0 * seconds;
+    let embedded = target.sim.is_some();
+    // The simulator started a little before the run: measure its allowance over the run.
+    let offset = started.saturating_duration_since(sim_started);
+    let server_allowed = 1.0 + sim_limits.allowed_between(offset, offset + elapsed);
     let report = BenchReport {
         requests: args.requests,
         ok,
         failed: args.requests - ok,
         server_429: observations.server_429.load(Ordering::Relaxed),
+        refused_503: observations.server_503.load(Ordering::Relaxed),
         retries: attempts.saturating_sub(args.requests),
         elapsed_s: seconds,
         achieved_rpm: ok as f64 / seconds * 60.0,
@@ -212,11 +286,56 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Vec<Attempt>), CliErr
         endpoint: args.endpoint,
         sim_algorithm: target.sim.as_ref().map(|_| args.sim_algorithm),
         concurrency: args.concurrency,
+        final_rate_rpm: limits
+            .as_ref()
+            .and_then(rate_in_force)
+            .map(|rate| rate * 60.0),
+        server_rate_rpm: embedded.then(|| sim_limits.rpm_at(offset + elapsed)),
+        server_share: embedded.then(|| ok as f64 / server_allowed),
     };
     if let Some(sim) = target.sim {
         sim.shutdown().await;
     }
-    Ok((report, observations.attempts_log()))
+    let server_rates = if embedded {
+        let steps = (elapsed.as_millis() / SAMPLE_EVERY.as_millis()) as u32 + 1;
+        (0..=steps)
+            .map(|step| {
+                let at = SAMPLE_EVERY * step;
+                (at, f64::from(sim_limits.rpm_at(offset + at)) / 60.0)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let timeline = Timeline {
+        attempts: observations.attempts_log(),
+        rates,
+        server_rates,
+    };
+    Ok((report, timeline))
+}
+
+/// The request rate in force of the run's one bucket, per second.
+fn rate_in_force(limits: &Limits) -> Option<f64> {
+    limits
+        .snapshot()
+        .into_iter()
+        .filter_map(|bucket| bucket.requests_per_second)
+        .reduce(f64::min)
+}
+
+/// Samples the rate in force into `samples` every [`SAMPLE_EVERY`], until aborted.
+async fn sample_rates(limits: Limits, started: Instant, samples: Arc<Mutex<Vec<(Duration, f64)>>>) {
+    let mut every = tokio::time::interval(SAMPLE_EVERY);
+    loop {
+        every.tick().await;
+        if let Some(rate) = rate_in_force(&limits) {
+            samples
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((started.elapsed(), rate));
+        }
+    }
 }
 
 /// The latency below which `percent` of requests finished, in milliseconds.

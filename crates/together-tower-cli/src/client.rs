@@ -6,15 +6,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::ValueEnum;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use together_sim::Class;
+use together_tower::TogetherLayer;
 use together_tower::buffer::{BufferLayer, BufferedBody};
 use together_tower::classify::EndpointClass;
-use together_tower::limit::RateLimitLayer;
+use together_tower::limit::{Adaptation, Limits};
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
 use together_tower::retry::{RetryLayer, RetryPolicy};
 use tower::retry::budget::TpsBudget;
@@ -27,15 +29,21 @@ use crate::observe::{Observations, ObserveLayer};
 /// The request body type the stack takes.
 pub type Body = Full<Bytes>;
 
-/// The stack, boxed: one type for both modes.
-pub type Stack = BoxCloneSyncService<Request<Body>, Response<hyper::body::Incoming>, BoxError>;
+/// An answer's body, boxed: one type for every mode.
+pub type AnswerBody = BoxBody<Bytes, hyper::Error>;
+
+/// The stack, boxed: one type for every mode.
+pub type Stack = BoxCloneSyncService<Request<Body>, Response<AnswerBody>, BoxError>;
 
 /// How a run sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
-    /// The whole stack: buffer, retry, rate limit. Waits its turn, then sends.
-    Limited,
+    /// The whole stack, with the table's rates only: waits its turn, then sends.
+    Static,
+    /// The whole stack, with rates that follow the server's stated limits, 429s and 503s.
+    #[value(alias = "limited")]
+    Adaptive,
     /// Today's SDK behaviour: no limiter, retries on 429 and 5xx by the server's hints.
     RetryOnly,
 }
@@ -128,7 +136,9 @@ fn http_client() -> Client<HttpsConnector<HttpConnector>, BufferedBody<Body>> {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
-/// The stack for `mode`: the client's quota for `endpoint` is `rpm` with `burst`.
+/// The stack for `mode`, and the limits it waits in (none in retry-only mode): the client's
+/// quota for `endpoint` is `rpm` with `burst`. Built through the library's public API, as a
+/// user would build it.
 pub fn stack(
     mode: Mode,
     endpoint: Endpoint,
@@ -136,45 +146,44 @@ pub fn stack(
     burst: u32,
     max_retries: u32,
     observations: &Arc<Observations>,
-) -> Result<Stack, CliError> {
+) -> Result<(Stack, Option<Limits>), CliError> {
     let client = ServiceBuilder::new()
         .map_err(BoxError::from)
         .layer(ObserveLayer(Arc::clone(observations)))
         .service(http_client());
     let retry = RetryPolicy::new().with_max_retries(max_retries);
-    Ok(match mode {
-        Mode::Limited => {
-            let table = QuotaTable::builder()
-                .group(
-                    "bench",
-                    GroupQuota::rate(Rate::per_minute(rpm).with_burst(burst)),
-                )
-                .class(endpoint.class(), "bench")
-                .build()
-                .map_err(|error| {
-                    CliError::Usage(format!("--rpm {rpm} --burst {burst}: {error}"))
-                })?;
-            BoxCloneSyncService::new(
-                ServiceBuilder::new()
-                    .layer(BufferLayer::new())
-                    .layer(RetryLayer::new(retry))
-                    .layer(
-                        RateLimitLayer::new(table)
-                            .with_max_wait(Duration::from_secs(600))
-                            .with_max_queue(1 << 20),
-                    )
-                    .service(client),
-            )
-        }
+    let adaptation = match mode {
+        Mode::Static => Adaptation::fixed(),
+        Mode::Adaptive => Adaptation::adaptive(),
         Mode::RetryOnly => {
             // The SDKs have no retry budget: only their attempt count bounds a retry storm.
             let unbounded = TpsBudget::new(Duration::from_secs(1), 1_000_000, 1_000.0);
-            BoxCloneSyncService::new(
-                ServiceBuilder::new()
-                    .layer(BufferLayer::new())
-                    .layer(RetryLayer::new(retry.with_budget(unbounded)))
-                    .service(client),
-            )
+            let stack = ServiceBuilder::new()
+                .map_response(|response: Response<hyper::body::Incoming>| {
+                    response.map(BodyExt::boxed)
+                })
+                .layer(BufferLayer::new())
+                .layer(RetryLayer::new(retry.with_budget(unbounded)))
+                .service(client);
+            return Ok((BoxCloneSyncService::new(stack), None));
         }
-    })
+    };
+    let table = QuotaTable::builder()
+        .group(
+            "bench",
+            GroupQuota::rate(Rate::per_minute(rpm).with_burst(burst)).per_model(true),
+        )
+        .class(endpoint.class(), "bench")
+        .build()
+        .map_err(|error| CliError::Usage(format!("--rpm {rpm} --burst {burst}: {error}")))?;
+    let limits = Limits::builder(table)
+        .adaptation(adaptation)
+        .max_wait(Duration::from_secs(600))
+        .max_queue(1 << 20)
+        .build();
+    let stack = ServiceBuilder::new()
+        .map_response(|response: Response<_>| response.map(BodyExt::boxed))
+        .layer(TogetherLayer::new(limits.clone()).with_retry(retry))
+        .service(client);
+    Ok((BoxCloneSyncService::new(stack), Some(limits)))
 }

@@ -89,15 +89,11 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
         );
     }
 
-    let limits = SimLimits {
-        class: Class::Embeddings,
-        rpm: args.rpm,
-        algorithm: Algorithm::Gcra,
-    };
+    let limits = SimLimits::new(Class::Embeddings, args.rpm, Algorithm::Gcra);
     let target = Target::resolve(args.target.base_url.as_deref(), limits).await?;
     let observations = Observations::new();
-    let service = stack(
-        Mode::Limited,
+    let (service, _limits) = stack(
+        Mode::Adaptive,
         Endpoint::Embeddings,
         args.rpm,
         1,

@@ -41,10 +41,10 @@ async fn main() {
 }
 
 async fn run_bench(args: &BenchArgs) -> Result<(), CliError> {
-    let (report, attempts) = bench::run(args).await?;
+    let (report, timeline) = bench::run(args).await?;
     print!("{}", bench::table(&report));
     if let Some(path) = &args.plot {
-        plot::draw(path, &attempts, report.quota_rpm)?;
+        plot::draw(path, &timeline, report.quota_rpm)?;
         eprintln!("wrote {}", path.display());
     }
     if args.json {

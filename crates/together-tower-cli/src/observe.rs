@@ -26,6 +26,8 @@ pub struct Observations {
     pub attempts: AtomicU64,
     /// 429s from the server.
     pub server_429: AtomicU64,
+    /// 503s from the server.
+    pub server_503: AtomicU64,
     log: Mutex<Vec<Attempt>>,
 }
 
@@ -36,6 +38,7 @@ impl Observations {
             started: Instant::now(),
             attempts: AtomicU64::new(0),
             server_429: AtomicU64::new(0),
+            server_503: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
         })
     }
@@ -49,9 +52,11 @@ impl Observations {
     }
 
     fn note(&self, status: Option<u16>) {
-        if status == Some(429) {
-            self.server_429.fetch_add(1, Ordering::Relaxed);
-        }
+        match status {
+            Some(429) => self.server_429.fetch_add(1, Ordering::Relaxed),
+            Some(503) => self.server_503.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
         let attempt = Attempt {
             at: self.started.elapsed(),
             status,

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use together_sim::{Algorithm, Class, ClassLimits, Sim, SimConfig, SimHandle};
+use together_sim::{Algorithm, Class, ClassLimits, Hints, LimitChange, Sim, SimConfig, SimHandle};
 
 use crate::CliError;
 
@@ -81,7 +81,7 @@ pub struct Target {
 }
 
 /// What an embedded simulator should enforce.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SimLimits {
     /// The class it limits.
     pub class: Class,
@@ -89,6 +89,56 @@ pub struct SimLimits {
     pub rpm: u32,
     /// How it enforces them.
     pub algorithm: Algorithm,
+    /// Which hints its answers carry.
+    pub hints: Hints,
+    /// Its answer over the limit: 429, or 503.
+    pub over_limit_status: u16,
+    /// Changes of its limit: (milliseconds after it starts, requests a minute).
+    pub changes: Vec<(u64, u32)>,
+}
+
+impl SimLimits {
+    /// Limits of `rpm` for `class`, enforced by `algorithm`, with every hint and 429s.
+    pub fn new(class: Class, rpm: u32, algorithm: Algorithm) -> Self {
+        Self {
+            class,
+            rpm,
+            algorithm,
+            hints: Hints::All,
+            over_limit_status: 429,
+            changes: Vec::new(),
+        }
+    }
+
+    /// The limit in force at `at` after the simulator started, requests a minute.
+    pub fn rpm_at(&self, at: Duration) -> u32 {
+        let mut changes = self.changes.clone();
+        changes.sort_unstable();
+        changes
+            .iter()
+            .take_while(|(at_ms, _)| Duration::from_millis(*at_ms) <= at)
+            .last()
+            .map_or(self.rpm, |(_, rpm)| *rpm)
+    }
+
+    /// How many requests the simulator allows from `from` to `to` after it started.
+    pub fn allowed_between(&self, from: Duration, to: Duration) -> f64 {
+        let mut edges: Vec<Duration> = self
+            .changes
+            .iter()
+            .map(|(at_ms, _)| Duration::from_millis(*at_ms))
+            .filter(|at| *at > from && *at < to)
+            .collect();
+        edges.sort_unstable();
+        edges.push(to);
+        let mut start = from;
+        let mut allowed = 0.0;
+        for end in edges {
+            allowed += f64::from(self.rpm_at(start)) / 60.0 * (end - start).as_secs_f64();
+            start = end;
+        }
+        allowed
+    }
 }
 
 impl Target {
@@ -103,9 +153,20 @@ impl Target {
                 })
             }
             None => {
+                let schedule = limits
+                    .changes
+                    .iter()
+                    .map(|&(at_ms, rpm)| LimitChange {
+                        at_ms,
+                        limits: [(limits.class, ClassLimits::rpm(u64::from(rpm)))].into(),
+                    })
+                    .collect();
                 let config = SimConfig {
                     algorithm: limits.algorithm,
                     limits: [(limits.class, ClassLimits::rpm(u64::from(limits.rpm)))].into(),
+                    hints: limits.hints,
+                    over_limit_status: limits.over_limit_status,
+                    schedule,
                     ..SimConfig::default()
                 };
                 let sim = Sim::start(config).await.map_err(|error| {

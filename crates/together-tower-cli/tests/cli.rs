@@ -26,19 +26,22 @@ fn bench_args(requests: u64, rpm: u32, concurrency: u64, mode: Mode) -> BenchArg
         plot: None,
         sim_algorithm: together_sim::Algorithm::Gcra,
         sim_rpm: None,
+        sim_hints: together_sim::Hints::All,
+        sim_over_limit_status: 429,
+        sim_changes: Vec::new(),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limited_bench_uses_the_quota_without_a_429() {
-    let (report, attempts) = bench::run(&bench_args(40, 6_000, 8, Mode::Limited))
+    let (report, timeline) = bench::run(&bench_args(40, 6_000, 8, Mode::Adaptive))
         .await
         .unwrap();
     assert_eq!(
         (report.ok, report.failed, report.server_429, report.retries),
         (40, 0, 0, 0)
     );
-    assert_eq!(attempts.len(), 40);
+    assert_eq!(timeline.attempts.len(), 40);
     assert!(report.quota_share > 0.9, "{report:?}");
     assert!(report.p50_ms <= report.p99_ms);
 }

@@ -24,6 +24,8 @@ use http_body_util::Full;
 use together_tower::buffer::BufferedBody;
 use together_tower::classify::{Classify, TogetherClassifier};
 use together_tower::key::KeyHasher;
+use together_tower::limit::future::ResponseBody;
+use together_tower::limit::{Adaptation, Limits};
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
 use together_tower::{RateLimitLayer, TogetherLayer};
 use tower::{Layer, Service};
@@ -46,22 +48,39 @@ impl Service<Request<()>> for Echo {
     }
 }
 
+/// A response body that holds the request the echo service handed back.
+trait Echoed {
+    fn request(self) -> Request<()>;
+}
+
+impl Echoed for Request<()> {
+    fn request(self) -> Request<()> {
+        self
+    }
+}
+
+impl Echoed for ResponseBody<Request<()>> {
+    fn request(self) -> Request<()> {
+        self.into_inner()
+    }
+}
+
 /// One request through `service`; returns the request, which the echo service hands back.
-fn one_request<S>(service: &mut S, request: Request<()>) -> Request<()>
+fn one_request<S, B: Echoed>(service: &mut S, request: Request<()>) -> Request<()>
 where
-    S: Service<Request<()>, Response = Response<Request<()>>>,
+    S: Service<Request<()>, Response = Response<B>>,
 {
-    drive(service, request).into_body()
+    drive(service, request).into_body().request()
 }
 
 /// Benchmarks `service` sending `requests` round-robin.
-fn bench_service<S>(
+fn bench_service<S, B: Echoed>(
     c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
     mut service: S,
     requests: Vec<Request<()>>,
 ) where
-    S: Service<Request<()>, Response = Response<Request<()>>>,
+    S: Service<Request<()>, Response = Response<B>>,
 {
     let mut requests: Vec<Option<Request<()>>> = requests.into_iter().map(Some).collect();
     let mut next = 0;
@@ -81,13 +100,15 @@ fn chat(key: &str) -> Request<()> {
         .unwrap()
 }
 
-fn never_binding() -> QuotaTable {
+/// Limits whose quota never binds: adaptive, as by default.
+fn never_binding() -> Limits {
     let rate = Rate::per_second(1_000_000_000).with_burst(1_000_000_000);
-    QuotaTable::together_defaults()
+    let table = QuotaTable::together_defaults()
         .to_builder()
-        .group("chat", GroupQuota::rate(rate))
+        .group("chat", GroupQuota::rate(rate).per_model(true))
         .build()
-        .unwrap()
+        .unwrap();
+    Limits::new(table)
 }
 
 fn overhead(c: &mut Criterion) {
@@ -109,6 +130,15 @@ fn overhead(c: &mut Criterion) {
         &mut group,
         "together_rate_limit_one_key",
         layer.layer(Echo),
+        vec![chat(key)],
+    );
+    let static_limits = Limits::builder(never_binding().table().clone())
+        .adaptation(Adaptation::fixed())
+        .build();
+    bench_service(
+        &mut group,
+        "together_rate_limit_one_key_static",
+        RateLimitLayer::new(static_limits).layer(Echo),
         vec![chat(key)],
     );
     let keys = (0..1_000).map(|i| chat(&format!("{key}-{i}"))).collect();
@@ -170,43 +200,61 @@ impl Service<Request<BufferedBody<Full<Bytes>>>> for Ok200 {
     }
 }
 
-/// The whole stack (buffer, retry, rate limit) beside the same client alone, with a chat
-/// body. Requests are built outside the timed part; both sides drop theirs inside it.
+/// The whole stack (buffer, retry, rate limit) beside the same client alone, with chat bodies
+/// of about 100 bytes, 1 KB and 100 KB. Requests are built outside the timed part; both sides
+/// drop theirs inside it.
 fn full_stack(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .unwrap();
     let _context = runtime.enter();
-    let body = Bytes::from_static(br#"{"model":"meta-llama/Llama-3.3-70B-Instruct-Turbo","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}"#);
-    let request = || {
-        Request::post("https://api.together.xyz/v1/chat/completions")
-            .header(
-                AUTHORIZATION,
-                "Bearer fake-key-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH",
-            )
-            .header("content-type", "application/json")
-            .body(Full::new(body.clone()))
-            .unwrap()
-    };
     let mut group = c.benchmark_group("full_stack");
-    let mut bare = Ok200;
-    group.bench_function("bare_client", |b| {
-        b.iter_batched(
-            || request().map(|body| BufferedBody::buffered(body_bytes(body))),
-            |request| drive(&mut bare, request),
-            criterion::BatchSize::SmallInput,
-        )
-    });
-    let mut stack = TogetherLayer::new(never_binding()).layer(Ok200);
-    group.bench_function("together_layer", |b| {
-        b.iter_batched(
-            request,
-            |request| drive(&mut stack, request),
-            criterion::BatchSize::SmallInput,
-        )
-    });
+    for (name, size) in [("small", 0), ("1kb", 1_024), ("100kb", 100 * 1_024)] {
+        let body = chat_body(size);
+        let request = || {
+            Request::post("https://api.together.xyz/v1/chat/completions")
+                .header(
+                    AUTHORIZATION,
+                    "Bearer fake-key-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH",
+                )
+                .header("content-type", "application/json")
+                .body(Full::new(body.clone()))
+                .unwrap()
+        };
+        let mut bare = Ok200;
+        group.bench_function(format!("bare_client_{name}"), |b| {
+            b.iter_batched(
+                || request().map(|body| BufferedBody::buffered(body_bytes(body))),
+                |request| drive(&mut bare, request),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+        let mut stack = TogetherLayer::new(never_binding()).layer(Ok200);
+        group.bench_function(format!("together_layer_{name}"), |b| {
+            b.iter_batched(
+                request,
+                |request| drive(&mut stack, request),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
+}
+
+/// A chat completion whose message is `size` bytes of text (at least a short one).
+fn chat_body(size: usize) -> Bytes {
+    let text = if size == 0 {
+        "Say hello.".to_owned()
+    } else {
+        "lorem ipsum ".repeat(size / 12 + 1)[..size].to_owned()
+    };
+    let body = serde_json::json!({
+        "model": "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 16,
+    });
+    Bytes::from(body.to_string())
 }
 
 /// The bytes of a `Full` body built from one `Bytes`.

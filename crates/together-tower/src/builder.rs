@@ -4,19 +4,24 @@ use tower::ServiceBuilder;
 use tower_layer::Stack;
 
 use crate::buffer::BufferLayer;
-use crate::limit::RateLimitLayer;
-use crate::quota::QuotaTable;
+use crate::limit::{Limiter, Limits, RateLimitLayer};
 use crate::retry::{RetryLayer, RetryPolicy};
 use crate::stack::TogetherLayer;
 
 /// Adds this crate's layers to a [`ServiceBuilder`], like tower's own `.rate_limit(...)`.
 pub trait ServiceBuilderExt<L>: sealed::Sealed {
-    /// The whole stack: buffer, retry, rate limit (see [`TogetherLayer`]).
-    fn together(self, table: QuotaTable) -> ServiceBuilder<Stack<TogetherLayer, L>>;
+    /// The whole stack around `limits`: buffer, retry, rate limit (see [`TogetherLayer`]).
+    /// Stacks built from clones of one [`Limits`] share its quota.
+    fn together<C: Clone, B: Limiter>(
+        self,
+        limits: Limits<C, B>,
+    ) -> ServiceBuilder<Stack<TogetherLayer<C, B>, L>>;
 
-    /// Makes requests wait their turn under `table` (see [`RateLimitLayer`]). For other settings,
-    /// use `.layer(RateLimitLayer::new(table).with_...(...))`.
-    fn together_rate_limit(self, table: QuotaTable) -> ServiceBuilder<Stack<RateLimitLayer, L>>;
+    /// Makes requests wait their turn in `limits` (see [`RateLimitLayer`]).
+    fn together_rate_limit<C, B: Limiter>(
+        self,
+        limits: Limits<C, B>,
+    ) -> ServiceBuilder<Stack<RateLimitLayer<C, B>, L>>;
 
     /// Retries by `policy` (see [`RetryLayer`]).
     fn together_retry(self, policy: RetryPolicy) -> ServiceBuilder<Stack<RetryLayer, L>>;
@@ -26,12 +31,18 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed {
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
-    fn together(self, table: QuotaTable) -> ServiceBuilder<Stack<TogetherLayer, L>> {
-        self.layer(TogetherLayer::new(table))
+    fn together<C: Clone, B: Limiter>(
+        self,
+        limits: Limits<C, B>,
+    ) -> ServiceBuilder<Stack<TogetherLayer<C, B>, L>> {
+        self.layer(TogetherLayer::new(limits))
     }
 
-    fn together_rate_limit(self, table: QuotaTable) -> ServiceBuilder<Stack<RateLimitLayer, L>> {
-        self.layer(RateLimitLayer::new(table))
+    fn together_rate_limit<C, B: Limiter>(
+        self,
+        limits: Limits<C, B>,
+    ) -> ServiceBuilder<Stack<RateLimitLayer<C, B>, L>> {
+        self.layer(RateLimitLayer::new(limits))
     }
 
     fn together_retry(self, policy: RetryPolicy) -> ServiceBuilder<Stack<RetryLayer, L>> {

@@ -27,8 +27,17 @@ pub const X_RATELIMIT_REMAINING_DYNAMIC: HeaderName =
     HeaderName::from_static("x-ratelimit-remaining-dynamic");
 /// `x-ratelimit-reset`: seconds until the limit resets (Together: "the suggested retry interval").
 pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+/// `x-ratelimit-limit-dynamic`: requests allowed per second under Together's dynamic limit.
+pub const X_RATELIMIT_LIMIT_DYNAMIC: HeaderName =
+    HeaderName::from_static("x-ratelimit-limit-dynamic");
 /// `x-tokenlimit-limit`: tokens allowed per period.
 pub const X_TOKENLIMIT_LIMIT: HeaderName = HeaderName::from_static("x-tokenlimit-limit");
+/// `x-tokenlimit-limit-dynamic`: tokens allowed per second under Together's dynamic limit.
+pub const X_TOKENLIMIT_LIMIT_DYNAMIC: HeaderName =
+    HeaderName::from_static("x-tokenlimit-limit-dynamic");
+/// `x-tokenlimit-remaining-dynamic`: tokens left under Together's dynamic limit.
+pub const X_TOKENLIMIT_REMAINING_DYNAMIC: HeaderName =
+    HeaderName::from_static("x-tokenlimit-remaining-dynamic");
 /// `x-tokenlimit-remaining`: tokens left in the current period.
 pub const X_TOKENLIMIT_REMAINING: HeaderName = HeaderName::from_static("x-tokenlimit-remaining");
 
@@ -36,14 +45,45 @@ pub const X_TOKENLIMIT_REMAINING: HeaderName = HeaderName::from_static("x-tokenl
 /// no interval is 30 years long, and some servers send the reset time itself.
 const UNIX_TIMESTAMP_THRESHOLD: f64 = 1.0e9;
 
+/// How long the server's answer says to wait before trying again, from every hint it carries.
+/// The retry layer and the limiter both decide by this one function.
+///
+/// The most precise hint wins: `retry-after-ms`, then `x-ratelimit-reset` when `Retry-After`
+/// merely rounds it up to whole seconds (`Retry-After: 1` with `x-ratelimit-reset: 0.005` means
+/// 5 ms), then `Retry-After`, then `x-ratelimit-reset` alone.
+pub fn retry_hint(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    if let Some(ms) = retry_after_ms(headers) {
+        return Some(ms);
+    }
+    let retry_after = headers
+        .get(RETRY_AFTER)
+        .and_then(|value| parse_retry_after(value.as_bytes(), now));
+    let reset = ratelimit_reset(headers, now);
+    match (retry_after, reset) {
+        // Retry-After counts whole seconds (or names a whole second): a reset within the
+        // second below it is the same hint, told precisely. (A reset printed as 0.000 with
+        // Retry-After 1 is a wait of under a millisecond, rounded both ways.)
+        (Some(retry_after), Some(reset))
+            if reset <= retry_after && retry_after - reset <= Duration::from_secs(1) =>
+        {
+            Some(reset)
+        }
+        (Some(retry_after), _) => Some(retry_after),
+        (None, reset) => reset,
+    }
+}
+
+fn retry_after_ms(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(RETRY_AFTER_MS)
+        .and_then(|value| parse_decimal(value.as_bytes()))
+        .map(|ms| clamp_seconds(ms / 1_000.0))
+}
+
 /// How long the server asks the client to wait: `retry-after-ms` if present and valid, else
 /// `Retry-After` (seconds, fractional allowed, or an HTTP-date relative to `now`).
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let from_ms = headers
-        .get(RETRY_AFTER_MS)
-        .and_then(|value| parse_decimal(value.as_bytes()))
-        .map(|ms| clamp_seconds(ms / 1_000.0));
-    from_ms.or_else(|| {
+    retry_after_ms(headers).or_else(|| {
         headers
             .get(RETRY_AFTER)
             .and_then(|value| parse_retry_after(value.as_bytes(), now))
@@ -84,6 +124,38 @@ pub fn ratelimit_remaining(headers: &HeaderMap) -> Option<u64> {
         .get(X_RATELIMIT_REMAINING)
         .or_else(|| headers.get(X_RATELIMIT_REMAINING_DYNAMIC))
         .and_then(|value| parse_count(value.as_bytes()))
+}
+
+/// The request limit the server states, per second: the lower of `x-ratelimit-limit` and
+/// `x-ratelimit-limit-dynamic` (the dynamic limit is the one in force when both are sent).
+/// Together documents these per second; this crate reads them so.
+pub fn request_limit(headers: &HeaderMap) -> Option<u64> {
+    lower(
+        count(headers, &X_RATELIMIT_LIMIT),
+        count(headers, &X_RATELIMIT_LIMIT_DYNAMIC),
+    )
+}
+
+/// The token limit the server states, per second: the lower of `x-tokenlimit-limit` and
+/// `x-tokenlimit-limit-dynamic`.
+pub fn token_limit(headers: &HeaderMap) -> Option<u64> {
+    lower(
+        count(headers, &X_TOKENLIMIT_LIMIT),
+        count(headers, &X_TOKENLIMIT_LIMIT_DYNAMIC),
+    )
+}
+
+/// Tokens left, from `x-tokenlimit-remaining` (or its `-dynamic` variant).
+pub fn token_remaining(headers: &HeaderMap) -> Option<u64> {
+    count(headers, &X_TOKENLIMIT_REMAINING)
+        .or_else(|| count(headers, &X_TOKENLIMIT_REMAINING_DYNAMIC))
+}
+
+fn lower(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// A count header such as `x-ratelimit-limit` or `x-tokenlimit-remaining`.
@@ -186,6 +258,61 @@ mod tests {
     }
 
     #[test]
+    fn the_precise_hint_wins() {
+        let hint = |pairs: &[(&HeaderName, &str)]| retry_hint(&headers(pairs), now());
+        // Retry-After rounds the reset up to a whole second: the reset is meant.
+        assert_eq!(
+            hint(&[(&RETRY_AFTER, "1"), (&X_RATELIMIT_RESET, "0.005")]),
+            Some(Duration::from_millis(5))
+        );
+        assert_eq!(
+            hint(&[(&RETRY_AFTER, "3"), (&X_RATELIMIT_RESET, "2.5")]),
+            Some(Duration::from_millis(2_500))
+        );
+        assert_eq!(
+            hint(&[(&RETRY_AFTER, "1"), (&X_RATELIMIT_RESET, "0.000")]),
+            Some(Duration::ZERO)
+        );
+        // A reset that is not the same hint does not override Retry-After.
+        assert_eq!(
+            hint(&[(&RETRY_AFTER, "3"), (&X_RATELIMIT_RESET, "0.5")]),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            hint(&[(&RETRY_AFTER, "1"), (&X_RATELIMIT_RESET, "7")]),
+            Some(Duration::from_secs(1))
+        );
+        // retry-after-ms is precise already.
+        assert_eq!(
+            hint(&[
+                (&RETRY_AFTER_MS, "40"),
+                (&RETRY_AFTER, "1"),
+                (&X_RATELIMIT_RESET, "0.005")
+            ]),
+            Some(Duration::from_millis(40))
+        );
+        assert_eq!(
+            hint(&[(&X_RATELIMIT_RESET, "0.25")]),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(hint(&[]), None);
+    }
+
+    #[test]
+    fn stated_limits_take_the_lower_of_the_plain_and_dynamic_headers() {
+        let both = headers(&[
+            (&X_RATELIMIT_LIMIT, "100"),
+            (&X_RATELIMIT_LIMIT_DYNAMIC, "40"),
+        ]);
+        assert_eq!(request_limit(&both), Some(40));
+        let dynamic = headers(&[(&X_TOKENLIMIT_LIMIT_DYNAMIC, "3000")]);
+        assert_eq!(token_limit(&dynamic), Some(3_000));
+        assert_eq!(request_limit(&dynamic), None);
+        let remaining = headers(&[(&X_TOKENLIMIT_REMAINING_DYNAMIC, "0")]);
+        assert_eq!(token_remaining(&remaining), Some(0));
+    }
+
+    #[test]
     fn reset_is_an_interval_or_a_timestamp() {
         let interval = headers(&[(&X_RATELIMIT_RESET, "0.25")]);
         assert_eq!(
@@ -251,6 +378,7 @@ mod tests {
             }
             let now = UNIX_EPOCH + Duration::from_secs(now_secs);
             prop_assert!(retry_after(&map, now).is_none_or(|delay| delay <= MAX_HINT));
+            prop_assert!(retry_hint(&map, now).is_none_or(|delay| delay <= MAX_HINT));
             prop_assert!(ratelimit_reset(&map, now).is_none_or(|delay| delay <= MAX_HINT));
             let _ = ratelimit_remaining(&map);
         }

@@ -19,6 +19,7 @@
 //! Each works alone in any `ServiceBuilder` too.
 //!
 //! ```
+//! use together_tower::limit::Limits;
 //! use together_tower::quota::{ChatTier, QuotaTable};
 //! use together_tower::ServiceBuilderExt;
 //! use tower::ServiceBuilder;
@@ -26,8 +27,10 @@
 //! # let client = tower::service_fn(|_: http::Request<together_tower::buffer::BufferedBody<String>>| async {
 //! #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
 //! # });
+//! // One `Limits` per process: every stack built from it shares its quota.
+//! let limits = Limits::new(QuotaTable::chat_tier(ChatTier::Tier2));
 //! let together = ServiceBuilder::new()
-//!     .together(QuotaTable::chat_tier(ChatTier::Tier2))
+//!     .together(limits.clone())
 //!     .service(client);
 //! # let _ = together;
 //! ```

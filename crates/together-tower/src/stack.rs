@@ -4,12 +4,11 @@ use tower_layer::Layer;
 
 use crate::buffer::{Buffer, BufferLayer};
 use crate::classify::TogetherClassifier;
-use crate::limit::{GovernorLimiter, Limiter, RateLimit, RateLimitLayer};
-use crate::quota::QuotaTable;
+use crate::limit::{Limiter, Limits, LocalLimiter, RateLimit, RateLimitLayer};
 use crate::retry::{Retry, RetryLayer, RetryPolicy};
 
 /// The service [`TogetherLayer`] builds around a client `S`.
-pub type TogetherService<S, C = TogetherClassifier, L = GovernorLimiter> =
+pub type TogetherService<S, C = TogetherClassifier, L = LocalLimiter> =
     Buffer<Retry<RateLimit<S, C, L>, C>>;
 
 /// Buffer, then retry, then rate limit, around any HTTP client:
@@ -31,6 +30,7 @@ pub type TogetherService<S, C = TogetherClassifier, L = GovernorLimiter> =
 /// use tower::{Service, ServiceBuilder, ServiceExt};
 /// use together_tower::TogetherLayer;
 /// use together_tower::buffer::BufferedBody;
+/// use together_tower::limit::Limits;
 /// use together_tower::quota::QuotaTable;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -38,8 +38,9 @@ pub type TogetherService<S, C = TogetherClassifier, L = GovernorLimiter> =
 /// # let client = tower::service_fn(|_: Request<BufferedBody<Full<Bytes>>>| async {
 /// #     Ok::<_, std::convert::Infallible>(Response::new(String::new()))
 /// # });
+/// let limits = Limits::new(QuotaTable::together_defaults());
 /// let mut together = ServiceBuilder::new()
-///     .layer(TogetherLayer::new(QuotaTable::together_defaults()))
+///     .layer(TogetherLayer::new(limits))
 ///     .service(client);
 /// let request = Request::post("https://api.together.xyz/v1/embeddings")
 ///     .header("authorization", "Bearer my-key")
@@ -51,7 +52,7 @@ pub type TogetherService<S, C = TogetherClassifier, L = GovernorLimiter> =
 /// ```
 #[derive(Debug, Clone)]
 #[must_use]
-pub struct TogetherLayer<C = TogetherClassifier, L = GovernorLimiter>
+pub struct TogetherLayer<C = TogetherClassifier, L = LocalLimiter>
 where
     L: Limiter,
 {
@@ -60,13 +61,16 @@ where
     limit: RateLimitLayer<C, L>,
 }
 
-impl TogetherLayer {
-    /// The stack with `table`'s quotas and every other setting at its default.
-    pub fn new(table: QuotaTable) -> Self {
+impl<C: Clone, L: Limiter> TogetherLayer<C, L> {
+    /// The stack around `limits`, with the default retry policy (using the limits'
+    /// classifier) and the default buffer. Stacks built from clones of one `Limits` share
+    /// its quota.
+    pub fn new(limits: Limits<C, L>) -> Self {
+        let policy = RetryPolicy::new().with_classifier(limits.classifier().clone());
         Self {
             buffer: BufferLayer::new(),
-            retry: RetryLayer::default(),
-            limit: RateLimitLayer::new(table),
+            retry: RetryLayer::new(policy),
+            limit: RateLimitLayer::new(limits),
         }
     }
 }
@@ -84,21 +88,9 @@ impl<C, L: Limiter> TogetherLayer<C, L> {
         self
     }
 
-    /// Rate limits with this layer (its quotas, bounds, classifier and backend).
-    pub fn with_rate_limit<L2: Limiter>(
-        self,
-        limit: RateLimitLayer<C, L2>,
-    ) -> TogetherLayer<C, L2> {
-        TogetherLayer {
-            buffer: self.buffer,
-            retry: self.retry,
-            limit,
-        }
-    }
-
-    /// The rate limit layer, to read its live bucket count or its table.
-    pub fn rate_limit(&self) -> &RateLimitLayer<C, L> {
-        &self.limit
+    /// The limits it waits in.
+    pub fn limits(&self) -> &Limits<C, L> {
+        self.limit.limits()
     }
 }
 
@@ -126,6 +118,7 @@ mod tests {
     use super::TogetherLayer;
     use crate::buffer::{BufferLayer, BufferedBody};
     use crate::classify::EndpointClass;
+    use crate::limit::{Adaptation, Limits};
     use crate::quota::{GroupQuota, QuotaTable, Rate};
 
     type Log = Arc<Mutex<Vec<(Duration, Bytes)>>>;
@@ -167,16 +160,20 @@ mod tests {
         (service, log)
     }
 
-    /// Exact pacing (no tolerance), so the tests can name the millisecond of every turn.
-    fn chat_table(rate: Rate) -> QuotaTable {
-        QuotaTable::builder()
+    /// Exact pacing (no tolerance) at the table's rate, so the tests can name the millisecond
+    /// of every turn.
+    fn chat_limits(rate: Rate) -> Limits {
+        let table = QuotaTable::builder()
             .group(
                 "chat",
                 GroupQuota::rate(rate.with_tolerance(Duration::ZERO)),
             )
             .class(EndpointClass::Chat, "chat")
             .build()
-            .unwrap()
+            .unwrap();
+        Limits::builder(table)
+            .adaptation(Adaptation::fixed())
+            .build()
     }
 
     fn chat(body: &'static str) -> Request<Full<Bytes>> {
@@ -192,7 +189,7 @@ mod tests {
             0 => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::OK,
         });
-        let service = TogetherLayer::new(chat_table(Rate::per_second(1))).layer(inner);
+        let service = TogetherLayer::new(chat_limits(Rate::per_second(1))).layer(inner);
         let response = service.oneshot(chat(r#"{"model":"m"}"#)).await.unwrap();
         assert_eq!(response.status(), 200);
         let log = log.lock().unwrap();
@@ -206,7 +203,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_over_the_buffer_limit_is_sent_once() {
         let (inner, log) = client(|_| StatusCode::SERVICE_UNAVAILABLE);
-        let layer = TogetherLayer::new(chat_table(Rate::per_second(100)))
+        let layer = TogetherLayer::new(chat_limits(Rate::per_second(100)))
             .with_buffer(BufferLayer::new().with_limit(8));
         let response = layer
             .layer(inner)
@@ -236,7 +233,7 @@ mod tests {
                 response
             })
             .service(inner);
-        let service = TogetherLayer::new(chat_table(Rate::per_second(10))).layer(inner);
+        let service = TogetherLayer::new(chat_limits(Rate::per_second(10))).layer(inner);
         let calls: Vec<_> = (0..100)
             .map(|_| tokio::spawn(service.clone().oneshot(chat("{}"))))
             .collect();
@@ -269,7 +266,7 @@ mod tests {
     fn the_stack_fits_boxed_sync_services_and_its_future_is_send() {
         fn assert_send<T: Send>(_: &T) {}
         let (inner, _) = client(|_| StatusCode::OK);
-        let mut service = TogetherLayer::new(QuotaTable::together_defaults()).layer(inner);
+        let mut service = TogetherLayer::new(Limits::default()).layer(inner);
         let future = tower::Service::call(&mut service, chat("{}"));
         assert_send(&future);
         let boxed = tower::util::BoxCloneSyncService::new(service);

@@ -4,16 +4,14 @@ use http::{Request, Response};
 use tower::{BoxError, Service, ServiceExt};
 
 /// Sends every request at once, each from its own task, in order; returns their results.
-pub(crate) async fn send_all<S>(
+pub(crate) async fn send_all<S, B>(
     service: &S,
     requests: Vec<Request<String>>,
-) -> Vec<Result<Response<String>, BoxError>>
+) -> Vec<Result<Response<B>, BoxError>>
 where
-    S: Service<Request<String>, Response = Response<String>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<String>, Response = Response<B>, Error = BoxError> + Clone + Send + 'static,
     S::Future: Send,
+    B: Send + 'static,
 {
     let tasks: Vec<_> = requests
         .into_iter()
@@ -27,12 +25,12 @@ where
 }
 
 /// One request through `service`, once it is ready.
-pub(crate) async fn send_one<S>(
+pub(crate) async fn send_one<S, B>(
     service: &mut S,
     request: Request<String>,
-) -> Result<Response<String>, BoxError>
+) -> Result<Response<B>, BoxError>
 where
-    S: Service<Request<String>, Response = Response<String>, Error = BoxError>,
+    S: Service<Request<String>, Response = Response<B>, Error = BoxError>,
 {
     service.ready().await?.call(request).await
 }

@@ -13,7 +13,7 @@ use http_body::{Body, Frame};
 use http_body_util::Full;
 use together_tower::buffer::{BufferLayer, BufferedBody, RequestMeta};
 use together_tower::classify::EndpointClass;
-use together_tower::limit::MaxWait;
+use together_tower::limit::{Limits, MaxWait};
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
 use together_tower::{RateLimitLayer, RetryLayer, RetryPolicy, TogetherLayer};
 use tower::{Layer, Service, ServiceExt};
@@ -78,7 +78,7 @@ type Client = mock::Mock<Request<BufferedBody<Full<Bytes>>>, Response<String>>;
 #[tokio::test(start_paused = true)]
 async fn the_whole_stack_never_prints_the_key() {
     let (client, mut handle): (Client, _) = mock::pair();
-    let layer = TogetherLayer::new(chat_table());
+    let layer = TogetherLayer::new(Limits::new(chat_table()));
     let mut service = layer.layer(client);
     assert_no_secret("the layer", &debug(&layer));
 
@@ -126,7 +126,7 @@ async fn the_whole_stack_never_prints_the_key() {
 async fn each_layer_alone_never_prints_the_key() {
     // The rate limit layer, with a request waiting for its turn.
     let (client, mut handle) = mock::pair::<Request<String>, Response<String>>();
-    let mut limited = RateLimitLayer::new(chat_table()).layer(client);
+    let mut limited = RateLimitLayer::new(Limits::new(chat_table())).layer(client);
     assert_no_secret("RateLimit", &debug(&limited));
     limited.ready().await.unwrap();
     let mut first = Box::pin(limited.call(chat(String::new())));

@@ -14,6 +14,8 @@ pub struct RequestMeta {
     pub max_tokens: Option<u64>,
     /// How many inputs `input` holds: the length of an array, or 1 for a single string.
     pub input_count: Option<u64>,
+    /// The body's length in bytes, for estimating the prompt's tokens.
+    pub body_bytes: u64,
 }
 
 impl RequestMeta {
@@ -28,6 +30,7 @@ impl RequestMeta {
             model: fields.model,
             max_tokens: fields.max_tokens,
             input_count: fields.input.map(|InputCount(count)| count),
+            body_bytes: body.len() as u64,
         })
     }
 }
@@ -128,6 +131,12 @@ mod tests {
         assert_eq!(RequestMeta::from_json(b"not json"), None);
         assert_eq!(RequestMeta::from_json(b"{\"model\":"), None);
         assert_eq!(RequestMeta::from_json(b""), None);
-        assert_eq!(RequestMeta::from_json(b"{}"), Some(RequestMeta::default()));
+        assert_eq!(
+            RequestMeta::from_json(b"{}"),
+            Some(RequestMeta {
+                body_bytes: 2,
+                ..RequestMeta::default()
+            })
+        );
     }
 }

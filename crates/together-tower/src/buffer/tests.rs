@@ -157,5 +157,11 @@ async fn trailers_are_kept() {
     body.trailers = Some(trailers.clone());
     let seen = through_buffer(1_024, body).await;
     assert_eq!(seen.trailers, Some(trailers));
-    assert_eq!(seen.meta, Some(RequestMeta::default()));
+    assert_eq!(
+        seen.meta,
+        Some(RequestMeta {
+            body_bytes: 2,
+            ..RequestMeta::default()
+        })
+    );
 }

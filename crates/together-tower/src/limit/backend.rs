@@ -1,27 +1,93 @@
-//! Where a bucket's rate state lives: in this process (governor) or elsewhere (Redis, later).
+//! Where a bucket's rate state lives: in this process ([`LocalLimiter`]) or shared by many
+//! processes (the Redis backend of `together-tower-redis`).
+//!
+//! The layer keeps everything else: the queue and its fairness, the waiting, what the server
+//! said, and the rate in force. A backend only keeps the GCRA state and answers "may this cost
+//! go now, and if not, how long until it may".
 
 use std::future::{Future, Ready, ready};
-use std::num::NonZeroU32;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use governor::clock::Clock;
-use governor::middleware::NoOpMiddleware;
-use governor::nanos::Nanos;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 use tower::BoxError;
 
-use crate::clock::TokioClock;
+use super::gcra::{Gcra, nanos};
 use crate::key::ApiKeyId;
-use crate::quota::Rate;
 
 /// What a [`Limiter`] says about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// The request may go now; it has taken one turn.
+    /// The request may go now; its cost was taken.
     Allow,
-    /// No turn is free for this long. Nothing was taken.
+    /// Not for this long. Nothing was taken.
     Wait(Duration),
+    /// The cost is more than the bucket can ever hold (more tokens than the token burst):
+    /// no wait would help. Nothing was taken.
+    TooLarge,
+}
+
+/// What one request costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cost {
+    /// Requests: 1.
+    pub requests: u64,
+    /// Tokens, as estimated before sending (0 when the group budgets no tokens).
+    pub tokens: u64,
+}
+
+/// One GCRA rate: the cost of one unit, and how much a full bucket holds beyond one unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    interval: Duration,
+    tau: Duration,
+}
+
+impl Pace {
+    /// One unit every `interval`; a full bucket lets `tau` more go at once.
+    pub fn new(interval: Duration, tau: Duration) -> Self {
+        Self {
+            interval: interval.max(Duration::from_nanos(1)),
+            tau,
+        }
+    }
+
+    /// The time one unit costs.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// What a full bucket holds beyond one unit (the burst less one, plus the tolerance).
+    pub fn tau(&self) -> Duration {
+        self.tau
+    }
+
+    /// Units a second.
+    pub fn per_second(&self) -> f64 {
+        1.0 / self.interval.as_secs_f64()
+    }
+
+    pub(crate) fn from_gcra(pace: super::gcra::Pace) -> Self {
+        Self::new(
+            Duration::from_nanos(pace.interval),
+            Duration::from_nanos(pace.tau),
+        )
+    }
+
+    fn to_gcra(self) -> super::gcra::Pace {
+        super::gcra::Pace {
+            interval: nanos(self.interval).max(1),
+            tau: nanos(self.tau),
+        }
+    }
+}
+
+/// The rates in force for a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rates {
+    /// Requests, if the group limits their rate.
+    pub requests: Option<Pace>,
+    /// Tokens, if the group budgets them.
+    pub tokens: Option<Pace>,
 }
 
 /// What a [`Limiter`] is told about a bucket when the layer first needs it.
@@ -32,15 +98,17 @@ pub struct BucketSpec<'a> {
     pub key: ApiKeyId,
     /// The name of the quota group.
     pub group: &'a str,
-    /// The group's request rate (validated), with its pacing tolerance.
-    pub rate: Rate,
+    /// The model, for groups limited per model.
+    pub model: Option<&'a str>,
+    /// The rates it starts with.
+    pub rates: Rates,
 }
 
-/// A backend that makes the GCRA decision for each bucket.
+/// A backend that keeps each bucket's GCRA state and makes its decisions.
 ///
-/// The layer keeps the queue, the fairness and the waiting; a backend only answers "may one
-/// request go now, and if not, how long until one may". [`GovernorLimiter`] answers from memory;
-/// a shared backend (such as Redis) answers for every process that uses it.
+/// Times (`now`) are readings of the layer's clock; a backend with a clock of its own (Redis's
+/// `TIME`) may ignore them. Decisions take the request and token parts of a [`Cost`]
+/// together: both go, or neither.
 pub trait Limiter: Send + Sync + 'static {
     /// The backend's state for one bucket, kept by the layer while the bucket is live.
     type Bucket: Send + Sync + 'static;
@@ -50,93 +118,157 @@ pub trait Limiter: Send + Sync + 'static {
 
     /// Decides at once if that needs no I/O; `None` sends the request down the waiting path,
     /// which calls [`Limiter::acquire`].
-    fn try_acquire(&self, bucket: &Self::Bucket) -> Option<Decision>;
+    fn try_acquire(&self, bucket: &Self::Bucket, cost: Cost, now: Duration) -> Option<Decision>;
 
     /// Decides, with I/O if the backend needs it. An error fails the request that asked.
     fn acquire(
         &self,
         bucket: &Self::Bucket,
+        cost: Cost,
+        now: Duration,
     ) -> impl Future<Output = Result<Decision, BoxError>> + Send;
+
+    /// Gives back a cost that an [`Decision::Allow`] took and that was not used.
+    fn release(&self, bucket: &Self::Bucket, cost: Cost, now: Duration);
+
+    /// Corrects a token charge once the real count is known: `charged` were taken, `used`
+    /// were used. The difference comes back, or is charged.
+    fn correct_tokens(&self, bucket: &Self::Bucket, charged: u64, used: u64, now: Duration);
+
+    /// Changes the rates in force. A backend keeps what each bucket holds as a share of it,
+    /// so that no change hands out a fresh burst.
+    fn set_rates(&self, bucket: &Self::Bucket, rates: Rates, now: Duration);
+
+    /// How long until the bucket is full again, so that forgetting it loses nothing. Zero for a
+    /// backend whose state lives elsewhere.
+    fn until_rest(&self, bucket: &Self::Bucket, now: Duration) -> Duration;
 }
 
-/// One in-process GCRA bucket.
-///
-/// A request costs `cells` governor cells, so the rate's tolerance (a fraction of one
-/// request) can be expressed as extra cells of burst.
-#[derive(Debug)]
-pub struct GovernorBucket {
-    limiter: RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Nanos>>,
-    cells: NonZeroU32,
-}
-
-/// Cells per request: a thousand, so millisecond tolerances of millisecond-aligned intervals
-/// are exact; fewer when an interval is shorter than a thousand nanoseconds.
-fn cells_per_request(rate: &Rate) -> NonZeroU32 {
-    let interval = u32::try_from(rate.interval().as_nanos()).unwrap_or(u32::MAX);
-    NonZeroU32::new(interval.clamp(1, 1_000)).unwrap_or(NonZeroU32::MIN)
-}
-
-/// The rate as a governor quota of cells: one cell every `interval / cells` (rounded up, so
-/// the client never runs faster than the quota), with the burst plus the tolerance in cells.
-fn cell_quota(rate: &Rate) -> Quota {
-    let cells = cells_per_request(rate).get();
-    let cell_ns = rate
-        .interval()
-        .as_nanos()
-        .div_ceil(u128::from(cells))
-        .max(1);
-    let cell = Duration::from_nanos(u64::try_from(cell_ns).unwrap_or(u64::MAX));
-    let tolerance = u32::try_from(rate.tolerance().as_nanos() / cell_ns).unwrap_or(u32::MAX);
-    let burst = rate
-        .burst()
-        .max(1)
-        .saturating_mul(cells)
-        .saturating_add(tolerance);
-    Quota::with_period(cell)
-        .unwrap_or_else(|| {
-            Quota::with_period(Duration::from_nanos(1)).expect("one nanosecond is a valid period")
-        })
-        .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
-}
-
-/// The in-process backend: one governor GCRA limiter per bucket, on tokio's clock.
+/// The in-process backend: the GCRA state of each bucket in memory, decided under a lock
+/// that only requests of the same bucket share.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct GovernorLimiter {
-    clock: TokioClock,
-}
+pub struct LocalLimiter;
 
-impl GovernorLimiter {
-    /// A backend whose clock starts now.
+impl LocalLimiter {
+    /// The in-process backend.
     pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn decide(&self, bucket: &GovernorBucket) -> Decision {
-        match bucket.limiter.check_n(bucket.cells) {
-            Ok(Ok(())) => Decision::Allow,
-            Ok(Err(not_until)) => Decision::Wait(not_until.wait_time_from(self.clock.now())),
-            // The burst always holds at least one request's cells.
-            Err(_) => Decision::Wait(Duration::MAX),
-        }
+        Self
     }
 }
 
-impl Limiter for GovernorLimiter {
-    type Bucket = GovernorBucket;
+/// One bucket of [`LocalLimiter`]: a request GCRA and a token GCRA.
+#[derive(Debug)]
+pub struct LocalBucket {
+    state: Mutex<LocalState>,
+}
 
-    fn bucket(&self, spec: BucketSpec<'_>) -> Self::Bucket {
-        GovernorBucket {
-            limiter: RateLimiter::direct_with_clock(cell_quota(&spec.rate), self.clock),
-            cells: cells_per_request(&spec.rate),
+#[derive(Debug)]
+struct LocalState {
+    requests: Option<Gcra>,
+    tokens: Option<Gcra>,
+}
+
+impl LocalBucket {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LocalState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl LocalState {
+    fn decide(&mut self, cost: Cost, now: u64) -> Decision {
+        let mut wait = 0;
+        for (gcra, units) in [(&self.requests, cost.requests), (&self.tokens, cost.tokens)] {
+            if let Some(gcra) = gcra {
+                match gcra.wait(units, now) {
+                    Some(needed) => wait = wait.max(needed),
+                    None => return Decision::TooLarge,
+                }
+            }
+        }
+        if wait > 0 {
+            return Decision::Wait(Duration::from_nanos(wait));
+        }
+        // Both fit: take both, under the one lock, so neither is spent while the other waits.
+        if let Some(gcra) = &mut self.requests {
+            gcra.take(cost.requests, now);
+        }
+        if let Some(gcra) = &mut self.tokens {
+            gcra.take(cost.tokens, now);
+        }
+        Decision::Allow
+    }
+}
+
+impl Limiter for LocalLimiter {
+    type Bucket = LocalBucket;
+
+    fn bucket(&self, spec: BucketSpec<'_>) -> LocalBucket {
+        LocalBucket {
+            state: Mutex::new(LocalState {
+                requests: spec.rates.requests.map(|pace| Gcra::new(pace.to_gcra())),
+                tokens: spec.rates.tokens.map(|pace| Gcra::new(pace.to_gcra())),
+            }),
         }
     }
 
-    fn try_acquire(&self, bucket: &Self::Bucket) -> Option<Decision> {
-        Some(self.decide(bucket))
+    fn try_acquire(&self, bucket: &LocalBucket, cost: Cost, now: Duration) -> Option<Decision> {
+        Some(bucket.lock().decide(cost, nanos(now)))
     }
 
     #[allow(refining_impl_trait)]
-    fn acquire(&self, bucket: &Self::Bucket) -> Ready<Result<Decision, BoxError>> {
-        ready(Ok(self.decide(bucket)))
+    fn acquire(
+        &self,
+        bucket: &LocalBucket,
+        cost: Cost,
+        now: Duration,
+    ) -> Ready<Result<Decision, BoxError>> {
+        ready(Ok(bucket.lock().decide(cost, nanos(now))))
+    }
+
+    fn release(&self, bucket: &LocalBucket, cost: Cost, now: Duration) {
+        let now = nanos(now);
+        let mut state = bucket.lock();
+        if let Some(gcra) = &mut state.requests {
+            gcra.give_back(cost.requests, now);
+        }
+        if let Some(gcra) = &mut state.tokens {
+            gcra.give_back(cost.tokens, now);
+        }
+    }
+
+    fn correct_tokens(&self, bucket: &LocalBucket, charged: u64, used: u64, now: Duration) {
+        let now = nanos(now);
+        if let Some(gcra) = &mut bucket.lock().tokens {
+            if used < charged {
+                gcra.give_back(charged - used, now);
+            } else {
+                gcra.charge(used - charged, now);
+            }
+        }
+    }
+
+    fn set_rates(&self, bucket: &LocalBucket, rates: Rates, now: Duration) {
+        let now = nanos(now);
+        let mut state = bucket.lock();
+        let LocalState { requests, tokens } = &mut *state;
+        for (gcra, pace) in [(requests, rates.requests), (tokens, rates.tokens)] {
+            match (gcra.as_mut(), pace) {
+                (Some(gcra), Some(pace)) => gcra.set_pace(pace.to_gcra(), now),
+                (None, Some(pace)) => *gcra = Some(Gcra::new(pace.to_gcra())),
+                (_, None) => *gcra = None,
+            }
+        }
+    }
+
+    fn until_rest(&self, bucket: &LocalBucket, now: Duration) -> Duration {
+        let now = nanos(now);
+        let state = bucket.lock();
+        let until = [state.requests, state.tokens]
+            .iter()
+            .flatten()
+            .map(|gcra| gcra.until_rest(now))
+            .max()
+            .unwrap_or(0);
+        Duration::from_nanos(until)
     }
 }

@@ -11,23 +11,21 @@ use tokio::sync::OwnedSemaphorePermit;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::service::Learner;
-
-/// The wait for a slot and a turn: boxed, because only requests that must wait pay for it.
-pub(crate) type WaitForTurn =
-    Pin<Box<dyn Future<Output = Result<Option<OwnedSemaphorePermit>, BoxError>> + Send>>;
+pub use super::body::ResponseBody;
+use super::feedback::Ticket;
+use super::wait::WaitTurn;
 
 pin_project! {
-    /// Waits for the request's turn, then sends it and reads the server's answer for hints.
+    /// Waits for the request's turn, sends it, and reads the server's answer for its bucket.
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
     {
         #[pin]
         state: State<S, B>,
-        // Held until the response arrives: the concurrency slot of a job-creating call.
+        // Held until the answer arrives: the concurrency slot of a job-creating call.
         permit: Option<OwnedSemaphorePermit>,
-        learner: Option<Learner>,
+        ticket: Option<Ticket>,
     }
 }
 
@@ -37,19 +35,31 @@ pin_project! {
     where
         S: Service<Request<B>>,
     {
-        Rejected {
+        Refused {
             error: Option<BoxError>,
         },
         Waiting {
-            turn: Option<WaitForTurn>,
+            turn: Box<dyn WaitTurn>,
             service: S,
             request: Option<Request<B>>,
+            step: Step,
         },
         Calling {
             #[pin]
             future: S::Future,
         },
     }
+}
+
+/// Where a waiting request is.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Waiting for its turn.
+    Turn,
+    /// Its turn is taken: the service must be ready now, or the turn goes back.
+    Ready,
+    /// It gave its turn back and waits, still at the head, for the service to be ready.
+    Service,
 }
 
 impl<S, B> ResponseFuture<S, B>
@@ -59,37 +69,38 @@ where
     pub(crate) fn calling(
         future: S::Future,
         permit: Option<OwnedSemaphorePermit>,
-        learner: Option<Learner>,
+        ticket: Option<Ticket>,
     ) -> Self {
         Self {
             state: State::Calling { future },
             permit,
-            learner,
+            ticket,
         }
     }
 
     pub(crate) fn waiting(
-        turn: WaitForTurn,
+        turn: Box<dyn WaitTurn>,
         service: S,
         request: Request<B>,
-        learner: Learner,
+        ticket: Ticket,
     ) -> Self {
         Self {
             state: State::Waiting {
-                turn: Some(turn),
+                turn,
                 service,
                 request: Some(request),
+                step: Step::Turn,
             },
             permit: None,
-            learner: Some(learner),
+            ticket: Some(ticket),
         }
     }
 
-    pub(crate) fn rejected(error: BoxError) -> Self {
+    pub(crate) fn refused(error: BoxError) -> Self {
         Self {
-            state: State::Rejected { error: Some(error) },
+            state: State::Refused { error: Some(error) },
             permit: None,
-            learner: None,
+            ticket: None,
         }
     }
 }
@@ -99,36 +110,68 @@ where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
 {
-    type Output = Result<Response<ResBody>, BoxError>;
+    type Output = Result<Response<ResponseBody<ResBody>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Rejected { error } => {
+                StateProj::Refused { error } => {
                     return Poll::Ready(Err(error.take().expect("polled after completion")));
                 }
                 StateProj::Waiting {
                     turn,
                     service,
                     request,
-                } => {
-                    if let Some(wait) = turn {
-                        *this.permit = ready!(wait.as_mut().poll(cx))?;
-                        *turn = None;
+                    step,
+                } => match step {
+                    Step::Turn => {
+                        ready!(turn.poll_turn(cx))?;
+                        *step = Step::Ready;
                     }
-                    ready!(service.poll_ready(cx)).map_err(Into::into)?;
-                    let request = request.take().expect("polled after completion");
-                    let future = service.call(request);
-                    this.state.set(State::Calling { future });
-                }
+                    Step::Ready => match service.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {
+                            *this.permit = turn.leave();
+                            if let Some(ticket) = this.ticket.as_mut() {
+                                ticket.sending();
+                            }
+                            let request = request.take().expect("polled after completion");
+                            let future = service.call(request);
+                            this.state.set(State::Calling { future });
+                        }
+                        Poll::Ready(Err(error)) => {
+                            turn.give_back();
+                            return Poll::Ready(Err(error.into()));
+                        }
+                        Poll::Pending => {
+                            // Busy below us: the turn goes back, the place in the queue stays.
+                            turn.give_back();
+                            *step = Step::Service;
+                            return Poll::Pending;
+                        }
+                    },
+                    Step::Service => {
+                        ready!(service.poll_ready(cx)).map_err(Into::into)?;
+                        // Ready now, and it stays ready until called: take the turn again.
+                        *step = Step::Turn;
+                    }
+                },
                 StateProj::Calling { future } => {
-                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if let Some(learner) = this.learner.take() {
-                        learner.learn(&response);
-                    }
+                    let result = ready!(future.poll(cx));
                     this.permit.take();
-                    return Poll::Ready(Ok(response));
+                    let ticket = this.ticket.take();
+                    return Poll::Ready(match result {
+                        Ok(response) => Ok(match ticket {
+                            Some(ticket) => ticket.learn(response),
+                            None => response.map(ResponseBody::new),
+                        }),
+                        Err(error) => {
+                            if let Some(ticket) = ticket {
+                                ticket.failed();
+                            }
+                            Err(error.into())
+                        }
+                    });
                 }
             }
         }
@@ -141,9 +184,11 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Rejected { .. } => "rejected",
-            State::Waiting { turn: Some(_), .. } => "waiting",
-            State::Waiting { turn: None, .. } => "ready",
+            State::Refused { .. } => "refused",
+            State::Waiting {
+                step: Step::Turn, ..
+            } => "waiting for its turn",
+            State::Waiting { .. } => "waiting for the service",
             State::Calling { .. } => "calling",
         };
         f.debug_struct("ResponseFuture")

@@ -1,21 +1,27 @@
 //! Client-side rate limiting: wait your turn instead of walking into a 429.
 //!
-//! [`RateLimitLayer`] gives every request a bucket, one per (API key fingerprint, quota group)
-//! of its [`QuotaTable`](crate::quota::QuotaTable), and lets it go when the bucket's GCRA quota
-//! (governor) and concurrency slots allow.
+//! [`Limits`] holds the buckets: one per (API key fingerprint, quota group, and model for
+//! groups limited per model) of its [`QuotaTable`](crate::quota::QuotaTable). Build it once and
+//! give a clone to every [`RateLimitLayer`] that should share it. A request goes when its
+//! bucket's request rate, token budget and concurrency slots all allow.
 //!
-//! - **Fair.** Waiters of a bucket are served first come, first served. Only the head waiter
-//!   asks the backend and sleeps, for exactly the time it is told; there is no thundering herd.
-//!   When nobody waits, a request that fits the quota goes straight through.
+//! - **Fair.** Waiters of a bucket are served first come, first served, and a request the
+//!   retry layer sends again goes before those not sent yet. Only the head waiter asks the
+//!   backend and sleeps, for exactly the time it is told; there is no thundering herd. When
+//!   nobody waits, a request that fits goes straight through.
+//! - **Both quotas at once.** A request's turn takes its request and its estimated tokens
+//!   together, or neither: one quota's wait never spends the other's capacity. The token
+//!   charge is corrected from the answer's `usage`.
 //! - **Bounded.** A bucket holds at most `max_queue` waiters, and a request waits at most
-//!   `max_wait` (or its own [`MaxWait`]); past either it gets [`error::QueueFull`] or
-//!   [`error::RateLimited`] at once. Nothing waits forever.
-//! - **Cancellable.** Dropping a waiting future gives up its place and takes nothing.
-//! - **Taught by the server.** A 429 closes its bucket for the server's `retry-after-ms`,
-//!   `Retry-After` or `x-ratelimit-reset` (1 s without a hint), and a response saying
-//!   `x-ratelimit-remaining: 0` closes it until `x-ratelimit-reset`, so other waiters do not
-//!   walk into the same wall. Hints are clamped to `max_pause`.
-//! - **Bounded memory.** Idle buckets are dropped, and at most `max_buckets` are kept.
+//!   `max_wait` (or its own [`MaxWait`]); past either it gets an error at once (see [`error`]
+//!   for each kind of refusal). Nothing waits forever, and the number of live buckets is bounded.
+//! - **Cancellable.** Dropping a waiting future gives up its place and takes nothing. A turn
+//!   is taken only when the service below is ready for the request.
+//! - **Taught by the server.** A 429 closes its bucket for the server's hint, and a used-up
+//!   limit (`x-ratelimit-remaining: 0`) until its reset, so other waiters do not walk into the
+//!   same wall. In [`Mode::Adaptive`] (the default) the rate also follows the server's stated
+//!   limits and cuts itself on 429s and 503s its own pace did not expect, then recovers; see
+//!   [`Adaptation`]. [`Mode::Static`] keeps the table's rates.
 //!
 //! The wait happens inside the response future, because the bucket is only known once the
 //! request is: `poll_ready` forwards to the inner service.
@@ -26,7 +32,7 @@
 //! use std::time::Duration;
 //! use http::{Request, Response};
 //! use tower::{Service, ServiceBuilder, ServiceExt};
-//! use together_tower::limit::RateLimitLayer;
+//! use together_tower::limit::{Limits, RateLimitLayer};
 //! use together_tower::quota::QuotaTable;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -34,8 +40,11 @@
 //! # let client = tower::service_fn(|_: Request<String>| async {
 //! #     Ok::<_, std::convert::Infallible>(Response::new(String::new()))
 //! # });
+//! let limits = Limits::builder(QuotaTable::together_defaults())
+//!     .max_wait(Duration::from_secs(10))
+//!     .build();
 //! let mut together = ServiceBuilder::new()
-//!     .layer(RateLimitLayer::new(QuotaTable::together_defaults()).with_max_wait(Duration::from_secs(10)))
+//!     .layer(RateLimitLayer::new(limits))
 //!     .service(client);
 //!
 //! let request = Request::post("https://api.together.xyz/v1/chat/completions")
@@ -47,21 +56,36 @@
 //! # }
 //! ```
 
+mod adapt;
+mod admit;
 mod backend;
+mod body;
 mod bucket;
 pub mod error;
+mod feedback;
 pub mod future;
+mod gcra;
 mod layer;
+mod limits;
+mod map;
+mod queue;
 mod service;
+mod wait;
 
 use std::time::Duration;
 
-pub use self::backend::{BucketSpec, Decision, GovernorBucket, GovernorLimiter, Limiter};
+pub use self::adapt::{Adaptation, Mode};
+pub use self::backend::{
+    BucketSpec, Cost, Decision, Limiter, LocalBucket, LocalLimiter, Pace, Rates,
+};
 pub use self::layer::RateLimitLayer;
+pub use self::limits::{
+    BucketSnapshot, DefaultTokenEstimate, EstimateTokens, Limits, LimitsBuilder, TokenRequest,
+};
 pub use self::service::RateLimit;
 
 /// A request extension that sets how long this request may wait for its turn, overriding the
-/// layer's `max_wait`. `MaxWait(Duration::ZERO)` means "send now or fail".
+/// limits' `max_wait`. `MaxWait(Duration::ZERO)` means "send now or fail".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaxWait(pub Duration);
 

@@ -55,7 +55,10 @@ struct QuotaFile {
 struct GroupEntry {
     rate: Option<String>,
     burst: Option<u32>,
+    tokens: Option<String>,
+    token_burst: Option<u32>,
     concurrency: Option<u32>,
+    per_model: Option<bool>,
 }
 
 impl QuotaFile {
@@ -76,26 +79,31 @@ impl QuotaFile {
                 .ok_or_else(|| QuotaError::new("", Problem::UnknownPreset(excerpt(&name))))?,
         };
         for (name, entry) in self.groups {
-            let rate = match entry.rate {
-                Some(text) => {
-                    let rate = Rate::parse(&text).ok_or_else(|| {
-                        QuotaError::new(&name, Problem::InvalidRate(excerpt(&text)))
-                    })?;
-                    Some(rate.with_burst(entry.burst.unwrap_or(1)))
-                }
-                None => None,
+            let parse = |text: Option<String>, burst: Option<u32>| match text {
+                Some(text) => Rate::parse(&text)
+                    .map(|rate| Some(rate.with_burst(burst.unwrap_or(1))))
+                    .ok_or_else(|| QuotaError::new(&name, Problem::InvalidRate(excerpt(&text)))),
+                None => Ok(None),
             };
-            let quota = match (rate, entry.concurrency) {
-                (Some(rate), concurrency) => {
-                    let quota = GroupQuota::rate(rate);
-                    match concurrency {
-                        Some(calls) => quota.with_concurrency(calls),
-                        None => quota,
-                    }
-                }
-                (None, Some(calls)) => GroupQuota::concurrency(calls),
-                (None, None) => return Err(QuotaError::new(&name, Problem::NoLimit)),
+            let rate = parse(entry.rate, entry.burst)?;
+            // A token budget's burst defaults to one second's worth.
+            let tokens = parse(entry.tokens, None)?.map(|tokens| {
+                let per_second = (tokens.per_second_f64().ceil() as u32).max(1);
+                tokens.with_burst(entry.token_burst.unwrap_or(per_second))
+            });
+            let mut quota = match (rate, tokens, entry.concurrency) {
+                (Some(rate), _, _) => GroupQuota::rate(rate),
+                (None, Some(tokens), _) => GroupQuota::tokens(tokens),
+                (None, None, Some(calls)) => GroupQuota::concurrency(calls),
+                (None, None, None) => return Err(QuotaError::new(&name, Problem::NoLimit)),
             };
+            if let Some(tokens) = tokens {
+                quota = quota.with_tokens(tokens);
+            }
+            if let Some(calls) = entry.concurrency {
+                quota = quota.with_concurrency(calls);
+            }
+            quota = quota.per_model(entry.per_model.unwrap_or(false));
             builder = builder.group(name, quota);
         }
         for (class, group) in self.classes {

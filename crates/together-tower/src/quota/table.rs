@@ -5,20 +5,27 @@ use super::error::{Problem, QuotaError};
 use super::{ChatTier, Rate};
 use crate::classify::EndpointClass;
 
-/// The limits of one quota group: a request rate, a number of concurrent calls, or both.
+/// The limits of one quota group: a request rate, a token budget, a number of concurrent
+/// calls, or any of them together; and whether each model has buckets of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GroupQuota {
     rate: Option<Rate>,
+    tokens: Option<Rate>,
     concurrency: Option<u32>,
+    per_model: bool,
 }
 
 impl GroupQuota {
+    const NONE: Self = Self {
+        rate: None,
+        tokens: None,
+        concurrency: None,
+        per_model: false,
+    };
+
     /// A group limited by a request rate.
     pub const fn rate(rate: Rate) -> Self {
-        Self {
-            rate: Some(rate),
-            concurrency: None,
-        }
+        Self::NONE.with_rate(rate)
     }
 
     /// A group limited to `calls` calls in flight at once, with no rate.
@@ -26,10 +33,12 @@ impl GroupQuota {
     /// The slot is held for the duration of one HTTP call. For job-creating classes this keeps
     /// creates from racing each other; a job that outlives its call is not counted.
     pub const fn concurrency(calls: u32) -> Self {
-        Self {
-            rate: None,
-            concurrency: Some(calls),
-        }
+        Self::NONE.with_concurrency(calls)
+    }
+
+    /// A group limited by a token budget only.
+    pub const fn tokens(tokens: Rate) -> Self {
+        Self::NONE.with_tokens(tokens)
     }
 
     /// The same group, also limited to `calls` calls in flight at once.
@@ -44,14 +53,40 @@ impl GroupQuota {
         self
     }
 
+    /// The same group, also limited to `tokens` (prompt plus completion) per period. Each
+    /// request is charged an estimate before it is sent, corrected from the answer's `usage`.
+    /// The burst is the most one request may cost, and also bounds the estimates of the
+    /// requests in flight: set it to cover them (rate times latency times the overestimate).
+    pub const fn with_tokens(mut self, tokens: Rate) -> Self {
+        self.tokens = Some(tokens);
+        self
+    }
+
+    /// The same group, with (`true`) or without buckets of its own for each model: each model
+    /// then has the whole quota. Requests that name no model share the group's bucket.
+    pub const fn per_model(mut self, per_model: bool) -> Self {
+        self.per_model = per_model;
+        self
+    }
+
     /// The request rate, if any.
     pub const fn rate_limit(&self) -> Option<Rate> {
         self.rate
     }
 
+    /// The token budget, if any.
+    pub const fn token_limit(&self) -> Option<Rate> {
+        self.tokens
+    }
+
     /// The number of concurrent calls allowed, if limited.
     pub const fn concurrency_limit(&self) -> Option<u32> {
         self.concurrency
+    }
+
+    /// Whether each model has buckets of its own.
+    pub const fn is_per_model(&self) -> bool {
+        self.per_model
     }
 }
 
@@ -82,9 +117,24 @@ impl Group {
         self.quota.rate
     }
 
+    /// The token budget, if the group has one.
+    pub fn tokens(&self) -> Option<Rate> {
+        self.quota.tokens
+    }
+
     /// The number of concurrent calls allowed, if limited.
     pub fn concurrency(&self) -> Option<u32> {
         self.quota.concurrency
+    }
+
+    /// Whether each model has buckets of its own.
+    pub fn per_model(&self) -> bool {
+        self.quota.per_model
+    }
+
+    /// The group's limits.
+    pub fn quota(&self) -> GroupQuota {
+        self.quota
     }
 
     /// The rate as a governor quota, if the group has one.
@@ -125,7 +175,10 @@ impl QuotaTable {
 
     /// Together's published limits for one key: chat and completions 600 requests a minute,
     /// embeddings 300, image generation 60, three fine-tune creates and ten batch creates in
-    /// flight. Every rate has a burst of 1. Other classes are not limited.
+    /// flight. Every rate has a burst of 1. Chat, completions, embeddings and images are
+    /// limited per model, as Together limits them since 2026. Tokens are not budgeted: add a
+    /// token budget with [`GroupQuota::with_tokens`] (see [`ChatTier::tokens_per_minute`]).
+    /// Other classes are not limited.
     pub fn together_defaults() -> Self {
         Self::chat_tier(ChatTier::Tier1)
     }
@@ -135,10 +188,16 @@ impl QuotaTable {
         Self::builder()
             .group(
                 "chat",
-                GroupQuota::rate(Rate::per_minute(tier.requests_per_minute())),
+                GroupQuota::rate(Rate::per_minute(tier.requests_per_minute())).per_model(true),
             )
-            .group("embeddings", GroupQuota::rate(Rate::per_minute(300)))
-            .group("images", GroupQuota::rate(Rate::per_minute(60)))
+            .group(
+                "embeddings",
+                GroupQuota::rate(Rate::per_minute(300)).per_model(true),
+            )
+            .group(
+                "images",
+                GroupQuota::rate(Rate::per_minute(60)).per_model(true),
+            )
             .group("fine-tune-create", GroupQuota::concurrency(3))
             .group("batch-create", GroupQuota::concurrency(10))
             .class(EndpointClass::Chat, "chat")
@@ -186,6 +245,9 @@ impl QuotaTable {
     /// [groups.chat]          # adds a group, or replaces the preset's group of that name
     /// rate = "1800/min"      # requests per s, min or h
     /// burst = 5              # optional, default 1
+    /// tokens = "250000/min"  # optional token budget (prompt plus completion)
+    /// token_burst = 8000     # optional, default one second's worth
+    /// per_model = true       # optional: each model has buckets of its own (default false)
     ///
     /// [groups.fine-tune-create]
     /// concurrency = 3
@@ -194,10 +256,10 @@ impl QuotaTable {
     /// chat = "chat"
     /// completions = "chat"
     /// ```
-    #[cfg(feature = "serde")]
     ///
     /// A file larger than 1 MiB, or with more than [`MAX_GROUPS`] groups, is refused before
     /// any group is built.
+    #[cfg(feature = "serde")]
     pub fn from_toml(text: &str) -> Result<Self, QuotaError> {
         super::file::load(text)
     }
@@ -256,12 +318,12 @@ impl QuotaTableBuilder {
         }
         let mut groups = Vec::with_capacity(self.groups.len());
         for (name, quota) in self.groups {
-            if let Some(rate) = quota.rate {
+            for rate in [quota.rate, quota.tokens].into_iter().flatten() {
                 rate.validate(&name)?;
             }
             match quota.concurrency {
                 Some(0) => return Err(QuotaError::new(&name, Problem::ZeroConcurrency)),
-                None if quota.rate.is_none() => {
+                None if quota.rate.is_none() && quota.tokens.is_none() => {
                     return Err(QuotaError::new(&name, Problem::NoLimit));
                 }
                 _ => {}

@@ -39,8 +39,8 @@ impl ChatTier {
         }
     }
 
-    /// Chat tokens (prompt plus completion) allowed per minute. Published for reference; the
-    /// limiter does not budget tokens yet.
+    /// Chat tokens (prompt plus completion) allowed per minute. The defaults do not budget
+    /// tokens; use this with [`GroupQuota::with_tokens`](super::GroupQuota::with_tokens).
     pub const fn tokens_per_minute(self) -> u32 {
         match self {
             ChatTier::Free => 60_000,

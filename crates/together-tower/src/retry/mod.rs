@@ -50,7 +50,7 @@ use http::Request;
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use self::policy::{JobSlotWait, RetryBody, RetryPolicy, X_SHOULD_RETRY};
+pub use self::policy::{Attempt, JobSlotWait, RetryBody, RetryPolicy, X_SHOULD_RETRY};
 
 use crate::classify::{Classify, TogetherClassifier};
 

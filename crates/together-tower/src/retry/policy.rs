@@ -37,6 +37,12 @@ impl<B> RetryBody for BufferedBody<B> {
     }
 }
 
+/// A request extension the retry layer puts on each request it sends again: which attempt
+/// this is (1 for the first retry). The rate limit layer serves such requests before those
+/// not sent yet, so a 429 does not send a request to the back of a long queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Attempt(pub u32);
+
 /// Waiting for a free fine-tune job slot when a create is refused with 409.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JobSlotWait {
@@ -220,10 +226,7 @@ impl<C> RetryPolicy<C> {
         status: StatusCode,
         headers: &HeaderMap,
     ) -> Verdict {
-        let hint = || {
-            let now = SystemTime::now();
-            headers::retry_after(headers, now).or_else(|| headers::ratelimit_reset(headers, now))
-        };
+        let hint = || headers::retry_hint(headers, SystemTime::now());
         match should_retry(headers) {
             Some(false) => return Verdict::Done,
             Some(true) if !status.is_success() => return Verdict::Retry { hint: hint() },
@@ -291,6 +294,7 @@ where
                     return None;
                 }
                 self.tries += 1;
+                request.extensions_mut().insert(Attempt(self.tries));
                 return Some(tokio::time::sleep(wait.delay));
             }
         };
@@ -302,6 +306,7 @@ where
         }
         self.retries += 1;
         self.tries += 1;
+        request.extensions_mut().insert(Attempt(self.tries));
         Some(tokio::time::sleep(delay))
     }
 

@@ -1,0 +1,511 @@
+//! Adapting a bucket's rate to what the server really allows.
+//!
+//! The table is where a bucket starts, not the truth. A [`Controller`] keeps the rate in force
+//! for one dimension of one bucket (requests, or tokens) and moves it on evidence:
+//!
+//! - **The server's word.** A limit header (`x-ratelimit-limit`, `x-tokenlimit-limit` and their
+//!   `-dynamic` forms, per second) sets the target, within the floor and the ceiling. One odd
+//!   reading never moves it: a new value counts once two readings in a row agree, or the
+//!   median of the last three moves.
+//! - **Trouble.** A 429 the bucket's own pace did not expect, or a 503 ("slow down" below the
+//!   limit), means the real limit is below the rate the request was sent at. The rate is cut
+//!   multiplicatively, at most once per window of evidence: an answer to a request sent
+//!   before the last cut says nothing about the rate since.
+//! - **Recovery.** After a cut the rate climbs back along a cubic (TCP CUBIC's shape, as in the
+//!   AWS SDK's adaptive mode): quickly at first, flattening as it nears a plateau just below
+//!   the rate where trouble began (the wall). It holds there, then probes above it, slowly at
+//!   first and faster as it gets away from the wall, so a limit that went back up is found
+//!   again within seconds. A probe that finds the same wall again was only a little over it,
+//!   so that cut is gentle (to 95%); a probe that gets past the wall forgets it. A plateau
+//!   within 3% of the target does not probe at all: it has nothing to gain but a 429.
+//!
+//! Times are nanoseconds on the limiter's clock; rates are units per second. Nothing here
+//! reads a clock, so tests give exact schedules.
+
+use std::time::Duration;
+
+/// Which kind of limiting a bucket does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Mode {
+    /// The table only. A 429 or a used-up limit closes the bucket for the server's hint; the
+    /// rate never changes. Best when the table is known to be right and no other client
+    /// shares the key: no probing, so no 429 is ever spent on it.
+    Static,
+    /// The table as the starting point, then the server's stated limits and the evidence of
+    /// 429s and 503s (the default). Converges on what the server allows when the table is
+    /// wrong; when it is right, it keeps the whole quota and sends no 429.
+    #[default]
+    Adaptive,
+}
+
+/// How rates adapt: the bounds and the shape of cuts and recovery.
+///
+/// | setting | default | meaning |
+/// |---|---|---|
+/// | `mode` | [`Mode::Adaptive`] | whether rates adapt at all |
+/// | `floor` | 0.05 | the lowest rate, as a share of the table's |
+/// | `ceiling` | 1.0 | the highest rate, as a multiple of the table's; raise it to let a server's stated limit take the rate above the table |
+/// | `cut` | 0.8 | the share of the rate kept after trouble at a new wall (at a known wall, 0.95) |
+/// | `margin` | 0.02 | how far below the wall the rate settles after trouble |
+/// | `hold` | 2 s | how long the rate holds below the wall before it probes above it |
+/// | `growth` | 0.02 | how fast the rate climbs, as a share of the target per second cubed |
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Adaptation {
+    pub(crate) mode: Mode,
+    pub(crate) floor: f64,
+    pub(crate) ceiling: f64,
+    pub(crate) cut: f64,
+    pub(crate) margin: f64,
+    pub(crate) hold: Duration,
+    pub(crate) growth: f64,
+}
+
+impl Default for Adaptation {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Adaptive,
+            floor: 0.05,
+            ceiling: 1.0,
+            cut: 0.8,
+            margin: 0.02,
+            hold: Duration::from_secs(2),
+            growth: 0.02,
+        }
+    }
+}
+
+impl Adaptation {
+    /// Table only: never adapt.
+    pub fn fixed() -> Self {
+        Self {
+            mode: Mode::Static,
+            ..Self::default()
+        }
+    }
+
+    /// The defaults, adapting.
+    pub fn adaptive() -> Self {
+        Self::default()
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The lowest rate, as a share of the table's (clamped to 0.001..=1).
+    pub fn with_floor(mut self, share: f64) -> Self {
+        self.floor = if share.is_finite() {
+            share.clamp(0.001, 1.0)
+        } else {
+            self.floor
+        };
+        self
+    }
+
+    /// The highest rate, as a multiple of the table's (clamped to 1..=100). Above 1, a
+    /// server's stated limit may take the rate above the table.
+    pub fn with_ceiling(mut self, multiple: f64) -> Self {
+        self.ceiling = if multiple.is_finite() {
+            multiple.clamp(1.0, 100.0)
+        } else {
+            self.ceiling
+        };
+        self
+    }
+
+    /// The share of the rate kept after trouble at a new wall (clamped to 0.1..=0.95).
+    pub fn with_cut(mut self, keep: f64) -> Self {
+        self.cut = if keep.is_finite() {
+            keep.clamp(0.1, 0.95)
+        } else {
+            self.cut
+        };
+        self
+    }
+
+    /// How long the rate holds below a wall before it probes above it.
+    pub fn with_hold(mut self, hold: Duration) -> Self {
+        self.hold = hold;
+        self
+    }
+}
+
+/// The share of the rate kept after trouble at a wall found before (within [`SAME_WALL`]).
+const KNOWN_WALL_KEEP: f64 = 0.95;
+/// A plateau within this share of the target does not probe: the most it could gain is less
+/// than what a 429 costs.
+const NOTHING_TO_GAIN: f64 = 0.03;
+/// Trouble within this share of the last wall is trouble at the same wall.
+const SAME_WALL: f64 = 0.05;
+/// Readings within this share of each other agree.
+const AGREE: f64 = 0.10;
+/// Trouble reported less than this after a cut does not cut again: answers that arrive together
+/// are one piece of evidence.
+const MIN_CUT_GAP: u64 = 10_000_000;
+
+const NANOS: f64 = 1e9;
+
+/// The rate in force for one dimension of one bucket.
+#[derive(Debug, Clone)]
+pub(crate) struct Controller {
+    settings: Adaptation,
+    /// The table's rate, per second.
+    configured: f64,
+    /// The server's stated limit, per second, once readings agree.
+    learned: Option<f64>,
+    readings: Readings,
+    recovery: Option<Recovery>,
+    /// The last wall and how often trouble came back at it.
+    wall: Option<(f64, u32)>,
+}
+
+/// The course of the rate after a cut.
+#[derive(Debug, Clone, Copy)]
+struct Recovery {
+    /// When the cut was made.
+    at: u64,
+    /// The rate right after the cut.
+    start: f64,
+    /// Where the climb flattens: just below the wall.
+    plateau: f64,
+    /// Seconds from the cut to the plateau.
+    climb: f64,
+    /// When probing above the plateau begins.
+    probe_from: u64,
+}
+
+/// The last three limit readings.
+#[derive(Debug, Clone, Copy, Default)]
+struct Readings {
+    values: [f64; 3],
+    count: usize,
+}
+
+impl Readings {
+    fn push(&mut self, value: f64) {
+        self.values.rotate_left(1);
+        self.values[2] = value;
+        self.count = (self.count + 1).min(3);
+    }
+
+    /// The value the readings agree on: the last two, if they agree; else the median of three.
+    fn agreed(&self) -> Option<f64> {
+        let [a, b, c] = self.values;
+        if self.count >= 2 && agree(b, c) {
+            return Some(b.min(c));
+        }
+        if self.count == 3 {
+            let mut sorted = [a, b, c];
+            sorted.sort_by(f64::total_cmp);
+            return Some(sorted[1]);
+        }
+        None
+    }
+}
+
+fn agree(a: f64, b: f64) -> bool {
+    (a - b).abs() <= AGREE * a.max(b)
+}
+
+impl Controller {
+    /// A controller starting at the table's rate, `configured` units a second.
+    pub(crate) fn new(settings: Adaptation, configured: f64) -> Self {
+        Self {
+            settings,
+            configured,
+            learned: None,
+            readings: Readings::default(),
+            recovery: None,
+            wall: None,
+        }
+    }
+
+    fn adaptive(&self) -> bool {
+        self.settings.mode == Mode::Adaptive
+    }
+
+    fn floor(&self) -> f64 {
+        self.configured * self.settings.floor
+    }
+
+    /// The most the rate may be: the server's stated limit if known, else the table's, within
+    /// the floor and the ceiling.
+    pub(crate) fn target(&self) -> f64 {
+        let ceiling = self.configured * self.settings.ceiling;
+        self.learned
+            .unwrap_or(self.configured)
+            .clamp(self.floor(), ceiling)
+    }
+
+    /// The rate in force at `now`.
+    pub(crate) fn rate(&self, now: u64) -> f64 {
+        let target = self.target();
+        let Some(recovery) = self.recovery else {
+            return target;
+        };
+        let since = now.saturating_sub(recovery.at) as f64 / NANOS;
+        let rate = if since < recovery.climb {
+            // Concave: fast at first, flat as it nears the plateau.
+            let left = 1.0 - since / recovery.climb;
+            recovery.plateau - (recovery.plateau - recovery.start) * left * left * left
+        } else if now < recovery.probe_from {
+            recovery.plateau
+        } else {
+            // Convex: slow near the wall, faster as it gets away from it.
+            let probing = (now - recovery.probe_from) as f64 / NANOS;
+            recovery.plateau + self.settings.growth * target * probing * probing * probing
+        };
+        rate.clamp(self.floor(), target)
+    }
+
+    /// When the rate next changes by itself (`None`: it stays until new evidence).
+    pub(crate) fn next_change(&self, now: u64) -> Option<u64> {
+        let recovery = self.recovery?;
+        let climb_end = recovery.at.saturating_add(secs(recovery.climb));
+        Some(if now < climb_end {
+            // Re-evaluated often enough to follow the curve closely.
+            now.saturating_add(20_000_000)
+        } else if now < recovery.probe_from {
+            recovery.probe_from
+        } else {
+            now.saturating_add(50_000_000)
+        })
+    }
+
+    /// Forgets a recovery that has come back to the target, so the bucket can rest.
+    pub(crate) fn settle(&mut self, now: u64) {
+        if self.recovery.is_some() && self.rate(now) >= self.target() {
+            self.recovery = None;
+        }
+        if let (Some((wall, _)), Some(recovery)) = (self.wall, self.recovery) {
+            // A probe that got clearly past the wall without trouble: the wall has moved.
+            if now >= recovery.probe_from && self.rate(now) > wall * (1.0 + SAME_WALL) {
+                self.wall = None;
+            }
+        }
+    }
+
+    /// Whether the rate is back where it started, with nothing learned: forgetting the bucket
+    /// then loses nothing.
+    pub(crate) fn at_rest(&self) -> bool {
+        self.recovery.is_none() && self.learned.is_none()
+    }
+
+    /// The server stated its limit: `per_second` units a second. Returns whether the target
+    /// changed.
+    pub(crate) fn stated_limit(&mut self, per_second: f64) -> bool {
+        if !self.adaptive() || !per_second.is_finite() || per_second <= 0.0 {
+            return false;
+        }
+        self.readings.push(per_second);
+        let Some(agreed) = self.readings.agreed() else {
+            return false;
+        };
+        if self.learned.is_some_and(|learned| {
+            agree(learned, agreed) && (learned - agreed).abs() <= 0.02 * learned
+        }) {
+            return false;
+        }
+        let before = self.target();
+        self.learned = Some(agreed);
+        let target = self.target();
+        if let Some(recovery) = &mut self.recovery {
+            if target > before {
+                // The limit went up: what was learned about the old one no longer holds.
+                self.recovery = None;
+                self.wall = None;
+            } else {
+                recovery.plateau = recovery.plateau.min(target);
+            }
+        }
+        (target - before).abs() > f64::EPSILON
+    }
+
+    /// A refusal (429) or a "slow down" (503) that the bucket's own pace did not expect (the
+    /// bucket checks that the request was sent since the last cut or closure). Returns
+    /// whether the rate was cut.
+    pub(crate) fn trouble(&mut self, now: u64) -> bool {
+        if !self.adaptive() {
+            return false;
+        }
+        if self
+            .recovery
+            .is_some_and(|recovery| now.saturating_sub(recovery.at) < MIN_CUT_GAP)
+        {
+            return false;
+        }
+        let wall = self.rate(now);
+        let hits = match self.wall {
+            Some((last, hits)) if (wall - last).abs() <= SAME_WALL * last => hits + 1,
+            _ => 1,
+        };
+        self.wall = Some((wall, hits));
+        let target = self.target();
+        // At a wall found before, a probe went a little over it: a gentle cut will do. A new
+        // wall says nothing of how far over the rate is: cut hard, and cut again if needed.
+        let keep = if hits > 1 {
+            KNOWN_WALL_KEEP
+        } else {
+            self.settings.cut
+        };
+        let start = (wall * keep).max(self.floor());
+        let plateau = (wall * (1.0 - self.settings.margin)).max(start);
+        let climb = if plateau > start {
+            ((plateau - start) / (self.settings.growth * target)).cbrt()
+        } else {
+            0.0
+        };
+        // A plateau this close to the target has nothing to gain from probing but a 429.
+        let probe_from = if plateau >= target * (1.0 - NOTHING_TO_GAIN) {
+            u64::MAX
+        } else {
+            now.saturating_add(secs(climb))
+                .saturating_add(super::gcra::nanos(self.settings.hold))
+        };
+        self.recovery = Some(Recovery {
+            at: now,
+            start,
+            plateau,
+            climb,
+            probe_from,
+        });
+        true
+    }
+}
+
+fn secs(seconds: f64) -> u64 {
+    (seconds * NANOS).clamp(0.0, u64::MAX as f64) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    const MS: u64 = 1_000_000;
+
+    fn adaptive() -> Controller {
+        Controller::new(Adaptation::default(), 100.0)
+    }
+
+    #[test]
+    fn a_controller_without_evidence_runs_at_the_table_rate() {
+        let controller = adaptive();
+        assert_eq!(controller.rate(0), 100.0);
+        assert_eq!(controller.rate(3_600 * S), 100.0);
+        assert!(controller.at_rest());
+        assert_eq!(controller.next_change(0), None);
+    }
+
+    #[test]
+    fn trouble_at_the_target_cuts_then_settles_just_below_it_for_good() {
+        let mut controller = adaptive();
+        assert!(controller.trouble(10 * S));
+        // Cut to 80% of 100.
+        assert!((controller.rate(10 * S) - 80.0).abs() < 1e-9);
+        // The climb: 18 units in cbrt(18 / 2) = 2.08 s, concave.
+        let climb = (18.0f64 / 2.0).cbrt();
+        let halfway = controller.rate(10 * S + secs(climb / 2.0));
+        assert!(halfway > 80.0 + 18.0 * 0.85, "{halfway}");
+        assert!((controller.rate(10 * S + secs(climb)) - 98.0).abs() < 1e-6);
+        // 98 is within 3% of the target: probing could gain 2% and would cost a 429.
+        assert!((controller.rate(3_600 * S) - 98.0).abs() < 1e-6);
+        assert!(!controller.at_rest());
+    }
+
+    #[test]
+    fn below_the_target_the_rate_holds_then_probes_and_finds_a_raised_limit() {
+        let mut controller = adaptive();
+        // Trouble at 100, then again just after the climb began: a second, lower wall.
+        controller.trouble(0);
+        let wall = controller.rate(500 * MS);
+        assert!(controller.trouble(500 * MS));
+        let recovery = controller.recovery.unwrap();
+        assert!((recovery.plateau - wall * 0.98).abs() < 1e-9);
+        // Held at the plateau for 2 s after the climb, then probing, faster and faster.
+        let probe_from = recovery.probe_from;
+        assert_eq!(probe_from - 500 * MS - secs(recovery.climb), 2 * S);
+        assert!((controller.rate(probe_from - MS) - recovery.plateau).abs() < 1e-6);
+        let after = |seconds: u64| controller.rate(probe_from + seconds * S);
+        assert!(after(1) < after(2) && after(2) - after(1) > after(1) - recovery.plateau);
+        // Nothing stopped it: it is back at the table's rate, and settles there.
+        let back = probe_from + 5 * S;
+        assert_eq!(controller.rate(back), 100.0);
+        controller.settle(back);
+        assert!(controller.at_rest());
+    }
+
+    #[test]
+    fn trouble_cuts_from_the_rate_in_force_but_not_twice_at_once() {
+        let mut controller = adaptive();
+        assert!(controller.trouble(S));
+        // Answers that arrive together cut once.
+        assert!(!controller.trouble(S + MS));
+        // Later trouble cuts again, from the rate in force.
+        let before = controller.rate(S + 100 * MS);
+        assert!(before > 80.0 && before < 98.0, "{before}");
+        assert!(controller.trouble(S + 100 * MS));
+        assert!((controller.rate(S + 100 * MS) - 0.8 * before).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_storm_drives_the_rate_down_but_never_below_the_floor() {
+        let mut controller = Controller::new(Adaptation::default().with_floor(0.3), 100.0);
+        let mut lowest = f64::MAX;
+        for i in 0..40 {
+            let now = S + i * 15 * MS;
+            controller.trouble(now);
+            lowest = lowest.min(controller.rate(now));
+        }
+        assert_eq!(lowest, 30.0);
+    }
+
+    #[test]
+    fn a_probe_that_finds_the_same_wall_again_is_cut_gently() {
+        let mut controller = adaptive();
+        controller.trouble(0);
+        controller.trouble(500 * MS);
+        let wall = controller.wall.unwrap().0;
+        // Probe until the rate is back at that wall, and be refused there again.
+        let mut now = controller.recovery.unwrap().probe_from;
+        while controller.rate(now) < wall {
+            now += 10 * MS;
+        }
+        let at = controller.rate(now);
+        assert!(controller.trouble(now));
+        assert!((controller.rate(now) - 0.95 * at).abs() < 1e-9);
+        assert_eq!(controller.wall.unwrap().1, 2);
+    }
+
+    #[test]
+    fn a_stated_limit_counts_once_readings_agree_and_never_for_one_odd_value() {
+        let mut controller = adaptive();
+        assert!(!controller.stated_limit(50.0));
+        assert_eq!(controller.rate(0), 100.0);
+        assert!(controller.stated_limit(50.0));
+        assert_eq!(controller.rate(0), 50.0);
+        // One odd reading among steady ones moves nothing.
+        assert!(!controller.stated_limit(1.0));
+        assert!(!controller.stated_limit(50.0));
+        assert_eq!(controller.rate(0), 50.0);
+        // Doubled, and stated twice: the rate follows, up to the ceiling (the table's 100).
+        controller.stated_limit(200.0);
+        controller.stated_limit(200.0);
+        assert_eq!(controller.rate(0), 100.0);
+        let mut generous = Controller::new(Adaptation::default().with_ceiling(4.0), 100.0);
+        generous.stated_limit(200.0);
+        generous.stated_limit(200.0);
+        assert_eq!(generous.rate(0), 200.0);
+    }
+
+    #[test]
+    fn static_mode_never_moves() {
+        let mut controller = Controller::new(Adaptation::fixed(), 100.0);
+        assert!(!controller.trouble(S));
+        controller.stated_limit(10.0);
+        controller.stated_limit(10.0);
+        assert_eq!(controller.rate(2 * S), 100.0);
+    }
+}

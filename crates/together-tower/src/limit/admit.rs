@@ -1,0 +1,186 @@
+//! Admission: what happens to a request as it arrives. It finds the request's bucket and
+//! cost, then lets it go at once (the fast path), refuses it (the wait would be too long, the
+//! queue is full, it can never fit), or queues it for its turn.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use http::header::CONTENT_LENGTH;
+use tokio::sync::OwnedSemaphorePermit;
+use tower::BoxError;
+
+use super::MaxWait;
+use super::backend::{Cost, Decision, Limiter};
+use super::bucket::Bucket;
+use super::error::{QueueFull, RateLimited, TooManyBuckets, TooManyTokens};
+use super::feedback::Ticket;
+use super::limits::{Inner, TokenRequest};
+use super::queue::{Lane, Place};
+use super::wait::{Turn, WaitTurn};
+use crate::buffer::RequestMeta;
+use crate::classify::{Classify, EndpointClass};
+use crate::retry::Attempt;
+
+/// What the layer decided when the request arrived.
+pub(crate) enum Admission {
+    /// Send now (the fast path, or a class with no limit).
+    Go {
+        permit: Option<OwnedSemaphorePermit>,
+        ticket: Option<Ticket>,
+    },
+    /// Wait for a slot and a turn first.
+    Wait {
+        turn: Box<dyn WaitTurn>,
+        ticket: Ticket,
+    },
+    /// Do not send.
+    Refuse(BoxError),
+}
+
+impl<C: Classify, L: Limiter> Inner<C, L> {
+    pub(crate) fn admit<B>(&self, request: &Request<B>) -> Admission {
+        let Some((class, key)) = self.bucket_key(request) else {
+            return Admission::Go {
+                permit: None,
+                ticket: None,
+            };
+        };
+        let group = self.table.group(key.group);
+        let clock = &self.context.clock;
+        let meta = request.extensions().get::<RequestMeta>();
+        let made = self.buckets.get_or_insert_with(key, clock, || {
+            let model = meta
+                .filter(|_| key.model != 0)
+                .and_then(|meta| meta.model.as_deref())
+                .map(Arc::from);
+            Bucket::new(&self.context, key.key, group, model)
+        });
+        let bucket = match made {
+            Ok(bucket) => bucket,
+            Err(retry_after) => {
+                let full = TooManyBuckets::new(self.settings.max_buckets, retry_after, class);
+                return Admission::Refuse(full.into());
+            }
+        };
+        let cost = Cost {
+            requests: u64::from(group.rate().is_some()),
+            tokens: match bucket.token_capacity() {
+                Some(capacity) => {
+                    let tokens = self.estimate.estimate(&TokenRequest {
+                        class,
+                        meta,
+                        body_bytes: body_bytes(request, meta),
+                    });
+                    if tokens > capacity {
+                        return Admission::Refuse(
+                            TooManyTokens::new(tokens, capacity, class).into(),
+                        );
+                    }
+                    tokens
+                }
+                None => 0,
+            },
+        };
+        let max_wait = request
+            .extensions()
+            .get::<MaxWait>()
+            .map_or(self.settings.max_wait, |max_wait| max_wait.0);
+
+        match self.fast_path(&bucket, cost, max_wait, class) {
+            FastPath::Go(permit) => {
+                let ticket = Ticket::new(bucket, cost);
+                return Admission::Go {
+                    permit,
+                    ticket: Some(ticket),
+                };
+            }
+            FastPath::Refuse(error) => return Admission::Refuse(error),
+            FastPath::Wait => {}
+        }
+
+        let now = clock.elapsed();
+        let estimate = bucket.estimated_wait(now);
+        if estimate > max_wait {
+            return Admission::Refuse(RateLimited::new(estimate, class).into());
+        }
+        let lane = match request.extensions().get::<Attempt>() {
+            Some(attempt) if attempt.0 > 0 => Lane::Retry,
+            _ => Lane::New,
+        };
+        let Some(place) = Place::take(&bucket, lane, self.settings.max_queue) else {
+            let full = QueueFull::new(self.settings.max_queue, estimate, class);
+            return Admission::Refuse(full.into());
+        };
+        let turn = Turn::new(place, cost, class, now, max_wait);
+        Admission::Wait {
+            turn: Box::new(turn),
+            ticket: Ticket::new(bucket, cost),
+        }
+    }
+
+    /// Lets the request go at once when nobody waits, the server has not closed the bucket, a
+    /// slot is free and the backend has room for its cost.
+    fn fast_path(
+        &self,
+        bucket: &Arc<Bucket<L>>,
+        cost: Cost,
+        max_wait: Duration,
+        class: EndpointClass,
+    ) -> FastPath {
+        let clock = &self.context.clock;
+        if bucket.has_waiters() || bucket.is_closed(clock) {
+            return FastPath::Wait;
+        }
+        let permit = match bucket.slots() {
+            Some(slots) => match Arc::clone(slots).try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => return FastPath::Wait,
+            },
+            None => None,
+        };
+        if !bucket.has_rate() {
+            return FastPath::Go(permit);
+        }
+        let now = clock.elapsed();
+        bucket.refresh(now);
+        match self.context.limiter.try_acquire(&bucket.state, cost, now) {
+            Some(Decision::Allow) => FastPath::Go(permit),
+            Some(Decision::Wait(wait)) => {
+                bucket.next_turn_at(now.saturating_add(wait));
+                if wait > max_wait {
+                    // Known to be too long already: answer now rather than queue.
+                    return FastPath::Refuse(RateLimited::new(wait, class).into());
+                }
+                FastPath::Wait
+            }
+            Some(Decision::TooLarge) => FastPath::Refuse(
+                TooManyTokens::new(cost.tokens, bucket.token_capacity().unwrap_or(0), class).into(),
+            ),
+            None => FastPath::Wait,
+        }
+    }
+}
+
+/// What the fast path decided.
+enum FastPath {
+    /// Send now, holding this slot if the group has slots.
+    Go(Option<OwnedSemaphorePermit>),
+    /// Take the waiting path.
+    Wait,
+    /// Refuse at once.
+    Refuse(BoxError),
+}
+
+/// The body's length: from the buffer layer's metadata, else from `content-length`.
+fn body_bytes<B>(request: &Request<B>, meta: Option<&RequestMeta>) -> Option<u64> {
+    meta.map(|meta| meta.body_bytes).or_else(|| {
+        request
+            .headers()
+            .get(CONTENT_LENGTH)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()
+    })
+}

@@ -1,0 +1,217 @@
+//! The response body of [`RateLimit`](super::RateLimit).
+//!
+//! For a request charged against a token budget, the body is watched as it streams past: the
+//! last few kilobytes are kept, and when the body ends, the answer's `usage` (the last one, so
+//! a stream's final event counts) corrects the charge: unused `max_tokens` come back to the
+//! bucket, and a longer answer than estimated is charged. A body dropped before its end, or
+//! without `usage`, keeps the estimate. Every other body passes through untouched.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use serde::Deserialize;
+
+use super::feedback::Feedback;
+
+/// How much of a body's end is kept to find its `usage`.
+const TAIL: usize = 8 * 1024;
+
+pin_project! {
+    /// The inner body, read once on its way to the caller.
+    pub struct ResponseBody<B> {
+        #[pin]
+        inner: B,
+        tokens: Option<Box<TokenCount>>,
+    }
+}
+
+/// A token charge waiting for the answer's `usage`.
+struct TokenCount {
+    bucket: Arc<dyn Feedback>,
+    charged: u64,
+    tail: Vec<u8>,
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn new(inner: B) -> Self {
+        Self {
+            inner,
+            tokens: None,
+        }
+    }
+
+    pub(crate) fn counting_tokens(inner: B, bucket: Arc<dyn Feedback>, charged: u64) -> Self {
+        Self {
+            inner,
+            tokens: Some(Box::new(TokenCount {
+                bucket,
+                charged,
+                tail: Vec::new(),
+            })),
+        }
+    }
+
+    /// The inner body.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl TokenCount {
+    fn observe(&mut self, bytes: &[u8]) {
+        if bytes.len() >= TAIL {
+            self.tail.clear();
+            self.tail.extend_from_slice(&bytes[bytes.len() - TAIL..]);
+            return;
+        }
+        self.tail.extend_from_slice(bytes);
+        if self.tail.len() > TAIL {
+            let excess = self.tail.len() - TAIL;
+            self.tail.drain(..excess);
+        }
+    }
+
+    fn finish(self) {
+        if let Some(used) = usage(&self.tail) {
+            self.bucket.correct_tokens(self.charged, used);
+        }
+    }
+}
+
+/// `usage` as OpenAI-shaped answers carry it.
+#[derive(Deserialize)]
+struct Usage {
+    total_tokens: Option<u64>,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+/// The tokens the last `"usage"` object in `tail` reports.
+fn usage(tail: &[u8]) -> Option<u64> {
+    const NEEDLE: &[u8] = b"\"usage\"";
+    let at = tail
+        .windows(NEEDLE.len())
+        .rposition(|window| window == NEEDLE)?;
+    let rest = &tail[at + NEEDLE.len()..];
+    let colon = rest.iter().position(|&byte| byte == b':')?;
+    let mut values = serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<Usage>();
+    let usage = values.next()?.ok()?;
+    usage.total_tokens.or_else(|| {
+        Some(
+            usage
+                .prompt_tokens?
+                .saturating_add(usage.completion_tokens.unwrap_or(0)),
+        )
+    })
+}
+
+impl<B: Body> Body for ResponseBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(count) = this.tokens {
+            match &frame {
+                // Only the first chunk of a segmented buffer is seen; `Bytes` has just one.
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        count.observe(data.chunk());
+                    }
+                }
+                None => {
+                    if let Some(count) = this.tokens.take() {
+                        count.finish();
+                    }
+                }
+                // A body that failed keeps the estimate.
+                Some(Err(_)) => *this.tokens = None,
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B: std::fmt::Debug> std::fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("inner", &self.inner)
+            .field("counting_tokens", &self.tokens.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderMap;
+
+    use super::*;
+
+    #[test]
+    fn usage_is_found_at_the_end_of_json_and_of_a_stream() {
+        let chat = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#;
+        assert_eq!(usage(chat), Some(15));
+        let no_total = br#"{"usage": {"prompt_tokens": 12, "completion_tokens": 3}}"#;
+        assert_eq!(usage(no_total), Some(15));
+        let stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
+            data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\n\
+            data: [DONE]\n\n";
+        assert_eq!(usage(stream), Some(12));
+        // The last usage counts.
+        let two = br#"{"usage":{"total_tokens":1}} {"usage":{"total_tokens":2}}"#;
+        assert_eq!(usage(two), Some(2));
+        for garbage in [
+            &b""[..],
+            b"\"usage\"",
+            b"\"usage\":",
+            b"\"usage\": [1]",
+            b"{\"usage\":{\"x\":1}}",
+        ] {
+            assert_eq!(usage(garbage), None, "{}", String::from_utf8_lossy(garbage));
+        }
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_bytes_however_they_arrive() {
+        struct Nothing;
+        impl Feedback for Nothing {
+            fn epoch(&self) -> u64 {
+                0
+            }
+            fn learn(
+                &self,
+                _: http::StatusCode,
+                _: &HeaderMap,
+                _: u64,
+                _: super::super::backend::Cost,
+            ) {
+            }
+            fn correct_tokens(&self, _: u64, _: u64) {}
+        }
+        let mut count = TokenCount {
+            bucket: Arc::new(Nothing),
+            charged: 0,
+            tail: Vec::new(),
+        };
+        count.observe(&vec![b'x'; TAIL * 2]);
+        count.observe(b"abc");
+        assert_eq!(count.tail.len(), TAIL);
+        assert!(count.tail.ends_with(b"xabc"));
+    }
+}

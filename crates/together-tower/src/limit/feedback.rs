@@ -1,0 +1,176 @@
+//! What an answer teaches its bucket.
+//!
+//! - A 429 closes the bucket for the server's hint (the precise one:
+//!   [`headers::retry_hint`]); without a hint, for the default pause in static mode.
+//! - `x-ratelimit-remaining: 0` closes it until `x-ratelimit-reset`, when that is later than the
+//!   bucket's own pace would send the next request anyway.
+//! - In adaptive mode, a stated limit (`x-ratelimit-limit`, `x-tokenlimit-limit`, and their
+//!   `-dynamic` forms) moves the target, and a 429 or 503 that the bucket's own pace did not
+//!   expect cuts the rate (see [`adapt`](super::adapt)). A refusal is expected when the request
+//!   was sent before the bucket's last cut or closure: the bucket already acted on it.
+//! - A token charge is corrected from the answer's `usage` once its body has been read, and
+//!   given back whole when the server did not serve the request.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{HeaderMap, Response, StatusCode};
+
+use super::adapt::Mode;
+use super::backend::{Cost, Limiter};
+use super::body::ResponseBody;
+use super::bucket::Bucket;
+use crate::headers;
+
+/// A bucket learning from answers, with its types erased so futures do not name them.
+pub(crate) trait Feedback: Send + Sync {
+    /// Counts cuts and closures; see [`Bucket::epoch`].
+    fn epoch(&self) -> u64;
+
+    /// Reads an answer to a request sent in `sent_epoch` that cost `cost`.
+    fn learn(&self, status: StatusCode, headers: &HeaderMap, sent_epoch: u64, cost: Cost);
+
+    /// `charged` tokens were taken for a request that used `used`.
+    fn correct_tokens(&self, charged: u64, used: u64);
+}
+
+impl<L: Limiter> Feedback for Bucket<L> {
+    fn epoch(&self) -> u64 {
+        Bucket::epoch(self)
+    }
+
+    fn learn(&self, status: StatusCode, headers: &HeaderMap, sent_epoch: u64, cost: Cost) {
+        let context = &self.context;
+        let now = context.clock.elapsed();
+        let adaptive = context.adaptation.mode() == Mode::Adaptive;
+        // Sent before the last cut or closure: the bucket already acted on what this says.
+        let expected = sent_epoch != self.epoch();
+        let refused = status == StatusCode::TOO_MANY_REQUESTS;
+        let slow_down = status == StatusCode::SERVICE_UNAVAILABLE;
+
+        let mut closed = false;
+        if refused {
+            let pause = match headers::retry_hint(headers, SystemTime::now()) {
+                Some(hint) => Some(hint),
+                None if adaptive => None,
+                None => Some(context.default_pause),
+            };
+            if let Some(pause) = pause {
+                self.close_until(now.saturating_add(pause.min(context.max_pause)));
+                closed = true;
+            }
+        } else if headers::ratelimit_remaining(headers) == Some(0) {
+            // A used-up limit says something the bucket's own pacing does not know only when it
+            // resets later than the bucket's next turn may come: another client shares the key,
+            // or a window is full. A reset before then is our own pacing, seen from the server.
+            if let Some(reset) = headers::ratelimit_reset(headers, SystemTime::now()) {
+                if reset > self.earliest_next() {
+                    self.close_until(now.saturating_add(reset.min(context.max_pause)));
+                    closed = true;
+                }
+            }
+        }
+
+        let mut changed = false;
+        if adaptive {
+            let stated_requests = headers::request_limit(headers);
+            let stated_tokens = headers::token_limit(headers);
+            let trouble = (refused || slow_down) && !expected;
+            if stated_requests.is_some() || stated_tokens.is_some() || trouble {
+                let mut rating = self.rating();
+                if let (Some(limit), Some(controller)) = (stated_requests, rating.requests()) {
+                    changed |= controller.stated_limit(limit as f64);
+                }
+                if let (Some(limit), Some(controller)) = (stated_tokens, rating.tokens()) {
+                    changed |= controller.stated_limit(limit as f64);
+                }
+                let mut cut = false;
+                if trouble {
+                    let nanos = super::gcra::nanos(now);
+                    // A 429 that says the tokens ran out, and not the requests, is about tokens.
+                    let tokens_out = refused
+                        && headers::token_remaining(headers) == Some(0)
+                        && headers::ratelimit_remaining(headers) != Some(0);
+                    let controller = if tokens_out {
+                        rating.tokens()
+                    } else {
+                        rating.requests()
+                    };
+                    if let Some(controller) = controller {
+                        cut = controller.trouble(nanos);
+                    }
+                }
+                if changed || cut {
+                    self.apply(&mut rating, now);
+                }
+                closed |= cut;
+            }
+        }
+        if closed {
+            self.next_epoch();
+        }
+        if cost.tokens > 0 && !status.is_success() {
+            // Not served: the tokens were not spent.
+            Feedback::correct_tokens(self, cost.tokens, 0);
+        }
+    }
+
+    fn correct_tokens(&self, charged: u64, used: u64) {
+        let now = self.context.clock.elapsed();
+        self.context
+            .limiter
+            .correct_tokens(&self.state, charged, used, now);
+    }
+}
+
+/// What a request carries from its admission to its answer: its bucket, its cost, and when it
+/// was sent.
+pub(crate) struct Ticket {
+    bucket: Arc<dyn Feedback>,
+    cost: Cost,
+    epoch: u64,
+}
+
+impl Ticket {
+    pub(crate) fn new<L: Limiter>(bucket: Arc<Bucket<L>>, cost: Cost) -> Self {
+        let epoch = bucket.epoch();
+        Self {
+            bucket,
+            cost,
+            epoch,
+        }
+    }
+
+    /// The request goes now (after a wait): what the bucket learns later is measured from here.
+    pub(crate) fn sending(&mut self) {
+        self.epoch = self.bucket.epoch();
+    }
+
+    /// Reads the answer, and gives back its body, which corrects the token charge once read.
+    pub(crate) fn learn<B>(self, response: Response<B>) -> Response<ResponseBody<B>> {
+        self.bucket
+            .learn(response.status(), response.headers(), self.epoch, self.cost);
+        if self.cost.tokens > 0 && response.status().is_success() {
+            let (bucket, charged) = (self.bucket, self.cost.tokens);
+            response.map(|body| ResponseBody::counting_tokens(body, bucket, charged))
+        } else {
+            response.map(ResponseBody::new)
+        }
+    }
+
+    /// The call failed without an answer: the tokens come back. (The request's turn does not:
+    /// the request may have reached the server.)
+    pub(crate) fn failed(self) {
+        if self.cost.tokens > 0 {
+            self.bucket.correct_tokens(self.cost.tokens, 0);
+        }
+    }
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("cost", &self.cost)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,458 @@
+//! [`Limits`]: one shared limit, built once, cloned into every layer that should share it.
+
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+
+use super::adapt::Adaptation;
+use super::backend::{Limiter, LocalLimiter};
+use super::bucket::{BucketContext, BucketKey};
+use super::map::BucketMap;
+use crate::buffer::RequestMeta;
+use crate::classify::{Classify, EndpointClass, TogetherClassifier};
+use crate::clock::TokioClock;
+use crate::key::{ApiKeyId, KeyHasher};
+use crate::quota::QuotaTable;
+
+/// How many tokens a request is expected to cost, before it is sent.
+///
+/// The default is [`DefaultTokenEstimate`]. A closure `Fn(&TokenRequest<'_>) -> u64` is one too.
+pub trait EstimateTokens: Send + Sync + 'static {
+    /// The tokens (prompt plus completion) to charge before the request is sent; the charge is
+    /// corrected from the answer's `usage` afterwards.
+    fn estimate(&self, request: &TokenRequest<'_>) -> u64;
+}
+
+impl<F> EstimateTokens for F
+where
+    F: Fn(&TokenRequest<'_>) -> u64 + Send + Sync + 'static,
+{
+    fn estimate(&self, request: &TokenRequest<'_>) -> u64 {
+        self(request)
+    }
+}
+
+/// What a token estimate is made from.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct TokenRequest<'a> {
+    /// The endpoint class.
+    pub class: EndpointClass,
+    /// What the buffer layer read from the body, if it ran.
+    pub meta: Option<&'a RequestMeta>,
+    /// The body's length: from the metadata, or else its `content-length`.
+    pub body_bytes: Option<u64>,
+}
+
+/// The default estimate: the body's bytes over four (a token is about four bytes of English,
+/// and JSON's punctuation makes this an overestimate), plus `max_tokens`, or 512 for a chat or
+/// completion that sets none.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefaultTokenEstimate;
+
+impl DefaultTokenEstimate {
+    /// Completion tokens assumed for a chat or completion without `max_tokens`.
+    pub const COMPLETION_WITHOUT_MAX_TOKENS: u64 = 512;
+}
+
+impl EstimateTokens for DefaultTokenEstimate {
+    fn estimate(&self, request: &TokenRequest<'_>) -> u64 {
+        let prompt = request.body_bytes.unwrap_or(0).div_ceil(4);
+        let completion = match request.meta.and_then(|meta| meta.max_tokens) {
+            Some(max_tokens) => max_tokens,
+            None if matches!(
+                request.class,
+                EndpointClass::Chat | EndpointClass::Completions
+            ) =>
+            {
+                Self::COMPLETION_WITHOUT_MAX_TOKENS
+            }
+            None => 0,
+        };
+        prompt.saturating_add(completion)
+    }
+}
+
+/// Tunables, with the defaults documented on [`LimitsBuilder`].
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) max_queue: usize,
+    pub(crate) max_wait: Duration,
+    pub(crate) max_buckets: usize,
+    pub(crate) idle_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_queue: 1_024,
+            max_wait: Duration::from_secs(30),
+            max_buckets: 65_536,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One shared limit: the quota table, the live buckets, and what they learned.
+///
+/// Build it once, from a [`QuotaTable`] and settings, and give a clone to every layer that
+/// should share it: two stacks built from one `Limits` share one quota, and two built from two
+/// `Limits` have one each. Cloning is cheap (an `Arc`). Nothing about it changes after it is
+/// built, but for what the buckets learn from the server.
+///
+/// ```
+/// use together_tower::limit::{Limits, RateLimitLayer};
+/// use together_tower::quota::QuotaTable;
+///
+/// let limits = Limits::new(QuotaTable::together_defaults());
+/// // Both layers wait in the same buckets: one key gets its quota once, not twice.
+/// let for_chat = RateLimitLayer::new(limits.clone());
+/// let for_batch_jobs = RateLimitLayer::new(limits.clone());
+/// # let _ = (for_chat, for_batch_jobs);
+/// ```
+pub struct Limits<C = TogetherClassifier, L = LocalLimiter>
+where
+    L: Limiter,
+{
+    pub(crate) inner: Arc<Inner<C, L>>,
+}
+
+/// What the clones of one [`Limits`] share.
+pub(crate) struct Inner<C, L: Limiter> {
+    pub(crate) classifier: C,
+    pub(crate) table: QuotaTable,
+    pub(crate) key_hasher: KeyHasher,
+    pub(crate) settings: Settings,
+    pub(crate) context: Arc<BucketContext<L>>,
+    pub(crate) buckets: BucketMap<L>,
+    pub(crate) estimate: Box<dyn EstimateTokens>,
+    /// Hashes model names into bucket keys; seeded per process.
+    model_hasher: std::hash::RandomState,
+}
+
+impl Limits {
+    /// Limits for `table`, in this process, with every setting at its default.
+    pub fn new(table: QuotaTable) -> Self {
+        Self::builder(table).build()
+    }
+
+    /// A builder for limits of `table`.
+    pub fn builder(table: QuotaTable) -> LimitsBuilder {
+        LimitsBuilder {
+            table,
+            classifier: TogetherClassifier,
+            limiter: LocalLimiter,
+            key_hasher: KeyHasher::new(),
+            settings: Settings::default(),
+            max_pause: Duration::from_secs(60),
+            default_pause: Duration::from_secs(1),
+            adaptation: Adaptation::default(),
+            estimate: Box::new(DefaultTokenEstimate),
+        }
+    }
+}
+
+impl Default for Limits {
+    /// Together's published limits ([`QuotaTable::together_defaults`]).
+    fn default() -> Self {
+        Self::new(QuotaTable::together_defaults())
+    }
+}
+
+impl<C, L: Limiter> Limits<C, L> {
+    /// The classifier.
+    pub fn classifier(&self) -> &C {
+        &self.inner.classifier
+    }
+
+    /// The quota table.
+    pub fn table(&self) -> &QuotaTable {
+        &self.inner.table
+    }
+
+    /// How the rates adapt.
+    pub fn adaptation(&self) -> Adaptation {
+        self.inner.context.adaptation
+    }
+
+    /// How many buckets are live now.
+    pub fn live_buckets(&self) -> usize {
+        self.inner.buckets.len()
+    }
+
+    /// Every live bucket, as it is now: the rates in force, who waits, whether it is closed.
+    pub fn snapshot(&self) -> Vec<BucketSnapshot> {
+        let now = self.inner.context.clock.elapsed();
+        self.inner
+            .buckets
+            .all()
+            .into_iter()
+            .map(|bucket| {
+                let rates = bucket.rates_now(now);
+                BucketSnapshot {
+                    key: bucket.key,
+                    group: bucket.group.to_string(),
+                    model: bucket.model.as_deref().map(str::to_owned),
+                    requests_per_second: rates.requests.map(|pace| pace.per_second()),
+                    tokens_per_second: rates.tokens.map(|pace| pace.per_second()),
+                    waiting: bucket.queue_len(),
+                    closed_for: bucket.closed_for(now),
+                }
+            })
+            .collect()
+    }
+
+    /// The bucket `request` would wait in, as it is now; `None` if the request's class is not
+    /// limited or its bucket is not live.
+    pub fn snapshot_for<B>(&self, request: &Request<B>) -> Option<BucketSnapshot>
+    where
+        C: Classify,
+    {
+        let (_, key) = self.inner.bucket_key(request)?;
+        let bucket = self.inner.buckets.get(&key)?;
+        self.snapshot().into_iter().find(|snapshot| {
+            snapshot.key == bucket.key
+                && snapshot.group == *bucket.group
+                && snapshot.model.as_deref() == bucket.model.as_deref()
+        })
+    }
+}
+
+impl<C, L: Limiter> Inner<C, L> {
+    /// The class of a request, and the key of its bucket; `None` if the class is not limited.
+    pub(crate) fn bucket_key<B>(&self, request: &Request<B>) -> Option<(EndpointClass, BucketKey)>
+    where
+        C: Classify,
+    {
+        let class = self.classifier.classify(request);
+        let group = self.table.group_id(class)?;
+        let model = if self.table.group(group).per_model() {
+            request
+                .extensions()
+                .get::<RequestMeta>()
+                .and_then(|meta| meta.model.as_deref())
+                .map_or(0, |model| self.model_hasher.hash_one(model).max(1))
+        } else {
+            0
+        };
+        let key = BucketKey {
+            key: self
+                .key_hasher
+                .fingerprint_request(&self.classifier, request),
+            group,
+            model,
+        };
+        Some((class, key))
+    }
+}
+
+/// A live bucket, as [`Limits::snapshot`] saw it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct BucketSnapshot {
+    /// The fingerprint of its API key.
+    pub key: ApiKeyId,
+    /// Its quota group.
+    pub group: String,
+    /// Its model, for groups limited per model.
+    pub model: Option<String>,
+    /// The request rate in force, per second.
+    pub requests_per_second: Option<f64>,
+    /// The token rate in force, per second.
+    pub tokens_per_second: Option<f64>,
+    /// Requests waiting for it.
+    pub waiting: usize,
+    /// How long the server's word keeps it closed, if it does.
+    pub closed_for: Option<Duration>,
+}
+
+impl<C, L: Limiter> Clone for Limits<C, L> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<C: fmt::Debug, L: Limiter + fmt::Debug> fmt::Debug for Limits<C, L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limits")
+            .field("classifier", &self.inner.classifier)
+            .field("limiter", &self.inner.context.limiter)
+            .field("table", &self.inner.table)
+            .field("settings", &self.inner.settings)
+            .field("adaptation", &self.inner.context.adaptation)
+            .field("live_buckets", &self.inner.buckets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds [`Limits`]. Every setting has a default:
+///
+/// | setting | default | meaning |
+/// |---|---|---|
+/// | [`max_queue`](Self::max_queue) | 1,024 | requests that may wait per bucket; more get [`QueueFull`](super::error::QueueFull) |
+/// | [`max_wait`](Self::max_wait) | 30 s | the longest a request waits; longer gets [`RateLimited`](super::error::RateLimited). A request's own [`MaxWait`](super::MaxWait) overrides it |
+/// | [`max_buckets`](Self::max_buckets) | 65,536 | live buckets kept; idle ones go first, and a bucket in use never goes (new keys get [`TooManyBuckets`](super::error::TooManyBuckets) instead) |
+/// | [`idle_timeout`](Self::idle_timeout) | 60 s | unused this long (and refilled), a bucket may go |
+/// | [`max_pause`](Self::max_pause) | 60 s | the longest the server's word may close a bucket |
+/// | [`default_pause`](Self::default_pause) | 1 s | how long a 429 without a hint closes a bucket, in [`Mode::Static`](super::Mode::Static) |
+/// | [`adaptation`](Self::adaptation) | [`Adaptation::default`] | whether and how rates follow the server |
+/// | [`token_estimate`](Self::token_estimate) | [`DefaultTokenEstimate`] | what a request is charged against a token budget before it is sent |
+/// | [`key_hasher`](Self::key_hasher) | [`KeyHasher::new`] | how API keys become fingerprints |
+/// | [`classifier`](Self::classifier) | [`TogetherClassifier`] | which class a request is, and where its key is |
+/// | [`limiter`](Self::limiter) | [`LocalLimiter`] | where the buckets' state lives |
+#[must_use]
+pub struct LimitsBuilder<C = TogetherClassifier, L = LocalLimiter> {
+    table: QuotaTable,
+    classifier: C,
+    limiter: L,
+    key_hasher: KeyHasher,
+    settings: Settings,
+    max_pause: Duration,
+    default_pause: Duration,
+    adaptation: Adaptation,
+    estimate: Box<dyn EstimateTokens>,
+}
+
+impl<C, L> LimitsBuilder<C, L> {
+    /// How many requests may wait in one bucket at once.
+    pub fn max_queue(mut self, max_queue: usize) -> Self {
+        self.settings.max_queue = max_queue;
+        self
+    }
+
+    /// The longest a request waits for its turn, unless it carries a [`MaxWait`](super::MaxWait).
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.settings.max_wait = max_wait;
+        self
+    }
+
+    /// How many buckets are kept at most (0 counts as 1).
+    pub fn max_buckets(mut self, max_buckets: usize) -> Self {
+        self.settings.max_buckets = max_buckets;
+        self
+    }
+
+    /// How long a bucket stays unused before it may be dropped. A bucket is never dropped
+    /// before its rate has refilled, so dropping it does not hand out a fresh burst.
+    pub fn idle_timeout(mut self, idle_timeout: Duration) -> Self {
+        self.settings.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// The longest the server's hints may close a bucket; longer hints are cut to this.
+    pub fn max_pause(mut self, max_pause: Duration) -> Self {
+        self.max_pause = max_pause;
+        self
+    }
+
+    /// How long a 429 without any hint closes its bucket in [`Mode::Static`](super::Mode::Static).
+    /// Adaptive limits cut the rate instead.
+    pub fn default_pause(mut self, default_pause: Duration) -> Self {
+        self.default_pause = default_pause;
+        self
+    }
+
+    /// How rates follow the server: [`Adaptation::fixed`] for the table only.
+    pub fn adaptation(mut self, adaptation: Adaptation) -> Self {
+        self.adaptation = adaptation;
+        self
+    }
+
+    /// Estimates the tokens of each request with `estimate` instead of the default.
+    pub fn token_estimate(mut self, estimate: impl EstimateTokens) -> Self {
+        self.estimate = Box::new(estimate);
+        self
+    }
+
+    /// Fingerprints API keys with this hasher, such as one with a secret shared by every
+    /// process of a deployment.
+    pub fn key_hasher(mut self, key_hasher: KeyHasher) -> Self {
+        self.key_hasher = key_hasher;
+        self
+    }
+
+    /// Classifies requests with `classifier` instead.
+    pub fn classifier<C2>(self, classifier: C2) -> LimitsBuilder<C2, L> {
+        LimitsBuilder {
+            table: self.table,
+            classifier,
+            limiter: self.limiter,
+            key_hasher: self.key_hasher,
+            settings: self.settings,
+            max_pause: self.max_pause,
+            default_pause: self.default_pause,
+            adaptation: self.adaptation,
+            estimate: self.estimate,
+        }
+    }
+
+    /// Keeps the buckets' state in another backend, such as Redis.
+    pub fn limiter<L2: Limiter>(self, limiter: L2) -> LimitsBuilder<C, L2> {
+        LimitsBuilder {
+            table: self.table,
+            classifier: self.classifier,
+            limiter,
+            key_hasher: self.key_hasher,
+            settings: self.settings,
+            max_pause: self.max_pause,
+            default_pause: self.default_pause,
+            adaptation: self.adaptation,
+            estimate: self.estimate,
+        }
+    }
+
+    /// The limits, with empty buckets.
+    pub fn build(self) -> Limits<C, L>
+    where
+        L: Limiter,
+    {
+        let sweep_every = sweep_every(&self.table, self.settings.idle_timeout);
+        let context = Arc::new(BucketContext {
+            limiter: self.limiter,
+            clock: TokioClock::new(),
+            max_pause: self.max_pause,
+            default_pause: self.default_pause,
+            adaptation: self.adaptation,
+        });
+        Limits {
+            inner: Arc::new(Inner {
+                classifier: self.classifier,
+                buckets: BucketMap::new(self.settings.max_buckets, sweep_every),
+                table: self.table,
+                key_hasher: self.key_hasher,
+                settings: self.settings,
+                context,
+                estimate: self.estimate,
+                model_hasher: std::hash::RandomState::new(),
+            }),
+        }
+    }
+}
+
+impl<C: fmt::Debug, L: fmt::Debug> fmt::Debug for LimitsBuilder<C, L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LimitsBuilder")
+            .field("table", &self.table)
+            .field("classifier", &self.classifier)
+            .field("limiter", &self.limiter)
+            .field("settings", &self.settings)
+            .field("adaptation", &self.adaptation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often a shard of buckets may be swept: never sooner than any quota of `table` refills,
+/// so that a bucket unused for a whole interval is back at rest and dropping it loses nothing.
+fn sweep_every(table: &QuotaTable, idle_timeout: Duration) -> Duration {
+    table
+        .groups()
+        .flat_map(|group| [group.rate(), group.tokens()])
+        .flatten()
+        .map(|rate| rate.refill_time())
+        .fold(idle_timeout, Duration::max)
+}

@@ -1,0 +1,261 @@
+//! The wait: a queued request's way to its turn.
+//!
+//! In arrival order (retries first), the head of a bucket's queue waits for a concurrency slot
+//! if the group has slots, for the server's closure to lapse, and for the backend to have room
+//! for its cost; then it takes its turn. The response future then polls the inner service
+//! ready. If the inner service is not ready at once, the turn is given back and the head keeps
+//! its place while it waits for the service, so that a busy service below the limiter (a
+//! `ConcurrencyLimit`, a `Buffer`) never makes turns pile up and go out in a burst. A wait
+//! that is dropped gives back whatever it took: a place, a slot, a turn.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Sleep;
+use tower::BoxError;
+
+use super::backend::{Cost, Decision, Limiter};
+use super::bucket::Bucket;
+use super::error::{RateLimited, SlotsBusy, TooManyTokens};
+use super::queue::Place;
+use crate::classify::EndpointClass;
+
+/// A wait for a turn, with the bucket's types erased so the response future does not name them.
+pub(crate) trait WaitTurn: Send {
+    /// Ready once the turn is taken.
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>;
+
+    /// The inner service was not ready: gives the turn back, keeping the place in the queue.
+    fn give_back(&mut self);
+
+    /// The request goes: leaves the queue and hands over the slot, held until the response.
+    fn leave(&mut self) -> Option<OwnedSemaphorePermit>;
+}
+
+type Acquiring = Pin<Box<dyn Future<Output = Result<Decision, BoxError>> + Send>>;
+type SlotAcquiring =
+    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>>;
+
+/// The wait of one request in one bucket.
+pub(crate) struct Turn<L: Limiter> {
+    place: Option<Place<Bucket<L>>>,
+    cost: Cost,
+    class: EndpointClass,
+    arrived: Duration,
+    /// The latest clock reading at which the request may still go.
+    deadline: Duration,
+    slot: Slot,
+    /// Until the next try: the closure, or the backend's wait.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Fires at the deadline, while the request is not yet the head.
+    deadline_timer: Option<Pin<Box<Sleep>>>,
+    /// A backend decision that needs I/O, under way.
+    acquiring: Option<Acquiring>,
+    taken: bool,
+}
+
+enum Slot {
+    None,
+    Acquiring(SlotAcquiring),
+    Held(OwnedSemaphorePermit),
+}
+
+impl<L: Limiter> Turn<L> {
+    pub(crate) fn new(
+        place: Place<Bucket<L>>,
+        cost: Cost,
+        class: EndpointClass,
+        now: Duration,
+        max_wait: Duration,
+    ) -> Self {
+        let slot = match place.owner().slots() {
+            Some(slots) => Slot::Acquiring(Box::pin(Arc::clone(slots).acquire_owned())),
+            None => Slot::None,
+        };
+        Self {
+            place: Some(place),
+            cost,
+            class,
+            arrived: now,
+            deadline: now.saturating_add(max_wait),
+            slot,
+            sleep: None,
+            deadline_timer: None,
+            acquiring: None,
+            taken: false,
+        }
+    }
+
+    fn bucket(&self) -> &Arc<Bucket<L>> {
+        self.place
+            .as_ref()
+            .expect("the place is held until the request goes")
+            .owner()
+    }
+
+    fn deadline_instant(&self) -> tokio::time::Instant {
+        self.bucket().context.clock.instant_at(self.deadline)
+    }
+
+    /// Arms (once) and polls the deadline: ready when the request may wait no longer.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.deadline_timer.is_none() {
+            self.deadline_timer = Some(Box::pin(tokio::time::sleep_until(self.deadline_instant())));
+        }
+        match &mut self.deadline_timer {
+            Some(timer) => timer.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+
+    fn too_long(&self, wait: Duration) -> BoxError {
+        RateLimited::new(wait, self.class).into()
+    }
+
+    /// Waits for the group's concurrency slot, if it has slots.
+    fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Slot::Acquiring(acquiring) = &mut self.slot else {
+            return Poll::Ready(Ok(()));
+        };
+        match acquiring.as_mut().poll(cx) {
+            Poll::Ready(Ok(permit)) => {
+                self.slot = Slot::Held(permit);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(_)) => Poll::Ready(Err("concurrency slots closed".into())),
+            Poll::Pending => {
+                if self.poll_deadline(cx).is_ready() {
+                    let clock = self.bucket().context.clock;
+                    let waited = clock.elapsed().saturating_sub(self.arrived);
+                    return Poll::Ready(Err(SlotsBusy::new(waited, self.class).into()));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Asks the backend for the turn: at once if it can say without I/O.
+    fn poll_decision(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Duration,
+    ) -> Poll<Result<Decision, BoxError>> {
+        if self.acquiring.is_none() {
+            let bucket = self.bucket();
+            if let Some(decision) =
+                bucket
+                    .context
+                    .limiter
+                    .try_acquire(&bucket.state, self.cost, now)
+            {
+                return Poll::Ready(Ok(decision));
+            }
+            let (bucket, cost) = (Arc::clone(bucket), self.cost);
+            self.acquiring = Some(Box::pin(async move {
+                bucket
+                    .context
+                    .limiter
+                    .acquire(&bucket.state, cost, now)
+                    .await
+            }));
+        }
+        let acquiring = self.acquiring.as_mut().expect("set above");
+        let decision = ready!(acquiring.as_mut().poll(cx));
+        self.acquiring = None;
+        Poll::Ready(decision)
+    }
+}
+
+impl<L: Limiter> WaitTurn for Turn<L> {
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        ready!(self.poll_slot(cx))?;
+        loop {
+            if self.taken {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(sleep) = &mut self.sleep {
+                ready!(sleep.as_mut().poll(cx));
+                self.sleep = None;
+            }
+            let place = self
+                .place
+                .as_ref()
+                .expect("the place is held until the request goes");
+            if place.poll_head(cx).is_pending() {
+                if self.poll_deadline(cx).is_ready() {
+                    let now = self.bucket().context.clock.elapsed();
+                    let estimate = self.bucket().estimated_wait(now);
+                    return Poll::Ready(Err(self.too_long(estimate)));
+                }
+                return Poll::Pending;
+            }
+            let bucket = Arc::clone(self.bucket());
+            let now = bucket.context.clock.elapsed();
+            bucket.refresh(now);
+            let wait = match bucket.closed_for(now) {
+                Some(closed) => closed,
+                None if !bucket.has_rate() => {
+                    self.taken = true;
+                    continue;
+                }
+                None => match ready!(self.poll_decision(cx, now))? {
+                    Decision::Allow => {
+                        self.taken = true;
+                        continue;
+                    }
+                    Decision::Wait(wait) => wait,
+                    Decision::TooLarge => {
+                        let capacity = bucket.token_capacity().unwrap_or(0);
+                        return Poll::Ready(Err(TooManyTokens::new(
+                            self.cost.tokens,
+                            capacity,
+                            self.class,
+                        )
+                        .into()));
+                    }
+                },
+            };
+            let until = now.saturating_add(wait);
+            bucket.next_turn_at(until);
+            if until > self.deadline {
+                return Poll::Ready(Err(self.too_long(wait)));
+            }
+            let at = bucket.context.clock.instant_at(until);
+            self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+        }
+    }
+
+    fn give_back(&mut self) {
+        if std::mem::take(&mut self.taken) {
+            let bucket = self.bucket();
+            let now = bucket.context.clock.elapsed();
+            bucket
+                .context
+                .limiter
+                .release(&bucket.state, self.cost, now);
+        }
+    }
+
+    fn leave(&mut self) -> Option<OwnedSemaphorePermit> {
+        // The turn is used: nothing to give back.
+        self.taken = false;
+        self.place = None;
+        match std::mem::replace(&mut self.slot, Slot::None) {
+            Slot::Held(permit) => Some(permit),
+            Slot::None | Slot::Acquiring(_) => None,
+        }
+    }
+}
+
+impl<L: Limiter> Drop for Turn<L> {
+    fn drop(&mut self) {
+        // Dropped between taking the turn and sending: the turn was never used.
+        if self.place.is_some() {
+            self.give_back();
+        }
+    }
+}
