@@ -10,8 +10,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::HeaderMap;
 use http::header::{HeaderName, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue};
 
 /// The longest delay any parser here returns: one day.
 pub const MAX_HINT: Duration = Duration::from_secs(24 * 60 * 60);
@@ -110,7 +110,14 @@ pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
 /// Together sends an interval in seconds; a value too large to be an interval is read as a
 /// Unix timestamp and measured from `now`.
 pub fn ratelimit_reset(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let seconds = parse_decimal(headers.get(X_RATELIMIT_RESET)?.as_bytes())?;
+    reset_seconds(
+        parse_decimal(headers.get(X_RATELIMIT_RESET)?.as_bytes())?,
+        now,
+    )
+}
+
+/// An `x-ratelimit-reset` value: an interval, or a Unix timestamp measured from `now`.
+fn reset_seconds(seconds: f64, now: SystemTime) -> Option<Duration> {
     if seconds < UNIX_TIMESTAMP_THRESHOLD {
         return Some(clamp_seconds(seconds));
     }
@@ -161,6 +168,102 @@ fn lower(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 /// A count header such as `x-ratelimit-limit` or `x-tokenlimit-remaining`.
 pub fn count(headers: &HeaderMap, name: &HeaderName) -> Option<u64> {
     parse_count(headers.get(name)?.as_bytes())
+}
+
+/// The rate-limit headers of one answer, found in one pass over its headers: cheaper than
+/// asking for each by name, since an answer has a dozen headers at most and most have none of
+/// these.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct RateLimitHeaders<'a> {
+    remaining: Option<&'a HeaderValue>,
+    remaining_dynamic: Option<&'a HeaderValue>,
+    reset: Option<&'a HeaderValue>,
+    limit: Option<&'a HeaderValue>,
+    limit_dynamic: Option<&'a HeaderValue>,
+    token_limit: Option<&'a HeaderValue>,
+    token_limit_dynamic: Option<&'a HeaderValue>,
+    token_remaining: Option<&'a HeaderValue>,
+    token_remaining_dynamic: Option<&'a HeaderValue>,
+}
+
+impl<'a> RateLimitHeaders<'a> {
+    pub(crate) fn scan(headers: &'a HeaderMap) -> Self {
+        let mut found = Self::default();
+        if headers.is_empty() {
+            return found;
+        }
+        for (name, value) in headers {
+            let name = name.as_str();
+            // Every header read here is `x-ratelimit-*` or `x-tokenlimit-*`.
+            let Some(rest) = name.strip_prefix("x-") else {
+                continue;
+            };
+            let slot = match rest {
+                "ratelimit-remaining" => &mut found.remaining,
+                "ratelimit-remaining-dynamic" => &mut found.remaining_dynamic,
+                "ratelimit-reset" => &mut found.reset,
+                "ratelimit-limit" => &mut found.limit,
+                "ratelimit-limit-dynamic" => &mut found.limit_dynamic,
+                "tokenlimit-limit" => &mut found.token_limit,
+                "tokenlimit-limit-dynamic" => &mut found.token_limit_dynamic,
+                "tokenlimit-remaining" => &mut found.token_remaining,
+                "tokenlimit-remaining-dynamic" => &mut found.token_remaining_dynamic,
+                _ => continue,
+            };
+            // The first value of a repeated header counts, as `HeaderMap::get` would give it.
+            slot.get_or_insert(value);
+        }
+        found
+    }
+
+    /// Whether the answer carries any of them.
+    pub(crate) fn any(&self) -> bool {
+        [
+            self.remaining,
+            self.remaining_dynamic,
+            self.reset,
+            self.limit,
+            self.limit_dynamic,
+            self.token_limit,
+            self.token_limit_dynamic,
+            self.token_remaining,
+            self.token_remaining_dynamic,
+        ]
+        .iter()
+        .any(Option::is_some)
+    }
+
+    fn count(value: Option<&HeaderValue>) -> Option<u64> {
+        value.and_then(|value| parse_count(value.as_bytes()))
+    }
+
+    /// As [`ratelimit_remaining`].
+    pub(crate) fn remaining(&self) -> Option<u64> {
+        Self::count(self.remaining.or(self.remaining_dynamic))
+    }
+
+    /// As [`ratelimit_reset`].
+    pub(crate) fn reset(&self, now: SystemTime) -> Option<Duration> {
+        reset_seconds(parse_decimal(self.reset?.as_bytes())?, now)
+    }
+
+    /// As [`request_limit`].
+    pub(crate) fn request_limit(&self) -> Option<u64> {
+        lower(Self::count(self.limit), Self::count(self.limit_dynamic))
+    }
+
+    /// As [`token_limit`].
+    pub(crate) fn token_limit(&self) -> Option<u64> {
+        lower(
+            Self::count(self.token_limit),
+            Self::count(self.token_limit_dynamic),
+        )
+    }
+
+    /// As [`token_remaining`].
+    pub(crate) fn token_remaining(&self) -> Option<u64> {
+        Self::count(self.token_remaining.or(self.token_remaining_dynamic))
+    }
 }
 
 /// A non-negative count; a fraction is rounded down, an enormous value saturates.
@@ -346,6 +449,26 @@ mod tests {
         );
         let huge = headers(&[(&X_RATELIMIT_LIMIT, "123456789012345678901234567890")]);
         assert_eq!(count(&huge, &X_RATELIMIT_LIMIT), Some(u64::MAX));
+    }
+
+    #[test]
+    fn one_pass_reads_what_the_lookups_by_name_read() {
+        let map = headers(&[
+            (&X_RATELIMIT_REMAINING_DYNAMIC, "7"),
+            (&X_RATELIMIT_RESET, "0.25"),
+            (&X_RATELIMIT_LIMIT, "100"),
+            (&X_RATELIMIT_LIMIT_DYNAMIC, "40"),
+            (&X_TOKENLIMIT_LIMIT, "3000"),
+            (&X_TOKENLIMIT_REMAINING, "0"),
+        ]);
+        let scanned = RateLimitHeaders::scan(&map);
+        assert!(scanned.any());
+        assert_eq!(scanned.remaining(), ratelimit_remaining(&map));
+        assert_eq!(scanned.reset(now()), ratelimit_reset(&map, now()));
+        assert_eq!(scanned.request_limit(), request_limit(&map));
+        assert_eq!(scanned.token_limit(), token_limit(&map));
+        assert_eq!(scanned.token_remaining(), token_remaining(&map));
+        assert!(!RateLimitHeaders::scan(&HeaderMap::new()).any());
     }
 
     proptest! {

@@ -262,6 +262,49 @@ mod tests {
         assert_eq!(*finished_ms.iter().max().unwrap(), 11_900);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_retried_request_goes_before_those_that_came_after_it() {
+        // The first answer is a 429 asking for 150 ms; every other is a 200.
+        let (inner, log) = client(|call| match call {
+            0 => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::OK,
+        });
+        let inner = tower::ServiceBuilder::new()
+            .map_response(|mut response: Response<String>| {
+                if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                    response
+                        .headers_mut()
+                        .insert("retry-after-ms", "150".parse().unwrap());
+                }
+                response
+            })
+            .service(inner);
+        let service = TogetherLayer::new(chat_limits(Rate::per_second(10))).layer(inner);
+        let first = tokio::spawn(service.clone().oneshot(chat("a")));
+        tokio::task::yield_now().await;
+        let later: Vec<_> = ["b", "c", "d"]
+            .into_iter()
+            .map(|body| tokio::spawn(service.clone().oneshot(chat(body))))
+            .collect();
+        assert_eq!(first.await.unwrap().unwrap().status(), 200);
+        for call in later {
+            call.await.unwrap().unwrap();
+        }
+        let sent: Vec<(u128, Bytes)> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, body)| (at.as_millis(), body.clone()))
+            .collect();
+        // The 429 closed the bucket until 150 ms, when b went. The retry of a came back
+        // between 150 and 165 ms, and took the next turn, ahead of c and d.
+        let expected = [(0, "a"), (150, "b"), (250, "a"), (350, "c"), (450, "d")];
+        assert_eq!(
+            sent,
+            expected.map(|(at, body)| (at, Bytes::from_static(body.as_bytes())))
+        );
+    }
+
     #[test]
     fn the_stack_fits_boxed_sync_services_and_its_future_is_send() {
         fn assert_send<T: Send>(_: &T) {}

@@ -108,7 +108,7 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
             Some(attempt) if attempt.0 > 0 => Lane::Retry,
             _ => Lane::New,
         };
-        let Some(place) = Place::take(&bucket, lane, self.settings.max_queue) else {
+        let Some(place) = Place::take(&bucket, lane, self.settings.max_queue, cost) else {
             let full = QueueFull::new(self.settings.max_queue, estimate, class);
             return Admission::Refuse(full.into());
         };
@@ -146,7 +146,7 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
         bucket.refresh(now);
         match self.context.limiter.try_acquire(&bucket.state, cost, now) {
             Some(Decision::Allow) => FastPath::Go(permit),
-            Some(Decision::Wait(wait)) => {
+            Some(Decision::Wait(wait) | Decision::WaitForTokens { tokens: wait, .. }) => {
                 bucket.next_turn_at(now.saturating_add(wait));
                 if wait > max_wait {
                     // Known to be too long already: answer now rather than queue.

@@ -21,6 +21,15 @@ pub enum Decision {
     Allow,
     /// Not for this long. Nothing was taken.
     Wait(Duration),
+    /// The tokens hold it back longer than its request turn: the turn is due in `request`,
+    /// the tokens in `tokens`. Nothing was taken. (A backend that cannot tell the two apart
+    /// says [`Decision::Wait`] with the longer.)
+    WaitForTokens {
+        /// Until the request turn is due (zero: it is free now).
+        request: Duration,
+        /// Until the tokens are there: how long the request must wait.
+        tokens: Duration,
+    },
     /// The cost is more than the bucket can ever hold (more tokens than the token burst):
     /// no wait would help. Nothing was taken.
     TooLarge,
@@ -176,17 +185,23 @@ impl LocalBucket {
 
 impl LocalState {
     fn decide(&mut self, cost: Cost, now: u64) -> Decision {
-        let mut wait = 0;
-        for (gcra, units) in [(&self.requests, cost.requests), (&self.tokens, cost.tokens)] {
-            if let Some(gcra) = gcra {
-                match gcra.wait(units, now) {
-                    Some(needed) => wait = wait.max(needed),
-                    None => return Decision::TooLarge,
-                }
-            }
+        let wait = |gcra: &Option<Gcra>, units| {
+            gcra.as_ref().map_or(Some(0), |gcra| gcra.wait(units, now))
+        };
+        let (Some(requests), Some(tokens)) = (
+            wait(&self.requests, cost.requests),
+            wait(&self.tokens, cost.tokens),
+        ) else {
+            return Decision::TooLarge;
+        };
+        if tokens > requests {
+            return Decision::WaitForTokens {
+                request: Duration::from_nanos(requests),
+                tokens: Duration::from_nanos(tokens),
+            };
         }
-        if wait > 0 {
-            return Decision::Wait(Duration::from_nanos(wait));
+        if requests > 0 {
+            return Decision::Wait(Duration::from_nanos(requests));
         }
         // Both fit: take both, under the one lock, so neither is spent while the other waits.
         if let Some(gcra) = &mut self.requests {

@@ -30,29 +30,16 @@ pin_project! {
 }
 
 /// A token charge waiting for the answer's `usage`.
-struct TokenCount {
+pub(crate) struct TokenCount {
     bucket: Arc<dyn Feedback>,
     charged: u64,
     tail: Vec<u8>,
 }
 
 impl<B> ResponseBody<B> {
-    pub(crate) fn new(inner: B) -> Self {
-        Self {
-            inner,
-            tokens: None,
-        }
-    }
-
-    pub(crate) fn counting_tokens(inner: B, bucket: Arc<dyn Feedback>, charged: u64) -> Self {
-        Self {
-            inner,
-            tokens: Some(Box::new(TokenCount {
-                bucket,
-                charged,
-                tail: Vec::new(),
-            })),
-        }
+    /// `inner`, counting tokens if `tokens` says so.
+    pub(crate) fn new(inner: B, tokens: Option<Box<TokenCount>>) -> Self {
+        Self { inner, tokens }
     }
 
     /// The inner body.
@@ -62,6 +49,14 @@ impl<B> ResponseBody<B> {
 }
 
 impl TokenCount {
+    pub(crate) fn new(bucket: Arc<dyn Feedback>, charged: u64) -> Box<Self> {
+        Box::new(Self {
+            bucket,
+            charged,
+            tail: Vec::new(),
+        })
+    }
+
     fn observe(&mut self, bytes: &[u8]) {
         if bytes.len() >= TAIL {
             self.tail.clear();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use super::adapt::{Adaptation, Controller};
-use super::backend::{BucketSpec, Limiter, Pace, Rates};
+use super::backend::{BucketSpec, Cost, Limiter, Pace, Rates};
 use super::gcra::{self, nanos};
 use super::queue::{HasQueue, Queue};
 use crate::clock::TokioClock;
@@ -312,6 +312,11 @@ impl<L: Limiter> Bucket<L> {
         self.next_turn.store(nanos(at), Ordering::Release);
     }
 
+    /// The request interval in force.
+    pub(crate) fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval.load(Ordering::Relaxed))
+    }
+
     /// How long a newcomer can expect to wait: until the bucket opens and its next turn is
     /// due, then one interval for each waiter ahead.
     pub(crate) fn estimated_wait(&self, now: Duration) -> Duration {
@@ -340,5 +345,10 @@ impl<L: Limiter> Bucket<L> {
 impl<L: Limiter> HasQueue for Bucket<L> {
     fn queue(&self) -> &Queue {
         &self.queue
+    }
+
+    fn give_back_grant(&self, cost: Cost) {
+        let now = self.context.clock.elapsed();
+        self.context.limiter.release(&self.state, cost, now);
     }
 }

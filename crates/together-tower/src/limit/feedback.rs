@@ -18,7 +18,7 @@ use http::{HeaderMap, Response, StatusCode};
 
 use super::adapt::Mode;
 use super::backend::{Cost, Limiter};
-use super::body::ResponseBody;
+use super::body::TokenCount;
 use super::bucket::Bucket;
 use crate::headers;
 
@@ -41,13 +41,22 @@ impl<L: Limiter> Feedback for Bucket<L> {
 
     fn learn(&self, status: StatusCode, headers: &HeaderMap, sent_epoch: u64, cost: Cost) {
         let context = &self.context;
-        let now = context.clock.elapsed();
         let adaptive = context.adaptation.mode() == Mode::Adaptive;
         // Sent before the last cut or closure: the bucket already acted on what this says.
         let expected = sent_epoch != self.epoch();
         let refused = status == StatusCode::TOO_MANY_REQUESTS;
         let slow_down = status == StatusCode::SERVICE_UNAVAILABLE;
 
+        if cost.tokens > 0 && !status.is_success() {
+            // Not served: the tokens were not spent.
+            Feedback::correct_tokens(self, cost.tokens, 0);
+        }
+        let found = headers::RateLimitHeaders::scan(headers);
+        // Most answers: a success that says nothing about the limits.
+        if !refused && !slow_down && !found.any() {
+            return;
+        }
+        let now = context.clock.elapsed();
         let mut closed = false;
         if refused {
             let pause = match headers::retry_hint(headers, SystemTime::now()) {
@@ -59,11 +68,11 @@ impl<L: Limiter> Feedback for Bucket<L> {
                 self.close_until(now.saturating_add(pause.min(context.max_pause)));
                 closed = true;
             }
-        } else if headers::ratelimit_remaining(headers) == Some(0) {
+        } else if found.remaining() == Some(0) {
             // A used-up limit says something the bucket's own pacing does not know only when it
             // resets later than the bucket's next turn may come: another client shares the key,
             // or a window is full. A reset before then is our own pacing, seen from the server.
-            if let Some(reset) = headers::ratelimit_reset(headers, SystemTime::now()) {
+            if let Some(reset) = found.reset(SystemTime::now()) {
                 if reset > self.earliest_next() {
                     self.close_until(now.saturating_add(reset.min(context.max_pause)));
                     closed = true;
@@ -73,8 +82,8 @@ impl<L: Limiter> Feedback for Bucket<L> {
 
         let mut changed = false;
         if adaptive {
-            let stated_requests = headers::request_limit(headers);
-            let stated_tokens = headers::token_limit(headers);
+            let stated_requests = found.request_limit();
+            let stated_tokens = found.token_limit();
             let trouble = (refused || slow_down) && !expected;
             if stated_requests.is_some() || stated_tokens.is_some() || trouble {
                 let mut rating = self.rating();
@@ -89,8 +98,8 @@ impl<L: Limiter> Feedback for Bucket<L> {
                     let nanos = super::gcra::nanos(now);
                     // A 429 that says the tokens ran out, and not the requests, is about tokens.
                     let tokens_out = refused
-                        && headers::token_remaining(headers) == Some(0)
-                        && headers::ratelimit_remaining(headers) != Some(0);
+                        && found.token_remaining() == Some(0)
+                        && found.remaining() != Some(0);
                     let controller = if tokens_out {
                         rating.tokens()
                     } else {
@@ -108,10 +117,6 @@ impl<L: Limiter> Feedback for Bucket<L> {
         }
         if closed {
             self.next_epoch();
-        }
-        if cost.tokens > 0 && !status.is_success() {
-            // Not served: the tokens were not spent.
-            Feedback::correct_tokens(self, cost.tokens, 0);
         }
     }
 
@@ -146,16 +151,13 @@ impl Ticket {
         self.epoch = self.bucket.epoch();
     }
 
-    /// Reads the answer, and gives back its body, which corrects the token charge once read.
-    pub(crate) fn learn<B>(self, response: Response<B>) -> Response<ResponseBody<B>> {
+    /// Reads the answer; returns what its body must count to correct the token charge, if
+    /// anything.
+    pub(crate) fn learn<B>(self, response: &Response<B>) -> Option<Box<TokenCount>> {
         self.bucket
             .learn(response.status(), response.headers(), self.epoch, self.cost);
-        if self.cost.tokens > 0 && response.status().is_success() {
-            let (bucket, charged) = (self.bucket, self.cost.tokens);
-            response.map(|body| ResponseBody::counting_tokens(body, bucket, charged))
-        } else {
-            response.map(ResponseBody::new)
-        }
+        (self.cost.tokens > 0 && response.status().is_success())
+            .then(|| TokenCount::new(self.bucket, self.cost.tokens))
     }
 
     /// The call failed without an answer: the tokens come back. (The request's turn does not:

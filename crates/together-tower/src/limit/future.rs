@@ -38,17 +38,24 @@ pin_project! {
         Refused {
             error: Option<BoxError>,
         },
+        // Boxed: only requests that wait pay for carrying the request and a service clone,
+        // and every future stays small.
         Waiting {
-            turn: Box<dyn WaitTurn>,
-            service: S,
-            request: Option<Request<B>>,
-            step: Step,
+            waiting: Box<Waiting<S, B>>,
         },
         Calling {
             #[pin]
             future: S::Future,
         },
     }
+}
+
+/// A request waiting for its turn.
+struct Waiting<S, B> {
+    turn: Box<dyn WaitTurn>,
+    service: S,
+    request: Option<Request<B>>,
+    step: Step,
 }
 
 /// Where a waiting request is.
@@ -84,13 +91,14 @@ where
         request: Request<B>,
         ticket: Ticket,
     ) -> Self {
+        let waiting = Box::new(Waiting {
+            turn,
+            service,
+            request: Some(request),
+            step: Step::Turn,
+        });
         Self {
-            state: State::Waiting {
-                turn,
-                service,
-                request: Some(request),
-                step: Step::Turn,
-            },
+            state: State::Waiting { waiting },
             permit: None,
             ticket: Some(ticket),
         }
@@ -119,52 +127,55 @@ where
                 StateProj::Refused { error } => {
                     return Poll::Ready(Err(error.take().expect("polled after completion")));
                 }
-                StateProj::Waiting {
-                    turn,
-                    service,
-                    request,
-                    step,
-                } => match step {
-                    Step::Turn => {
-                        ready!(turn.poll_turn(cx))?;
-                        *step = Step::Ready;
-                    }
-                    Step::Ready => match service.poll_ready(cx) {
-                        Poll::Ready(Ok(())) => {
-                            *this.permit = turn.leave();
-                            if let Some(ticket) = this.ticket.as_mut() {
-                                ticket.sending();
+                StateProj::Waiting { waiting } => {
+                    let Waiting {
+                        turn,
+                        service,
+                        request,
+                        step,
+                    } = &mut **waiting;
+                    match step {
+                        Step::Turn => {
+                            ready!(turn.poll_turn(cx))?;
+                            *step = Step::Ready;
+                        }
+                        Step::Ready => match service.poll_ready(cx) {
+                            Poll::Ready(Ok(())) => {
+                                *this.permit = turn.leave();
+                                if let Some(ticket) = this.ticket.as_mut() {
+                                    ticket.sending();
+                                }
+                                let request = request.take().expect("polled after completion");
+                                let future = service.call(request);
+                                this.state.set(State::Calling { future });
                             }
-                            let request = request.take().expect("polled after completion");
-                            let future = service.call(request);
-                            this.state.set(State::Calling { future });
+                            Poll::Ready(Err(error)) => {
+                                turn.give_back();
+                                return Poll::Ready(Err(error.into()));
+                            }
+                            Poll::Pending => {
+                                // Busy below us: the turn goes back, the place in the queue stays.
+                                turn.give_back();
+                                *step = Step::Service;
+                                return Poll::Pending;
+                            }
+                        },
+                        Step::Service => {
+                            ready!(service.poll_ready(cx)).map_err(Into::into)?;
+                            // Ready now, and it stays ready until called: take the turn again.
+                            *step = Step::Turn;
                         }
-                        Poll::Ready(Err(error)) => {
-                            turn.give_back();
-                            return Poll::Ready(Err(error.into()));
-                        }
-                        Poll::Pending => {
-                            // Busy below us: the turn goes back, the place in the queue stays.
-                            turn.give_back();
-                            *step = Step::Service;
-                            return Poll::Pending;
-                        }
-                    },
-                    Step::Service => {
-                        ready!(service.poll_ready(cx)).map_err(Into::into)?;
-                        // Ready now, and it stays ready until called: take the turn again.
-                        *step = Step::Turn;
                     }
-                },
+                }
                 StateProj::Calling { future } => {
                     let result = ready!(future.poll(cx));
                     this.permit.take();
                     let ticket = this.ticket.take();
                     return Poll::Ready(match result {
-                        Ok(response) => Ok(match ticket {
-                            Some(ticket) => ticket.learn(response),
-                            None => response.map(ResponseBody::new),
-                        }),
+                        Ok(response) => {
+                            let counting = ticket.and_then(|ticket| ticket.learn(&response));
+                            Ok(response.map(|body| ResponseBody::new(body, counting)))
+                        }
                         Err(error) => {
                             if let Some(ticket) = ticket {
                                 ticket.failed();
@@ -185,10 +196,10 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Refused { .. } => "refused",
-            State::Waiting {
-                step: Step::Turn, ..
-            } => "waiting for its turn",
-            State::Waiting { .. } => "waiting for the service",
+            State::Waiting { waiting } => match waiting.step {
+                Step::Turn => "waiting for its turn",
+                Step::Ready | Step::Service => "waiting for the service",
+            },
             State::Calling { .. } => "calling",
         };
         f.debug_struct("ResponseFuture")

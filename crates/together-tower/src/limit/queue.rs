@@ -5,11 +5,19 @@
 //! layer sends again) goes in a lane of its own that is served first: a 429 must not send a
 //! request to the back of a long queue. A place is given up when its request goes, fails, or
 //! is dropped, and the next head is woken.
+//!
+//! The head may also grant its turn-taking to the waiter right behind it: when the head waits
+//! only for tokens, the requests behind it whose tokens fit now may go first, in order (see
+//! [`wait`](super::wait)). A grant takes that waiter's cost on its behalf; a granted place
+//! dropped before its request goes gives the cost back.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
+
+use super::backend::Cost;
 
 /// Which lane a request waits in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -33,7 +41,35 @@ pub(crate) struct Queue {
 #[derive(Debug, Default)]
 struct Lanes {
     next: u64,
-    waiting: BTreeMap<Ticket, Option<Waker>>,
+    waiting: BTreeMap<Ticket, Entry>,
+}
+
+/// One waiting request.
+#[derive(Debug)]
+struct Entry {
+    waker: Option<Waker>,
+    cost: Cost,
+    grant: Grant,
+}
+
+/// Whether the head took a waiter's turn for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    /// No: it waits.
+    None,
+    /// Yes, and it has not seen that yet.
+    Granted,
+    /// Yes, and it is going with it.
+    Claimed,
+}
+
+/// Where a request stands in its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Position {
+    /// First: it asks for its own turn.
+    Head,
+    /// The head took its turn for it: it may go.
+    Granted,
 }
 
 impl Queue {
@@ -53,6 +89,9 @@ impl Queue {
 /// Something that owns a [`Queue`] (the bucket), so a place can keep it alive.
 pub(crate) trait HasQueue: Send + Sync {
     fn queue(&self) -> &Queue;
+
+    /// Gives back a cost that was granted to a place whose request never went.
+    fn give_back_grant(&self, cost: Cost);
 }
 
 /// A place in a bucket's queue, given up on drop.
@@ -64,7 +103,7 @@ pub(crate) struct Place<B: HasQueue + ?Sized> {
 impl<B: HasQueue + ?Sized> Place<B> {
     /// Takes a place in `lane`, unless `max_queue` places are taken already. The bound is
     /// exact: places are counted before anyone waits in them.
-    pub(crate) fn take(owner: &Arc<B>, lane: Lane, max_queue: usize) -> Option<Self> {
+    pub(crate) fn take(owner: &Arc<B>, lane: Lane, max_queue: usize, cost: Cost) -> Option<Self> {
         let queue = owner.queue();
         queue
             .len
@@ -75,27 +114,70 @@ impl<B: HasQueue + ?Sized> Place<B> {
         let mut lanes = queue.lanes();
         let ticket = (lane, lanes.next);
         lanes.next += 1;
-        lanes.waiting.insert(ticket, None);
+        lanes.waiting.insert(
+            ticket,
+            Entry {
+                waker: None,
+                cost,
+                grant: Grant::None,
+            },
+        );
         Some(Self {
             owner: Arc::clone(owner),
             ticket,
         })
     }
 
-    /// Ready when this place is the head of the queue; otherwise the task is woken once it
-    /// may be.
-    pub(crate) fn poll_head(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Ready when this place is the head of the queue, or when the head granted it its turn
+    /// (which it then owns); otherwise the task is woken once either may be so.
+    pub(crate) fn poll_position(&self, cx: &mut Context<'_>) -> Poll<Position> {
         let mut lanes = self.owner.queue().lanes();
-        if lanes.waiting.keys().next() == Some(&self.ticket) {
-            return Poll::Ready(());
+        let head = lanes.waiting.keys().next() == Some(&self.ticket);
+        let Some(entry) = lanes.waiting.get_mut(&self.ticket) else {
+            return Poll::Pending;
+        };
+        if entry.grant == Grant::Granted {
+            entry.grant = Grant::Claimed;
+            return Poll::Ready(Position::Granted);
         }
-        if let Some(waker) = lanes.waiting.get_mut(&self.ticket) {
-            match waker {
-                Some(waker) if waker.will_wake(cx.waker()) => {}
-                _ => *waker = Some(cx.waker().clone()),
-            }
+        if head {
+            return Poll::Ready(Position::Head);
+        }
+        match &entry.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => entry.waker = Some(cx.waker().clone()),
         }
         Poll::Pending
+    }
+
+    /// From the head: grants the first waiter behind it that has no grant yet its turn, if
+    /// `take` takes its cost. `false` when there is none, or its cost does not fit: those
+    /// further back wait, in order.
+    pub(crate) fn grant_next(&self, take: impl FnOnce(Cost) -> bool) -> bool {
+        let mut lanes = self.owner.queue().lanes();
+        let Some((_, entry)) = lanes
+            .waiting
+            .range_mut((Bound::Excluded(self.ticket), Bound::Unbounded))
+            .find(|(_, entry)| entry.grant == Grant::None)
+        else {
+            return false;
+        };
+        if !take(entry.cost) {
+            return false;
+        }
+        entry.grant = Grant::Granted;
+        if let Some(waker) = &entry.waker {
+            waker.wake_by_ref();
+        }
+        true
+    }
+
+    /// A granted turn was given back (the service below was busy): the place waits again,
+    /// and may be granted again.
+    pub(crate) fn unclaim(&self) {
+        if let Some(entry) = self.owner.queue().lanes().waiting.get_mut(&self.ticket) {
+            entry.grant = Grant::None;
+        }
     }
 
     pub(crate) fn owner(&self) -> &Arc<B> {
@@ -108,12 +190,25 @@ impl<B: HasQueue + ?Sized> Drop for Place<B> {
         let queue = self.owner.queue();
         let mut lanes = queue.lanes();
         let was_head = lanes.waiting.keys().next() == Some(&self.ticket);
-        lanes.waiting.remove(&self.ticket);
+        let unclaimed = lanes
+            .waiting
+            .remove(&self.ticket)
+            .filter(|entry| entry.grant == Grant::Granted)
+            .map(|entry| entry.cost);
         queue.len.fetch_sub(1, Ordering::AcqRel);
         if was_head {
-            if let Some((_, Some(waker))) = lanes.waiting.iter_mut().next() {
+            if let Some(waker) = lanes
+                .waiting
+                .values()
+                .next()
+                .and_then(|entry| entry.waker.as_ref())
+            {
                 waker.wake_by_ref();
             }
+        }
+        drop(lanes);
+        if let Some(cost) = unclaimed {
+            self.owner.give_back_grant(cost);
         }
     }
 }
@@ -133,26 +228,44 @@ mod tests {
     use super::*;
 
     #[derive(Default)]
-    struct Owner(Queue);
+    struct Owner(Queue, std::sync::Mutex<Vec<Cost>>);
 
     impl HasQueue for Owner {
         fn queue(&self) -> &Queue {
             &self.0
         }
+
+        fn give_back_grant(&self, cost: Cost) {
+            self.1.lock().unwrap().push(cost);
+        }
+    }
+
+    fn position(place: &Place<Owner>) -> Option<Position> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match place.poll_position(&mut cx) {
+            Poll::Ready(position) => Some(position),
+            Poll::Pending => None,
+        }
     }
 
     fn is_head(place: &Place<Owner>) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        place.poll_head(&mut cx).is_ready()
+        position(place) == Some(Position::Head)
+    }
+
+    fn tokens(tokens: u64) -> Cost {
+        Cost {
+            requests: 1,
+            tokens,
+        }
     }
 
     #[test]
     fn places_are_served_in_order_with_retries_first() {
         let owner = Arc::new(Owner::default());
-        let a = Place::take(&owner, Lane::New, 10).unwrap();
-        let b = Place::take(&owner, Lane::New, 10).unwrap();
+        let a = Place::take(&owner, Lane::New, 10, tokens(1)).unwrap();
+        let b = Place::take(&owner, Lane::New, 10, tokens(1)).unwrap();
         assert!(is_head(&a) && !is_head(&b));
-        let retry = Place::take(&owner, Lane::Retry, 10).unwrap();
+        let retry = Place::take(&owner, Lane::Retry, 10, tokens(1)).unwrap();
         // The retry goes before everything that has not been sent yet.
         assert!(is_head(&retry) && !is_head(&a));
         drop(retry);
@@ -165,13 +278,40 @@ mod tests {
     }
 
     #[test]
+    fn the_head_grants_the_waiters_behind_it_in_order_while_their_costs_fit() {
+        let owner = Arc::new(Owner::default());
+        let head = Place::take(&owner, Lane::New, 10, tokens(500)).unwrap();
+        let small = Place::take(&owner, Lane::New, 10, tokens(10)).unwrap();
+        let big = Place::take(&owner, Lane::New, 10, tokens(400)).unwrap();
+        let last = Place::take(&owner, Lane::New, 10, tokens(10)).unwrap();
+        let fits = |cost: Cost| cost.tokens <= 100;
+        assert!(head.grant_next(fits));
+        // The big one is next: it does not fit, and the one behind it waits its turn.
+        assert!(!head.grant_next(fits));
+        assert_eq!(position(&small), Some(Position::Granted));
+        assert_eq!((position(&big), position(&last)), (None, None));
+        // A grant is seen once, and not granted twice.
+        assert_eq!(position(&small), None);
+        // A granted place dropped before its request went gives its cost back.
+        assert!(head.grant_next(|_| true));
+        drop(big);
+        // One that gave its turn back waits, and may be granted again.
+        small.unclaim();
+        assert!(head.grant_next(|_| true));
+        assert_eq!(position(&small), Some(Position::Granted));
+        assert_eq!(*owner.1.lock().unwrap(), [tokens(400)]);
+        drop((head, small, last));
+        assert!(owner.0.is_empty());
+    }
+
+    #[test]
     fn the_bound_is_exact() {
         let owner = Arc::new(Owner::default());
         let places: Vec<_> = (0..3)
-            .map(|_| Place::take(&owner, Lane::New, 3).unwrap())
+            .map(|_| Place::take(&owner, Lane::New, 3, tokens(1)).unwrap())
             .collect();
-        assert!(Place::take(&owner, Lane::Retry, 3).is_none());
+        assert!(Place::take(&owner, Lane::Retry, 3, tokens(1)).is_none());
         drop(places);
-        assert!(Place::take(&owner, Lane::New, 3).is_some());
+        assert!(Place::take(&owner, Lane::New, 3, tokens(1)).is_some());
     }
 }

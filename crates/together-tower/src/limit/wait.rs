@@ -21,7 +21,7 @@ use tower::BoxError;
 use super::backend::{Cost, Decision, Limiter};
 use super::bucket::Bucket;
 use super::error::{RateLimited, SlotsBusy, TooManyTokens};
-use super::queue::Place;
+use super::queue::{Place, Position};
 use crate::classify::EndpointClass;
 
 /// A wait for a turn, with the bucket's types erased so the response future does not name them.
@@ -55,6 +55,8 @@ pub(crate) struct Turn<L: Limiter> {
     deadline_timer: Option<Pin<Box<Sleep>>>,
     /// A backend decision that needs I/O, under way.
     acquiring: Option<Acquiring>,
+    /// Held back by tokens, until when the head lets others pass.
+    patience_until: Option<Duration>,
     taken: bool,
 }
 
@@ -86,6 +88,7 @@ impl<L: Limiter> Turn<L> {
             sleep: None,
             deadline_timer: None,
             acquiring: None,
+            patience_until: None,
             taken: false,
         }
     }
@@ -138,6 +141,53 @@ impl<L: Limiter> Turn<L> {
         }
     }
 
+    /// Held back by tokens only: grants turns to the requests behind it, in order, while their
+    /// tokens fit now and it would still go by its patience deadline (twice its own first
+    /// wait). Returns how long to sleep before looking again: its own wait, or one request
+    /// interval if it let others pass.
+    fn let_small_ones_pass(
+        &self,
+        bucket: &Arc<Bucket<L>>,
+        now: Duration,
+        wait: Duration,
+        deadline: Duration,
+    ) -> Duration {
+        let place = self
+            .place
+            .as_ref()
+            .expect("the place is held until the request goes");
+        let (limiter, state, own) = (&bucket.context.limiter, &bucket.state, self.cost);
+        let mut passed = false;
+        while place.grant_next(|cost| {
+            if !matches!(limiter.try_acquire(state, cost, now), Some(Decision::Allow)) {
+                return false;
+            }
+            // Would this request still go by its deadline after the other one?
+            let keeps_deadline = match limiter.try_acquire(state, own, now) {
+                Some(Decision::Allow) => {
+                    limiter.release(state, own, now);
+                    true
+                }
+                Some(Decision::Wait(wait) | Decision::WaitForTokens { tokens: wait, .. }) => {
+                    now.saturating_add(wait) <= deadline
+                }
+                Some(Decision::TooLarge) | None => false,
+            };
+            if !keeps_deadline {
+                limiter.release(state, cost, now);
+            }
+            keeps_deadline
+        }) {
+            passed = true;
+        }
+        if passed {
+            // The request turns just taken may free up again soon: look again then.
+            wait.min(bucket.interval().max(Duration::from_millis(1)))
+        } else {
+            wait
+        }
+    }
+
     /// Asks the backend for the turn: at once if it can say without I/O.
     fn poll_decision(
         &mut self,
@@ -185,13 +235,21 @@ impl<L: Limiter> WaitTurn for Turn<L> {
                 .place
                 .as_ref()
                 .expect("the place is held until the request goes");
-            if place.poll_head(cx).is_pending() {
-                if self.poll_deadline(cx).is_ready() {
-                    let now = self.bucket().context.clock.elapsed();
-                    let estimate = self.bucket().estimated_wait(now);
-                    return Poll::Ready(Err(self.too_long(estimate)));
+            match place.poll_position(cx) {
+                Poll::Ready(Position::Head) => {}
+                Poll::Ready(Position::Granted) => {
+                    // The head took this request's turn for it.
+                    self.taken = true;
+                    continue;
                 }
-                return Poll::Pending;
+                Poll::Pending => {
+                    if self.poll_deadline(cx).is_ready() {
+                        let now = self.bucket().context.clock.elapsed();
+                        let estimate = self.bucket().estimated_wait(now);
+                        return Poll::Ready(Err(self.too_long(estimate)));
+                    }
+                    return Poll::Pending;
+                }
             }
             let bucket = Arc::clone(self.bucket());
             let now = bucket.context.clock.elapsed();
@@ -208,6 +266,17 @@ impl<L: Limiter> WaitTurn for Turn<L> {
                         continue;
                     }
                     Decision::Wait(wait) => wait,
+                    Decision::WaitForTokens { request, tokens } => {
+                        let deadline = *self
+                            .patience_until
+                            .get_or_insert_with(|| now.saturating_add(tokens.saturating_mul(2)));
+                        if request.is_zero() {
+                            self.let_small_ones_pass(&bucket, now, tokens, deadline)
+                        } else {
+                            // Others need a request turn too: look again when it is due.
+                            request
+                        }
+                    }
                     Decision::TooLarge => {
                         let capacity = bucket.token_capacity().unwrap_or(0);
                         return Poll::Ready(Err(TooManyTokens::new(
@@ -237,6 +306,10 @@ impl<L: Limiter> WaitTurn for Turn<L> {
                 .context
                 .limiter
                 .release(&bucket.state, self.cost, now);
+            // A turn the head granted it: the place waits again, and may be granted again.
+            if let Some(place) = &self.place {
+                place.unclaim();
+            }
         }
     }
 

@@ -1,5 +1,8 @@
 //! The rate limit layer's behaviour, on paused tokio time.
 
+mod adaptive;
+mod tokens;
+
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
