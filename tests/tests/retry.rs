@@ -5,12 +5,13 @@ use http::Request;
 use http_body_util::Full;
 use std::time::Duration;
 
-use together_sim::{Sim, SimConfig};
-use together_tower::buffer::BufferedBody;
+use together_sim::{Class, Sim, SimConfig};
+use together_tower::TogetherLayer;
+use together_tower::body::BufferedBody;
 use together_tower::limit::Limits;
 use together_tower::quota::QuotaTable;
-use together_tower::{RetryPolicy, TogetherLayer};
-use together_tower_tests::{http_client, sim_stats};
+use together_tower::retry::RetryPolicy;
+use together_tower_tests::http_client;
 use tower::retry::Policy;
 use tower::{BoxError, Layer, ServiceExt};
 
@@ -76,10 +77,10 @@ async fn a_request_the_server_read_and_hung_up_on_is_retried_but_a_job_create_is
     .await;
     assert!(chat.is_err() && create.is_err());
 
-    let stats = sim_stats(&sim.url()).await;
+    let stats = sim.stats();
     // The chat request was sent again four times (the default); the job create only once,
     // since the server may have created the job before it hung up.
-    assert_eq!(stats.classes["chat"].hung_up, 5, "{stats:?}");
-    assert_eq!(stats.classes["fine-tunes"].hung_up, 1, "{stats:?}");
+    assert_eq!(stats.class(Class::Chat).hung_up, 5, "{stats:?}");
+    assert_eq!(stats.class(Class::FineTunes).hung_up, 1, "{stats:?}");
     sim.shutdown().await;
 }

@@ -741,21 +741,23 @@ fn respond(answer: Answer, limits: Option<LimitOutcome>, hints: Hints) -> Respon
     *response.status_mut() = answer.status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Some(limits) = limits.filter(|_| hints != Hints::None) {
+    if let Some(limits) = limits {
         let number = |n: u64| HeaderValue::from(n);
         let seconds = |d: Duration| {
             HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64()))
                 .unwrap_or(HeaderValue::from_static("0"))
         };
-        headers.insert("x-ratelimit-limit", number(limits.requests.limit));
-        headers.insert("x-ratelimit-remaining", number(limits.requests.remaining));
-        headers.insert("x-ratelimit-reset", seconds(limits.requests.reset));
-        if let Some(tokens) = limits.tokens {
-            headers.insert("x-tokenlimit-limit", number(tokens.limit));
-            headers.insert("x-tokenlimit-remaining", number(tokens.remaining));
+        if matches!(hints, Hints::All | Hints::Together) {
+            headers.insert("x-ratelimit-limit", number(limits.requests.limit));
+            headers.insert("x-ratelimit-remaining", number(limits.requests.remaining));
+            headers.insert("x-ratelimit-reset", seconds(limits.requests.reset));
+            if let Some(tokens) = limits.tokens {
+                headers.insert("x-tokenlimit-limit", number(tokens.limit));
+                headers.insert("x-tokenlimit-remaining", number(tokens.remaining));
+            }
         }
         let refused = !limits.allowed();
-        if refused && hints == Hints::All {
+        if refused && matches!(hints, Hints::All | Hints::RetryAfter) {
             let wait = if limits.requests.allowed {
                 limits.tokens.map_or(Duration::ZERO, |t| t.reset)
             } else {

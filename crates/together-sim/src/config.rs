@@ -153,6 +153,8 @@ pub enum Hints {
     All,
     /// What Together documents: `x-ratelimit-*` and `x-tokenlimit-*`, no `Retry-After`.
     Together,
+    /// `Retry-After` (whole seconds) on refusals and nothing else, as many gateways send.
+    RetryAfter,
     /// Nothing: the client learns only from the statuses.
     None,
 }

@@ -76,6 +76,16 @@ pub struct Stats {
     pub classes: BTreeMap<String, Counters>,
 }
 
+impl Stats {
+    /// The counters of `class` over every key: all zero if it saw no request.
+    pub fn class(&self, class: Class) -> Counters {
+        self.classes
+            .get(class.as_str())
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
 /// A class's limits as meters see them: requests and tokens per window.
 fn limits_per_window(limits: &ClassLimits, window: Duration) -> (Limit, Option<Limit>) {
     let requests = Limit::per_minute(limits.rpm, window, limits.burst);

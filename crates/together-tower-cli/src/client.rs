@@ -14,7 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use together_sim::Class;
 use together_tower::TogetherLayer;
-use together_tower::buffer::{BufferLayer, BufferedBody};
+use together_tower::body::{BufferBodyLayer, BufferedBody};
 use together_tower::classify::EndpointClass;
 use together_tower::limit::{Adaptation, Limits};
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
@@ -162,7 +162,7 @@ pub fn stack(
                 .map_response(|response: Response<hyper::body::Incoming>| {
                     response.map(BodyExt::boxed)
                 })
-                .layer(BufferLayer::new())
+                .layer(BufferBodyLayer::new())
                 .layer(RetryLayer::new(retry.with_budget(unbounded)))
                 .service(client);
             return Ok((BoxCloneSyncService::new(stack), None));

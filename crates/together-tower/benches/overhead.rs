@@ -21,13 +21,14 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::header::AUTHORIZATION;
 use http::{Request, Response};
 use http_body_util::Full;
-use together_tower::buffer::BufferedBody;
+use together_tower::TogetherLayer;
+use together_tower::body::BufferedBody;
 use together_tower::classify::{Classify, TogetherClassifier};
 use together_tower::key::KeyHasher;
+use together_tower::limit::RateLimitLayer;
 use together_tower::limit::future::ResponseBody;
 use together_tower::limit::{Adaptation, Limits};
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
-use together_tower::{RateLimitLayer, TogetherLayer};
 use tower::{Layer, Service};
 
 /// An inner client that answers at once with the request it was sent.

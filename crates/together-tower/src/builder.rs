@@ -3,7 +3,7 @@
 use tower::ServiceBuilder;
 use tower_layer::Stack;
 
-use crate::buffer::BufferLayer;
+use crate::body::BufferBodyLayer;
 use crate::limit::{Limiter, Limits, RateLimitLayer};
 use crate::retry::{RetryLayer, RetryPolicy};
 use crate::stack::TogetherLayer;
@@ -26,8 +26,8 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed {
     /// Retries by `policy` (see [`RetryLayer`]).
     fn together_retry(self, policy: RetryPolicy) -> ServiceBuilder<Stack<RetryLayer, L>>;
 
-    /// Buffers request bodies up to the default limit (see [`BufferLayer`]).
-    fn together_buffer(self) -> ServiceBuilder<Stack<BufferLayer, L>>;
+    /// Buffers request bodies up to the default limit (see [`BufferBodyLayer`]).
+    fn together_buffer_body(self) -> ServiceBuilder<Stack<BufferBodyLayer, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -49,8 +49,8 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(RetryLayer::new(policy))
     }
 
-    fn together_buffer(self) -> ServiceBuilder<Stack<BufferLayer, L>> {
-        self.layer(BufferLayer::new())
+    fn together_buffer_body(self) -> ServiceBuilder<Stack<BufferBodyLayer, L>> {
+        self.layer(BufferBodyLayer::new())
     }
 }
 

@@ -2,32 +2,34 @@
 //! into a 429, retry what is safe to retry, and still use the whole quota you pay for.
 //!
 //! [`TogetherLayer`] puts three layers, in the one order that works, around any HTTP client
-//! that is a `Service<http::Request<B>>` (hyper-util's `Client`, a tonic `Channel`, a
-//! `service_fn` in tests):
+//! that is a `Service<http::Request<B>>`: hyper-util's `Client`, reqwest or a tonic `Channel`
+//! through [`client`], a `service_fn` in tests.
 //!
 //! ```text
-//! caller ─► BufferLayer ─► RetryLayer ─► RateLimitLayer ─► client ─► Together
+//! caller ─► BufferBodyLayer ─► RetryLayer ─► RateLimitLayer ─► client ─► Together
 //! ```
 //!
-//! - [`BufferLayer`] reads the request body once, so it can be sent again, and reads its
-//!   `model`, `max_tokens` and input count into a [`RequestMeta`](buffer::RequestMeta).
-//! - [`RetryLayer`] retries 429s, 5xx and connection errors by the server's hints, with jittered
-//!   backoff and a shared budget, and never repeats a call that may have created a paid job.
-//! - [`RateLimitLayer`] makes each request wait its turn in its (API key, quota group) bucket,
-//!   first come first served, bounded, cancellable, and taught by the server's 429s.
+//! - [`BufferBodyLayer`](body::BufferBodyLayer) reads the request body once, so it can be
+//!   sent again, and reads its `model`, `max_tokens` and input count into a
+//!   [`RequestMeta`](body::RequestMeta).
+//! - [`RetryLayer`](retry::RetryLayer) retries 429s, 5xx and connection errors by the
+//!   server's hints, with jittered backoff and a shared budget, and never repeats a call that
+//!   may have created a paid job.
+//! - [`RateLimitLayer`](limit::RateLimitLayer) makes each request wait its turn in its (API
+//!   key, quota group, model) bucket, first come first served, bounded, cancellable, and taught
+//!   by the server's answers.
 //!
-//! Each works alone in any `ServiceBuilder` too.
+//! Each works alone in any `ServiceBuilder` too. The buckets live in a [`Limits`]: build one
+//! per process and give a clone to every stack, and they all share one quota.
 //!
 //! ```
-//! use together_tower::limit::Limits;
 //! use together_tower::quota::{ChatTier, QuotaTable};
-//! use together_tower::ServiceBuilderExt;
+//! use together_tower::{Limits, ServiceBuilderExt};
 //! use tower::ServiceBuilder;
 //!
-//! # let client = tower::service_fn(|_: http::Request<together_tower::buffer::BufferedBody<String>>| async {
+//! # let client = tower::service_fn(|_: http::Request<together_tower::body::BufferedBody<String>>| async {
 //! #     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
 //! # });
-//! // One `Limits` per process: every stack built from it shares its quota.
 //! let limits = Limits::new(QuotaTable::chat_tier(ChatTier::Tier2));
 //! let together = ServiceBuilder::new()
 //!     .together(limits.clone())
@@ -35,22 +37,67 @@
 //! # let _ = together;
 //! ```
 //!
+//! The [`guide`] says how to choose quotas, what happens on a 429 and a 503, and how to test
+//! code that calls Together.
+//!
 //! # Modules
 //! - [`classify`]: which endpoint class a request calls.
 //! - [`key`]: API keys: found, fingerprinted, and hidden from every print.
 //! - [`quota`]: tables from classes to quota groups to limits; Together's defaults and tiers.
-//! - [`limit`]: the rate limit layer, its errors and its backend trait.
+//! - [`limit`]: the shared [`Limits`], the rate limit layer, its errors and its backend trait.
 //! - [`retry`]: the retry layer and its policy.
-//! - [`buffer`]: the body buffering layer and the request metadata it reads.
+//! - [`body`]: the body buffering layer and the request metadata it reads.
+//! - [`client`]: clients the stack sits on, beside hyper-util's.
 //! - [`headers`]: parsers for the server's rate-limit and retry hints.
-//! - [`clock`]: the tokio clock governor runs on, so tests can pause time.
+//! - [`clock`]: the tokio clock the limiter runs on, so tests can pause time.
+//! - `test_util` (feature `test-util`): Together's answers and a fake Together for unit tests.
+//!
+//! # Tracing and metrics
+//! Every attempt runs in a `tracing` span named `together_tower`, with its `class`, `model` and
+//! `attempt`. Events, all with target `together_tower`:
+//!
+//! | event | level | fields |
+//! |---|---|---|
+//! | waiting for a turn | debug | class, model, position, expected_wait_ms |
+//! | turn taken, or gave up its place | debug | class, model, waited_ms |
+//! | refused before sending | debug | class, reason, error |
+//! | the server refused | debug | class, model, status |
+//! | bucket closed by the server | info | key (fingerprint), group, model, pause_ms, reason |
+//! | rate changed | info | key (fingerprint), group, model, from_per_second, to_per_second, reason |
+//! | retrying | info | class, attempt, reason, delay_ms, retries_left |
+//! | giving up | info | class, attempts, reason |
+//!
+//! With the `metrics` feature, the same goes to the `metrics` facade. Labels are bounded: the
+//! class or quota group, the model (the first 64 distinct names, then `other`), a coarse
+//! status or reason; never a key.
+//!
+//! | metric | kind | labels | what |
+//! |---|---|---|---|
+//! | `together_tower_requests_total` | counter | class, model | requests sent to the server |
+//! | `together_tower_answers_total` | counter | class, model, status | answers, by status (`2xx`, `429`, `503`, `4xx`, `5xx`, `error`) |
+//! | `together_tower_refused_total` | counter | class, reason | requests the limiter refused itself (`rate_limited`, `queue_full`, `slots_busy`, `too_many_tokens`, `too_many_buckets`) |
+//! | `together_tower_wait_seconds` | histogram | class | how long sent requests waited for their turn |
+//! | `together_tower_waiting` | gauge | class, model | requests waiting for a turn |
+//! | `together_tower_rate_per_second` | gauge | group, model | the request rate in force, after each change |
+//! | `together_tower_retries_total` | counter | class, reason | retries sent (`429`, `503`, `5xx`, `connection`, ...) |
+//! | `together_tower_retries_refused_total` | counter | class, reason | retries not sent (`budget`, `max_retries`, `max_elapsed`, `hint_too_long`) |
 //!
 //! # Feature flags
-//! - `serde`: load quota tables from TOML ([`quota::QuotaTable::from_toml`]).
+//! - `toml`: load quota tables from TOML ([`quota::QuotaTable::from_toml`]).
+//! - `metrics`: the metrics above.
+//! - `reqwest`: `client::Reqwest`, a `reqwest::Client` the stack can sit on.
+//! - `async-openai`: `client::async_openai::http_service`, the stack as async-openai's HTTP
+//!   service.
+//! - `tonic`: `client::Tonic`, a tonic `Channel` the stack can sit on, and
+//!   `limit::error::into_status`, refusals as gRPC statuses.
+//! - `test-util`: `test_util`, for unit tests of code that calls Together.
 //! - `full`: every feature.
 
-pub mod buffer;
+pub mod body;
 pub mod classify;
+pub mod client;
+#[doc = include_str!("../../../docs/guide.md")]
+pub mod guide {}
 pub mod clock;
 pub mod headers;
 pub mod key;
@@ -58,13 +105,15 @@ pub mod limit;
 pub mod quota;
 pub mod retry;
 
+#[cfg(feature = "test-util")]
+pub mod test_util;
+
 mod builder;
 mod stack;
+mod telemetry;
 #[cfg(test)]
 mod test_support;
 
-pub use self::buffer::{Buffer, BufferLayer};
 pub use self::builder::ServiceBuilderExt;
-pub use self::limit::{RateLimit, RateLimitLayer};
-pub use self::retry::{RetryLayer, RetryPolicy};
+pub use self::limit::Limits;
 pub use self::stack::{TogetherLayer, TogetherService};

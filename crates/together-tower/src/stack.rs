@@ -2,19 +2,19 @@
 
 use tower_layer::Layer;
 
-use crate::buffer::{Buffer, BufferLayer};
+use crate::body::{BufferBody, BufferBodyLayer};
 use crate::classify::TogetherClassifier;
 use crate::limit::{Limiter, Limits, LocalLimiter, RateLimit, RateLimitLayer};
 use crate::retry::{Retry, RetryLayer, RetryPolicy};
 
 /// The service [`TogetherLayer`] builds around a client `S`.
 pub type TogetherService<S, C = TogetherClassifier, L = LocalLimiter> =
-    Buffer<Retry<RateLimit<S, C, L>, C>>;
+    BufferBody<Retry<RateLimit<S, C, L>, C>>;
 
-/// Buffer, then retry, then rate limit, around any HTTP client:
+/// BufferBody, then retry, then rate limit, around any HTTP client:
 ///
 /// ```text
-/// caller ─► Buffer ─► Retry ─► RateLimit ─► client ─► Together
+/// caller ─► BufferBody ─► Retry ─► RateLimit ─► client ─► Together
 /// ```
 ///
 /// The body is read once (so it can be sent again, and its `model` read); each attempt,
@@ -29,7 +29,7 @@ pub type TogetherService<S, C = TogetherClassifier, L = LocalLimiter> =
 /// use bytes::Bytes;
 /// use tower::{Service, ServiceBuilder, ServiceExt};
 /// use together_tower::TogetherLayer;
-/// use together_tower::buffer::BufferedBody;
+/// use together_tower::body::BufferedBody;
 /// use together_tower::limit::Limits;
 /// use together_tower::quota::QuotaTable;
 ///
@@ -56,7 +56,7 @@ pub struct TogetherLayer<C = TogetherClassifier, L = LocalLimiter>
 where
     L: Limiter,
 {
-    buffer: BufferLayer,
+    buffer: BufferBodyLayer,
     retry: RetryLayer<C>,
     limit: RateLimitLayer<C, L>,
 }
@@ -68,7 +68,7 @@ impl<C: Clone, L: Limiter> TogetherLayer<C, L> {
     pub fn new(limits: Limits<C, L>) -> Self {
         let policy = RetryPolicy::new().with_classifier(limits.classifier().clone());
         Self {
-            buffer: BufferLayer::new(),
+            buffer: BufferBodyLayer::new(),
             retry: RetryLayer::new(policy),
             limit: RateLimitLayer::new(limits),
         }
@@ -77,7 +77,7 @@ impl<C: Clone, L: Limiter> TogetherLayer<C, L> {
 
 impl<C, L: Limiter> TogetherLayer<C, L> {
     /// Buffers bodies with this layer (to change the size limit).
-    pub fn with_buffer(mut self, buffer: BufferLayer) -> Self {
+    pub fn with_buffer(mut self, buffer: BufferBodyLayer) -> Self {
         self.buffer = buffer;
         self
     }
@@ -116,7 +116,7 @@ mod tests {
     use tower::{Layer, ServiceExt};
 
     use super::TogetherLayer;
-    use crate::buffer::{BufferLayer, BufferedBody};
+    use crate::body::{BufferBodyLayer, BufferedBody};
     use crate::classify::EndpointClass;
     use crate::limit::{Adaptation, Limits};
     use crate::quota::{GroupQuota, QuotaTable, Rate};
@@ -204,7 +204,7 @@ mod tests {
     async fn a_body_over_the_buffer_limit_is_sent_once() {
         let (inner, log) = client(|_| StatusCode::SERVICE_UNAVAILABLE);
         let layer = TogetherLayer::new(chat_limits(Rate::per_second(100)))
-            .with_buffer(BufferLayer::new().with_limit(8));
+            .with_buffer(BufferBodyLayer::new().with_limit(8));
         let response = layer
             .layer(inner)
             .oneshot(chat(r#"{"model":"a-long-model-name"}"#))

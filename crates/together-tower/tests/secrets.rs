@@ -11,11 +11,13 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::Full;
-use together_tower::buffer::{BufferLayer, BufferedBody, RequestMeta};
+use together_tower::TogetherLayer;
+use together_tower::body::{BufferBodyLayer, BufferedBody, RequestMeta};
 use together_tower::classify::EndpointClass;
+use together_tower::limit::RateLimitLayer;
 use together_tower::limit::{Limits, MaxWait};
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
-use together_tower::{RateLimitLayer, RetryLayer, RetryPolicy, TogetherLayer};
+use together_tower::retry::{RetryLayer, RetryPolicy};
 use tower::{Layer, Service, ServiceExt};
 use tower_test::mock;
 
@@ -153,8 +155,8 @@ async fn each_layer_alone_never_prints_the_key() {
 
     // The buffer layer alone, while it reads a body that has not arrived.
     let (client, _handle) = mock::pair::<Request<BufferedBody<Pending>>, Response<String>>();
-    let mut buffering = BufferLayer::new().layer(client);
-    assert_no_secret("Buffer", &debug(&buffering));
+    let mut buffering = BufferBodyLayer::new().layer(client);
+    assert_no_secret("BufferBody", &debug(&buffering));
     buffering.ready().await.unwrap();
     let mut reading = Box::pin(buffering.call(chat(Pending)));
     assert!(poll_once(&mut reading).is_pending());

@@ -13,14 +13,15 @@ use tower::BoxError;
 use super::MaxWait;
 use super::backend::{Cost, Decision, Limiter};
 use super::bucket::Bucket;
-use super::error::{QueueFull, RateLimited, TooManyBuckets, TooManyTokens};
+use super::error::{QueueFull, RateLimited, SlotsBusy, TooManyBuckets, TooManyTokens};
 use super::feedback::Ticket;
 use super::limits::{Inner, TokenRequest};
 use super::queue::{Lane, Place};
 use super::wait::{Turn, WaitTurn};
-use crate::buffer::RequestMeta;
+use crate::body::RequestMeta;
 use crate::classify::{Classify, EndpointClass};
 use crate::retry::Attempt;
+use crate::telemetry;
 
 /// What the layer decided when the request arrived.
 pub(crate) enum Admission {
@@ -60,7 +61,7 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
             Ok(bucket) => bucket,
             Err(retry_after) => {
                 let full = TooManyBuckets::new(self.settings.max_buckets, retry_after, class);
-                return Admission::Refuse(full.into());
+                return refuse(class, full);
             }
         };
         let cost = Cost {
@@ -89,33 +90,41 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
 
         match self.fast_path(&bucket, cost, max_wait, class) {
             FastPath::Go(permit) => {
-                let ticket = Ticket::new(bucket, cost);
+                telemetry::admitted(class, bucket.model.as_deref());
+                let ticket = Ticket::new(bucket, cost, class);
                 return Admission::Go {
                     permit,
                     ticket: Some(ticket),
                 };
             }
-            FastPath::Refuse(error) => return Admission::Refuse(error),
+            FastPath::Refuse(error) => {
+                telemetry::refused(class, reason(&error), &error);
+                return Admission::Refuse(error);
+            }
             FastPath::Wait => {}
         }
 
         let now = clock.elapsed();
         let estimate = bucket.estimated_wait(now);
         if estimate > max_wait {
-            return Admission::Refuse(RateLimited::new(estimate, class).into());
+            return refuse(class, RateLimited::new(estimate, class));
         }
         let lane = match request.extensions().get::<Attempt>() {
             Some(attempt) if attempt.0 > 0 => Lane::Retry,
             _ => Lane::New,
         };
+        let ahead = bucket.queue_len();
         let Some(place) = Place::take(&bucket, lane, self.settings.max_queue, cost) else {
-            let full = QueueFull::new(self.settings.max_queue, estimate, class);
-            return Admission::Refuse(full.into());
+            return refuse(
+                class,
+                QueueFull::new(self.settings.max_queue, estimate, class),
+            );
         };
+        telemetry::queued(class, bucket.model.as_deref(), ahead, estimate);
         let turn = Turn::new(place, cost, class, now, max_wait);
         Admission::Wait {
             turn: Box::new(turn),
-            ticket: Ticket::new(bucket, cost),
+            ticket: Ticket::new(bucket, cost, class),
         }
     }
 
@@ -159,6 +168,33 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
             ),
             None => FastPath::Wait,
         }
+    }
+}
+
+/// Refuses a request with `error`, and says so.
+fn refuse<E>(class: EndpointClass, error: E) -> Admission
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let error: BoxError = error.into();
+    telemetry::refused(class, reason(&error), &error);
+    Admission::Refuse(error)
+}
+
+/// The label of a refusal, for events and metrics.
+pub(crate) fn reason(error: &BoxError) -> &'static str {
+    if error.is::<RateLimited>() {
+        "rate_limited"
+    } else if error.is::<QueueFull>() {
+        "queue_full"
+    } else if error.is::<TooManyTokens>() {
+        "too_many_tokens"
+    } else if error.is::<TooManyBuckets>() {
+        "too_many_buckets"
+    } else if error.is::<SlotsBusy>() {
+        "slots_busy"
+    } else {
+        "backend"
     }
 }
 

@@ -189,6 +189,9 @@ mod tests {
             fn epoch(&self) -> u64 {
                 0
             }
+            fn model(&self) -> Option<&str> {
+                None
+            }
             fn learn(
                 &self,
                 _: http::StatusCode,

@@ -238,3 +238,158 @@ impl fmt::Display for TooManyBuckets {
 }
 
 impl std::error::Error for TooManyBuckets {}
+
+/// How long a refusal says to wait before trying again, if waiting would help.
+fn retry_after(error: &(dyn std::error::Error + 'static)) -> Option<Duration> {
+    (error
+        .downcast_ref::<RateLimited>()
+        .map(RateLimited::retry_after))
+    .or_else(|| {
+        error
+            .downcast_ref::<QueueFull>()
+            .map(QueueFull::retry_after)
+    })
+    .or_else(|| {
+        error
+            .downcast_ref::<TooManyBuckets>()
+            .map(TooManyBuckets::retry_after)
+    })
+    // A job slot frees when a job ends: no telling when. Suggest what it waited.
+    .or_else(|| error.downcast_ref::<SlotsBusy>().map(SlotsBusy::waited))
+}
+
+/// A refusal of this layer as the HTTP answer a gateway gives its own callers; `None` for any
+/// other error (the request itself failed: answer 502 or as you see fit).
+///
+/// Waiting would help: 429 with `Retry-After` in whole seconds, rounded up, and `retry-after-ms`.
+/// It would not ([`TooManyTokens`]): 400. The body is Together's error shape, so clients of
+/// the gateway read it as they would Together's own.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::BoxError;
+/// use together_tower::limit::error::refusal_response;
+///
+/// # fn refused() -> BoxError { unimplemented!() }
+/// fn answer(error: BoxError) -> http::Response<String> {
+///     refusal_response(&*error).unwrap_or_else(|| {
+///         let mut bad_gateway = http::Response::new(error.to_string());
+///         *bad_gateway.status_mut() = http::StatusCode::BAD_GATEWAY;
+///         bad_gateway
+///     })
+/// }
+/// # let _ = answer;
+/// ```
+pub fn refusal_response(
+    error: &(dyn std::error::Error + Send + Sync + 'static),
+) -> Option<http::Response<String>> {
+    let (status, kind) = if error.is::<TooManyTokens>() {
+        (http::StatusCode::BAD_REQUEST, "invalid_request_error")
+    } else if retry_after(error).is_some() {
+        (http::StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded")
+    } else {
+        return None;
+    };
+    let body = serde_json::json!({
+        "error": {"message": error.to_string(), "type": kind, "param": null, "code": null}
+    });
+    let mut response = http::Response::new(body.to_string());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    if let Some(wait) = retry_after(error).filter(|_| status == http::StatusCode::TOO_MANY_REQUESTS)
+    {
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+        headers.insert(
+            crate::headers::RETRY_AFTER_MS,
+            http::HeaderValue::from(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+        );
+    }
+    Some(response)
+}
+
+/// Turns a refusal of this layer into a boxed `tonic::Status` (`RESOURCE_EXHAUSTED`, or
+/// `INVALID_ARGUMENT` for [`TooManyTokens`]) and leaves any other error as it is. tonic finds a
+/// `Status` in the errors a channel returns, so a generated client's caller gets the refusal
+/// as that code rather than `UNKNOWN`:
+///
+/// ```
+/// use together_tower::client::Tonic;
+/// use together_tower::limit::error::into_status;
+/// use tower::ServiceBuilder;
+/// # use together_tower::{Limits, TogetherLayer};
+/// # let channel = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+/// #     Ok::<_, tonic::Status>(http::Response::new(tonic::body::Body::empty()))
+/// # });
+///
+/// let stack = ServiceBuilder::new()
+///     .map_err(into_status)
+///     .layer(TogetherLayer::new(Limits::default()))
+///     .service(Tonic::new(channel));
+/// # let _ = stack;
+/// ```
+#[cfg(feature = "tonic")]
+pub fn into_status(error: tower::BoxError) -> tower::BoxError {
+    let code = if error.is::<TooManyTokens>() {
+        tonic::Code::InvalidArgument
+    } else if retry_after(&*error).is_some() {
+        tonic::Code::ResourceExhausted
+    } else {
+        return error;
+    };
+    Box::new(tonic::Status::new(code, error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_become_429s_that_say_when_to_come_back() {
+        let limited: tower::BoxError = Box::new(RateLimited::new(
+            Duration::from_millis(1_500),
+            EndpointClass::Chat,
+        ));
+        let response = refusal_response(&*limited).unwrap();
+        assert_eq!(response.status(), http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()["retry-after"], "2");
+        assert_eq!(response.headers()["retry-after-ms"], "1500");
+        let body: serde_json::Value = serde_json::from_str(response.body()).unwrap();
+        assert_eq!(body["error"]["type"], "rate_limit_exceeded");
+
+        let full: tower::BoxError = Box::new(QueueFull::new(
+            8,
+            Duration::from_secs(3),
+            EndpointClass::Chat,
+        ));
+        assert_eq!(
+            refusal_response(&*full).unwrap().headers()["retry-after"],
+            "3"
+        );
+        let too_big: tower::BoxError = Box::new(TooManyTokens::new(9, 8, EndpointClass::Chat));
+        let response = refusal_response(&*too_big).unwrap();
+        assert_eq!(response.status(), http::StatusCode::BAD_REQUEST);
+        assert!(response.headers().get("retry-after").is_none());
+        let other: tower::BoxError = "connection reset".into();
+        assert!(refusal_response(&*other).is_none());
+    }
+
+    #[cfg(feature = "tonic")]
+    #[test]
+    fn refusals_become_statuses_and_other_errors_stay_as_they_are() {
+        let limited: tower::BoxError = Box::new(RateLimited::new(
+            Duration::from_secs(1),
+            EndpointClass::Chat,
+        ));
+        let status = into_status(limited);
+        let status = status.downcast_ref::<tonic::Status>().expect("a Status");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        let other = into_status("connection reset".into());
+        assert!(!other.is::<tonic::Status>());
+        assert_eq!(other.to_string(), "connection reset");
+    }
+}

@@ -12,7 +12,7 @@
 //!   given back whole when the server did not serve the request.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, Response, StatusCode};
 
@@ -20,12 +20,17 @@ use super::adapt::Mode;
 use super::backend::{Cost, Limiter};
 use super::body::TokenCount;
 use super::bucket::Bucket;
+use crate::classify::EndpointClass;
 use crate::headers;
+use crate::telemetry::{self, Closure, RateChange};
 
 /// A bucket learning from answers, with its types erased so futures do not name them.
 pub(crate) trait Feedback: Send + Sync {
     /// Counts cuts and closures; see [`Bucket::epoch`].
     fn epoch(&self) -> u64;
+
+    /// The bucket's model, for groups limited per model.
+    fn model(&self) -> Option<&str>;
 
     /// Reads an answer to a request sent in `sent_epoch` that cost `cost`.
     fn learn(&self, status: StatusCode, headers: &HeaderMap, sent_epoch: u64, cost: Cost);
@@ -34,9 +39,21 @@ pub(crate) trait Feedback: Send + Sync {
     fn correct_tokens(&self, charged: u64, used: u64);
 }
 
+impl<L: Limiter> Bucket<L> {
+    /// Closes the bucket for `pause` from `now`, on the server's word, and says so.
+    fn close_for(&self, now: Duration, pause: Duration, why: Closure) {
+        self.close_until(now.saturating_add(pause));
+        telemetry::closed(self.key, &self.group, self.model.as_deref(), pause, why);
+    }
+}
+
 impl<L: Limiter> Feedback for Bucket<L> {
     fn epoch(&self) -> u64 {
         Bucket::epoch(self)
+    }
+
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 
     fn learn(&self, status: StatusCode, headers: &HeaderMap, sent_epoch: u64, cost: Cost) {
@@ -65,7 +82,7 @@ impl<L: Limiter> Feedback for Bucket<L> {
                 None => Some(context.default_pause),
             };
             if let Some(pause) = pause {
-                self.close_until(now.saturating_add(pause.min(context.max_pause)));
+                self.close_for(now, pause.min(context.max_pause), Closure::Refused);
                 closed = true;
             }
         } else if found.remaining() == Some(0) {
@@ -74,7 +91,7 @@ impl<L: Limiter> Feedback for Bucket<L> {
             // or a window is full. A reset before then is our own pacing, seen from the server.
             if let Some(reset) = found.reset(SystemTime::now()) {
                 if reset > self.earliest_next() {
-                    self.close_until(now.saturating_add(reset.min(context.max_pause)));
+                    self.close_for(now, reset.min(context.max_pause), Closure::UsedUp);
                     closed = true;
                 }
             }
@@ -110,7 +127,24 @@ impl<L: Limiter> Feedback for Bucket<L> {
                     }
                 }
                 if changed || cut {
+                    let before = self.interval();
                     self.apply(&mut rating, now);
+                    let after = self.interval();
+                    if before != after && !after.is_zero() && !before.is_zero() {
+                        let why = if cut {
+                            RateChange::Cut
+                        } else {
+                            RateChange::Stated
+                        };
+                        telemetry::rate_changed(
+                            self.key,
+                            &self.group,
+                            self.model.as_deref(),
+                            1.0 / before.as_secs_f64(),
+                            1.0 / after.as_secs_f64(),
+                            why,
+                        );
+                    }
                 }
                 closed |= cut;
             }
@@ -134,15 +168,21 @@ pub(crate) struct Ticket {
     bucket: Arc<dyn Feedback>,
     cost: Cost,
     epoch: u64,
+    class: EndpointClass,
 }
 
 impl Ticket {
-    pub(crate) fn new<L: Limiter>(bucket: Arc<Bucket<L>>, cost: Cost) -> Self {
+    pub(crate) fn new<L: Limiter>(
+        bucket: Arc<Bucket<L>>,
+        cost: Cost,
+        class: EndpointClass,
+    ) -> Self {
         let epoch = bucket.epoch();
         Self {
             bucket,
             cost,
             epoch,
+            class,
         }
     }
 
@@ -154,6 +194,7 @@ impl Ticket {
     /// Reads the answer; returns what its body must count to correct the token charge, if
     /// anything.
     pub(crate) fn learn<B>(self, response: &Response<B>) -> Option<Box<TokenCount>> {
+        telemetry::answered(self.class, self.bucket.model(), Some(response.status()));
         self.bucket
             .learn(response.status(), response.headers(), self.epoch, self.cost);
         (self.cost.tokens > 0 && response.status().is_success())
@@ -163,6 +204,7 @@ impl Ticket {
     /// The call failed without an answer: the tokens come back. (The request's turn does not:
     /// the request may have reached the server.)
     pub(crate) fn failed(self) {
+        telemetry::answered(self.class, self.bucket.model(), None);
         if self.cost.tokens > 0 {
             self.bucket.correct_tokens(self.cost.tokens, 0);
         }

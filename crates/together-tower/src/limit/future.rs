@@ -10,6 +10,7 @@ use pin_project_lite::pin_project;
 use tokio::sync::OwnedSemaphorePermit;
 use tower::BoxError;
 use tower_service::Service;
+use tracing::Span;
 
 pub use super::body::ResponseBody;
 use super::feedback::Ticket;
@@ -26,6 +27,7 @@ pin_project! {
         // Held until the answer arrives: the concurrency slot of a job-creating call.
         permit: Option<OwnedSemaphorePermit>,
         ticket: Option<Ticket>,
+        span: Span,
     }
 }
 
@@ -77,11 +79,13 @@ where
         future: S::Future,
         permit: Option<OwnedSemaphorePermit>,
         ticket: Option<Ticket>,
+        span: Span,
     ) -> Self {
         Self {
             state: State::Calling { future },
             permit,
             ticket,
+            span,
         }
     }
 
@@ -90,6 +94,7 @@ where
         service: S,
         request: Request<B>,
         ticket: Ticket,
+        span: Span,
     ) -> Self {
         let waiting = Box::new(Waiting {
             turn,
@@ -101,14 +106,16 @@ where
             state: State::Waiting { waiting },
             permit: None,
             ticket: Some(ticket),
+            span,
         }
     }
 
-    pub(crate) fn refused(error: BoxError) -> Self {
+    pub(crate) fn refused(error: BoxError, span: Span) -> Self {
         Self {
             state: State::Refused { error: Some(error) },
             permit: None,
             ticket: None,
+            span,
         }
     }
 }
@@ -122,6 +129,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _entered = this.span.enter();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Refused { error } => {

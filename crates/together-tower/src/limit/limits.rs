@@ -11,7 +11,7 @@ use super::adapt::Adaptation;
 use super::backend::{Limiter, LocalLimiter};
 use super::bucket::{BucketContext, BucketKey};
 use super::map::BucketMap;
-use crate::buffer::RequestMeta;
+use crate::body::RequestMeta;
 use crate::classify::{Classify, EndpointClass, TogetherClassifier};
 use crate::clock::TokioClock;
 use crate::key::{ApiKeyId, KeyHasher};
@@ -103,15 +103,40 @@ impl Default for Settings {
 /// `Limits` have one each. Cloning is cheap (an `Arc`). Nothing about it changes after it is
 /// built, but for what the buckets learn from the server.
 ///
-/// ```
-/// use together_tower::limit::{Limits, RateLimitLayer};
-/// use together_tower::quota::QuotaTable;
+/// Two stacks, each on a client of its own, built from one handle: a request through either
+/// waits in the same bucket, so the key gets its 600 chat requests a minute once, not twice.
 ///
+/// ```
+/// use together_tower::body::BufferedBody;
+/// use together_tower::quota::QuotaTable;
+/// use together_tower::{Limits, ServiceBuilderExt, TogetherLayer};
+/// use tower::{ServiceBuilder, ServiceExt};
+///
+/// # type Body = BufferedBody<String>;
+/// # fn client() -> impl tower::Service<http::Request<Body>, Response = http::Response<String>,
+/// #     Error = std::convert::Infallible, Future = impl Send> + Clone + Send + 'static {
+/// #     tower::service_fn(|_| async { Ok(http::Response::new(String::new())) })
+/// # }
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), tower::BoxError> {
 /// let limits = Limits::new(QuotaTable::together_defaults());
-/// // Both layers wait in the same buckets: one key gets its quota once, not twice.
-/// let for_chat = RateLimitLayer::new(limits.clone());
-/// let for_batch_jobs = RateLimitLayer::new(limits.clone());
-/// # let _ = (for_chat, for_batch_jobs);
+/// let first = ServiceBuilder::new().together(limits.clone()).service(client());
+/// let second = TogetherLayer::new(limits.clone()).layer(client());
+/// # use tower::Layer;
+///
+/// let chat = || {
+///     http::Request::post("https://api.together.xyz/v1/chat/completions")
+///         .header("authorization", "Bearer my-key")
+///         .body(r#"{"model":"m","messages":[]}"#.to_owned())
+/// };
+/// let started = tokio::time::Instant::now();
+/// first.oneshot(chat()?).await?;
+/// second.oneshot(chat()?).await?;
+/// // One bucket, at 10 a second: the second request waited its turn after the first.
+/// assert_eq!(limits.snapshot().len(), 1);
+/// assert!(started.elapsed() >= std::time::Duration::from_millis(95));
+/// # Ok(())
+/// # }
 /// ```
 pub struct Limits<C = TogetherClassifier, L = LocalLimiter>
 where

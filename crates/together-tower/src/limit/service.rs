@@ -9,7 +9,9 @@ use super::admit::Admission;
 use super::backend::{Limiter, LocalLimiter};
 use super::future::{ResponseBody, ResponseFuture};
 use super::limits::Limits;
+use crate::body::RequestMeta;
 use crate::classify::{Classify, TogetherClassifier};
+use crate::retry::Attempt;
 
 /// Makes each request wait its turn in its bucket before it is sent.
 ///
@@ -88,17 +90,27 @@ where
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let inner = &self.limits.inner;
         inner.classifier.hide_credentials(request.headers_mut());
-        match inner.admit(&request) {
+        // One span per attempt; its fields are worked out only if a subscriber wants it.
+        let span = tracing::debug_span!(
+            target: "together_tower",
+            "together_tower",
+            class = %inner.classifier.classify(&request),
+            model = request.extensions().get::<RequestMeta>().and_then(|meta| meta.model.as_deref()),
+            attempt = request.extensions().get::<Attempt>().map_or(0, |attempt| attempt.0),
+        );
+        let admission = span.in_scope(|| inner.admit(&request));
+        match admission {
             Admission::Go { permit, ticket } => {
                 // The inner service is ready (our `poll_ready` is its own), so call it now.
-                ResponseFuture::calling(self.inner.call(request), permit, ticket)
+                let future = span.in_scope(|| self.inner.call(request));
+                ResponseFuture::calling(future, permit, ticket, span)
             }
             Admission::Wait { turn, ticket } => {
                 // A waiting request takes an unready clone, so that it holds none of the inner
                 // service's capacity while it waits; it drives `poll_ready` once its turn comes.
-                ResponseFuture::waiting(turn, self.inner.clone(), request, ticket)
+                ResponseFuture::waiting(turn, self.inner.clone(), request, ticket, span)
             }
-            Admission::Refuse(error) => ResponseFuture::refused(error),
+            Admission::Refuse(error) => ResponseFuture::refused(error, span),
         }
     }
 }

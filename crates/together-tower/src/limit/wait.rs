@@ -5,7 +5,7 @@
 //! for its cost; then it takes its turn. The response future then polls the inner service
 //! ready. If the inner service is not ready at once, the turn is given back and the head keeps
 //! its place while it waits for the service, so that a busy service below the limiter (a
-//! `ConcurrencyLimit`, a `Buffer`) never makes turns pile up and go out in a burst. A wait
+//! `ConcurrencyLimit`, a `BufferBody`) never makes turns pile up and go out in a burst. A wait
 //! that is dropped gives back whatever it took: a place, a slot, a turn.
 
 use std::future::Future;
@@ -23,6 +23,7 @@ use super::bucket::Bucket;
 use super::error::{RateLimited, SlotsBusy, TooManyTokens};
 use super::queue::{Place, Position};
 use crate::classify::EndpointClass;
+use crate::telemetry;
 
 /// A wait for a turn, with the bucket's types erased so the response future does not name them.
 pub(crate) trait WaitTurn: Send {
@@ -93,6 +94,13 @@ impl<L: Limiter> Turn<L> {
         }
     }
 
+    /// Says that the request left the queue, sent or not.
+    fn record_leaving(&self, sent: bool) {
+        let bucket = self.bucket();
+        let waited = bucket.context.clock.elapsed().saturating_sub(self.arrived);
+        telemetry::left_queue(self.class, bucket.model.as_deref(), waited, sent);
+    }
+
     fn bucket(&self) -> &Arc<Bucket<L>> {
         self.place
             .as_ref()
@@ -138,6 +146,84 @@ impl<L: Limiter> Turn<L> {
                 }
                 Poll::Pending
             }
+        }
+    }
+
+    /// Waits for the slot, the head of the queue and the turn (see the module docs).
+    fn poll_turn_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        ready!(self.poll_slot(cx))?;
+        loop {
+            if self.taken {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(sleep) = &mut self.sleep {
+                ready!(sleep.as_mut().poll(cx));
+                self.sleep = None;
+            }
+            let place = self
+                .place
+                .as_ref()
+                .expect("the place is held until the request goes");
+            match place.poll_position(cx) {
+                Poll::Ready(Position::Head) => {}
+                Poll::Ready(Position::Granted) => {
+                    // The head took this request's turn for it.
+                    self.taken = true;
+                    continue;
+                }
+                Poll::Pending => {
+                    if self.poll_deadline(cx).is_ready() {
+                        let now = self.bucket().context.clock.elapsed();
+                        let estimate = self.bucket().estimated_wait(now);
+                        return Poll::Ready(Err(self.too_long(estimate)));
+                    }
+                    return Poll::Pending;
+                }
+            }
+            let bucket = Arc::clone(self.bucket());
+            let now = bucket.context.clock.elapsed();
+            bucket.refresh(now);
+            let wait = match bucket.closed_for(now) {
+                Some(closed) => closed,
+                None if !bucket.has_rate() => {
+                    self.taken = true;
+                    continue;
+                }
+                None => match ready!(self.poll_decision(cx, now))? {
+                    Decision::Allow => {
+                        self.taken = true;
+                        continue;
+                    }
+                    Decision::Wait(wait) => wait,
+                    Decision::WaitForTokens { request, tokens } => {
+                        let deadline = *self
+                            .patience_until
+                            .get_or_insert_with(|| now.saturating_add(tokens.saturating_mul(2)));
+                        if request.is_zero() {
+                            self.let_small_ones_pass(&bucket, now, tokens, deadline)
+                        } else {
+                            // Others need a request turn too: look again when it is due.
+                            request
+                        }
+                    }
+                    Decision::TooLarge => {
+                        let capacity = bucket.token_capacity().unwrap_or(0);
+                        return Poll::Ready(Err(TooManyTokens::new(
+                            self.cost.tokens,
+                            capacity,
+                            self.class,
+                        )
+                        .into()));
+                    }
+                },
+            };
+            let until = now.saturating_add(wait);
+            bucket.next_turn_at(until);
+            if until > self.deadline {
+                return Poll::Ready(Err(self.too_long(wait)));
+            }
+            let at = bucket.context.clock.instant_at(until);
+            self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
         }
     }
 
@@ -222,80 +308,11 @@ impl<L: Limiter> Turn<L> {
 
 impl<L: Limiter> WaitTurn for Turn<L> {
     fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        ready!(self.poll_slot(cx))?;
-        loop {
-            if self.taken {
-                return Poll::Ready(Ok(()));
-            }
-            if let Some(sleep) = &mut self.sleep {
-                ready!(sleep.as_mut().poll(cx));
-                self.sleep = None;
-            }
-            let place = self
-                .place
-                .as_ref()
-                .expect("the place is held until the request goes");
-            match place.poll_position(cx) {
-                Poll::Ready(Position::Head) => {}
-                Poll::Ready(Position::Granted) => {
-                    // The head took this request's turn for it.
-                    self.taken = true;
-                    continue;
-                }
-                Poll::Pending => {
-                    if self.poll_deadline(cx).is_ready() {
-                        let now = self.bucket().context.clock.elapsed();
-                        let estimate = self.bucket().estimated_wait(now);
-                        return Poll::Ready(Err(self.too_long(estimate)));
-                    }
-                    return Poll::Pending;
-                }
-            }
-            let bucket = Arc::clone(self.bucket());
-            let now = bucket.context.clock.elapsed();
-            bucket.refresh(now);
-            let wait = match bucket.closed_for(now) {
-                Some(closed) => closed,
-                None if !bucket.has_rate() => {
-                    self.taken = true;
-                    continue;
-                }
-                None => match ready!(self.poll_decision(cx, now))? {
-                    Decision::Allow => {
-                        self.taken = true;
-                        continue;
-                    }
-                    Decision::Wait(wait) => wait,
-                    Decision::WaitForTokens { request, tokens } => {
-                        let deadline = *self
-                            .patience_until
-                            .get_or_insert_with(|| now.saturating_add(tokens.saturating_mul(2)));
-                        if request.is_zero() {
-                            self.let_small_ones_pass(&bucket, now, tokens, deadline)
-                        } else {
-                            // Others need a request turn too: look again when it is due.
-                            request
-                        }
-                    }
-                    Decision::TooLarge => {
-                        let capacity = bucket.token_capacity().unwrap_or(0);
-                        return Poll::Ready(Err(TooManyTokens::new(
-                            self.cost.tokens,
-                            capacity,
-                            self.class,
-                        )
-                        .into()));
-                    }
-                },
-            };
-            let until = now.saturating_add(wait);
-            bucket.next_turn_at(until);
-            if until > self.deadline {
-                return Poll::Ready(Err(self.too_long(wait)));
-            }
-            let at = bucket.context.clock.instant_at(until);
-            self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+        let result = ready!(self.poll_turn_inner(cx));
+        if let Err(error) = &result {
+            telemetry::refused(self.class, super::admit::reason(error), error);
         }
+        Poll::Ready(result)
     }
 
     fn give_back(&mut self) {
@@ -316,6 +333,7 @@ impl<L: Limiter> WaitTurn for Turn<L> {
     fn leave(&mut self) -> Option<OwnedSemaphorePermit> {
         // The turn is used: nothing to give back.
         self.taken = false;
+        self.record_leaving(true);
         self.place = None;
         match std::mem::replace(&mut self.slot, Slot::None) {
             Slot::Held(permit) => Some(permit),
@@ -326,9 +344,11 @@ impl<L: Limiter> WaitTurn for Turn<L> {
 
 impl<L: Limiter> Drop for Turn<L> {
     fn drop(&mut self) {
-        // Dropped between taking the turn and sending: the turn was never used.
+        // Dropped while still in the queue (given up, refused, or between taking the turn and
+        // sending): whatever was taken was never used.
         if self.place.is_some() {
             self.give_back();
+            self.record_leaving(false);
         }
     }
 }

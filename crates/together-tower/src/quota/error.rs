@@ -25,18 +25,18 @@ pub(super) enum Problem {
     NoLimit,
     UnknownGroup(EndpointClass),
     TooManyGroups(usize),
-    #[cfg_attr(not(feature = "serde"), allow(dead_code))]
+    #[cfg_attr(not(feature = "toml"), allow(dead_code))]
     TooLarge {
         bytes: usize,
         max: usize,
     },
-    #[cfg_attr(not(feature = "serde"), allow(dead_code))]
+    #[cfg_attr(not(feature = "toml"), allow(dead_code))]
     UnknownClass(String),
-    #[cfg_attr(not(feature = "serde"), allow(dead_code))]
+    #[cfg_attr(not(feature = "toml"), allow(dead_code))]
     InvalidRate(String),
-    #[cfg_attr(not(feature = "serde"), allow(dead_code))]
+    #[cfg_attr(not(feature = "toml"), allow(dead_code))]
     UnknownPreset(String),
-    #[cfg_attr(not(feature = "serde"), allow(dead_code))]
+    #[cfg_attr(not(feature = "toml"), allow(dead_code))]
     Syntax(String),
 }
 

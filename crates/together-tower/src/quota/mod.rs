@@ -1,6 +1,6 @@
 //! Quota tables: which endpoint classes share a limit, and what the limit is.
 //!
-//! A [`QuotaTable`] maps each [`EndpointClass`] to a quota group (chat and completions share
+//! A [`QuotaTable`] maps each [`EndpointClass`](crate::classify::EndpointClass) to a quota group (chat and completions share
 //! one in the defaults) and each group to its limits: a request [`Rate`] (a GCRA quota: so many
 //! requests per period, with a burst), a number of concurrent calls, or both. Classes that map
 //! to no group are not limited.
@@ -29,7 +29,7 @@
 //!
 //! With the `serde` feature a table also loads from TOML (see [`QuotaTable::from_toml`]).
 mod error;
-#[cfg(feature = "serde")]
+#[cfg(feature = "toml")]
 mod file;
 mod rate;
 mod table;
@@ -137,7 +137,7 @@ mod tests {
         assert!(build(GroupQuota::concurrency(0)).contains("concurrency is 0"));
         let tolerant = Rate::per_second(10).with_tolerance(Duration::from_millis(100));
         assert!(build(GroupQuota::rate(tolerant)).contains("not below one interval"));
-        #[cfg(feature = "serde")]
+        #[cfg(feature = "toml")]
         assert!(
             QuotaTable::from_toml("[groups.g]\nburst = 2")
                 .unwrap_err()
@@ -234,7 +234,7 @@ mod tests {
         assert_eq!(exact.refill_time(), Duration::from_millis(100));
     }
 
-    #[cfg(feature = "serde")]
+    #[cfg(feature = "toml")]
     mod toml_files {
         use super::*;
 

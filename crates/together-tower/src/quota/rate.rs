@@ -160,7 +160,7 @@ impl Rate {
     }
 
     /// `N/s`, `N/min` or `N/h` (also `sec`, `second`, `m`, `minute`, `hour`).
-    #[cfg_attr(not(feature = "serde"), allow(dead_code))]
+    #[cfg_attr(not(feature = "toml"), allow(dead_code))]
     pub(super) fn parse(text: &str) -> Option<Rate> {
         let (count, unit) = text.split_once('/')?;
         let amount = count.trim().parse().ok()?;

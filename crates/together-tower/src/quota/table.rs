@@ -259,7 +259,7 @@ impl QuotaTable {
     ///
     /// A file larger than 1 MiB, or with more than [`MAX_GROUPS`] groups, is refused before
     /// any group is built.
-    #[cfg(feature = "serde")]
+    #[cfg(feature = "toml")]
     pub fn from_toml(text: &str) -> Result<Self, QuotaError> {
         super::file::load(text)
     }

@@ -6,7 +6,7 @@
 //! [`RetryPolicy`] for the rules.
 //!
 //! Put it outside [`RateLimitLayer`](crate::limit::RateLimitLayer), so every attempt waits its
-//! turn again, and inside [`BufferLayer`](crate::buffer::BufferLayer), so the body can be sent
+//! turn again, and inside [`BufferBodyLayer`](crate::body::BufferBodyLayer), so the body can be sent
 //! again. [`TogetherLayer`](crate::TogetherLayer) composes the three in that order. The inner
 //! service's error must be a [`BoxError`](tower::BoxError), as the rate limit layer's is.
 //!

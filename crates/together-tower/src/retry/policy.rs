@@ -10,9 +10,10 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::rng::{HasherRng, Rng};
 
 use super::delivery::Delivery;
-use crate::buffer::BufferedBody;
+use crate::body::BufferedBody;
 use crate::classify::{Classify, EndpointClass, TogetherClassifier};
 use crate::headers;
+use crate::telemetry;
 
 /// `x-should-retry`: the server's own word on whether a retry may help (`true` or `false`).
 pub const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
@@ -190,6 +191,11 @@ impl<C> RetryPolicy<C> {
         &self.classifier
     }
 
+    /// How many more times this request may be retried.
+    fn retries_left(&self) -> u32 {
+        self.settings.max_retries.saturating_sub(self.retries)
+    }
+
     /// The delay before retry number `attempt` (0-based) without a server hint.
     fn backoff(&mut self, attempt: u32) -> Duration {
         let ceiling = self
@@ -214,6 +220,8 @@ enum Verdict {
     /// Retry after the server's hint if it gave one, else after backoff.
     Retry {
         hint: Option<Duration>,
+        /// What made it worth trying again, for events and metrics.
+        reason: &'static str,
     },
     /// Retry after a fixed delay, until a deadline of its own (a 409 job-slot wait).
     RetryFixed(JobSlotWait),
@@ -229,25 +237,46 @@ impl<C> RetryPolicy<C> {
         let hint = || headers::retry_hint(headers, SystemTime::now());
         match should_retry(headers) {
             Some(false) => return Verdict::Done,
-            Some(true) if !status.is_success() => return Verdict::Retry { hint: hint() },
+            Some(true) if !status.is_success() => {
+                return Verdict::Retry {
+                    hint: hint(),
+                    reason: "x-should-retry",
+                };
+            }
             _ => {}
         }
         match status.as_u16() {
-            429 => Verdict::Retry { hint: hint() },
+            429 => Verdict::Retry {
+                hint: hint(),
+                reason: "429",
+            },
             409 if class == EndpointClass::FineTuneCreate => self
                 .settings
                 .job_slot_wait
                 .map_or(Verdict::Done, Verdict::RetryFixed),
-            408 | 500 | 502 | 503 | 504 if !class.creates_job() => Verdict::Retry { hint: hint() },
+            503 if !class.creates_job() => Verdict::Retry {
+                hint: hint(),
+                reason: "503",
+            },
+            408 | 500 | 502 | 504 if !class.creates_job() => Verdict::Retry {
+                hint: hint(),
+                reason: "5xx",
+            },
             _ => Verdict::Done,
         }
     }
 
     fn judge_error(&self, class: EndpointClass, error: &BoxError) -> Verdict {
         match Delivery::of(error) {
-            Delivery::NotSent => Verdict::Retry { hint: None },
+            Delivery::NotSent => Verdict::Retry {
+                hint: None,
+                reason: "not sent",
+            },
             // The server may have read it: a job create may have created its job.
-            Delivery::MaybeSent if !class.creates_job() => Verdict::Retry { hint: None },
+            Delivery::MaybeSent if !class.creates_job() => Verdict::Retry {
+                hint: None,
+                reason: "connection",
+            },
             Delivery::MaybeSent | Delivery::Final => Verdict::Done,
         }
     }
@@ -283,30 +312,48 @@ where
         }
         // Only a request that may be retried reads the clock.
         let elapsed = self.started.get_or_insert_with(Instant::now).elapsed();
-        let delay = match verdict {
+        let (delay, reason) = match verdict {
             Verdict::Done => return None,
-            Verdict::Retry { hint: Some(hint) } if hint > self.settings.max_hint => return None,
-            Verdict::Retry { hint: Some(hint) } => self.jittered(hint),
-            Verdict::Retry { hint: None } => self.backoff(self.retries),
+            Verdict::Retry {
+                hint: Some(hint), ..
+            } if hint > self.settings.max_hint => {
+                telemetry::gave_up(class, self.tries + 1, "hint_too_long");
+                return None;
+            }
+            Verdict::Retry {
+                hint: Some(hint),
+                reason,
+            } => (self.jittered(hint), reason),
+            Verdict::Retry { hint: None, reason } => (self.backoff(self.retries), reason),
             Verdict::RetryFixed(wait) => {
                 // A job-slot wait has its own deadline and does not count against the others.
                 if elapsed.saturating_add(wait.delay) > wait.deadline {
+                    telemetry::gave_up(class, self.tries + 1, "job_slot_deadline");
                     return None;
                 }
                 self.tries += 1;
                 request.extensions_mut().insert(Attempt(self.tries));
+                telemetry::retrying(class, self.tries, "409", wait.delay, self.retries_left());
                 return Some(tokio::time::sleep(wait.delay));
             }
         };
-        if self.retries >= self.settings.max_retries
-            || elapsed.saturating_add(delay) > self.settings.max_elapsed
-            || !self.budget.withdraw()
-        {
+        let refusal = if self.retries >= self.settings.max_retries {
+            Some("max_retries")
+        } else if elapsed.saturating_add(delay) > self.settings.max_elapsed {
+            Some("max_elapsed")
+        } else if !self.budget.withdraw() {
+            Some("budget")
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            telemetry::gave_up(class, self.tries + 1, refusal);
             return None;
         }
         self.retries += 1;
         self.tries += 1;
         request.extensions_mut().insert(Attempt(self.tries));
+        telemetry::retrying(class, self.tries, reason, delay, self.retries_left());
         Some(tokio::time::sleep(delay))
     }
 

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
 use super::{Arrivals, CHAT, chat_requests, ok, recorder, request, table};
-use crate::buffer::RequestMeta;
+use crate::body::RequestMeta;
 use crate::classify::EndpointClass;
 use crate::limit::{Adaptation, Limits, RateLimitLayer};
 use crate::quota::{GroupQuota, QuotaTable, Rate};

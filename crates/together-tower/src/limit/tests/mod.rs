@@ -704,7 +704,7 @@ async fn the_pacing_tolerance_wakes_waiters_early_so_late_timers_keep_the_schedu
 /// Hardening: a waiter whose caller gives up while the inner service is busy takes nothing.
 #[tokio::test(start_paused = true)]
 async fn a_waiter_dropped_while_the_inner_service_is_busy_takes_no_turn() {
-    // One call in flight at a time below the limiter, as a tower ConcurrencyLimit or Buffer
+    // One call in flight at a time below the limiter, as a tower ConcurrencyLimit or BufferBody
     // would allow; the mock holds each call until the test answers it.
     let (mock, mut handle) = mock::pair::<Request<String>, Response<String>>();
     let busy = tower::limit::ConcurrencyLimit::new(mock, 1);

@@ -7,7 +7,7 @@ use http_body_util::BodyExt;
 use tower::{Layer, ServiceExt};
 
 use super::{Arrivals, CHAT, recorder, request};
-use crate::buffer::RequestMeta;
+use crate::body::RequestMeta;
 use crate::classify::EndpointClass;
 use crate::limit::error::TooManyTokens;
 use crate::limit::{Adaptation, Limits, RateLimitLayer, TokenRequest};

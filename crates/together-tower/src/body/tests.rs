@@ -12,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, ServiceExt};
 
-use super::{BodyNotBuffered, BufferLayer, BufferedBody, RequestMeta};
+use super::{BodyNotBuffered, BufferBodyLayer, BufferedBody, RequestMeta};
 
 /// A body that arrives in chunks, with optional trailers and an optional size it admits to.
 struct Chunks {
@@ -95,7 +95,7 @@ where
             Ok::<_, tower::BoxError>(Response::new(()))
         }
     });
-    let service = BufferLayer::new().with_limit(limit).layer(inner);
+    let service = BufferBodyLayer::new().with_limit(limit).layer(inner);
     let request = Request::post("/v1/embeddings").body(body).unwrap();
     service.oneshot(request).await.unwrap();
     seen.lock().unwrap().clone()

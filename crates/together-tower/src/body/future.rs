@@ -1,4 +1,4 @@
-//! The response future of [`Buffer`](super::Buffer).
+//! The response future of [`BufferBody`](super::BufferBody).
 
 use std::fmt;
 use std::future::Future;

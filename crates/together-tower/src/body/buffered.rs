@@ -6,7 +6,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use tower::BoxError;
 
-/// A request body after [`BufferLayer`](super::BufferLayer): either buffered whole (cheap to
+/// A request body after [`BufferBodyLayer`](super::BufferBodyLayer): either buffered whole (cheap to
 /// clone, so the request can be sent again) or, when it was over the limit, the part already
 /// read followed by the rest of the original stream.
 #[derive(Debug)]

@@ -3,7 +3,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 
-/// What [`BufferLayer`](super::BufferLayer) read from a JSON request body, as a request
+/// What [`BufferBodyLayer`](super::BufferBodyLayer) read from a JSON request body, as a request
 /// extension: the fields later layers decide by.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -19,7 +19,9 @@ pub struct RequestMeta {
 }
 
 impl RequestMeta {
-    /// Reads the fields from a JSON object; `None` if the body is not a JSON object.
+    /// Reads the fields from a JSON object; `None` if the body is not a JSON object, or not one
+    /// serde_json can read (it refuses numbers beyond `f64`'s range, such as `1e400`). A field
+    /// of the wrong type counts as not given.
     pub fn from_json(body: &[u8]) -> Option<Self> {
         let first = body.iter().find(|byte| !byte.is_ascii_whitespace())?;
         if *first != b'{' {

@@ -1,6 +1,6 @@
 //! Reading a request body once, so it can be sent again and its JSON read.
 //!
-//! [`BufferLayer`] collects the request body, up to a limit, into a [`BufferedBody`] that is
+//! [`BufferBodyLayer`] collects the request body, up to a limit, into a [`BufferedBody`] that is
 //! cheap to clone, so the retry layer can send the request again. While it holds the bytes it
 //! reads the few JSON fields later layers decide by (`model`, `max_tokens`, the number of
 //! `input` items) into a [`RequestMeta`] request extension.
@@ -16,7 +16,7 @@
 //! use http_body_util::Full;
 //! use bytes::Bytes;
 //! use tower::{Service, ServiceBuilder, ServiceExt};
-//! use together_tower::buffer::{BufferLayer, BufferedBody, RequestMeta};
+//! use together_tower::body::{BufferBodyLayer, BufferedBody, RequestMeta};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower::BoxError> {
@@ -24,7 +24,7 @@
 //!     let meta = request.extensions().get::<RequestMeta>().cloned().unwrap_or_default();
 //!     Ok::<_, tower::BoxError>(Response::new(meta.model.unwrap_or_default()))
 //! });
-//! let mut together = ServiceBuilder::new().layer(BufferLayer::new()).service(client);
+//! let mut together = ServiceBuilder::new().layer(BufferBodyLayer::new()).service(client);
 //!
 //! let body = Full::new(Bytes::from_static(br#"{"model":"m-1","messages":[]}"#));
 //! let request = Request::post("/v1/chat/completions").body(body)?;
@@ -34,7 +34,7 @@
 //! # }
 //! ```
 
-mod body;
+mod buffered;
 pub mod future;
 mod meta;
 
@@ -46,7 +46,7 @@ use tower::BoxError;
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use self::body::BufferedBody;
+pub use self::buffered::BufferedBody;
 pub use self::meta::RequestMeta;
 
 /// A request extension that marks a request whose body was too large to buffer: it streams
@@ -54,15 +54,15 @@ pub use self::meta::RequestMeta;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BodyNotBuffered;
 
-/// Applies [`Buffer`]: buffers request bodies up to a size (default 4 MiB) and reads their
+/// Applies [`BufferBody`]: buffers request bodies up to a size (default 4 MiB) and reads their
 /// [`RequestMeta`].
 #[derive(Debug, Clone, Copy)]
 #[must_use]
-pub struct BufferLayer {
+pub struct BufferBodyLayer {
     limit: usize,
 }
 
-impl BufferLayer {
+impl BufferBodyLayer {
     /// The default limit: 4 MiB, well above any chat or embeddings request.
     pub const DEFAULT_LIMIT: usize = 4 * 1024 * 1024;
 
@@ -80,17 +80,17 @@ impl BufferLayer {
     }
 }
 
-impl Default for BufferLayer {
+impl Default for BufferBodyLayer {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<S> Layer<S> for BufferLayer {
-    type Service = Buffer<S>;
+impl<S> Layer<S> for BufferBodyLayer {
+    type Service = BufferBody<S>;
 
-    fn layer(&self, inner: S) -> Buffer<S> {
-        Buffer {
+    fn layer(&self, inner: S) -> BufferBody<S> {
+        BufferBody {
             inner,
             limit: self.limit,
         }
@@ -99,12 +99,12 @@ impl<S> Layer<S> for BufferLayer {
 
 /// Buffers each request's body (see the [module docs](self)) before it calls the inner service.
 #[derive(Debug, Clone)]
-pub struct Buffer<S> {
+pub struct BufferBody<S> {
     inner: S,
     limit: usize,
 }
 
-impl<S> Buffer<S> {
+impl<S> BufferBody<S> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -121,7 +121,7 @@ impl<S> Buffer<S> {
     }
 }
 
-impl<S, B> Service<Request<B>> for Buffer<S>
+impl<S, B> Service<Request<B>> for BufferBody<S>
 where
     S: Service<Request<BufferedBody<B>>> + Clone,
     S::Error: Into<BoxError>,

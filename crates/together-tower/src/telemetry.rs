@@ -1,0 +1,222 @@
+//! What the stack tells the outside world: `tracing` events and, with the `metrics` feature,
+//! metrics on the `metrics` facade. One function per thing that happens, so the layers' logic
+//! reads without it.
+//!
+//! No key ever appears: events name a caller by its fingerprint (`key`), and metrics carry no
+//! caller at all. Metric labels are bounded: the endpoint class (13 values), the quota group,
+//! the model (at most [`MODEL_LABELS`] distinct names per process, then `"other"`), and a
+//! coarse status. The events and metrics are listed in the crate docs, for users.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::classify::EndpointClass;
+use crate::key::ApiKeyId;
+
+/// The most distinct model names that become metric labels; later ones are `"other"`.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) const MODEL_LABELS: usize = 64;
+
+/// Why a bucket was closed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Closure {
+    /// A 429, for its hint (or the default pause).
+    Refused,
+    /// `x-ratelimit-remaining: 0`, until the reset.
+    UsedUp,
+}
+
+/// Why a rate changed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RateChange {
+    /// The server stated a limit.
+    Stated,
+    /// A 429 or 503 the pace did not expect.
+    Cut,
+}
+
+/// A request the limiter refused itself.
+pub(crate) fn refused(class: EndpointClass, reason: &'static str, error: &dyn std::fmt::Display) {
+    tracing::debug!(target: "together_tower", class = %class, reason, %error, "refused before sending");
+    #[cfg(feature = "metrics")]
+    metrics::counter!("together_tower_refused_total", "class" => class.as_str(), "reason" => reason)
+        .increment(1);
+}
+
+/// A request queued for its turn behind `ahead` others.
+pub(crate) fn queued(class: EndpointClass, model: Option<&str>, ahead: usize, estimate: Duration) {
+    tracing::debug!(
+        target: "together_tower",
+        class = %class,
+        model,
+        position = ahead,
+        expected_wait_ms = estimate.as_millis() as u64,
+        "waiting for a turn"
+    );
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("together_tower_waiting", "class" => class.as_str(), "model" => model_label(model))
+        .increment(1.0);
+}
+
+/// A queued request left the queue: its turn came (`sent`) or it gave up.
+pub(crate) fn left_queue(class: EndpointClass, model: Option<&str>, waited: Duration, sent: bool) {
+    let waited_ms = waited.as_millis() as u64;
+    if sent {
+        tracing::debug!(target: "together_tower", class = %class, model, waited_ms, "turn taken");
+    } else {
+        tracing::debug!(target: "together_tower", class = %class, model, waited_ms, "gave up its place");
+    }
+    #[cfg(feature = "metrics")]
+    {
+        let model = model_label(model);
+        metrics::gauge!("together_tower_waiting", "class" => class.as_str(), "model" => model.clone())
+            .decrement(1.0);
+        if sent {
+            metrics::counter!("together_tower_requests_total", "class" => class.as_str(), "model" => model)
+                .increment(1);
+            metrics::histogram!("together_tower_wait_seconds", "class" => class.as_str())
+                .record(waited.as_secs_f64());
+        }
+    }
+}
+
+/// A request admitted at once, without waiting.
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn admitted(class: EndpointClass, model: Option<&str>) {
+    #[cfg(feature = "metrics")]
+    {
+        metrics::counter!("together_tower_requests_total", "class" => class.as_str(), "model" => model_label(model))
+            .increment(1);
+        metrics::histogram!("together_tower_wait_seconds", "class" => class.as_str()).record(0.0);
+    }
+}
+
+/// The answer to a request, as far as the limiter cares.
+pub(crate) fn answered(class: EndpointClass, model: Option<&str>, status: Option<StatusCode>) {
+    let status = match status.map(|status| status.as_u16()) {
+        Some(200..=299) => "2xx",
+        Some(429) => "429",
+        Some(503) => "503",
+        Some(400..=499) => "4xx",
+        Some(_) => "5xx",
+        None => "error",
+    };
+    if matches!(status, "429" | "503") {
+        tracing::debug!(target: "together_tower", class = %class, model, status, "the server refused");
+    }
+    #[cfg(feature = "metrics")]
+    metrics::counter!(
+        "together_tower_answers_total",
+        "class" => class.as_str(), "model" => model_label(model), "status" => status
+    )
+    .increment(1);
+}
+
+/// The server's word closed a bucket.
+pub(crate) fn closed(
+    key: ApiKeyId,
+    group: &str,
+    model: Option<&str>,
+    pause: Duration,
+    why: Closure,
+) {
+    let reason = match why {
+        Closure::Refused => "429",
+        Closure::UsedUp => "x-ratelimit-remaining: 0",
+    };
+    tracing::info!(
+        target: "together_tower",
+        key = %key,
+        group,
+        model,
+        pause_ms = pause.as_millis() as u64,
+        reason,
+        "bucket closed by the server"
+    );
+}
+
+/// A bucket's request rate changed.
+pub(crate) fn rate_changed(
+    key: ApiKeyId,
+    group: &str,
+    model: Option<&str>,
+    from: f64,
+    to: f64,
+    why: RateChange,
+) {
+    let reason = match why {
+        RateChange::Stated => "stated limit",
+        RateChange::Cut => "unexpected refusal",
+    };
+    tracing::info!(
+        target: "together_tower",
+        key = %key,
+        group,
+        model,
+        from_per_second = from,
+        to_per_second = to,
+        reason,
+        "rate changed"
+    );
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("together_tower_rate_per_second", "group" => group.to_owned(), "model" => model_label(model))
+        .set(to);
+}
+
+/// The retry layer sends a request again, after `delay`; the shared budget had room for it,
+/// and this request may be retried `retries_left` more times.
+pub(crate) fn retrying(
+    class: EndpointClass,
+    attempt: u32,
+    reason: &'static str,
+    delay: Duration,
+    retries_left: u32,
+) {
+    tracing::info!(
+        target: "together_tower",
+        class = %class,
+        attempt,
+        reason,
+        delay_ms = delay.as_millis() as u64,
+        retries_left,
+        "retrying"
+    );
+    #[cfg(feature = "metrics")]
+    metrics::counter!("together_tower_retries_total", "class" => class.as_str(), "reason" => reason)
+        .increment(1);
+}
+
+/// The retry layer hands an answer or error back without retrying, though the answer was one
+/// it retries.
+pub(crate) fn gave_up(class: EndpointClass, attempts: u32, reason: &'static str) {
+    tracing::info!(target: "together_tower", class = %class, attempts, reason, "giving up");
+    #[cfg(feature = "metrics")]
+    metrics::counter!("together_tower_retries_refused_total", "class" => class.as_str(), "reason" => reason)
+        .increment(1);
+}
+
+/// A model name as a metric label: the name itself for the first [`MODEL_LABELS`] names seen,
+/// `"other"` after that, `"none"` without one.
+#[cfg(feature = "metrics")]
+fn model_label(model: Option<&str>) -> String {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock, PoisonError};
+
+    static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let Some(model) = model else {
+        return "none".to_owned();
+    };
+    let mut seen = SEEN
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if seen.contains(model) {
+        return model.to_owned();
+    }
+    if seen.len() < MODEL_LABELS {
+        seen.insert(model.to_owned());
+        return model.to_owned();
+    }
+    "other".to_owned()
+}
