@@ -16,6 +16,11 @@ use tower::{Layer, ServiceExt};
 
 const SECRET: &str = "TelemetryCanary4Rt9Xq2Lm";
 
+/// The tests run one at a time: tracing caches, per call site, whether anyone listens, and a
+/// test running the stack on another thread with no subscriber can leave a site silent for the
+/// test that captures events.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 fn assert_no_secret(what: &str, text: &str) {
     for start in 0..=SECRET.len() - 6 {
         let piece = &SECRET[start..start + 6];
@@ -88,6 +93,9 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn the_events_of_a_429_and_a_retry_name_no_key() {
+    let _alone = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -121,6 +129,9 @@ fn the_events_of_a_429_and_a_retry_name_no_key() {
 
 #[test]
 fn the_metrics_of_a_429_and_a_retry_have_bounded_labels_and_no_key() {
+    let _alone = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     metrics::with_local_recorder(&recorder, || {

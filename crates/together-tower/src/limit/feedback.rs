@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, Response, StatusCode};
+use http::{HeaderMap, StatusCode};
 
 use super::adapt::Mode;
 use super::backend::{Cost, Limiter};
@@ -193,11 +193,10 @@ impl Ticket {
 
     /// Reads the answer; returns what its body must count to correct the token charge, if
     /// anything.
-    pub(crate) fn learn<B>(self, response: &Response<B>) -> Option<Box<TokenCount>> {
-        telemetry::answered(self.class, self.bucket.model(), Some(response.status()));
-        self.bucket
-            .learn(response.status(), response.headers(), self.epoch, self.cost);
-        (self.cost.tokens > 0 && response.status().is_success())
+    pub(crate) fn learn(self, status: StatusCode, headers: &HeaderMap) -> Option<Box<TokenCount>> {
+        telemetry::answered(self.class, self.bucket.model(), Some(status));
+        self.bucket.learn(status, headers, self.epoch, self.cost);
+        (self.cost.tokens > 0 && status.is_success())
             .then(|| TokenCount::new(self.bucket, self.cost.tokens))
     }
 

@@ -179,18 +179,22 @@ where
                     let result = ready!(future.poll(cx));
                     this.permit.take();
                     let ticket = this.ticket.take();
-                    return Poll::Ready(match result {
-                        Ok(response) => {
-                            let counting = ticket.and_then(|ticket| ticket.learn(&response));
-                            Ok(response.map(|body| ResponseBody::new(body, counting)))
-                        }
+                    // Taken apart in place: responses can be large, and each move is a copy.
+                    let (head, body) = match result {
+                        Ok(response) => response.into_parts(),
                         Err(error) => {
                             if let Some(ticket) = ticket {
                                 ticket.failed();
                             }
-                            Err(error.into())
+                            return Poll::Ready(Err(error.into()));
                         }
-                    });
+                    };
+                    let counting =
+                        ticket.and_then(|ticket| ticket.learn(head.status, &head.headers));
+                    return Poll::Ready(Ok(Response::from_parts(
+                        head,
+                        ResponseBody::new(body, counting),
+                    )));
                 }
             }
         }

@@ -98,19 +98,26 @@ where
             model = request.extensions().get::<RequestMeta>().and_then(|meta| meta.model.as_deref()),
             attempt = request.extensions().get::<Attempt>().map_or(0, |attempt| attempt.0),
         );
-        let admission = span.in_scope(|| inner.admit(&request));
+        // Entered by guard rather than `in_scope`: a closure would move the request once more.
+        let entered = span.enter();
+        let admission = inner.admit(&request);
         match admission {
+            // The inner service is ready (our `poll_ready` is its own), so call it now.
             Admission::Go { permit, ticket } => {
-                // The inner service is ready (our `poll_ready` is its own), so call it now.
-                let future = span.in_scope(|| self.inner.call(request));
+                let future = self.inner.call(request);
+                drop(entered);
                 ResponseFuture::calling(future, permit, ticket, span)
             }
+            // A waiting request takes an unready clone, so that it holds none of the inner
+            // service's capacity while it waits; it drives `poll_ready` once its turn comes.
             Admission::Wait { turn, ticket } => {
-                // A waiting request takes an unready clone, so that it holds none of the inner
-                // service's capacity while it waits; it drives `poll_ready` once its turn comes.
+                drop(entered);
                 ResponseFuture::waiting(turn, self.inner.clone(), request, ticket, span)
             }
-            Admission::Refuse(error) => ResponseFuture::refused(error, span),
+            Admission::Refuse(error) => {
+                drop(entered);
+                ResponseFuture::refused(error, span)
+            }
         }
     }
 }
