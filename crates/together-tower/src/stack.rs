@@ -21,6 +21,23 @@ pub type TogetherService<S, C = TogetherClassifier, L = LocalLimiter> =
 /// retries included, waits its turn in the rate limiter; the retry layer sees every answer and
 /// the limiter learns from each 429.
 ///
+/// # The client's body type
+///
+/// The client below the stack receives `http::Request<BufferedBody<B>>`, where `B` is the
+/// caller's body type. If the compiler says the client does not implement `Service` for that
+/// request, the client wants a body type of its own:
+///
+/// | client | put below the stack |
+/// |---|---|
+/// | hyper-util `Client` | the client itself, built with `.build_http::<BufferedBody<B>>()` |
+/// | reqwest | [`client::Reqwest::new(client)`](crate::client) (feature `reqwest`) |
+/// | tonic `Channel` | [`client::Tonic::new(channel)`](crate::client) (feature `tonic`) |
+/// | async-openai | the reqwest stack, through [`client::async_openai::http_service`](crate::client) |
+/// | anything else | `.map_request(\|request: http::Request<_>\| request.map(YourBody::new))` |
+///
+/// Give [`Limits`] a classifier of your own ([`LimitsBuilder::classifier`](crate::limit::LimitsBuilder::classifier))
+/// when the client does not call Together's HTTP paths: a gRPC service, or a gateway of your own.
+///
 /// # Example
 ///
 /// ```
