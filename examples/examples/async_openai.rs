@@ -74,8 +74,8 @@ async fn main() -> Result<(), BoxError> {
         );
     }
     sim.shutdown().await;
-    if stack_run.answered != CALLS || stack_run.server_429 != 0 {
-        return Err("a call through the stack failed or met a 429".into());
+    if stack_run.answered != CALLS {
+        return Err("a call through the stack failed".into());
     }
     Ok(())
 }

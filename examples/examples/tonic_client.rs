@@ -146,7 +146,8 @@ async fn main() -> Result<(), BoxError> {
     let refused = chat(stack.clone(), "impatient", Some(Duration::ZERO)).await;
     let code = refused.as_ref().err().map(tonic::Status::code);
     println!("a call that will not wait: {code:?}");
-    if code != Some(tonic::Code::ResourceExhausted) || spacing.iter().any(|&gap| gap < 195) {
+    // Paced 200 ms apart; the check leaves room for a busy machine's scheduling.
+    if code != Some(tonic::Code::ResourceExhausted) || spacing.iter().any(|&gap| gap < 150) {
         return Err("the calls were not paced, or the refusal was not RESOURCE_EXHAUSTED".into());
     }
     Ok(())

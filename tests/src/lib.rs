@@ -9,6 +9,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+/// How early, in milliseconds, a strictly pacing simulator lets a request arrive before its
+/// turn in these tests. They run on shared 2-core machines, where a debug build's task can be
+/// held back this long between the limiter's decision and the socket: less would test the
+/// machine's scheduler, not the limiter.
+pub const JITTER_ALLOWANCE_MS: u64 = 20;
+
 /// A chat model the simulator serves.
 pub const CHAT_MODEL: &str = "meta-llama/Llama-3.3-70B-Instruct-Turbo";
 

@@ -11,7 +11,7 @@ use together_tower::body::BufferedBody;
 use together_tower::limit::{Adaptation, Limits};
 use together_tower::quota::QuotaTable;
 use together_tower::{ServiceBuilderExt, TogetherLayer};
-use together_tower_tests::{chat_request, http_client};
+use together_tower_tests::{JITTER_ALLOWANCE_MS, chat_request, http_client};
 use tower::{Layer, ServiceBuilder, ServiceExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,6 +58,7 @@ async fn two_stacks_built_from_one_handle_share_one_quota() {
     let sim = Sim::start(SimConfig {
         limits: BTreeMap::from([(Class::Chat, ClassLimits::rpm(600))]),
         hints: Hints::None,
+        gcra_tolerance_ms: JITTER_ALLOWANCE_MS,
         ..SimConfig::default()
     })
     .await
