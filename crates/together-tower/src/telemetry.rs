@@ -196,6 +196,36 @@ pub(crate) fn gave_up(class: EndpointClass, attempts: u32, reason: &'static str)
         .increment(1);
 }
 
+/// A created job keeps its slot; `held` jobs hold slots of the group now.
+pub(crate) fn job_slot_held(key: ApiKeyId, group: &str, held: usize) {
+    tracing::debug!(target: "together_tower", key = %key, group, held, "job slot held");
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("together_tower_job_slots_held", "group" => group.to_owned()).increment(1.0);
+}
+
+/// A job's slot went back.
+pub(crate) fn job_slot_released(key: ApiKeyId, group: &str, why: crate::limit::jobs::Release) {
+    let reason = why.as_str();
+    tracing::debug!(target: "together_tower", key = %key, group, reason, "job slot released");
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("together_tower_job_slots_held", "group" => group.to_owned()).decrement(1.0);
+}
+
+/// A 409 on create: the free slots were taken as placeholders for `recheck`.
+pub(crate) fn job_slots_taken_by_409(key: ApiKeyId, group: &str, taken: usize, recheck: Duration) {
+    tracing::info!(
+        target: "together_tower",
+        key = %key,
+        group,
+        taken,
+        recheck_ms = recheck.as_millis() as u64,
+        "409: every job slot is in use at the server"
+    );
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("together_tower_job_slots_held", "group" => group.to_owned())
+        .increment(taken as f64);
+}
+
 /// A model name as a metric label: the name itself for the first [`MODEL_LABELS`] names seen,
 /// `"other"` after that, `"none"` without one.
 #[cfg(feature = "metrics")]

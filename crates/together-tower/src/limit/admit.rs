@@ -12,9 +12,10 @@ use tower::BoxError;
 
 use super::MaxWait;
 use super::backend::{Cost, Decision, Limiter};
-use super::bucket::Bucket;
+use super::bucket::{Bucket, BucketKey};
 use super::error::{QueueFull, RateLimited, SlotsBusy, TooManyBuckets, TooManyTokens};
 use super::feedback::Ticket;
+use super::jobs::{self, Slots};
 use super::limits::{Inner, TokenRequest};
 use super::queue::{Lane, Place};
 use super::wait::{Turn, WaitTurn};
@@ -29,11 +30,14 @@ pub(crate) enum Admission {
     Go {
         permit: Option<OwnedSemaphorePermit>,
         ticket: Option<Ticket>,
+        /// The job slots a read of jobs reports on.
+        reads_jobs: Option<Arc<Slots>>,
     },
     /// Wait for a slot and a turn first.
     Wait {
         turn: Box<dyn WaitTurn>,
         ticket: Ticket,
+        reads_jobs: Option<Arc<Slots>>,
     },
     /// Do not send.
     Refuse(BoxError),
@@ -41,10 +45,13 @@ pub(crate) enum Admission {
 
 impl<C: Classify, L: Limiter> Inner<C, L> {
     pub(crate) fn admit<B>(&self, request: &Request<B>) -> Admission {
-        let Some((class, key)) = self.bucket_key(request) else {
+        let class = self.classifier.classify(request);
+        let reads_jobs = self.job_slots_read_by(class, request);
+        let Some(key) = self.bucket_key_for(class, request) else {
             return Admission::Go {
                 permit: None,
                 ticket: None,
+                reads_jobs,
             };
         };
         let group = self.table.group(key.group);
@@ -95,6 +102,7 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
                 return Admission::Go {
                     permit,
                     ticket: Some(ticket),
+                    reads_jobs,
                 };
             }
             FastPath::Refuse(error) => {
@@ -125,7 +133,43 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
         Admission::Wait {
             turn: Box::new(turn),
             ticket: Ticket::new(bucket, cost, class),
+            reads_jobs,
         }
+    }
+
+    /// For a read of jobs (the list, one job, a cancel), the job slots of the request's key
+    /// that its answer reports on; the bucket is made if need be, so that a list call at
+    /// start-up seeds the count.
+    fn job_slots_read_by<B>(
+        &self,
+        class: EndpointClass,
+        request: &Request<B>,
+    ) -> Option<Arc<Slots>> {
+        let creates = match class {
+            EndpointClass::FineTuneOther => EndpointClass::FineTuneCreate,
+            EndpointClass::BatchOther => EndpointClass::BatchCreate,
+            _ => return None,
+        };
+        if !jobs::reads_jobs(request.method(), request.uri().path()) {
+            return None;
+        }
+        let group_id = self.table.group_id(creates)?;
+        let group = self.table.group(group_id);
+        group.concurrency()?;
+        let key = BucketKey {
+            key: self
+                .key_hasher
+                .fingerprint_request(&self.classifier, request),
+            group: group_id,
+            model: 0,
+        };
+        let bucket = self
+            .buckets
+            .get_or_insert_with(key, &self.context.clock, || {
+                Bucket::new(&self.context, key.key, group, None)
+            })
+            .ok()?;
+        bucket.slots().cloned()
     }
 
     /// Lets the request go at once when nobody waits, the server has not closed the bucket, a
@@ -142,10 +186,14 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
             return FastPath::Wait;
         }
         let permit = match bucket.slots() {
-            Some(slots) => match Arc::clone(slots).try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => return FastPath::Wait,
-            },
+            Some(slots) => {
+                // Jobs whose time passed give their slots back first.
+                slots.expire();
+                match Arc::clone(slots.semaphore()).try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => return FastPath::Wait,
+                }
+            }
             None => None,
         };
         if !bucket.has_rate() {

@@ -1,10 +1,15 @@
 //! The response body of [`RateLimit`](super::RateLimit).
 //!
-//! For a request charged against a token budget, the body is watched as it streams past: the
-//! last few kilobytes are kept, and when the body ends, the answer's `usage` (the last one, so
-//! a stream's final event counts) corrects the charge: unused `max_tokens` come back to the
-//! bucket, and a longer answer than estimated is charged. A body dropped before its end, or
-//! without `usage`, keeps the estimate. Every other body passes through untouched.
+//! Some bodies are watched as they stream past; every other body passes through untouched.
+//!
+//! - For a request charged against a token budget, the last few kilobytes are kept, and when
+//!   the body ends, the answer's `usage` (the last one, so a stream's final event counts)
+//!   corrects the charge: unused `max_tokens` come back to the bucket, and a longer answer
+//!   than estimated is charged. A body dropped before its end, or without `usage`, keeps the
+//!   estimate.
+//! - For a job create that succeeded, and a read of jobs (one job, a cancel, the list), the
+//!   body is kept (up to [`MAX_JOB_BODY`]) and read for job ids and states when it ends (see
+//!   [`jobs`](super::jobs)). A body dropped before its end, or larger, teaches nothing.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,16 +21,105 @@ use pin_project_lite::pin_project;
 use serde::Deserialize;
 
 use super::feedback::Feedback;
+use super::jobs::{self, Slots};
 
 /// How much of a body's end is kept to find its `usage`.
 const TAIL: usize = 8 * 1024;
+
+/// The largest job answer read; a larger list teaches nothing.
+const MAX_JOB_BODY: usize = 1024 * 1024;
 
 pin_project! {
     /// The inner body, read once on its way to the caller.
     pub struct ResponseBody<B> {
         #[pin]
         inner: B,
-        tokens: Option<Box<TokenCount>>,
+        watch: Option<Box<Watch>>,
+    }
+}
+
+/// What a body is watched for.
+pub(crate) enum Watch {
+    Tokens(TokenCount),
+    Jobs {
+        slots: Arc<Slots>,
+        answer: JobAnswer,
+        body: Vec<u8>,
+        /// The body grew past [`MAX_JOB_BODY`].
+        too_large: bool,
+    },
+}
+
+/// Which answer about jobs a body is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum JobAnswer {
+    /// A create that succeeded; the number of the slot it holds.
+    Created(u64),
+    /// A read of one job, a cancel, or the list.
+    Read,
+}
+
+impl Watch {
+    pub(crate) fn tokens(bucket: Arc<dyn Feedback>, charged: u64) -> Box<Self> {
+        Box::new(Watch::Tokens(TokenCount {
+            bucket,
+            charged,
+            tail: Vec::new(),
+        }))
+    }
+
+    pub(crate) fn jobs(slots: Arc<Slots>, answer: JobAnswer) -> Box<Self> {
+        Box::new(Watch::Jobs {
+            slots,
+            answer,
+            body: Vec::new(),
+            too_large: false,
+        })
+    }
+
+    fn observe(&mut self, bytes: &[u8]) {
+        match self {
+            Watch::Tokens(count) => count.observe(bytes),
+            Watch::Jobs {
+                body, too_large, ..
+            } => {
+                if *too_large || body.len() + bytes.len() > MAX_JOB_BODY {
+                    *too_large = true;
+                    *body = Vec::new();
+                } else {
+                    body.extend_from_slice(bytes);
+                }
+            }
+        }
+    }
+
+    fn finish(self) {
+        match self {
+            Watch::Tokens(count) => count.finish(),
+            Watch::Jobs {
+                too_large: true, ..
+            } => {}
+            Watch::Jobs {
+                slots,
+                answer: JobAnswer::Created(serial),
+                body,
+                ..
+            } => {
+                if let Some(id) = jobs::created_id(&body) {
+                    slots.name(serial, id);
+                }
+            }
+            Watch::Jobs {
+                slots,
+                answer: JobAnswer::Read,
+                body,
+                ..
+            } => {
+                if let Some((seen, whole_list)) = jobs::read_jobs(&body) {
+                    slots.seen(&seen, whole_list);
+                }
+            }
+        }
     }
 }
 
@@ -37,9 +131,9 @@ pub(crate) struct TokenCount {
 }
 
 impl<B> ResponseBody<B> {
-    /// `inner`, counting tokens if `tokens` says so.
-    pub(crate) fn new(inner: B, tokens: Option<Box<TokenCount>>) -> Self {
-        Self { inner, tokens }
+    /// `inner`, watched for what `watch` says.
+    pub(crate) fn new(inner: B, watch: Option<Box<Watch>>) -> Self {
+        Self { inner, watch }
     }
 
     /// The inner body.
@@ -49,14 +143,6 @@ impl<B> ResponseBody<B> {
 }
 
 impl TokenCount {
-    pub(crate) fn new(bucket: Arc<dyn Feedback>, charged: u64) -> Box<Self> {
-        Box::new(Self {
-            bucket,
-            charged,
-            tail: Vec::new(),
-        })
-    }
-
     fn observe(&mut self, bytes: &[u8]) {
         if bytes.len() >= TAIL {
             self.tail.clear();
@@ -114,21 +200,21 @@ impl<B: Body> Body for ResponseBody<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
-        if let Some(count) = this.tokens {
+        if let Some(watch) = this.watch {
             match &frame {
                 // Only the first chunk of a segmented buffer is seen; `Bytes` has just one.
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
-                        count.observe(data.chunk());
+                        watch.observe(data.chunk());
                     }
                 }
                 None => {
-                    if let Some(count) = this.tokens.take() {
-                        count.finish();
+                    if let Some(watch) = this.watch.take() {
+                        watch.finish();
                     }
                 }
-                // A body that failed keeps the estimate.
-                Some(Err(_)) => *this.tokens = None,
+                // A body that failed teaches nothing: a token charge keeps its estimate.
+                Some(Err(_)) => *this.watch = None,
             }
         }
         Poll::Ready(frame)
@@ -147,7 +233,14 @@ impl<B: std::fmt::Debug> std::fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseBody")
             .field("inner", &self.inner)
-            .field("counting_tokens", &self.tokens.is_some())
+            .field(
+                "watching",
+                &match self.watch.as_deref() {
+                    None => "nothing",
+                    Some(Watch::Tokens(_)) => "tokens",
+                    Some(Watch::Jobs { .. }) => "jobs",
+                },
+            )
             .finish()
     }
 }
@@ -201,6 +294,9 @@ mod tests {
             ) {
             }
             fn correct_tokens(&self, _: u64, _: u64) {}
+            fn slots(&self) -> Option<&Arc<super::super::jobs::Slots>> {
+                None
+            }
         }
         let mut count = TokenCount {
             bucket: Arc::new(Nothing),

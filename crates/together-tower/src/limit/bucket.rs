@@ -7,11 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-
 use super::adapt::{Adaptation, Controller};
 use super::backend::{BucketSpec, Cost, Limiter, Pace, Rates};
 use super::gcra::{self, nanos};
+use super::jobs::{JobTimes, Slots};
 use super::queue::{HasQueue, Queue};
 use crate::clock::TokioClock;
 use crate::key::ApiKeyId;
@@ -110,6 +109,7 @@ pub(crate) struct BucketContext<L> {
     pub(crate) max_pause: Duration,
     pub(crate) default_pause: Duration,
     pub(crate) adaptation: Adaptation,
+    pub(crate) job_times: JobTimes,
 }
 
 /// One bucket. Times are readings of the limiter's clock, in nanoseconds.
@@ -131,8 +131,9 @@ pub(crate) struct Bucket<L: Limiter> {
     pub(crate) state: L::Bucket,
     pub(crate) context: Arc<BucketContext<L>>,
     rating: Mutex<Rating>,
-    /// Concurrent-call slots, if the group limits them.
-    slots: Option<Arc<Semaphore>>,
+    /// Concurrent-call slots, if the group limits them; a job-creating call's slot is held
+    /// until its job ends.
+    slots: Option<Arc<Slots>>,
     /// When the backend last said the next turn is due, to estimate waits without asking it.
     next_turn: AtomicU64,
     /// The request interval in force, for the same estimates.
@@ -179,9 +180,15 @@ impl<L: Limiter> Bucket<L> {
             state,
             context: Arc::clone(context),
             rating: Mutex::new(rating),
-            slots: group
-                .concurrency()
-                .map(|slots| Arc::new(Semaphore::new(slots as usize))),
+            slots: group.concurrency().map(|slots| {
+                Arc::new(Slots::new(
+                    slots,
+                    context.clock,
+                    context.job_times,
+                    key,
+                    Arc::from(group.name()),
+                ))
+            }),
             next_turn: AtomicU64::new(0),
             interval: AtomicU64::new(interval),
             token_capacity: group.tokens().map(|rate| u64::from(rate.burst())),
@@ -192,7 +199,7 @@ impl<L: Limiter> Bucket<L> {
         }
     }
 
-    pub(crate) fn slots(&self) -> Option<&Arc<Semaphore>> {
+    pub(crate) fn slots(&self) -> Option<&Arc<Slots>> {
         self.slots.as_ref()
     }
 
@@ -333,9 +340,13 @@ impl<L: Limiter> Bucket<L> {
     /// How long until forgetting the bucket would lose nothing: nobody waits, the server has
     /// not closed it, its GCRA state is full again, and it learned nothing it would forget.
     /// `None` while it holds something that time alone will not give back (waiters, a
-    /// closure, learned rates).
+    /// closure, learned rates, a slot in use).
     pub(crate) fn until_rest(&self, now: Duration) -> Option<Duration> {
-        if self.has_waiters() || self.closed_for(now).is_some() || !self.rating().at_rest() {
+        if self.has_waiters()
+            || self.closed_for(now).is_some()
+            || self.slots.as_ref().is_some_and(|slots| slots.in_use())
+            || !self.rating().at_rest()
+        {
             return None;
         }
         Some(self.context.limiter.until_rest(&self.state, now))

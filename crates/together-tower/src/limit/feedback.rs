@@ -15,11 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::adapt::Mode;
 use super::backend::{Cost, Limiter};
-use super::body::TokenCount;
+use super::body::{JobAnswer, Watch};
 use super::bucket::Bucket;
+use super::jobs::Slots;
 use crate::classify::EndpointClass;
 use crate::headers;
 use crate::telemetry::{self, Closure, RateChange};
@@ -37,6 +39,9 @@ pub(crate) trait Feedback: Send + Sync {
 
     /// `charged` tokens were taken for a request that used `used`.
     fn correct_tokens(&self, charged: u64, used: u64);
+
+    /// The bucket's concurrency slots, if its group has them.
+    fn slots(&self) -> Option<&Arc<Slots>>;
 }
 
 impl<L: Limiter> Bucket<L> {
@@ -154,6 +159,10 @@ impl<L: Limiter> Feedback for Bucket<L> {
         }
     }
 
+    fn slots(&self) -> Option<&Arc<Slots>> {
+        Bucket::slots(self)
+    }
+
     fn correct_tokens(&self, charged: u64, used: u64) {
         let now = self.context.clock.elapsed();
         self.context
@@ -191,13 +200,33 @@ impl Ticket {
         self.epoch = self.bucket.epoch();
     }
 
-    /// Reads the answer; returns what its body must count to correct the token charge, if
-    /// anything.
-    pub(crate) fn learn(self, status: StatusCode, headers: &HeaderMap) -> Option<Box<TokenCount>> {
+    /// Reads the answer; returns what its body must be watched for, if anything. `permit` is
+    /// the request's concurrency slot: a job create that succeeded keeps it until the job
+    /// ends, and a 409 on create says the server's slots are all in use.
+    pub(crate) fn learn(
+        self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Option<Box<Watch>> {
         telemetry::answered(self.class, self.bucket.model(), Some(status));
         self.bucket.learn(status, headers, self.epoch, self.cost);
+        if self.class.creates_job() {
+            if let Some(slots) = self.bucket.slots() {
+                match permit {
+                    Some(permit) if status.is_success() => {
+                        let serial = slots.hold(permit);
+                        return Some(Watch::jobs(Arc::clone(slots), JobAnswer::Created(serial)));
+                    }
+                    permit if status == StatusCode::CONFLICT => slots.refused(permit),
+                    // Any other answer: no job, and the slot goes back.
+                    _ => {}
+                }
+            }
+            return None;
+        }
         (self.cost.tokens > 0 && status.is_success())
-            .then(|| TokenCount::new(self.bucket, self.cost.tokens))
+            .then(|| Watch::tokens(self.bucket, self.cost.tokens))
     }
 
     /// The call failed without an answer: the tokens come back. (The request's turn does not:

@@ -7,13 +7,17 @@ use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
+use std::sync::Arc;
+
 use tokio::sync::OwnedSemaphorePermit;
 use tower::BoxError;
 use tower_service::Service;
 use tracing::Span;
 
 pub use super::body::ResponseBody;
+use super::body::{JobAnswer, Watch};
 use super::feedback::Ticket;
+use super::jobs::Slots;
 use super::wait::WaitTurn;
 
 pin_project! {
@@ -27,6 +31,8 @@ pin_project! {
         // Held until the answer arrives: the concurrency slot of a job-creating call.
         permit: Option<OwnedSemaphorePermit>,
         ticket: Option<Ticket>,
+        // A read of jobs (one, a cancel, the list): the key's job slots learn from the answer.
+        reads_jobs: Option<Arc<Slots>>,
         span: Span,
     }
 }
@@ -85,6 +91,7 @@ where
             state: State::Calling { future },
             permit,
             ticket,
+            reads_jobs: None,
             span,
         }
     }
@@ -106,6 +113,7 @@ where
             state: State::Waiting { waiting },
             permit: None,
             ticket: Some(ticket),
+            reads_jobs: None,
             span,
         }
     }
@@ -115,8 +123,15 @@ where
             state: State::Refused { error: Some(error) },
             permit: None,
             ticket: None,
+            reads_jobs: None,
             span,
         }
+    }
+
+    /// The answer is about jobs: the key's job slots learn from it.
+    pub(crate) fn reading_jobs(mut self, slots: Option<Arc<Slots>>) -> Self {
+        self.reads_jobs = slots;
+        self
     }
 }
 
@@ -177,7 +192,7 @@ where
                 }
                 StateProj::Calling { future } => {
                     let result = ready!(future.poll(cx));
-                    this.permit.take();
+                    let permit = this.permit.take();
                     let ticket = this.ticket.take();
                     // Taken apart in place: responses can be large, and each move is a copy.
                     let (head, body) = match result {
@@ -189,11 +204,16 @@ where
                             return Poll::Ready(Err(error.into()));
                         }
                     };
-                    let counting =
-                        ticket.and_then(|ticket| ticket.learn(head.status, &head.headers));
+                    let mut watch =
+                        ticket.and_then(|ticket| ticket.learn(head.status, &head.headers, permit));
+                    if let Some(slots) = this.reads_jobs.take() {
+                        if head.status.is_success() {
+                            watch = Some(Watch::jobs(slots, JobAnswer::Read));
+                        }
+                    }
                     return Poll::Ready(Ok(Response::from_parts(
                         head,
-                        ResponseBody::new(body, counting),
+                        ResponseBody::new(body, watch),
                     )));
                 }
             }

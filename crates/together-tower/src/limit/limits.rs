@@ -10,6 +10,7 @@ use http::Request;
 use super::adapt::Adaptation;
 use super::backend::{Limiter, LocalLimiter};
 use super::bucket::{BucketContext, BucketKey};
+use super::jobs::JobTimes;
 use super::map::BucketMap;
 use crate::body::RequestMeta;
 use crate::classify::{Classify, EndpointClass, TogetherClassifier};
@@ -83,6 +84,7 @@ pub(crate) struct Settings {
     pub(crate) max_wait: Duration,
     pub(crate) max_buckets: usize,
     pub(crate) idle_timeout: Duration,
+    pub(crate) job_times: JobTimes,
 }
 
 impl Default for Settings {
@@ -92,6 +94,7 @@ impl Default for Settings {
             max_wait: Duration::from_secs(30),
             max_buckets: 65_536,
             idle_timeout: Duration::from_secs(60),
+            job_times: JobTimes::default(),
         }
     }
 }
@@ -216,6 +219,9 @@ impl<C, L: Limiter> Limits<C, L> {
             .all()
             .into_iter()
             .map(|bucket| {
+                if let Some(slots) = bucket.slots() {
+                    slots.expire();
+                }
                 let rates = bucket.rates_now(now);
                 BucketSnapshot {
                     key: bucket.key,
@@ -225,6 +231,10 @@ impl<C, L: Limiter> Limits<C, L> {
                     tokens_per_second: rates.tokens.map(|pace| pace.per_second()),
                     waiting: bucket.queue_len(),
                     closed_for: bucket.closed_for(now),
+                    free_slots: bucket
+                        .slots()
+                        .map(|slots| slots.semaphore().available_permits()),
+                    held_jobs: bucket.slots().map_or(0, |slots| slots.held_jobs()),
                 }
             })
             .collect()
@@ -253,6 +263,18 @@ impl<C, L: Limiter> Inner<C, L> {
         C: Classify,
     {
         let class = self.classifier.classify(request);
+        Some((class, self.bucket_key_for(class, request)?))
+    }
+
+    /// The key of the bucket of a request of `class`; `None` if the class is not limited.
+    pub(crate) fn bucket_key_for<B>(
+        &self,
+        class: EndpointClass,
+        request: &Request<B>,
+    ) -> Option<BucketKey>
+    where
+        C: Classify,
+    {
         let group = self.table.group_id(class)?;
         let model = if self.table.group(group).per_model() {
             request
@@ -270,7 +292,7 @@ impl<C, L: Limiter> Inner<C, L> {
             group,
             model,
         };
-        Some((class, key))
+        Some(key)
     }
 }
 
@@ -292,6 +314,10 @@ pub struct BucketSnapshot {
     pub waiting: usize,
     /// How long the server's word keeps it closed, if it does.
     pub closed_for: Option<Duration>,
+    /// For a group with concurrency slots: how many are free now.
+    pub free_slots: Option<usize>,
+    /// Jobs (fine-tunes, batches) holding a slot of this bucket until they end.
+    pub held_jobs: usize,
 }
 
 impl<C, L: Limiter> Clone for Limits<C, L> {
@@ -325,6 +351,8 @@ impl<C: fmt::Debug, L: Limiter + fmt::Debug> fmt::Debug for Limits<C, L> {
 /// | [`idle_timeout`](Self::idle_timeout) | 60 s | unused this long (and refilled), a bucket may go |
 /// | [`max_pause`](Self::max_pause) | 60 s | the longest the server's word may close a bucket |
 /// | [`default_pause`](Self::default_pause) | 1 s | how long a 429 without a hint closes a bucket, in [`Mode::Static`](super::Mode::Static) |
+/// | [`job_ttl`](Self::job_ttl) | 24 h | how long a created job holds its slot when no answer shows it ending |
+/// | [`job_recheck`](Self::job_recheck) | 30 s | how long the slots taken after a 409 on create stay taken, unless a list of jobs corrects them |
 /// | [`adaptation`](Self::adaptation) | [`Adaptation::default`] | whether and how rates follow the server |
 /// | [`token_estimate`](Self::token_estimate) | [`DefaultTokenEstimate`] | what a request is charged against a token budget before it is sent |
 /// | [`key_hasher`](Self::key_hasher) | [`KeyHasher::new`] | how API keys become fingerprints |
@@ -379,6 +407,21 @@ impl<C, L> LimitsBuilder<C, L> {
     /// Adaptive limits cut the rate instead.
     pub fn default_pause(mut self, default_pause: Duration) -> Self {
         self.default_pause = default_pause;
+        self
+    }
+
+    /// How long a created fine-tune or batch holds its group's slot when no answer about it
+    /// (a read of the job, a cancel, the list) shows it ending. See [the module docs](super)
+    /// on job slots.
+    pub fn job_ttl(mut self, ttl: Duration) -> Self {
+        self.settings.job_times.ttl = ttl;
+        self
+    }
+
+    /// How long the free slots taken after a 409 on create (jobs this process does not know
+    /// of) stay taken, unless a list of jobs corrects them sooner.
+    pub fn job_recheck(mut self, recheck: Duration) -> Self {
+        self.settings.job_times.recheck = recheck;
         self
     }
 
@@ -443,6 +486,7 @@ impl<C, L> LimitsBuilder<C, L> {
             max_pause: self.max_pause,
             default_pause: self.default_pause,
             adaptation: self.adaptation,
+            job_times: self.settings.job_times,
         });
         Limits {
             inner: Arc::new(Inner {

@@ -65,6 +65,7 @@ pub mod error;
 mod feedback;
 pub mod future;
 mod gcra;
+pub(crate) mod jobs;
 mod layer;
 mod limits;
 mod map;

@@ -103,16 +103,25 @@ where
         let admission = inner.admit(&request);
         match admission {
             // The inner service is ready (our `poll_ready` is its own), so call it now.
-            Admission::Go { permit, ticket } => {
+            Admission::Go {
+                permit,
+                ticket,
+                reads_jobs,
+            } => {
                 let future = self.inner.call(request);
                 drop(entered);
-                ResponseFuture::calling(future, permit, ticket, span)
+                ResponseFuture::calling(future, permit, ticket, span).reading_jobs(reads_jobs)
             }
             // A waiting request takes an unready clone, so that it holds none of the inner
             // service's capacity while it waits; it drives `poll_ready` once its turn comes.
-            Admission::Wait { turn, ticket } => {
+            Admission::Wait {
+                turn,
+                ticket,
+                reads_jobs,
+            } => {
                 drop(entered);
                 ResponseFuture::waiting(turn, self.inner.clone(), request, ticket, span)
+                    .reading_jobs(reads_jobs)
             }
             Admission::Refuse(error) => {
                 drop(entered);

@@ -54,6 +54,8 @@ pub(crate) struct Turn<L: Limiter> {
     sleep: Option<Pin<Box<Sleep>>>,
     /// Fires at the deadline, while the request is not yet the head.
     deadline_timer: Option<Pin<Box<Sleep>>>,
+    /// Fires when the next held job slot expires, while waiting for a slot.
+    expiry_timer: Option<(Duration, Pin<Box<Sleep>>)>,
     /// A backend decision that needs I/O, under way.
     acquiring: Option<Acquiring>,
     /// Held back by tokens, until when the head lets others pass.
@@ -76,7 +78,7 @@ impl<L: Limiter> Turn<L> {
         max_wait: Duration,
     ) -> Self {
         let slot = match place.owner().slots() {
-            Some(slots) => Slot::Acquiring(Box::pin(Arc::clone(slots).acquire_owned())),
+            Some(slots) => Slot::Acquiring(Box::pin(Arc::clone(slots.semaphore()).acquire_owned())),
             None => Slot::None,
         };
         Self {
@@ -88,6 +90,7 @@ impl<L: Limiter> Turn<L> {
             slot,
             sleep: None,
             deadline_timer: None,
+            expiry_timer: None,
             acquiring: None,
             patience_until: None,
             taken: false,
@@ -127,24 +130,47 @@ impl<L: Limiter> Turn<L> {
         RateLimited::new(wait, self.class).into()
     }
 
-    /// Waits for the group's concurrency slot, if it has slots.
+    /// Waits for the group's concurrency slot, if it has slots. A slot frees when a call or a
+    /// job ends, or when a job's time passes: a timer wakes the wait for the next expiry.
     fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        let Slot::Acquiring(acquiring) = &mut self.slot else {
-            return Poll::Ready(Ok(()));
-        };
-        match acquiring.as_mut().poll(cx) {
-            Poll::Ready(Ok(permit)) => {
-                self.slot = Slot::Held(permit);
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(_)) => Poll::Ready(Err("concurrency slots closed".into())),
-            Poll::Pending => {
-                if self.poll_deadline(cx).is_ready() {
-                    let clock = self.bucket().context.clock;
-                    let waited = clock.elapsed().saturating_sub(self.arrived);
-                    return Poll::Ready(Err(SlotsBusy::new(waited, self.class).into()));
+        loop {
+            let Slot::Acquiring(acquiring) = &mut self.slot else {
+                return Poll::Ready(Ok(()));
+            };
+            match acquiring.as_mut().poll(cx) {
+                Poll::Ready(Ok(permit)) => {
+                    self.slot = Slot::Held(permit);
+                    self.expiry_timer = None;
+                    return Poll::Ready(Ok(()));
                 }
-                Poll::Pending
+                Poll::Ready(Err(_)) => {
+                    return Poll::Ready(Err("concurrency slots closed".into()));
+                }
+                Poll::Pending => {}
+            }
+            if self.poll_deadline(cx).is_ready() {
+                let clock = self.bucket().context.clock;
+                let waited = clock.elapsed().saturating_sub(self.arrived);
+                return Poll::Ready(Err(SlotsBusy::new(waited, self.class).into()));
+            }
+            let bucket = Arc::clone(self.bucket());
+            let Some(slots) = bucket.slots() else {
+                return Poll::Pending;
+            };
+            let Some(expiry) = slots.next_expiry() else {
+                return Poll::Pending;
+            };
+            match &mut self.expiry_timer {
+                Some((at, timer)) if *at == expiry => {
+                    ready!(timer.as_mut().poll(cx));
+                    // Due: give the expired slots back, and try for one again.
+                    self.expiry_timer = None;
+                    slots.expire();
+                }
+                _ => {
+                    let instant = bucket.context.clock.instant_at(expiry);
+                    self.expiry_timer = Some((expiry, Box::pin(tokio::time::sleep_until(instant))));
+                }
             }
         }
     }

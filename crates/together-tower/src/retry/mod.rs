@@ -44,13 +44,17 @@
 mod delivery;
 mod policy;
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::Request;
+use tower::retry::budget::{Budget, TpsBudget};
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use self::policy::{Attempt, JobSlotWait, RetryBody, RetryPolicy, X_SHOULD_RETRY};
+pub use self::policy::{Attempt, RetryBody, RetryPolicy, X_SHOULD_RETRY};
+
+use self::policy::FirstSent;
 
 use crate::classify::{Classify, TogetherClassifier};
 
@@ -90,19 +94,24 @@ impl<S, C: Clone> Layer<S> for RetryLayer<C> {
     fn layer(&self, inner: S) -> Self::Service {
         Retry {
             classifier: self.policy.classifier().clone(),
+            budget: Arc::clone(self.policy.budget()),
             inner: tower::retry::Retry::new(self.policy.clone(), inner),
         }
     }
 }
 
-/// Retries requests by a [`RetryPolicy`]: tower's [`Retry`](tower::retry::Retry), which also
-/// marks each request's credential headers sensitive as it enters, so that neither the copy it
-/// keeps to send again nor the request it passes on prints the key.
+/// Retries requests by a [`RetryPolicy`]: tower's [`Retry`](tower::retry::Retry), around
+/// which each request, as it enters,
+/// - has its credential headers marked sensitive, so that neither the copy kept to send again
+///   nor the request passed on prints the key;
+/// - is deposited in the retry budget (each request earns its share of retries);
+/// - is stamped with when it was first sent, from which `max_elapsed` counts.
 #[derive(Debug, Clone)]
 pub struct Retry<S, C = TogetherClassifier> {
     inner: tower::retry::Retry<RetryPolicy<C>, S>,
-    // tower's `Retry` does not lend out its policy, so the classifier comes along.
+    // tower's `Retry` does not lend out its policy, so what the entrance needs comes along.
     classifier: C,
+    budget: Arc<TpsBudget>,
 }
 
 impl<S, C> Retry<S, C> {
@@ -143,6 +152,10 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         self.classifier.hide_credentials(request.headers_mut());
+        self.budget.deposit();
+        request
+            .extensions_mut()
+            .insert(FirstSent(tokio::time::Instant::now()));
         self.inner.call(request)
     }
 }

@@ -44,14 +44,10 @@ impl<B> RetryBody for BufferedBody<B> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Attempt(pub u32);
 
-/// Waiting for a free fine-tune job slot when a create is refused with 409.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct JobSlotWait {
-    /// How long to wait between tries.
-    pub delay: Duration,
-    /// How long to keep trying in all.
-    pub deadline: Duration,
-}
+/// When the request was first sent: put on each request by [`Retry`](super::Retry) as it
+/// enters, so the time allowed for retries counts from there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FirstSent(pub(crate) Instant);
 
 /// The settings of [`RetryPolicy`], shared by every request it handles.
 #[derive(Debug, Clone)]
@@ -61,7 +57,6 @@ struct Settings {
     base_delay: Duration,
     max_delay: Duration,
     max_hint: Duration,
-    job_slot_wait: Option<JobSlotWait>,
 }
 
 /// When and how long to retry a Together call. Use it through [`RetryLayer`](super::RetryLayer).
@@ -77,28 +72,29 @@ struct Settings {
 /// - So a job-creating call (fine-tune create, batch create) is never repeated after a 5xx, a
 ///   408, a timeout or a connection that broke after sending: the job may exist. A 429, or a
 ///   connection that failed before sending, is still retried.
-/// - A 409 on fine-tune create (too many running jobs) is retried only with
-///   [`with_job_slot_wait`](Self::with_job_slot_wait), at its own delay until its own deadline.
+/// - A 409 on a job create (too many running jobs) is retried: no job was created. Under the
+///   rate limit layer the retry waits for one of the key's job slots to free, within its
+///   `max_wait`, rather than going out to meet another 409.
 /// - `x-should-retry: true|false` overrides the rules above when the server sends it.
 /// - The delay is the server's hint (`retry-after-ms`, `Retry-After`, `x-ratelimit-reset`) plus up
 ///   to 10% (at most one second) of jitter, so callers told the same thing do not return in
 ///   lockstep. A hint longer than `max_hint` (60 s) means "give up now". Without a hint: full
 ///   jitter, a random delay up to `min(max_delay, base_delay * 2^attempt)` (0.5 s and 8 s).
-/// - Stops after `max_retries` (4) retries, once `max_elapsed` (2 min) would pass, or when the
-///   shared budget (20% of requests plus 10 a second, over 10 s) is spent. The caller then gets
-///   the last response or error, unchanged.
+/// - Stops after `max_retries` (4) retries, once `max_elapsed` (2 min since the first send)
+///   would pass, or when the shared budget (20% of requests plus 10 a second, over 10 s) is
+///   spent. The caller then gets the last response or error, unchanged. [`Retry`](super::Retry)
+///   deposits each new request in the budget and notes when it was first sent, as the request
+///   enters; the policy itself keeps no state between requests, so it does not matter in
+///   which order tower asks it to copy a request or judge an answer.
 /// - A request whose body cannot be sent again (it was too large to buffer) is sent once.
 pub struct RetryPolicy<C = TogetherClassifier> {
     settings: Arc<Settings>,
     budget: Arc<TpsBudget>,
     classifier: C,
     rng: HasherRng,
-    // Per request: tower clones the policy for each request it sends. `retries` counts the
-    // backoff and hint retries, `tries` every retry (job-slot waits too); the shared template
-    // policy that tower clones from always has `tries == 0`.
+    // Per request: tower's retry future holds a clone of the policy for its request, and only
+    // that clone's `retry` counts here. The layer's own copy is never asked to judge.
     retries: u32,
-    tries: u32,
-    started: Option<Instant>,
 }
 
 impl RetryPolicy {
@@ -111,14 +107,11 @@ impl RetryPolicy {
                 base_delay: Duration::from_millis(500),
                 max_delay: Duration::from_secs(8),
                 max_hint: Duration::from_secs(60),
-                job_slot_wait: None,
             }),
             budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
             classifier: TogetherClassifier,
             rng: HasherRng::new(),
             retries: 0,
-            tries: 0,
-            started: None,
         }
     }
 }
@@ -159,14 +152,6 @@ impl<C> RetryPolicy<C> {
         self.with_settings(|settings| settings.max_hint = max_hint)
     }
 
-    /// Retries a fine-tune create refused with 409 (too many running jobs) every `delay`,
-    /// until `deadline` has passed since the first try.
-    pub fn with_job_slot_wait(self, delay: Duration, deadline: Duration) -> Self {
-        self.with_settings(|settings| {
-            settings.job_slot_wait = Some(JobSlotWait { delay, deadline })
-        })
-    }
-
     /// Shares this retry budget instead of the default (20% of requests plus 10/s over 10 s).
     pub fn with_budget(mut self, budget: TpsBudget) -> Self {
         self.budget = Arc::new(budget);
@@ -181,9 +166,12 @@ impl<C> RetryPolicy<C> {
             classifier,
             rng: self.rng,
             retries: 0,
-            tries: 0,
-            started: None,
         }
+    }
+
+    /// The shared retry budget, which [`Retry`](super::Retry) deposits in.
+    pub(crate) fn budget(&self) -> &Arc<TpsBudget> {
+        &self.budget
     }
 
     /// The classifier, which knows which calls create paid jobs and where keys are.
@@ -223,8 +211,6 @@ enum Verdict {
         /// What made it worth trying again, for events and metrics.
         reason: &'static str,
     },
-    /// Retry after a fixed delay, until a deadline of its own (a 409 job-slot wait).
-    RetryFixed(JobSlotWait),
 }
 
 impl<C> RetryPolicy<C> {
@@ -250,10 +236,11 @@ impl<C> RetryPolicy<C> {
                 hint: hint(),
                 reason: "429",
             },
-            409 if class == EndpointClass::FineTuneCreate => self
-                .settings
-                .job_slot_wait
-                .map_or(Verdict::Done, Verdict::RetryFixed),
+            // Too many running jobs: none was created, so trying again is safe.
+            409 if class.creates_job() => Verdict::Retry {
+                hint: hint(),
+                reason: "409",
+            },
             503 if !class.creates_job() => Verdict::Retry {
                 hint: hint(),
                 reason: "503",
@@ -307,36 +294,24 @@ where
             Ok(response) => self.judge_response(class, response.status(), response.headers()),
             Err(error) => self.judge_error(class, error),
         };
-        if verdict == Verdict::Done {
-            return None;
-        }
-        // Only a request that may be retried reads the clock.
-        let elapsed = self.started.get_or_insert_with(Instant::now).elapsed();
-        let (delay, reason) = match verdict {
+        let (hint, reason) = match verdict {
             Verdict::Done => return None,
-            Verdict::Retry {
-                hint: Some(hint), ..
-            } if hint > self.settings.max_hint => {
-                telemetry::gave_up(class, self.tries + 1, "hint_too_long");
+            Verdict::Retry { hint, reason } => (hint, reason),
+        };
+        let attempts = self.retries + 1;
+        let delay = match hint {
+            Some(hint) if hint > self.settings.max_hint => {
+                telemetry::gave_up(class, attempts, "hint_too_long");
                 return None;
             }
-            Verdict::Retry {
-                hint: Some(hint),
-                reason,
-            } => (self.jittered(hint), reason),
-            Verdict::Retry { hint: None, reason } => (self.backoff(self.retries), reason),
-            Verdict::RetryFixed(wait) => {
-                // A job-slot wait has its own deadline and does not count against the others.
-                if elapsed.saturating_add(wait.delay) > wait.deadline {
-                    telemetry::gave_up(class, self.tries + 1, "job_slot_deadline");
-                    return None;
-                }
-                self.tries += 1;
-                request.extensions_mut().insert(Attempt(self.tries));
-                telemetry::retrying(class, self.tries, "409", wait.delay, self.retries_left());
-                return Some(tokio::time::sleep(wait.delay));
-            }
+            Some(hint) => self.jittered(hint),
+            None => self.backoff(self.retries),
         };
+        // Only a request that may be retried reads the clock.
+        let elapsed = request
+            .extensions()
+            .get::<FirstSent>()
+            .map_or(Duration::ZERO, |sent| sent.0.elapsed());
         let refusal = if self.retries >= self.settings.max_retries {
             Some("max_retries")
         } else if elapsed.saturating_add(delay) > self.settings.max_elapsed {
@@ -347,22 +322,16 @@ where
             None
         };
         if let Some(refusal) = refusal {
-            telemetry::gave_up(class, self.tries + 1, refusal);
+            telemetry::gave_up(class, attempts, refusal);
             return None;
         }
         self.retries += 1;
-        self.tries += 1;
-        request.extensions_mut().insert(Attempt(self.tries));
-        telemetry::retrying(class, self.tries, reason, delay, self.retries_left());
+        request.extensions_mut().insert(Attempt(self.retries));
+        telemetry::retrying(class, self.retries, reason, delay, self.retries_left());
         Some(tokio::time::sleep(delay))
     }
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
-        if self.tries == 0 {
-            // The template policy, about to be cloned for a new request's first send.
-            self.budget.deposit();
-            self.started = Some(Instant::now());
-        }
         let body = request.body().try_clone_body()?;
         let mut clone = Request::new(body);
         *clone.method_mut() = request.method().clone();
@@ -386,8 +355,6 @@ impl<C: Clone> Clone for RetryPolicy<C> {
             // callers told the same hint would come back in lockstep.
             rng: HasherRng::new(),
             retries: self.retries,
-            tries: self.tries,
-            started: self.started,
         }
     }
 }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tower::retry::budget::TpsBudget;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-use super::{RetryLayer, RetryPolicy};
+use super::{Attempt, RetryLayer, RetryPolicy};
 
 const CHAT: &str = "/v1/chat/completions";
 const FINE_TUNES: &str = "/v1/fine-tunes";
@@ -28,15 +28,6 @@ struct Calls {
 impl Calls {
     fn count(&self) -> usize {
         self.times.lock().unwrap().len()
-    }
-
-    fn times_ms(&self) -> Vec<u128> {
-        self.times
-            .lock()
-            .unwrap()
-            .iter()
-            .map(Duration::as_millis)
-            .collect()
     }
 
     /// The gap between call `i` and the one before it.
@@ -194,21 +185,40 @@ async fn errors_that_are_not_about_the_connection_are_not_retried() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_fine_tune_409_waits_for_a_job_slot_only_when_asked() {
-    let always_409 = |_| status(409, &[]);
-    let (answer, calls) = send(RetryPolicy::new(), FINE_TUNES, always_409).await;
+async fn a_409_on_a_job_create_is_retried_for_no_job_was_made() {
+    for path in [FINE_TUNES, "/v1/batches"] {
+        let (answer, calls) = send(RetryPolicy::new(), path, first_then_ok(status(409, &[]))).await;
+        assert_eq!(answer.unwrap().status(), 200, "{path}");
+        assert_eq!(calls.count(), 2, "{path}");
+    }
+    // A 409 elsewhere is a conflict of the request's own making.
+    let (answer, calls) = send(RetryPolicy::new(), CHAT, first_then_ok(status(409, &[]))).await;
     assert_eq!(answer.unwrap().status(), 409);
     assert_eq!(calls.count(), 1);
+}
 
-    let policy =
-        RetryPolicy::new().with_job_slot_wait(Duration::from_secs(30), Duration::from_secs(100));
-    let (answer, calls) = send(policy.clone(), FINE_TUNES, always_409).await;
-    assert_eq!(answer.unwrap().status(), 409);
-    assert_eq!(calls.times_ms(), [0, 30_000, 60_000, 90_000]);
-
-    let (answer, calls) = send(policy, FINE_TUNES, first_then_ok(status(409, &[]))).await;
-    assert_eq!(answer.unwrap().status(), 200);
-    assert_eq!(calls.times_ms(), [0, 30_000]);
+#[tokio::test(start_paused = true)]
+async fn each_request_earns_its_share_of_the_budget_once_however_often_it_is_copied() {
+    // No reserve: only deposits pay for retries, one retry for every two requests. Each
+    // request's first send fails and its retry succeeds. A request is deposited once, as it
+    // enters the layer; copying it for each send deposits nothing more.
+    let policy = RetryPolicy::new().with_budget(TpsBudget::new(Duration::from_secs(10), 0, 0.5));
+    let sends = Arc::new(Mutex::new(0));
+    let counter = Arc::clone(&sends);
+    let first_send_fails = tower::service_fn(move |request: Request<String>| {
+        *counter.lock().unwrap() += 1;
+        let retried = request.extensions().get::<Attempt>().is_some();
+        async move { status(if retried { 200 } else { 503 }, &[]) }
+    });
+    let service = RetryLayer::new(policy).layer(first_send_fails);
+    let mut unretried = 0;
+    for _ in 0..10 {
+        let request = Request::post(CHAT).body(String::new()).unwrap();
+        let answer = service.clone().oneshot(request).await.unwrap();
+        unretried += usize::from(answer.status() == 503);
+    }
+    let retries = *sends.lock().unwrap() - 10;
+    assert_eq!((retries, unretried), (5, 5));
 }
 
 #[tokio::test(start_paused = true)]

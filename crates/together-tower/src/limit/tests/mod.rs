@@ -1,6 +1,7 @@
 //! The rate limit layer's behaviour, on paused tokio time.
 
 mod adaptive;
+mod jobs;
 mod tokens;
 
 use std::convert::Infallible;
@@ -411,44 +412,6 @@ async fn a_closed_bucket_refuses_at_once_what_would_wait_too_long() {
     );
     assert_eq!(started.elapsed(), Duration::ZERO);
     assert_eq!(arrivals.labels(), ["a"]);
-}
-
-#[tokio::test(start_paused = true)]
-async fn job_creates_hold_a_slot_until_their_response_arrives() {
-    let (service, mut handle) = mock::pair::<Request<String>, Response<String>>();
-    let layer = RateLimitLayer::new(static_limits(table(Rate::per_second(1))).build());
-    let service = layer.layer(service);
-    let calls: Vec<_> = (0..3)
-        .map(|i| {
-            tokio::spawn(
-                service
-                    .clone()
-                    .oneshot(request(FINE_TUNES, "k", i.to_string())),
-            )
-        })
-        .collect();
-
-    let (first, first_reply) = handle.next_request().await.unwrap();
-    let (second, _second_reply) = handle.next_request().await.unwrap();
-    assert_eq!(
-        (
-            first.headers()["x-label"].to_str().unwrap(),
-            second.headers()["x-label"].to_str().unwrap()
-        ),
-        ("0", "1")
-    );
-    // Both slots are taken, so the third is not sent, however long we wait.
-    let third = tokio::time::timeout(Duration::from_secs(20), handle.next_request()).await;
-    assert!(
-        third.is_err(),
-        "a third create went out while two were in flight"
-    );
-
-    first_reply.send_response(Response::new(String::new()));
-    let (third, _third_reply) = handle.next_request().await.unwrap();
-    assert_eq!(third.headers()["x-label"], "2");
-    let first_call = calls.into_iter().next().unwrap();
-    assert!(first_call.await.unwrap().is_ok());
 }
 
 #[tokio::test(start_paused = true)]
