@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use http::Method;
 use serde::Deserialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::gcra::nanos;
 use crate::clock::TokioClock;
@@ -60,6 +60,9 @@ pub(crate) struct Slots {
     /// The earliest expiry among held jobs, in clock nanoseconds (`u64::MAX`: none), so the
     /// common case checks one atomic and takes no lock.
     next_expiry: AtomicU64,
+    /// Wakes the requests waiting for a slot when the next expiry moves, so they time their
+    /// wait by it: a slot held by a job frees by expiry, without a release to wake them.
+    expiry_moved: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -123,7 +126,13 @@ impl Slots {
             group,
             held: Mutex::default(),
             next_expiry: AtomicU64::new(u64::MAX),
+            expiry_moved: Arc::new(Notify::new()),
         }
+    }
+
+    /// Notified when the next expiry moves.
+    pub(crate) fn expiry_moved(&self) -> Arc<Notify> {
+        Arc::clone(&self.expiry_moved)
     }
 
     pub(crate) fn semaphore(&self) -> &Arc<Semaphore> {
@@ -175,7 +184,9 @@ impl Slots {
             .map(|job| nanos(job.expires))
             .min()
             .unwrap_or(u64::MAX);
-        self.next_expiry.store(next, Ordering::Release);
+        if self.next_expiry.swap(next, Ordering::AcqRel) != next {
+            self.expiry_moved.notify_waiters();
+        }
     }
 
     fn push(

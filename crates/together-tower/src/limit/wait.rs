@@ -15,6 +15,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::futures::OwnedNotified;
 use tokio::time::Sleep;
 use tower::BoxError;
 
@@ -56,6 +57,8 @@ pub(crate) struct Turn<L: Limiter> {
     deadline_timer: Option<Pin<Box<Sleep>>>,
     /// Fires when the next held job slot expires, while waiting for a slot.
     expiry_timer: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// Wakes the wait for a slot when that expiry moves.
+    expiry_moved: Option<Pin<Box<OwnedNotified>>>,
     /// A backend decision that needs I/O, under way.
     acquiring: Option<Acquiring>,
     /// Held back by tokens, until when the head lets others pass.
@@ -91,6 +94,7 @@ impl<L: Limiter> Turn<L> {
             sleep: None,
             deadline_timer: None,
             expiry_timer: None,
+            expiry_moved: None,
             acquiring: None,
             patience_until: None,
             taken: false,
@@ -141,6 +145,7 @@ impl<L: Limiter> Turn<L> {
                 Poll::Ready(Ok(permit)) => {
                     self.slot = Slot::Held(permit);
                     self.expiry_timer = None;
+                    self.expiry_moved = None;
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Ready(Err(_)) => {
@@ -157,6 +162,16 @@ impl<L: Limiter> Turn<L> {
             let Some(slots) = bucket.slots() else {
                 return Poll::Pending;
             };
+            // Listen for a move of the next expiry before reading it, so none is missed.
+            let moved = self.expiry_moved.get_or_insert_with(|| {
+                let mut moved = Box::pin(slots.expiry_moved().notified_owned());
+                moved.as_mut().enable();
+                moved
+            });
+            if moved.as_mut().poll(cx).is_ready() {
+                self.expiry_moved = None;
+                continue;
+            }
             let Some(expiry) = slots.next_expiry() else {
                 return Poll::Pending;
             };

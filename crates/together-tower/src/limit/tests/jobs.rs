@@ -137,12 +137,14 @@ async fn a_job_not_heard_of_for_its_time_to_live_gives_its_slot_back() {
     let (service, mut handle) =
         two_slots(limits().job_ttl(ttl).max_wait(Duration::from_secs(3_600)));
     let started = Instant::now();
-    for label in ["a", "b"] {
-        let call = create(&service, label);
+    let calls = [create(&service, "a"), create(&service, "b")];
+    // The late create waits from before the jobs hold their slots, so it learns of their
+    // time to live while it waits.
+    let late = create(&service, "late");
+    for (call, label) in calls.into_iter().zip(["a", "b"]) {
         answer(&mut handle, 200, &format!(r#"{{"id":"ft-{label}"}}"#)).await;
         read(call).await;
     }
-    let late = create(&service, "late");
     let (request, reply) = handle.next_request().await.unwrap();
     assert_eq!(request.headers()["x-label"], "late");
     assert_eq!(
