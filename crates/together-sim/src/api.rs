@@ -71,6 +71,8 @@ struct Answer {
     status: StatusCode,
     body: Value,
     tokens: u64,
+    /// The model the request named, for the stats by model.
+    model: Option<String>,
 }
 
 impl Answer {
@@ -79,6 +81,7 @@ impl Answer {
             status: StatusCode::OK,
             body,
             tokens: 0,
+            model: None,
         }
     }
 
@@ -88,6 +91,7 @@ impl Answer {
             status,
             body,
             tokens: 0,
+            model: None,
         }
     }
 }
@@ -141,9 +145,13 @@ pub(crate) async fn handle(
             }
         },
     };
-    shared
-        .state()
-        .record(&label, route.class, answer.status.as_u16(), answer.tokens);
+    shared.state().record(
+        &label,
+        route.class,
+        answer.model.as_deref(),
+        answer.status.as_u16(),
+        answer.tokens,
+    );
     Ok(respond(answer, limits, shared.config.hints))
 }
 
@@ -258,13 +266,30 @@ impl From<Answer> for Reply {
     }
 }
 
-/// Reads, checks and answers an authenticated request: body, model, faults, limits, work.
+/// Reads, checks and answers an authenticated request, noting the model it named.
 async fn answer(shared: &Shared, key: &str, route: &Route, body: Incoming) -> Reply {
     let json = match read_json(shared, route, body).await {
         Ok(json) => json,
         Err(refusal) => return refusal.into(),
     };
     let model = json.get("model").and_then(Value::as_str);
+    match answer_json(shared, key, route, &json, model).await {
+        Reply::Answer(mut answer, limits) => {
+            answer.model = model.map(str::to_owned);
+            Reply::Answer(answer, limits)
+        }
+        Reply::HangUp => Reply::HangUp,
+    }
+}
+
+/// Answers a request whose JSON was read: model, faults, limits, work.
+async fn answer_json(
+    shared: &Shared,
+    key: &str,
+    route: &Route,
+    json: &Value,
+    model: Option<&str>,
+) -> Reply {
     if let Err(refusal) = check_model(shared, route, model) {
         return refusal.into();
     }
@@ -275,7 +300,14 @@ async fn answer(shared: &Shared, key: &str, route: &Route, body: Incoming) -> Re
     if faults.hang_up {
         return Reply::HangUp;
     }
-    if faults.unavailable {
+    let overloaded = model.is_some_and(|model| {
+        shared
+            .config
+            .overloaded_models
+            .iter()
+            .any(|name| name == model)
+    });
+    if faults.unavailable || overloaded {
         return Answer::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
@@ -284,7 +316,7 @@ async fn answer(shared: &Shared, key: &str, route: &Route, body: Incoming) -> Re
         .into();
     }
 
-    let (prompt_tokens, completion_tokens) = token_estimate(&route.endpoint, &json);
+    let (prompt_tokens, completion_tokens) = token_estimate(&route.endpoint, json);
     let now = shared.now();
     let mut state = shared.state();
     let limits = state.check_limits(
@@ -303,7 +335,7 @@ async fn answer(shared: &Shared, key: &str, route: &Route, body: Incoming) -> Re
     let work = Work {
         key,
         route,
-        json: &json,
+        json,
         now,
         prompt: prompt_tokens,
         completion: completion_tokens,

@@ -209,6 +209,8 @@ pub struct SimConfig {
     pub default_limits: bool,
     /// The models the server knows; a request naming another is answered 404 `model_not_found`.
     pub models: Vec<String>,
+    /// Known models that are overloaded: every request naming one is answered 503.
+    pub overloaded_models: Vec<String>,
     /// Length of the simulated embedding vectors.
     pub embedding_dimensions: usize,
     /// Fine-tune jobs.
@@ -261,6 +263,7 @@ impl Default for SimConfig {
             limits,
             default_limits: true,
             models: models.into_iter().map(str::to_owned).collect(),
+            overloaded_models: Vec::new(),
             embedding_dimensions: 32,
             fine_tunes: JobSettings {
                 concurrent: 3,
@@ -422,6 +425,9 @@ pub struct Args {
     /// The models the server knows, comma-separated (replaces the default list).
     #[arg(long, value_delimiter = ',', value_name = "ID,...")]
     pub models: Option<Vec<String>>,
+    /// Models answered 503 whenever they are named, comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "ID,...")]
+    pub overloaded_models: Option<Vec<String>>,
     /// Fine-tune jobs one key may run at once [default: 3].
     #[arg(long, value_name = "N")]
     pub fine_tune_concurrency: Option<u32>,
@@ -532,6 +538,7 @@ impl Args {
         config.listen = self.listen.unwrap_or(config.listen);
         config.algorithm = self.algorithm.unwrap_or(config.algorithm);
         config.models = self.models.unwrap_or(config.models);
+        config.overloaded_models = self.overloaded_models.unwrap_or(config.overloaded_models);
         config.fine_tunes.concurrent = self
             .fine_tune_concurrency
             .unwrap_or(config.fine_tunes.concurrent);

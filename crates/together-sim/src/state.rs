@@ -74,6 +74,9 @@ pub struct Stats {
     pub keys: BTreeMap<String, BTreeMap<String, Counters>>,
     /// By class name, over every key.
     pub classes: BTreeMap<String, Counters>,
+    /// By the model requests named, over every key and class.
+    #[serde(default)]
+    pub models: BTreeMap<String, Counters>,
 }
 
 impl Stats {
@@ -83,6 +86,11 @@ impl Stats {
             .get(class.as_str())
             .copied()
             .unwrap_or_default()
+    }
+
+    /// The counters of requests naming `model`: all zero if none did.
+    pub fn model(&self, model: &str) -> Counters {
+        self.models.get(model).copied().unwrap_or_default()
     }
 }
 
@@ -265,9 +273,23 @@ impl State {
     }
 
     /// Counts one answer.
-    pub(crate) fn record(&mut self, key_label: &str, class: Class, status: u16, tokens: u64) {
+    pub(crate) fn record(
+        &mut self,
+        key_label: &str,
+        class: Class,
+        model: Option<&str>,
+        status: u16,
+        tokens: u64,
+    ) {
         for counters in self.counters(key_label, class) {
             counters.add(status, tokens);
+        }
+        if let Some(model) = model {
+            self.stats
+                .models
+                .entry(model.to_owned())
+                .or_default()
+                .add(status, tokens);
         }
     }
 

@@ -226,6 +226,17 @@ pub(crate) fn job_slots_taken_by_409(key: ApiKeyId, group: &str, taken: usize, r
         .increment(taken as f64);
 }
 
+/// A retry goes with the fallback model `to` instead of `from`.
+pub(crate) fn fell_back(class: EndpointClass, from: Option<&str>, to: &str) {
+    tracing::info!(target: "together_tower", class = %class, from, to, "falling back to another model");
+    #[cfg(feature = "metrics")]
+    metrics::counter!(
+        "together_tower_fallbacks_total",
+        "class" => class.as_str(), "from" => model_label(from), "to" => model_label(Some(to))
+    )
+    .increment(1);
+}
+
 /// A model name as a metric label: the name itself for the first [`MODEL_LABELS`] names seen,
 /// `"other"` after that, `"none"` without one.
 #[cfg(feature = "metrics")]

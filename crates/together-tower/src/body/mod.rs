@@ -37,6 +37,7 @@
 mod buffered;
 pub mod future;
 mod meta;
+pub(crate) mod model;
 
 use std::task::{Context, Poll};
 

@@ -52,7 +52,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use self::policy::{Attempt, RetryBody, RetryPolicy, X_SHOULD_RETRY};
+pub use self::policy::{Attempt, ModelFallback, RetryBody, RetryPolicy, X_SHOULD_RETRY};
 
 use self::policy::FirstSent;
 

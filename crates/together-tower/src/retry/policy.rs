@@ -10,7 +10,8 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::rng::{HasherRng, Rng};
 
 use super::delivery::Delivery;
-use crate::body::BufferedBody;
+use crate::body::model::replace_model;
+use crate::body::{BufferedBody, RequestMeta};
 use crate::classify::{Classify, EndpointClass, TogetherClassifier};
 use crate::headers;
 use crate::telemetry;
@@ -24,6 +25,14 @@ pub const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry")
 pub trait RetryBody: Sized {
     /// A copy to send again, or `None` if this body can be sent only once.
     fn try_clone_body(&self) -> Option<Self>;
+
+    /// The same JSON body naming `model` instead, every other byte as it was, and its length
+    /// in bytes, for a [model fallback](RetryPolicy::with_fallback); `None` if this body
+    /// cannot be rewritten (the default). A [`BufferedBody`] buffered whole can.
+    fn with_model(&self, model: &str) -> Option<(Self, u64)> {
+        let _ = model;
+        None
+    }
 }
 
 impl<B: Clone> RetryBody for B {
@@ -36,6 +45,23 @@ impl<B> RetryBody for BufferedBody<B> {
     fn try_clone_body(&self) -> Option<Self> {
         self.try_clone()
     }
+
+    fn with_model(&self, model: &str) -> Option<(Self, u64)> {
+        let json = replace_model(self.bytes()?, model)?;
+        let length = json.len() as u64;
+        Some((BufferedBody::buffered(json.into()), length))
+    }
+}
+
+/// A response extension saying the answer came from a fallback model: the request named
+/// `requested`, and the retry that was answered went with `answered_by`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ModelFallback {
+    /// The model the caller's request named.
+    pub requested: String,
+    /// The model the answered request named.
+    pub answered_by: String,
 }
 
 /// A request extension the retry layer puts on each request it sends again: which attempt
@@ -57,6 +83,10 @@ struct Settings {
     base_delay: Duration,
     max_delay: Duration,
     max_hint: Duration,
+    /// Model fallbacks: after one of `fallback_statuses` for the first model, the retry goes
+    /// with the second.
+    fallbacks: Vec<(String, String)>,
+    fallback_statuses: Vec<StatusCode>,
 }
 
 /// When and how long to retry a Together call. Use it through [`RetryLayer`](super::RetryLayer).
@@ -107,6 +137,8 @@ impl RetryPolicy {
                 base_delay: Duration::from_millis(500),
                 max_delay: Duration::from_secs(8),
                 max_hint: Duration::from_secs(60),
+                fallbacks: Vec::new(),
+                fallback_statuses: vec![StatusCode::SERVICE_UNAVAILABLE],
             }),
             budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
             classifier: TogetherClassifier,
@@ -150,6 +182,42 @@ impl<C> RetryPolicy<C> {
     /// response back at once.
     pub fn with_max_hint(self, max_hint: Duration) -> Self {
         self.with_settings(|settings| settings.max_hint = max_hint)
+    }
+
+    /// After a 503 (or one of [`with_fallback_statuses`](Self::with_fallback_statuses)) for a
+    /// request naming model `from`, the retry goes with model `to`: the buffered JSON body's
+    /// `model` is rewritten, and nothing else. Call it once per model; fallbacks chain (`X`
+    /// to `Y`, then `Y` to `Z`) within `max_retries`. Under the rate limit layer the retry
+    /// waits its turn in `to`'s bucket, where the group is limited per model. The answer
+    /// carries a [`ModelFallback`] extension, and a `tracing` event says so. A fallback retry
+    /// goes at once: the server's hint was about `from`. Only bodies that
+    /// [`RetryBody::with_model`] can rewrite (a [`BufferedBody`] buffered whole) fall back;
+    /// others are retried with their own model.
+    pub fn with_fallback(self, from: impl Into<String>, to: impl Into<String>) -> Self {
+        let (from, to) = (from.into(), to.into());
+        self.with_settings(|settings| {
+            settings.fallbacks.retain(|(model, _)| *model != from);
+            settings.fallbacks.push((from, to));
+        })
+    }
+
+    /// The statuses that send a retry to the fallback model (default: 503). Statuses the
+    /// policy does not retry never fall back.
+    pub fn with_fallback_statuses(self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        let statuses = statuses.into_iter().collect();
+        self.with_settings(|settings| settings.fallback_statuses = statuses)
+    }
+
+    /// The model to fall back to after `status` for `model`, if any.
+    fn fallback_for(&self, status: StatusCode, model: &str) -> Option<&str> {
+        if !self.settings.fallback_statuses.contains(&status) {
+            return None;
+        }
+        self.settings
+            .fallbacks
+            .iter()
+            .find(|(from, _)| from == model)
+            .map(|(_, to)| to.as_str())
     }
 
     /// Shares this retry budget instead of the default (20% of requests plus 10/s over 10 s).
@@ -269,25 +337,12 @@ impl<C> RetryPolicy<C> {
     }
 }
 
-fn should_retry(headers: &HeaderMap) -> Option<bool> {
-    match headers.get(X_SHOULD_RETRY)?.as_bytes() {
-        b"true" => Some(true),
-        b"false" => Some(false),
-        _ => None,
-    }
-}
-
-impl<B, ResBody, C> Policy<Request<B>, Response<ResBody>, BoxError> for RetryPolicy<C>
-where
-    B: RetryBody,
-    C: Classify + Clone,
-{
-    type Future = Sleep;
-
-    fn retry(
+impl<C: Classify> RetryPolicy<C> {
+    /// Whether and when to send `request` again after `result`.
+    fn decide<B: RetryBody, ResBody>(
         &mut self,
         request: &mut Request<B>,
-        result: &mut Result<Response<ResBody>, BoxError>,
+        result: &Result<Response<ResBody>, BoxError>,
     ) -> Option<Sleep> {
         let class = self.classifier.classify(request);
         let verdict = match result {
@@ -299,7 +354,13 @@ where
             Verdict::Retry { hint, reason } => (hint, reason),
         };
         let attempts = self.retries + 1;
+        let fallback = match result {
+            Ok(response) => self.fall_back(request, response.status()),
+            Err(_) => None,
+        };
         let delay = match hint {
+            // The hint was about the model it fell back from.
+            _ if fallback.is_some() => Duration::ZERO,
             Some(hint) if hint > self.settings.max_hint => {
                 telemetry::gave_up(class, attempts, "hint_too_long");
                 return None;
@@ -325,10 +386,91 @@ where
             telemetry::gave_up(class, attempts, refusal);
             return None;
         }
+        if let Some((body, fallback)) = fallback {
+            switch_model(request, body, fallback, class);
+        }
         self.retries += 1;
         request.extensions_mut().insert(Attempt(self.retries));
         telemetry::retrying(class, self.retries, reason, delay, self.retries_left());
         Some(tokio::time::sleep(delay))
+    }
+
+    /// The body for a retry with the fallback model of the request's, after `status`, and
+    /// what the answer will say; `None` if the request does not fall back.
+    fn fall_back<B: RetryBody>(
+        &self,
+        request: &Request<B>,
+        status: StatusCode,
+    ) -> Option<((B, u64), ModelFallback)> {
+        let model = request.extensions().get::<RequestMeta>()?.model.as_deref()?;
+        let to = self.fallback_for(status, model)?;
+        let body = request.body().with_model(to)?;
+        let requested = request
+            .extensions()
+            .get::<ModelFallback>()
+            .map_or(model, |earlier| earlier.requested.as_str());
+        Some((
+            body,
+            ModelFallback {
+                requested: requested.to_owned(),
+                answered_by: to.to_owned(),
+            },
+        ))
+    }
+}
+
+/// Sends `request` again naming the fallback model: its body, its length and what the rate
+/// limit layer reads of it (so the retry waits in the new model's bucket).
+fn switch_model<B: RetryBody>(
+    request: &mut Request<B>,
+    (body, length): (B, u64),
+    fallback: ModelFallback,
+    class: EndpointClass,
+) {
+    if let Some(meta) = request.extensions_mut().get_mut::<RequestMeta>() {
+        telemetry::fell_back(class, meta.model.as_deref(), &fallback.answered_by);
+        meta.model = Some(fallback.answered_by.clone());
+        meta.body_bytes = length;
+    }
+    *request.body_mut() = body;
+    if request.headers().contains_key(http::header::CONTENT_LENGTH) {
+        request
+            .headers_mut()
+            .insert(http::header::CONTENT_LENGTH, length.into());
+    }
+    request.extensions_mut().insert(fallback);
+}
+
+fn should_retry(headers: &HeaderMap) -> Option<bool> {
+    match headers.get(X_SHOULD_RETRY)?.as_bytes() {
+        b"true" => Some(true),
+        b"false" => Some(false),
+        _ => None,
+    }
+}
+
+impl<B, ResBody, C> Policy<Request<B>, Response<ResBody>, BoxError> for RetryPolicy<C>
+where
+    B: RetryBody,
+    C: Classify + Clone,
+{
+    type Future = Sleep;
+
+    fn retry(
+        &mut self,
+        request: &mut Request<B>,
+        result: &mut Result<Response<ResBody>, BoxError>,
+    ) -> Option<Sleep> {
+        let retry = self.decide(request, result);
+        if retry.is_none() {
+            // The answer goes back to the caller: say which model gave it.
+            if let (Ok(response), Some(fallback)) =
+                (result, request.extensions().get::<ModelFallback>())
+            {
+                response.extensions_mut().insert(fallback.clone());
+            }
+        }
+        retry
     }
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
