@@ -24,11 +24,9 @@ async fn a_503_for_one_model_is_answered_by_its_fallback_waiting_in_that_models_
     .await
     .unwrap();
     let limits = Limits::new(QuotaTable::together_defaults());
-    let layer = TogetherLayer::new(limits.clone())
-        .with_retry(RetryPolicy::new().with_fallback(BIG, SMALL));
-    let together = ServiceBuilder::new()
-        .layer(layer)
-        .service(http_client());
+    let layer =
+        TogetherLayer::new(limits.clone()).with_retry(RetryPolicy::new().with_fallback(BIG, SMALL));
+    let together = ServiceBuilder::new().layer(layer).service(http_client());
     // Key order, spacing and the rest of the body as the caller wrote them.
     let body = format!(
         r#"{{ "messages": [{{"role": "user", "content": "hi"}}], "model": "{BIG}", "max_tokens": 8 }}"#
@@ -41,18 +39,32 @@ async fn a_503_for_one_model_is_answered_by_its_fallback_waiting_in_that_models_
         .unwrap();
     let response = together.oneshot(request).await.unwrap();
     assert_eq!(response.status(), 200);
-    let fallback = response.extensions().get::<ModelFallback>().cloned().unwrap();
-    assert_eq!((fallback.requested.as_str(), fallback.answered_by.as_str()), (BIG, SMALL));
+    let fallback = response
+        .extensions()
+        .get::<ModelFallback>()
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (fallback.requested.as_str(), fallback.answered_by.as_str()),
+        (BIG, SMALL)
+    );
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let reply: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(reply["model"], SMALL);
 
     let stats = sim.stats();
-    assert_eq!((stats.model(BIG).requests, stats.model(BIG).unavailable), (1, 1));
+    assert_eq!(
+        (stats.model(BIG).requests, stats.model(BIG).unavailable),
+        (1, 1)
+    );
     assert_eq!((stats.model(SMALL).requests, stats.model(SMALL).ok), (1, 1));
     assert_eq!(stats.class(Class::Chat).requests, 2);
     // Chat is limited per model: the retry took its turn in the small model's bucket.
-    let mut models: Vec<_> = limits.snapshot().into_iter().filter_map(|bucket| bucket.model).collect();
+    let mut models: Vec<_> = limits
+        .snapshot()
+        .into_iter()
+        .filter_map(|bucket| bucket.model)
+        .collect();
     models.sort();
     assert_eq!(models, [BIG, SMALL]);
     sim.shutdown().await;

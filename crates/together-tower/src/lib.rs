@@ -102,6 +102,7 @@ pub mod clock;
 pub mod headers;
 pub mod key;
 pub mod limit;
+pub mod models;
 pub mod quota;
 pub mod retry;
 

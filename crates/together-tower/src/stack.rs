@@ -1,25 +1,28 @@
-//! The three layers composed in the one order that works.
+//! The layers composed in the one order that works.
 
 use tower_layer::Layer;
 
 use crate::body::{BufferBody, BufferBodyLayer};
 use crate::classify::TogetherClassifier;
 use crate::limit::{Limiter, Limits, LocalLimiter, RateLimit, RateLimitLayer};
+use crate::models::{ModelCheck, ModelCheckLayer};
 use crate::retry::{Retry, RetryLayer, RetryPolicy};
 
 /// The service [`TogetherLayer`] builds around a client `S`.
 pub type TogetherService<S, C = TogetherClassifier, L = LocalLimiter> =
-    BufferBody<Retry<RateLimit<S, C, L>, C>>;
+    BufferBody<ModelCheck<Retry<RateLimit<S, C, L>, C>>>;
 
-/// BufferBody, then retry, then rate limit, around any HTTP client:
+/// BufferBody, then the model check, then retry, then rate limit, around any HTTP client:
 ///
 /// ```text
-/// caller ─► BufferBody ─► Retry ─► RateLimit ─► client ─► Together
+/// caller ─► BufferBody ─► ModelCheck ─► Retry ─► RateLimit ─► client ─► Together
 /// ```
 ///
 /// The body is read once (so it can be sent again, and its `model` read); each attempt,
 /// retries included, waits its turn in the rate limiter; the retry layer sees every answer and
-/// the limiter learns from each 429.
+/// the limiter learns from each 429; a 404 for an unknown model becomes
+/// [`ModelNotFound`](crate::models::ModelNotFound), the models list fetched through the rest
+/// of the stack.
 ///
 /// # The client's body type
 ///
@@ -74,6 +77,7 @@ where
     L: Limiter,
 {
     buffer: BufferBodyLayer,
+    models: ModelCheckLayer,
     retry: RetryLayer<C>,
     limit: RateLimitLayer<C, L>,
 }
@@ -86,6 +90,7 @@ impl<C: Clone, L: Limiter> TogetherLayer<C, L> {
         let policy = RetryPolicy::new().with_classifier(limits.classifier().clone());
         Self {
             buffer: BufferBodyLayer::new(),
+            models: ModelCheckLayer::new(),
             retry: RetryLayer::new(policy),
             limit: RateLimitLayer::new(limits),
         }
@@ -96,6 +101,12 @@ impl<C, L: Limiter> TogetherLayer<C, L> {
     /// Buffers bodies with this layer (to change the size limit).
     pub fn with_buffer(mut self, buffer: BufferBodyLayer) -> Self {
         self.buffer = buffer;
+        self
+    }
+
+    /// Checks models with this layer (to change how long the models list is kept).
+    pub fn with_model_check(mut self, models: ModelCheckLayer) -> Self {
+        self.models = models;
         self
     }
 
@@ -111,12 +122,12 @@ impl<C, L: Limiter> TogetherLayer<C, L> {
     }
 }
 
-impl<S, C: Clone, L: Limiter> Layer<S> for TogetherLayer<C, L> {
+impl<S: Clone, C: Clone, L: Limiter> Layer<S> for TogetherLayer<C, L> {
     type Service = TogetherService<S, C, L>;
 
     fn layer(&self, client: S) -> Self::Service {
-        self.buffer
-            .layer(self.retry.layer(self.limit.layer(client)))
+        let retried = self.retry.layer(self.limit.layer(client));
+        self.buffer.layer(self.models.layer(retried))
     }
 }
 

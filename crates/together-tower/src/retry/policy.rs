@@ -402,7 +402,11 @@ impl<C: Classify> RetryPolicy<C> {
         request: &Request<B>,
         status: StatusCode,
     ) -> Option<((B, u64), ModelFallback)> {
-        let model = request.extensions().get::<RequestMeta>()?.model.as_deref()?;
+        let model = request
+            .extensions()
+            .get::<RequestMeta>()?
+            .model
+            .as_deref()?;
         let to = self.fallback_for(status, model)?;
         let body = request.body().with_model(to)?;
         let requested = request
