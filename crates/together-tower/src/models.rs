@@ -272,7 +272,7 @@ impl<S> Ask<S> {
             let Some(known) = list.get(service, &probe).await else {
                 return Ok(response);
             };
-            if known.iter().any(|id| *id == probe.model) {
+            if known.contains(&probe.model) {
                 return Ok(response);
             }
             Err(ModelNotFound {
