@@ -1,24 +1,22 @@
 //! `together-tower embed`: embeds a file, one text per line, into JSON lines, and resumes.
 //!
-//! Output lines are `{"index":N,"embedding":[...]}`, in input order, written whole and flushed
-//! a batch at a time. Run again on the same output and it checks what is there (every
+//! The inputs go in requests of `--batch` inputs (split, sent and put back in input order by
+//! [`together_tower::embeddings`]). Output lines are `{"index":N,"embedding":[...]}`, in input
+//! order, written whole and flushed a batch at a time. Run again on the same output and it checks what is there (every
 //! complete line must be the next index; a torn last line from a crash is cut off), then
 //! embeds only the rest: nothing is embedded twice, nothing is lost.
 
-use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use http::Request;
-use http_body_util::{BodyExt, Full};
-use serde_json::{Value, json};
 use together_sim::{Algorithm, Class};
+use together_tower::embeddings::{ChunkError, InOrder, chunks, embed_chunk, request_body};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Semaphore, mpsc};
-use tower::ServiceExt;
 
 use crate::CliError;
-use crate::client::{Endpoint, Mode, Stack, stack};
+use crate::client::{Endpoint, Mode, stack};
 use crate::observe::Observations;
 use crate::target::{SimLimits, Target, TargetArgs, json_request};
 
@@ -111,22 +109,23 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
 
     let progress = crate::bench::progress_bar((inputs.len() - done) as u64);
     let inputs = Arc::new(inputs);
-    let (results, mut finished) = mpsc::channel::<(usize, Result<Vec<Value>, String>)>(64);
+    let (results, mut finished) =
+        mpsc::channel::<(Range<usize>, Result<Vec<Vec<f32>>, ChunkError>)>(64);
     let launcher = {
         let slots = Arc::new(Semaphore::new(args.concurrency as usize));
         let (inputs, batch, model) = (Arc::clone(&inputs), args.batch as usize, args.model.clone());
         tokio::spawn(async move {
-            for start in (done..inputs.len()).step_by(batch) {
+            for range in chunks(inputs.len() - done, batch) {
+                let range = range.start + done..range.end + done;
                 let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                     break;
                 };
-                let end = (start + batch).min(inputs.len());
-                let body = json!({"model": model, "input": &inputs[start..end]}).to_string();
+                let body = request_body(&model, &inputs[range.clone()]);
                 let request = json_request(&url, &key, body);
                 let (service, results) = (service.clone(), results.clone());
                 tokio::spawn(async move {
-                    let embedded = embed_batch(service, request, end - start).await;
-                    let _ = results.send((start, embedded)).await;
+                    let embedded = embed_chunk(service, request, range.len()).await;
+                    let _ = results.send((range, embedded)).await;
                     drop(slot);
                 });
             }
@@ -134,32 +133,31 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
     };
 
     // Batches finish out of order; write each once every batch before it is written.
-    let mut waiting: BTreeMap<usize, Vec<Value>> = BTreeMap::new();
+    let mut in_order = InOrder::starting_at(done);
     let mut written = done;
     let outcome = loop {
         let received = tokio::select! {
             received = finished.recv() => received,
             _ = tokio::signal::ctrl_c() => break Err(format!("interrupted: {} holds inputs 0 to {}; run again to resume", args.output.display(), written.saturating_sub(1))),
         };
-        let Some((start, embedded)) = received else {
+        let Some((range, embedded)) = received else {
             break Ok(());
         };
-        match embedded {
-            Ok(vectors) => {
-                waiting.insert(start, vectors);
-            }
+        let ready = match embedded {
+            Ok(vectors) => in_order.push(range.start, vectors),
             Err(error) => {
                 break Err(format!(
-                    "the batch from input {start} failed ({error}); {} holds inputs before {written}; run again to resume",
+                    "the batch of inputs {} to {} failed ({error}); {} holds inputs before {written}; run again to resume",
+                    range.start,
+                    range.end - 1,
                     args.output.display()
                 ));
             }
-        }
-        while let Some(vectors) = waiting.remove(&written) {
-            let lines: String = vectors
+        };
+        if !ready.is_empty() {
+            let lines: String = ready
                 .iter()
-                .enumerate()
-                .map(|(offset, vector)| output_line(written + offset, vector))
+                .map(|(index, vector)| output_line(*index, vector))
                 .collect();
             output.write_all(lines.as_bytes()).await.map_err(|error| {
                 CliError::Io(format!("cannot write {}: {error}", args.output.display()))
@@ -167,8 +165,8 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
             output.sync_data().await.map_err(|error| {
                 CliError::Io(format!("cannot write {}: {error}", args.output.display()))
             })?;
-            progress.inc(vectors.len() as u64);
-            written += vectors.len();
+            progress.inc(ready.len() as u64);
+            written = in_order.next();
         }
         if written == inputs.len() {
             break Ok(());
@@ -185,60 +183,6 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
         resumed_from: done,
         embedded: written - done,
     })
-}
-
-/// Sends one batch; returns its vectors in input order.
-async fn embed_batch(
-    service: Stack,
-    request: Request<Full<bytes::Bytes>>,
-    count: usize,
-) -> Result<Vec<Value>, String> {
-    let response = service
-        .oneshot(request)
-        .await
-        .map_err(|error| error.to_string())?;
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|error| error.to_string())?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(format!(
-            "status {status}: {}",
-            String::from_utf8_lossy(&body)
-                .chars()
-                .take(200)
-                .collect::<String>()
-        ));
-    }
-    let json: Value = serde_json::from_slice(&body)
-        .map_err(|error| format!("the answer is not JSON: {error}"))?;
-    let mut data: Vec<(u64, Value)> = json["data"]
-        .as_array()
-        .ok_or("the answer has no `data` list")?
-        .iter()
-        .map(|item| {
-            (
-                item["index"].as_u64().unwrap_or(u64::MAX),
-                item["embedding"].clone(),
-            )
-        })
-        .collect();
-    data.sort_by_key(|(index, _)| *index);
-    let in_order = data
-        .iter()
-        .enumerate()
-        .all(|(i, (index, vector))| *index == i as u64 && vector.is_array());
-    if data.len() != count || !in_order {
-        return Err(format!(
-            "expected {count} embeddings indexed 0 to {}, got {}",
-            count - 1,
-            data.len()
-        ));
-    }
-    Ok(data.into_iter().map(|(_, vector)| vector).collect())
 }
 
 /// Checks an existing output and cuts off a torn last line of our own; returns how many
@@ -275,7 +219,8 @@ async fn verify_output(path: &Path, inputs: usize) -> Result<usize, CliError> {
 }
 
 /// One output line, as this command writes it.
-fn output_line(index: usize, embedding: &Value) -> String {
+fn output_line(index: usize, embedding: &[f32]) -> String {
+    let embedding = serde_json::to_string(embedding).unwrap_or_else(|_| "[]".into());
     format!("{{\"index\":{index},\"embedding\":{embedding}}}\n")
 }
 
@@ -302,7 +247,7 @@ impl ExistingOutput {
             if line.is_empty() {
                 continue;
             }
-            let parsed: Option<Value> = serde_json::from_slice(line).ok();
+            let parsed: Option<serde_json::Value> = serde_json::from_slice(line).ok();
             let valid = parsed.as_ref().is_some_and(|value| {
                 value["index"].as_u64() == Some(lines as u64) && value["embedding"].is_array()
             });
@@ -374,7 +319,7 @@ mod tests {
 
     fn ours(lines: usize) -> Vec<u8> {
         (0..lines)
-            .flat_map(|index| output_line(index, &json!([0.25, -1e-3])).into_bytes())
+            .flat_map(|index| output_line(index, &[0.25, -1e-3]).into_bytes())
             .collect()
     }
 
@@ -400,7 +345,7 @@ mod tests {
     #[test]
     fn a_torn_line_of_our_own_is_cut_and_complete_lines_kept() {
         let whole = ours(3);
-        let next = output_line(3, &json!([0.5, 0.75]));
+        let next = output_line(3, &[0.5, 0.75]);
         for cut in 1..next.len() - 1 {
             let mut bytes = whole.clone();
             bytes.extend_from_slice(&next.as_bytes()[..cut]);

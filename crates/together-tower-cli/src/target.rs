@@ -37,12 +37,12 @@ impl TargetArgs {
 pub fn json_request(
     url: &str,
     key: &ApiKey,
-    body: String,
+    body: impl Into<bytes::Bytes>,
 ) -> http::Request<http_body_util::Full<bytes::Bytes>> {
     http::Request::post(url)
         .header("authorization", format!("Bearer {}", key.expose()))
         .header("content-type", "application/json")
-        .body(http_body_util::Full::from(body))
+        .body(http_body_util::Full::new(body.into()))
         .expect("a URL that parsed and fixed headers make a valid request")
 }
 

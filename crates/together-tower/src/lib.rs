@@ -99,6 +99,7 @@ pub mod client;
 #[doc = include_str!("../../../docs/guide.md")]
 pub mod guide {}
 pub mod clock;
+pub mod embeddings;
 pub mod headers;
 pub mod key;
 pub mod limit;
