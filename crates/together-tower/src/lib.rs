@@ -1,23 +1,25 @@
 //! Tower layers for Rust services that call Together AI: wait your turn instead of walking
 //! into a 429, retry what is safe to retry, and still use the whole quota you pay for.
 //!
-//! [`TogetherLayer`] puts three layers, in the one order that works, around any HTTP client
+//! [`TogetherLayer`] puts four layers, in the one order that works, around any HTTP client
 //! that is a `Service<http::Request<B>>`: hyper-util's `Client`, reqwest or a tonic `Channel`
 //! through [`client`], a `service_fn` in tests.
 //!
 //! ```text
-//! caller ─► BufferBodyLayer ─► RetryLayer ─► RateLimitLayer ─► client ─► Together
+//! caller ─► BufferBodyLayer ─► ModelCheckLayer ─► RetryLayer ─► RateLimitLayer ─► client ─► Together
 //! ```
 //!
 //! - [`BufferBodyLayer`](body::BufferBodyLayer) reads the request body once, so it can be
 //!   sent again, and reads its `model`, `max_tokens` and input count into a
 //!   [`RequestMeta`](body::RequestMeta).
+//! - [`ModelCheckLayer`](models::ModelCheckLayer) turns a 404 for an unknown model into
+//!   [`ModelNotFound`](models::ModelNotFound), naming the closest models of `GET /v1/models`.
 //! - [`RetryLayer`](retry::RetryLayer) retries 429s, 5xx and connection errors by the
-//!   server's hints, with jittered backoff and a shared budget, and never repeats a call that
-//!   may have created a paid job.
+//!   server's hints, with jittered backoff and a shared budget, never repeats a call that
+//!   may have created a paid job, and can fall back to another model after a 503.
 //! - [`RateLimitLayer`](limit::RateLimitLayer) makes each request wait its turn in its (API
 //!   key, quota group, model) bucket, first come first served, bounded, cancellable, and taught
-//!   by the server's answers.
+//!   by the server's answers; a fine-tune or batch holds its key's job slot until it ends.
 //!
 //! Each works alone in any `ServiceBuilder` too. The buckets live in a [`Limits`]: build one
 //! per process and give a clone to every stack, and they all share one quota.
@@ -45,7 +47,9 @@
 //! - [`key`]: API keys: found, fingerprinted, and hidden from every print.
 //! - [`quota`]: tables from classes to quota groups to limits; Together's defaults and tiers.
 //! - [`limit`]: the shared [`Limits`], the rate limit layer, its errors and its backend trait.
-//! - [`retry`]: the retry layer and its policy.
+//! - [`retry`]: the retry layer and its policy, model fallbacks among them.
+//! - [`models`]: the model check.
+//! - [`embeddings`]: long input lists split into requests of 20, put back in order.
 //! - [`body`]: the body buffering layer and the request metadata it reads.
 //! - [`client`]: clients the stack sits on, beside hyper-util's.
 //! - [`headers`]: parsers for the server's rate-limit and retry hints.
@@ -66,6 +70,11 @@
 //! | rate changed | info | key (fingerprint), group, model, from_per_second, to_per_second, reason |
 //! | retrying | info | class, attempt, reason, delay_ms, retries_left |
 //! | giving up | info | class, attempts, reason |
+//! | falling back to another model | info | class, from, to |
+//! | job slot held | debug | key (fingerprint), group, held |
+//! | job slot released | debug | key (fingerprint), group, reason (`ended`, `expired`, `not_listed`) |
+//! | 409: every job slot is in use at the server | info | key (fingerprint), group, taken, recheck_ms |
+//! | models list fetched | debug | models |
 //!
 //! With the `metrics` feature, the same goes to the `metrics` facade. Labels are bounded: the
 //! class or quota group, the model (the first 64 distinct names, then `other`), a coarse
@@ -81,6 +90,8 @@
 //! | `together_tower_rate_per_second` | gauge | group, model | the request rate in force, after each change |
 //! | `together_tower_retries_total` | counter | class, reason | retries sent (`429`, `503`, `5xx`, `connection`, ...) |
 //! | `together_tower_retries_refused_total` | counter | class, reason | retries not sent (`budget`, `max_retries`, `max_elapsed`, `hint_too_long`) |
+//! | `together_tower_fallbacks_total` | counter | class, from, to | retries sent with a fallback model |
+//! | `together_tower_job_slots_held` | gauge | group | job slots held by running jobs (and by placeholders after a 409) |
 //!
 //! # Feature flags
 //! - `toml`: load quota tables from TOML ([`quota::QuotaTable::from_toml`]).

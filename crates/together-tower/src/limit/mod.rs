@@ -22,6 +22,15 @@
 //!   same wall. In [`Mode::Adaptive`] (the default) the rate also follows the server's stated
 //!   limits and cuts itself on 429s and 503s its own pace did not expect, then recovers; see
 //!   [`Adaptation`]. [`Mode::Static`] keeps the table's rates.
+//! - **Job slots last as long as the job.** In a group with concurrency slots (fine-tune
+//!   create: 3, batch create: 10), a create that succeeds keeps its slot until an answer the
+//!   layer passes on shows the job ended (a read of the job, a cancel, or the list), or until
+//!   [`job_ttl`](LimitsBuilder::job_ttl) (24 h). A create beyond the limit waits for a slot,
+//!   within `max_wait`, instead of going out to meet a 409. A 409 that comes anyway (jobs of
+//!   another process) takes the free slots until a list corrects the count or
+//!   [`job_recheck`](LimitsBuilder::job_recheck) (30 s) passes. To count jobs already running
+//!   at start-up, send one `GET /v1/fine-tunes` (and `GET /v1/batches`) per key through the
+//!   stack and read its answer to the end: every running job it lists takes a slot.
 //!
 //! The wait happens inside the response future, because the bucket is only known once the
 //! request is: `poll_ready` forwards to the inner service.
