@@ -21,8 +21,8 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
@@ -163,11 +163,33 @@ impl<S> ModelCheck<S> {
 }
 
 /// What a 404 needs to ask for the models list: the model, where the request went, and its
-/// headers (the key among them, already marked sensitive by the layers above).
+/// credentials: the headers the layers above marked sensitive (the classifier's, so a key in
+/// a header of the user's own goes too). Most requests carry one, kept without allocating.
 struct Probe {
-    model: String,
+    model: Arc<str>,
     uri: Uri,
-    headers: HeaderMap,
+    credential: Option<(HeaderName, HeaderValue)>,
+    more_credentials: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Probe {
+    fn new<B>(request: &Request<B>, model: Arc<str>) -> Self {
+        let mut credentials = request
+            .headers()
+            .iter()
+            .filter(|(_, value)| value.is_sensitive())
+            .map(|(name, value)| (name.clone(), value.clone()));
+        Self {
+            model,
+            uri: request.uri().clone(),
+            credential: credentials.next(),
+            more_credentials: credentials.collect(),
+        }
+    }
+
+    fn credentials(&self) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
+        self.credential.iter().chain(&self.more_credentials)
+    }
 }
 
 impl<S, B, ResBody> Service<Request<BufferedBody<B>>> for ModelCheck<S>
@@ -196,19 +218,18 @@ where
             .extensions()
             .get::<RequestMeta>()
             .and_then(|meta| meta.model.clone())
-            .map(|model| Probe {
-                model,
-                uri: request.uri().clone(),
-                headers: request.headers().clone(),
-            });
+            .map(|model| Probe::new(&request, model));
         let future = self.inner.call(request);
         ResponseFuture {
             state: State::Calling {
                 future,
-                ask: probe.map(|probe| Ask {
-                    probe,
-                    spare: Arc::clone(&self.spare),
-                    list: Arc::clone(&self.list),
+                // Boxed: kept small, the future moves cheaply on the happy path.
+                ask: probe.map(|probe| {
+                    Box::new(Ask {
+                        probe,
+                        spare: Arc::clone(&self.spare),
+                        list: Arc::clone(&self.list),
+                    })
                 }),
             },
         }
@@ -245,7 +266,7 @@ pin_project! {
         Calling {
             #[pin]
             future: S::Future,
-            ask: Option<Ask<S>>,
+            ask: Option<Box<Ask<S>>>,
         },
         Checking {
             checking: Checking<S::Response>,
@@ -272,12 +293,12 @@ impl<S> Ask<S> {
             let Some(known) = list.get(service, &probe).await else {
                 return Ok(response);
             };
-            if known.contains(&probe.model) {
+            if known.iter().any(|id| **id == *probe.model) {
                 return Ok(response);
             }
             Err(ModelNotFound {
                 closest: closest(&probe.model, &known),
-                model: probe.model,
+                model: probe.model.to_string(),
             }
             .into())
         })
@@ -306,7 +327,7 @@ where
                     let response = ready!(future.poll(cx))?;
                     match ask.take() {
                         Some(ask) if response.status() == StatusCode::NOT_FOUND => {
-                            let checking = ask.check(response);
+                            let checking = (*ask).check(response);
                             this.state.set(State::Checking { checking });
                         }
                         _ => return Poll::Ready(Ok(response)),
@@ -366,7 +387,7 @@ impl ModelList {
     }
 }
 
-/// `GET /v1/models` at the server the probe's request went to, with its headers (the key).
+/// `GET /v1/models` at the server the probe's request went to, with its credentials.
 fn models_request<B>(probe: &Probe) -> Option<Request<BufferedBody<B>>> {
     let path = probe.uri.path();
     // Keep any prefix before `/v1/`, as a gateway's base URL has.
@@ -376,9 +397,9 @@ fn models_request<B>(probe: &Probe) -> Option<Request<BufferedBody<B>>> {
     let mut request = Request::new(BufferedBody::buffered(Bytes::new()));
     *request.method_mut() = Method::GET;
     *request.uri_mut() = Uri::from_parts(parts).ok()?;
-    *request.headers_mut() = probe.headers.clone();
-    request.headers_mut().remove(CONTENT_LENGTH);
-    request.headers_mut().remove(CONTENT_TYPE);
+    for (name, value) in probe.credentials() {
+        request.headers_mut().append(name.clone(), value.clone());
+    }
     Some(request)
 }
 
@@ -474,16 +495,14 @@ mod tests {
 
     #[test]
     fn the_models_request_keeps_the_base_and_the_key() {
-        let mut headers = HeaderMap::new();
-        headers.insert("authorization", "Bearer k".parse().unwrap());
-        headers.insert("content-length", "12".parse().unwrap());
-        let probe = Probe {
-            model: "m".into(),
-            uri: "https://gateway.example/together/v1/chat/completions?x=1"
-                .parse()
-                .unwrap(),
-            headers,
-        };
+        let mut key = HeaderValue::from_static("Bearer k");
+        key.set_sensitive(true);
+        let chat = Request::post("https://gateway.example/together/v1/chat/completions?x=1")
+            .header("authorization", key)
+            .header("content-length", "12")
+            .body(())
+            .unwrap();
+        let probe = Probe::new(&chat, "m".into());
         let request = models_request::<()>(&probe).unwrap();
         assert_eq!(request.method(), Method::GET);
         assert_eq!(request.uri(), "https://gateway.example/together/v1/models");

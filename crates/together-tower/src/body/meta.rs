@@ -1,4 +1,5 @@
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
@@ -8,8 +9,9 @@ use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RequestMeta {
-    /// `model`, if the body names one.
-    pub model: Option<String>,
+    /// `model`, if the body names one. Shared, as the layers below keep it (a bucket, a
+    /// fallback, the model check) and cloning it costs no allocation.
+    pub model: Option<Arc<str>>,
     /// `max_tokens`, if set.
     pub max_tokens: Option<u64>,
     /// How many inputs `input` holds: the length of an array, or 1 for a single string.
@@ -29,7 +31,7 @@ impl RequestMeta {
         }
         let fields: Fields = serde_json::from_slice(body).ok()?;
         Some(Self {
-            model: fields.model,
+            model: fields.model.map(Arc::from),
             max_tokens: fields.max_tokens,
             input_count: fields.input.map(|InputCount(count)| count),
             body_bytes: body.len() as u64,

@@ -60,8 +60,7 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
         let made = self.buckets.get_or_insert_with(key, clock, || {
             let model = meta
                 .filter(|_| key.model != 0)
-                .and_then(|meta| meta.model.as_deref())
-                .map(Arc::from);
+                .and_then(|meta| meta.model.clone());
             Bucket::new(&self.context, key.key, group, model)
         });
         let bucket = match made {

@@ -433,7 +433,7 @@ fn switch_model<B: RetryBody>(
 ) {
     if let Some(meta) = request.extensions_mut().get_mut::<RequestMeta>() {
         telemetry::fell_back(class, meta.model.as_deref(), &fallback.answered_by);
-        meta.model = Some(fallback.answered_by.clone());
+        meta.model = Some(Arc::from(fallback.answered_by.as_str()));
         meta.body_bytes = length;
     }
     *request.body_mut() = body;

@@ -24,7 +24,7 @@ fn adaptive(table: QuotaTable, adaptation: Adaptation) -> Limits {
 fn for_model(model: &str, label: &str) -> Request<String> {
     let mut request = request(CHAT, "k", label);
     request.extensions_mut().insert(RequestMeta {
-        model: Some(model.to_owned()),
+        model: Some(model.into()),
         ..RequestMeta::default()
     });
     request
