@@ -22,7 +22,7 @@
 //! # async fn main() -> Result<(), tower::BoxError> {
 //! let client = tower::service_fn(|request: Request<BufferedBody<Full<Bytes>>>| async move {
 //!     let meta = request.extensions().get::<RequestMeta>().cloned().unwrap_or_default();
-//!     Ok::<_, tower::BoxError>(Response::new(meta.model.unwrap_or_default()))
+//!     Ok::<_, tower::BoxError>(Response::new(meta.model.as_deref().unwrap_or_default().to_owned()))
 //! });
 //! let mut together = ServiceBuilder::new().layer(BufferBodyLayer::new()).service(client);
 //!
