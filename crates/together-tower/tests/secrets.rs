@@ -125,6 +125,42 @@ async fn the_whole_stack_never_prints_the_key() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_model_check_and_the_fallback_never_print_the_key() {
+    let (client, mut handle): (Client, _) = mock::pair();
+    let policy = RetryPolicy::new().with_fallback("big", "small");
+    let mut service = TogetherLayer::new(Limits::new(QuotaTable::unlimited()))
+        .with_retry(policy)
+        .layer(client);
+
+    // A 503 for "big": the retry goes to "small", with the key, and says so.
+    let call = tokio::spawn(service.clone().oneshot(chat(full(r#"{"model":"big"}"#))));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(Response::builder().status(503).body(String::new()).unwrap());
+    let (retried, send) = handle.next_request().await.unwrap();
+    assert_no_secret("the fallback request", &debug(&retried));
+    send.send_response(Response::new(String::new()));
+    let answered = call.await.unwrap().unwrap();
+    assert_no_secret("the answer", &debug(&answered));
+
+    // A 404 for an unknown model: the models list is asked for with the key.
+    service.ready().await.unwrap();
+    let mut future = Box::pin(service.call(chat(full(r#"{"model":"smal"}"#))));
+    assert!(poll_once(&mut future).is_pending());
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(Response::builder().status(404).body(String::new()).unwrap());
+    assert!(poll_once(&mut future).is_pending());
+    assert_no_secret("a future checking the model", &debug(&future));
+    let (models, send) = handle.next_request().await.unwrap();
+    assert_eq!(models.uri().path(), "/v1/models");
+    assert_no_secret("the models request", &debug(&models));
+    send.send_response(Response::new(r#"[{"id":"small"},{"id":"big"}]"#.to_owned()));
+    let error = future.await.unwrap_err();
+    assert!(error.to_string().contains("did you mean small"), "{error}");
+    assert_no_secret("ModelNotFound", &format!("{error} {error:?}"));
+    assert_no_secret("the service", &debug(&service));
+}
+
+#[tokio::test(start_paused = true)]
 async fn each_layer_alone_never_prints_the_key() {
     // The rate limit layer, with a request waiting for its turn.
     let (client, mut handle) = mock::pair::<Request<String>, Response<String>>();

@@ -399,7 +399,22 @@ pub(crate) fn read_jobs(body: &[u8]) -> Option<(Vec<JobSeen>, bool)> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #[test]
+        fn job_answers_of_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = created_id(&bytes);
+            let _ = read_jobs(&bytes);
+        }
+
+        #[test]
+        fn any_path_is_judged_without_panic(path in "\\PC{0,64}") {
+            let _ = reads_jobs(&Method::GET, &path);
+        }
+    }
 
     fn seen(id: &str, ended: bool) -> JobSeen {
         JobSeen {
