@@ -412,7 +412,9 @@ impl<C, L> LimitsBuilder<C, L> {
 
     /// How long a created fine-tune or batch holds its group's slot when no answer about it
     /// (a read of the job, a cancel, the list) shows it ending. See [the module docs](super)
-    /// on job slots.
+    /// on job slots. A program that never reads its jobs' states should set this near its
+    /// jobs' usual length: until it passes, a slot whose job ended unseen stays taken, and
+    /// creates beyond the limit wait (and after `max_wait`, fail with `SlotsBusy`).
     pub fn job_ttl(mut self, ttl: Duration) -> Self {
         self.settings.job_times.ttl = ttl;
         self
