@@ -113,6 +113,19 @@ pub struct BucketSpec<'a> {
     pub rates: Rates,
 }
 
+impl<'a> BucketSpec<'a> {
+    /// The bucket of `key` in `group` (and `model`, for groups limited per model), starting at
+    /// `rates`: for tests of a backend.
+    pub fn new(key: ApiKeyId, group: &'a str, model: Option<&'a str>, rates: Rates) -> Self {
+        Self {
+            key,
+            group,
+            model,
+            rates,
+        }
+    }
+}
+
 /// A backend that keeps each bucket's GCRA state and makes its decisions.
 ///
 /// Times (`now`) are readings of the layer's clock; a backend with a clock of its own (Redis's
