@@ -1,13 +1,30 @@
 //! A Redis backend for together-tower's rate limiter: every process that uses the same Redis
 //! and namespace shares one quota per (API key, quota group, model).
 //!
-//! Work in progress (issue 9). What is here: [`RedisLimiter`], a [`Limiter`] whose buckets'
-//! GCRA state lives in Redis, decided by one Lua script per decision with Redis's own clock
-//! (`TIME`), keys named by the key's fingerprint (never the key) under a `{hash tag}`, `PX`
-//! expiry so idle buckets vanish, and a timeout on every call. Not yet: reservations (a
-//! waiter polls again after the wait it was told), learned rates shared between processes,
-//! the fallback to an in-process limiter when Redis is unreachable, the CLI flags, and the
-//! multi-process benchmarks.
+//! Work in progress. What is here: [`RedisLimiter`], a [`Limiter`] whose buckets' GCRA state
+//! lives in Redis, decided by one Lua script per decision with Redis's own clock (`TIME`), keys
+//! named by the key's fingerprint (never the key) under a `{hash tag}`, `PX` expiry so idle
+//! buckets vanish, a timeout on every call, turns and tokens given back, and a policy for when
+//! Redis cannot be reached ([`Unreachable`]): decide in this process at a share of the quota,
+//! or fail. redis-rs reloads the script when Redis answers `NOSCRIPT` (a restart, a failover,
+//! `SCRIPT FLUSH`).
+//!
+//! Not yet: reservations (a waiter asks Redis again after the wait it was told, so a wait
+//! costs a round trip more), learned rates shared between processes (each process adapts on
+//! its own), the CLI's `--redis-url`, and the multi-process benchmarks.
+//!
+//! ```no_run
+//! use together_tower::Limits;
+//! use together_tower::quota::QuotaTable;
+//! use together_tower_redis::{RedisLimiter, RedisSettings};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let redis = RedisLimiter::connect("redis://127.0.0.1:6379/", RedisSettings::default()).await?;
+//! let limits = Limits::builder(QuotaTable::together_defaults()).limiter(redis).build();
+//! # let _ = limits;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,7 +32,8 @@ use std::time::Duration;
 
 use redis::Script;
 use redis::aio::ConnectionManager;
-use together_tower::limit::{BucketSpec, Cost, Decision, Limiter, Pace, Rates};
+use together_tower::limit::{BucketSpec, Cost, Decision, Limiter, LocalLimiter, Pace, Rates};
+use tokio::time::Instant;
 use tower::BoxError;
 
 /// GCRA over a request rate and a token rate at once: both go, or neither. Time is Redis's
@@ -47,6 +65,44 @@ if tnew then redis.call('SET', KEYS[2], tnew, 'PX', math.floor((tnew - now) / 10
 return {1, 0, 0}
 ";
 
+/// Gives back time a bucket's theoretical arrival time holds: a turn not used, or tokens not
+/// spent (a negative amount charges more). A key that is gone has nothing to give back.
+///
+/// KEYS: the requests' and the tokens' theoretical arrival times.
+/// ARGV: microseconds to give back to each (may be negative).
+const GIVE_BACK: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, 2 do
+  local amount = tonumber(ARGV[i])
+  if amount ~= 0 then
+    local tat = tonumber(redis.call('GET', KEYS[i]))
+    if tat or amount < 0 then
+      local new = (tat or now) - amount
+      if new <= now then
+        redis.call('DEL', KEYS[i])
+      else
+        redis.call('SET', KEYS[i], new, 'PX', math.floor((new - now) / 1000) + 1)
+      end
+    end
+  end
+end
+return 1
+";
+
+/// What a [`RedisLimiter`] does when Redis does not answer within the call timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// Decides in this process, at the quota divided by `replicas` (the processes that share
+    /// the quota), until Redis answers again. The default, with one replica.
+    FallBack {
+        /// How many processes share the quota.
+        replicas: u32,
+    },
+    /// Fails the request with [`RedisLimiterError`].
+    Fail,
+}
+
 /// How a [`RedisLimiter`] talks to Redis.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -54,6 +110,10 @@ pub struct RedisSettings {
     pub namespace: String,
     /// The longest one decision may take, connection included.
     pub call_timeout: Duration,
+    /// What to do when Redis does not answer.
+    pub unreachable: Unreachable,
+    /// After Redis failed to answer, how long to decide without it before asking it again.
+    pub retry_after: Duration,
 }
 
 impl Default for RedisSettings {
@@ -61,6 +121,8 @@ impl Default for RedisSettings {
         Self {
             namespace: "together-tower".into(),
             call_timeout: Duration::from_millis(250),
+            unreachable: Unreachable::FallBack { replicas: 1 },
+            retry_after: Duration::from_secs(1),
         }
     }
 }
@@ -100,7 +162,10 @@ impl std::error::Error for RedisLimiterError {
 pub struct RedisLimiter {
     connection: ConnectionManager,
     script: Arc<Script>,
+    give_back: Arc<Script>,
     settings: Arc<RedisSettings>,
+    /// While set and not passed, Redis is not asked: it failed to answer.
+    down_until: Arc<Mutex<Option<Instant>>>,
 }
 
 impl fmt::Debug for RedisLimiter {
@@ -128,16 +193,106 @@ impl RedisLimiter {
         Ok(Self {
             connection,
             script: Arc::new(Script::new(GCRA)),
+            give_back: Arc::new(Script::new(GIVE_BACK)),
             settings: Arc::new(settings),
+            down_until: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Whether Redis failed to answer lately, so decisions are made in this process.
+    pub fn is_falling_back(&self) -> bool {
+        let down = self
+            .down_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        down.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn mark_down(&self, error: &RedisLimiterError) {
+        let mut down = self
+            .down_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if down.is_none() {
+            tracing::warn!(target: "together_tower", %error, "redis unreachable: deciding in this process");
+        }
+        *down = Some(Instant::now() + self.settings.retry_after);
+    }
+
+    fn mark_up(&self) {
+        let mut down = self
+            .down_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if down.take().is_some() {
+            tracing::info!(target: "together_tower", "redis answers again: deciding there");
+        }
+    }
+
+    /// One GCRA decision in Redis.
+    async fn decide(
+        &self,
+        bucket: &RedisBucket,
+        cost: Cost,
+    ) -> Result<Decision, RedisLimiterError> {
+        let rates = bucket.rates();
+        let [ri, rt, rc] = pace_args(rates.requests, cost.requests);
+        let [ti, tt, tc] = pace_args(rates.tokens, cost.tokens);
+        let mut invocation = self.script.key(&bucket.requests_key);
+        invocation
+            .key(&bucket.tokens_key)
+            .arg(ri)
+            .arg(rt)
+            .arg(rc)
+            .arg(ti)
+            .arg(tt)
+            .arg(tc);
+        let mut connection = self.connection.clone();
+        let timeout = self.settings.call_timeout;
+        let answer: (u8, u64, u64) =
+            tokio::time::timeout(timeout, invocation.invoke_async(&mut connection))
+                .await
+                .map_err(|_| RedisLimiterError::Timeout(timeout))?
+                .map_err(RedisLimiterError::Redis)?;
+        Ok(match answer {
+            (1, _, _) => Decision::Allow,
+            (_, requests, tokens) if tokens > requests => Decision::WaitForTokens {
+                request: Duration::from_micros(requests),
+                tokens: Duration::from_micros(tokens),
+            },
+            (_, requests, _) => Decision::Wait(Duration::from_micros(requests.max(1))),
+        })
+    }
+
+    /// Gives back `requests` and `tokens` microseconds of a bucket's state, in the background:
+    /// the caller does not wait for it, and a failure only leaves the bucket stricter.
+    fn give_back(&self, bucket: &RedisBucket, requests: i64, tokens: i64) {
+        if (requests == 0 && tokens == 0) || self.is_falling_back() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (script, mut connection) = (Arc::clone(&self.give_back), self.connection.clone());
+        let keys = [bucket.requests_key.clone(), bucket.tokens_key.clone()];
+        let timeout = self.settings.call_timeout;
+        runtime.spawn(async move {
+            let mut invocation = script.key(&keys[0]);
+            invocation.key(&keys[1]).arg(requests).arg(tokens);
+            let call = invocation.invoke_async::<i64>(&mut connection);
+            let _ = tokio::time::timeout(timeout, call).await;
+        });
     }
 }
 
-/// A bucket's keys in Redis and the rates in force.
+/// A bucket's keys in Redis, the rates in force, and the in-process bucket decisions fall
+/// back to when Redis does not answer.
 pub struct RedisBucket {
     requests_key: String,
     tokens_key: String,
     rates: Mutex<Rates>,
+    local: <LocalLimiter as Limiter>::Bucket,
+    replicas: u32,
 }
 
 impl fmt::Debug for RedisBucket {
@@ -175,6 +330,15 @@ fn model_tag(model: &str) -> String {
     format!(":{hash:016x}")
 }
 
+/// A process's share of `rates` when `replicas` processes share them.
+fn share(rates: Rates, replicas: u32) -> Rates {
+    let part = |pace: Pace| Pace::new(pace.interval().saturating_mul(replicas.max(1)), pace.tau());
+    Rates {
+        requests: rates.requests.map(part),
+        tokens: rates.tokens.map(part),
+    }
+}
+
 fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
@@ -191,15 +355,32 @@ impl Limiter for RedisLimiter {
 
     fn bucket(&self, spec: BucketSpec<'_>) -> RedisBucket {
         let (requests_key, tokens_key) = key_names(&self.settings.namespace, &spec);
+        let replicas = match self.settings.unreachable {
+            Unreachable::FallBack { replicas } => replicas,
+            Unreachable::Fail => 1,
+        };
+        let local_spec = BucketSpec::new(
+            spec.key,
+            spec.group,
+            spec.model,
+            share(spec.rates, replicas),
+        );
         RedisBucket {
             requests_key,
             tokens_key,
             rates: Mutex::new(spec.rates),
+            local: LocalLimiter.bucket(local_spec),
+            replicas,
         }
     }
 
-    fn try_acquire(&self, _: &RedisBucket, _: Cost, _: Duration) -> Option<Decision> {
-        // Every decision is Redis's.
+    fn try_acquire(&self, bucket: &RedisBucket, cost: Cost, now: Duration) -> Option<Decision> {
+        // Redis decides, on the waiting path; while it is unreachable, this process does.
+        if matches!(self.settings.unreachable, Unreachable::FallBack { .. })
+            && self.is_falling_back()
+        {
+            return LocalLimiter.try_acquire(&bucket.local, cost, now);
+        }
         None
     }
 
@@ -207,47 +388,53 @@ impl Limiter for RedisLimiter {
         &self,
         bucket: &RedisBucket,
         cost: Cost,
-        _: Duration,
+        now: Duration,
     ) -> Result<Decision, BoxError> {
+        let fall_back = matches!(self.settings.unreachable, Unreachable::FallBack { .. });
+        if fall_back && self.is_falling_back() {
+            return LocalLimiter.acquire(&bucket.local, cost, now).await;
+        }
+        match self.decide(bucket, cost).await {
+            Ok(decision) => {
+                self.mark_up();
+                Ok(decision)
+            }
+            Err(error) => {
+                self.mark_down(&error);
+                if fall_back {
+                    LocalLimiter.acquire(&bucket.local, cost, now).await
+                } else {
+                    Err(error.into())
+                }
+            }
+        }
+    }
+
+    fn release(&self, bucket: &RedisBucket, cost: Cost, now: Duration) {
+        LocalLimiter.release(&bucket.local, cost, now);
         let rates = bucket.rates();
-        let [ri, rt, rc] = pace_args(rates.requests, cost.requests);
-        let [ti, tt, tc] = pace_args(rates.tokens, cost.tokens);
-        let mut invocation = self.script.key(&bucket.requests_key);
-        invocation
-            .key(&bucket.tokens_key)
-            .arg(ri)
-            .arg(rt)
-            .arg(rc)
-            .arg(ti)
-            .arg(tt)
-            .arg(tc);
-        let mut connection = self.connection.clone();
-        let timeout = self.settings.call_timeout;
-        let answer: (u8, u64, u64) =
-            tokio::time::timeout(timeout, invocation.invoke_async(&mut connection))
-                .await
-                .map_err(|_| RedisLimiterError::Timeout(timeout))?
-                .map_err(RedisLimiterError::Redis)?;
-        Ok(match answer {
-            (1, _, _) => Decision::Allow,
-            (_, requests, tokens) if tokens > requests => Decision::WaitForTokens {
-                request: Duration::from_micros(requests),
-                tokens: Duration::from_micros(tokens),
-            },
-            (_, requests, _) => Decision::Wait(Duration::from_micros(requests.max(1))),
-        })
+        let back = |pace: Option<Pace>, units: u64| {
+            pace.map_or(0, |pace| micros(pace.interval()).saturating_mul(units))
+        };
+        let requests = i64::try_from(back(rates.requests, cost.requests)).unwrap_or(i64::MAX);
+        let tokens = i64::try_from(back(rates.tokens, cost.tokens)).unwrap_or(i64::MAX);
+        self.give_back(bucket, requests, tokens);
     }
 
-    fn release(&self, _: &RedisBucket, _: Cost, _: Duration) {
-        // Not yet: a turn taken and not used stays spent (at most one interval per cancel).
+    fn correct_tokens(&self, bucket: &RedisBucket, charged: u64, used: u64, now: Duration) {
+        LocalLimiter.correct_tokens(&bucket.local, charged, used, now);
+        let Some(pace) = bucket.rates().tokens else {
+            return;
+        };
+        let interval = i64::try_from(micros(pace.interval())).unwrap_or(i64::MAX);
+        let unused =
+            i64::try_from(charged).unwrap_or(i64::MAX) - i64::try_from(used).unwrap_or(i64::MAX);
+        self.give_back(bucket, 0, unused.saturating_mul(interval));
     }
 
-    fn correct_tokens(&self, _: &RedisBucket, _: u64, _: u64, _: Duration) {
-        // Not yet: token charges keep their estimate.
-    }
-
-    fn set_rates(&self, bucket: &RedisBucket, rates: Rates, _: Duration) {
+    fn set_rates(&self, bucket: &RedisBucket, rates: Rates, now: Duration) {
         *bucket.rates.lock().unwrap_or_else(PoisonError::into_inner) = rates;
+        LocalLimiter.set_rates(&bucket.local, share(rates, bucket.replicas), now);
     }
 
     fn until_rest(&self, _: &RedisBucket, _: Duration) -> Duration {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use together_tower::key::ApiKeyId;
 use together_tower::limit::{BucketSpec, Cost, Decision, Limiter, Pace, Rates};
-use together_tower_redis::{RedisLimiter, RedisSettings};
+use together_tower_redis::{RedisLimiter, RedisLimiterError, RedisSettings, Unreachable};
 use tokio::process::{Child, Command};
 
 /// A `redis-server` on a free loopback port, with no persistence, stopped when dropped.
@@ -14,13 +14,20 @@ struct RedisServer {
     port: u16,
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl RedisServer {
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Self::start_on(free_port()).await
+    }
+
+    async fn start_on(port: u16) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -31,6 +38,9 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
+                // For `DEBUG SLEEP`: a Redis that answers slowly.
+                "--enable-debug-command",
+                "yes",
             ])
             .stdout(Stdio::null())
             .kill_on_drop(true)
@@ -50,6 +60,23 @@ impl RedisServer {
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Stops the server and waits until it is gone.
+    async fn stop(mut self) -> u16 {
+        let _ = self.child.kill().await;
+        self.port
+    }
+
+    /// A command, on a connection of its own.
+    async fn command(&self, args: &[&str]) {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        let _: redis::Value = command.query_async(&mut connection).await.unwrap();
     }
 }
 
@@ -93,4 +120,182 @@ async fn two_limiters_on_one_redis_share_one_bucket() {
         ),
         other => panic!("expected a wait, got {other:?}"),
     }
+}
+
+const ONE: Cost = Cost {
+    requests: 1,
+    tokens: 0,
+};
+
+fn settings(unreachable: Unreachable) -> RedisSettings {
+    RedisSettings {
+        call_timeout: Duration::from_millis(200),
+        retry_after: Duration::from_millis(300),
+        unreachable,
+        ..RedisSettings::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_redis_falls_back_within_the_timeout_and_a_restarted_one_is_used_again() {
+    let redis = RedisServer::start().await;
+    let limiter = RedisLimiter::connect(
+        &redis.url(),
+        settings(Unreachable::FallBack { replicas: 2 }),
+    )
+    .await
+    .unwrap();
+    let bucket = limiter.bucket(BucketSpec::new(
+        ApiKeyId::ANONYMOUS,
+        "chat",
+        None,
+        ten_a_second(),
+    ));
+    assert_eq!(
+        limiter.acquire(&bucket, ONE, Duration::ZERO).await.unwrap(),
+        Decision::Allow
+    );
+
+    let port = redis.stop().await;
+    let started = std::time::Instant::now();
+    // Decided in this process, at half the quota: the first goes, the next waits 200 ms.
+    let first = limiter.acquire(&bucket, ONE, Duration::ZERO).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(first, Decision::Allow);
+    assert!(limiter.is_falling_back());
+    assert_eq!(
+        limiter.try_acquire(&bucket, ONE, Duration::ZERO),
+        Some(Decision::Wait(Duration::from_millis(200)))
+    );
+
+    // Redis is back: after `retry_after`, decisions go to it again.
+    let redis = RedisServer::start_on(port).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut back = false;
+    for _ in 0..20 {
+        let decision = limiter.acquire(&bucket, ONE, Duration::from_secs(10)).await;
+        if decision.is_ok() && !limiter.is_falling_back() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "the limiter did not return to redis");
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_fail_policy_a_dead_redis_is_a_typed_error() {
+    let redis = RedisServer::start().await;
+    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
+        .await
+        .unwrap();
+    let bucket = limiter.bucket(BucketSpec::new(
+        ApiKeyId::ANONYMOUS,
+        "chat",
+        None,
+        ten_a_second(),
+    ));
+    redis.stop().await;
+    let error = limiter
+        .acquire(&bucket, ONE, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(error.is::<RedisLimiterError>(), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_script_is_loaded_again() {
+    let redis = RedisServer::start().await;
+    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
+        .await
+        .unwrap();
+    let bucket = limiter.bucket(BucketSpec::new(
+        ApiKeyId::ANONYMOUS,
+        "chat",
+        None,
+        ten_a_second(),
+    ));
+    assert_eq!(
+        limiter.acquire(&bucket, ONE, Duration::ZERO).await.unwrap(),
+        Decision::Allow
+    );
+    redis.command(&["SCRIPT", "FLUSH"]).await;
+    // NOSCRIPT, then the script is loaded again: the bucket's state was kept.
+    assert!(matches!(
+        limiter.acquire(&bucket, ONE, Duration::ZERO).await.unwrap(),
+        Decision::Wait(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_meets_the_call_timeout() {
+    let redis = RedisServer::start().await;
+    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
+        .await
+        .unwrap();
+    let bucket = limiter.bucket(BucketSpec::new(
+        ApiKeyId::ANONYMOUS,
+        "chat",
+        None,
+        ten_a_second(),
+    ));
+    // Redis busy for a second.
+    let sleeper = tokio::spawn({
+        let url = redis.url();
+        async move {
+            let client = redis::Client::open(url).unwrap();
+            let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+            let slept: redis::RedisResult<redis::Value> = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg("1")
+                .query_async(&mut connection)
+                .await;
+            // Its own connection may give up first; Redis sleeps either way.
+            drop(slept);
+        }
+    });
+    // Long enough for the sleeper to connect and put Redis to sleep.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let error = limiter
+        .acquire(&bucket, ONE, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+    // The connection's response timeout, or ours: either way, within the call timeout.
+    assert!(error.is::<RedisLimiterError>(), "{error}");
+    sleeper.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_name_the_fingerprint_never_the_key() {
+    let redis = RedisServer::start().await;
+    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
+        .await
+        .unwrap();
+    let key = together_tower::key::KeyHasher::new().fingerprint(b"tgp_v1_SecretKeyPart123");
+    let bucket = limiter.bucket(BucketSpec::new(key, "chat", Some("m"), ten_a_second()));
+    limiter.acquire(&bucket, ONE, Duration::ZERO).await.unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(
+        keys[0].starts_with("together-tower:{") && keys[0].contains(&key.to_string()),
+        "{keys:?}"
+    );
+    assert!(!keys[0].contains("Secret"), "{keys:?}");
 }
