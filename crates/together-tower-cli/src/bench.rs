@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::client::Snapshots;
 use http_body_util::BodyExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use together_sim::{Algorithm, Hints};
-use together_tower::limit::Limits;
 use tower::ServiceExt;
 
 use crate::CliError;
@@ -180,6 +180,7 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
         args.burst,
         args.max_retries,
         &observations,
+        args.target.redis().await?,
     )?;
     let key = args.target.key_or("together-tower-bench");
     let model = args
@@ -316,16 +317,19 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
 }
 
 /// The request rate in force of the run's one bucket, per second.
-fn rate_in_force(limits: &Limits) -> Option<f64> {
-    limits
-        .snapshot()
+fn rate_in_force(limits: &Snapshots) -> Option<f64> {
+    limits()
         .into_iter()
         .filter_map(|bucket| bucket.requests_per_second)
         .reduce(f64::min)
 }
 
 /// Samples the rate in force into `samples` every [`SAMPLE_EVERY`], until aborted.
-async fn sample_rates(limits: Limits, started: Instant, samples: Arc<Mutex<Vec<(Duration, f64)>>>) {
+async fn sample_rates(
+    limits: Snapshots,
+    started: Instant,
+    samples: Arc<Mutex<Vec<(Duration, f64)>>>,
+) {
     let mut every = tokio::time::interval(SAMPLE_EVERY);
     loop {
         every.tick().await;

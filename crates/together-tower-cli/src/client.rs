@@ -16,7 +16,7 @@ use together_sim::Class;
 use together_tower::TogetherLayer;
 use together_tower::body::{BufferBodyLayer, BufferedBody};
 use together_tower::classify::EndpointClass;
-use together_tower::limit::{Adaptation, Limits};
+use together_tower::limit::{Adaptation, BucketSnapshot, Limiter, Limits};
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
 use together_tower::retry::{RetryLayer, RetryPolicy};
 use tower::retry::budget::TpsBudget;
@@ -34,6 +34,13 @@ pub type AnswerBody = BoxBody<Bytes, hyper::Error>;
 
 /// The stack, boxed: one type for every mode.
 pub type Stack = BoxCloneSyncService<Request<Body>, Response<AnswerBody>, BoxError>;
+
+/// The observed HTTP client below the stack.
+type Observed =
+    BoxCloneSyncService<Request<BufferedBody<Body>>, Response<hyper::body::Incoming>, BoxError>;
+
+/// Reads the live buckets of a stack's limits, whichever backend keeps them.
+pub type Snapshots = Arc<dyn Fn() -> Vec<BucketSnapshot> + Send + Sync>;
 
 /// How a run sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -136,9 +143,10 @@ fn http_client() -> Client<HttpsConnector<HttpConnector>, BufferedBody<Body>> {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
-/// The stack for `mode`, and the limits it waits in (none in retry-only mode): the client's
-/// quota for `endpoint` is `rpm` with `burst`. Built through the library's public API, as a
-/// user would build it.
+/// The stack for `mode`, and a reader of the limits it waits in (none in retry-only mode): the
+/// client's quota for `endpoint` is `rpm` with `burst`, kept in this process, or in Redis when
+/// `redis` is given (so processes share it). Built through the library's public API, as a user
+/// would build it.
 pub fn stack(
     mode: Mode,
     endpoint: Endpoint,
@@ -146,11 +154,14 @@ pub fn stack(
     burst: u32,
     max_retries: u32,
     observations: &Arc<Observations>,
-) -> Result<(Stack, Option<Limits>), CliError> {
-    let client = ServiceBuilder::new()
-        .map_err(BoxError::from)
-        .layer(ObserveLayer(Arc::clone(observations)))
-        .service(http_client());
+    redis: Option<together_tower_redis::RedisLimiter>,
+) -> Result<(Stack, Option<Snapshots>), CliError> {
+    let client: Observed = BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .map_err(BoxError::from)
+            .layer(ObserveLayer(Arc::clone(observations)))
+            .service(http_client()),
+    );
     let retry = RetryPolicy::new().with_max_retries(max_retries);
     let adaptation = match mode {
         Mode::Static => Adaptation::fixed(),
@@ -176,14 +187,26 @@ pub fn stack(
         .class(endpoint.class(), "bench")
         .build()
         .map_err(|error| CliError::Usage(format!("--rpm {rpm} --burst {burst}: {error}")))?;
-    let limits = Limits::builder(table)
+    let builder = Limits::builder(table)
         .adaptation(adaptation)
         .max_wait(Duration::from_secs(600))
-        .max_queue(1 << 20)
-        .build();
+        .max_queue(1 << 20);
+    Ok(match redis {
+        Some(redis) => limited(builder.limiter(redis).build(), retry, client),
+        None => limited(builder.build(), retry, client),
+    })
+}
+
+/// The whole stack around `client`, waiting in `limits`.
+fn limited<L: Limiter>(
+    limits: Limits<together_tower::classify::TogetherClassifier, L>,
+    retry: RetryPolicy,
+    client: Observed,
+) -> (Stack, Option<Snapshots>) {
     let stack = ServiceBuilder::new()
         .map_response(|response: Response<_>| response.map(BodyExt::boxed))
         .layer(TogetherLayer::new(limits.clone()).with_retry(retry))
         .service(client);
-    Ok((BoxCloneSyncService::new(stack), Some(limits)))
+    let snapshots: Snapshots = Arc::new(move || limits.snapshot());
+    (BoxCloneSyncService::new(stack), Some(snapshots))
 }

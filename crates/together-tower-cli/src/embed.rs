@@ -97,6 +97,7 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
         1,
         args.max_retries,
         &observations,
+        args.target.redis().await?,
     )?;
     let key = args.target.key_or("together-tower-embed");
     let url = format!("{}{}", target.base_url, Endpoint::Embeddings.path());

@@ -22,9 +22,35 @@ pub struct TargetArgs {
         value_name = "KEY"
     )]
     pub api_key: Option<ApiKey>,
+    /// Keep the client's quota in this Redis (`redis://host:port/db`), so every process given
+    /// the same URL shares it [default: env TOGETHER_REDIS_URL; without either, in this
+    /// process].
+    #[arg(long, env = "TOGETHER_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// With --redis-url: how many processes share the quota; while Redis does not answer,
+    /// each decides alone at its share.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub redis_replicas: u32,
 }
 
 impl TargetArgs {
+    /// The Redis backend, connected, if `--redis-url` was given.
+    pub async fn redis(&self) -> Result<Option<together_tower_redis::RedisLimiter>, CliError> {
+        let Some(url) = &self.redis_url else {
+            return Ok(None);
+        };
+        let settings = together_tower_redis::RedisSettings {
+            unreachable: together_tower_redis::Unreachable::FallBack {
+                replicas: self.redis_replicas,
+            },
+            ..together_tower_redis::RedisSettings::default()
+        };
+        together_tower_redis::RedisLimiter::connect(url, settings)
+            .await
+            .map(Some)
+            .map_err(|error| CliError::Unreachable(format!("--redis-url: {error}")))
+    }
+
     /// The key given, or `fallback` (the simulator accepts any key).
     pub fn key_or(&self, fallback: &str) -> ApiKey {
         self.api_key

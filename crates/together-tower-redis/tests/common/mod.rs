@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 /// A `redis-server` on a free loopback port, with no persistence, stopped when dropped.
-pub struct RedisServer {
+pub(crate) struct RedisServer {
     child: Child,
     port: u16,
 }
@@ -22,11 +22,11 @@ fn free_port() -> u16 {
 }
 
 impl RedisServer {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::start_on(free_port()).await
     }
 
-    pub async fn start_on(port: u16) -> Self {
+    pub(crate) async fn start_on(port: u16) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -57,18 +57,18 @@ impl RedisServer {
         panic!("redis-server did not start");
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
     /// Stops the server and waits until it is gone.
-    pub async fn stop(mut self) -> u16 {
+    pub(crate) async fn stop(mut self) -> u16 {
         let _ = self.child.kill().await;
         self.port
     }
 
     /// A command, on a connection of its own.
-    pub async fn command(&self, args: &[&str]) {
+    pub(crate) async fn command(&self, args: &[&str]) {
         let client = redis::Client::open(self.url()).unwrap();
         let mut connection = client.get_multiplexed_async_connection().await.unwrap();
         let mut command = redis::cmd(args[0]);
