@@ -1,5 +1,5 @@
-//! Where a bucket's rate state lives: in this process ([`LocalLimiter`]), or in a backend of
-//! your own that many processes share (a Redis backend is planned).
+//! Where a bucket's rate state lives: in this process ([`LocalLimiter`]), or in a backend that
+//! many processes share (`RedisLimiter` of the `together-tower-redis` crate).
 //!
 //! The layer keeps everything else: the queue and its fairness, the waiting, what the server
 //! said, and the rate in force. A backend only keeps the GCRA state and answers "may this cost
