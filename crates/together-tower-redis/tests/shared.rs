@@ -59,21 +59,22 @@ fn settings(unreachable: Unreachable) -> RedisSettings {
     }
 }
 
+/// A limiter on `redis` with `settings`, and the anonymous key's chat bucket at 10 a second.
+async fn chat_bucket(
+    redis: &RedisServer,
+    settings: RedisSettings,
+) -> (RedisLimiter, <RedisLimiter as Limiter>::Bucket) {
+    let limiter = RedisLimiter::connect(&redis.url(), settings).await.unwrap();
+    let spec = BucketSpec::new(ApiKeyId::ANONYMOUS, "chat", None, ten_a_second());
+    let bucket = limiter.bucket(spec);
+    (limiter, bucket)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_redis_falls_back_within_the_timeout_and_a_restarted_one_is_used_again() {
     let redis = RedisServer::start().await;
-    let limiter = RedisLimiter::connect(
-        &redis.url(),
-        settings(Unreachable::FallBack { replicas: 2 }),
-    )
-    .await
-    .unwrap();
-    let bucket = limiter.bucket(BucketSpec::new(
-        ApiKeyId::ANONYMOUS,
-        "chat",
-        None,
-        ten_a_second(),
-    ));
+    let (limiter, bucket) =
+        chat_bucket(&redis, settings(Unreachable::FallBack { replicas: 2 })).await;
     assert_eq!(
         limiter.acquire(&bucket, ONE, Duration::ZERO).await.unwrap(),
         Decision::Allow
@@ -114,15 +115,7 @@ async fn a_dead_redis_falls_back_within_the_timeout_and_a_restarted_one_is_used_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_fail_policy_a_dead_redis_is_a_typed_error() {
     let redis = RedisServer::start().await;
-    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
-        .await
-        .unwrap();
-    let bucket = limiter.bucket(BucketSpec::new(
-        ApiKeyId::ANONYMOUS,
-        "chat",
-        None,
-        ten_a_second(),
-    ));
+    let (limiter, bucket) = chat_bucket(&redis, settings(Unreachable::Fail)).await;
     redis.stop().await;
     let error = limiter
         .acquire(&bucket, ONE, Duration::ZERO)
@@ -134,15 +127,7 @@ async fn with_the_fail_policy_a_dead_redis_is_a_typed_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flushed_script_is_loaded_again() {
     let redis = RedisServer::start().await;
-    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
-        .await
-        .unwrap();
-    let bucket = limiter.bucket(BucketSpec::new(
-        ApiKeyId::ANONYMOUS,
-        "chat",
-        None,
-        ten_a_second(),
-    ));
+    let (limiter, bucket) = chat_bucket(&redis, settings(Unreachable::Fail)).await;
     assert_eq!(
         limiter.acquire(&bucket, ONE, Duration::ZERO).await.unwrap(),
         Decision::Allow
@@ -158,15 +143,7 @@ async fn a_flushed_script_is_loaded_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_redis_meets_the_call_timeout() {
     let redis = RedisServer::start().await;
-    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
-        .await
-        .unwrap();
-    let bucket = limiter.bucket(BucketSpec::new(
-        ApiKeyId::ANONYMOUS,
-        "chat",
-        None,
-        ten_a_second(),
-    ));
+    let (limiter, bucket) = chat_bucket(&redis, settings(Unreachable::Fail)).await;
     // Redis busy for a second.
     let sleeper = tokio::spawn({
         let url = redis.url();
