@@ -10,8 +10,11 @@
 //! `SCRIPT FLUSH`).
 //!
 //! Not yet: reservations (a waiter asks Redis again after the wait it was told, so a wait
-//! costs a round trip more), learned rates shared between processes (each process adapts on
-//! its own), the CLI's `--redis-url`, and the multi-process benchmarks.
+//! costs a round trip more, and a turn taken and given back costs one more call), and learned
+//! rates shared between processes (each process adapts on its own, from what it sees).
+//!
+//! Every process must fingerprint keys alike for their buckets to meet: the default
+//! `KeyHasher` does; a deployment with a secret of its own gives every process the same one.
 //!
 //! ```no_run
 //! use together_tower::Limits;
