@@ -267,18 +267,40 @@ fn retry_after(error: &(dyn std::error::Error + 'static)) -> Option<Duration> {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower::BoxError;
+/// use http::{Request, Response, StatusCode};
+/// use tower::{BoxError, Layer, ServiceExt};
 /// use together_tower::limit::error::refusal_response;
+/// use together_tower::limit::{Limits, MaxWait, RateLimitLayer};
+/// use together_tower::quota::QuotaTable;
 ///
-/// # fn refused() -> BoxError { unimplemented!() }
-/// fn answer(error: BoxError) -> http::Response<String> {
+/// fn answer(error: BoxError) -> Response<String> {
 ///     refusal_response(&*error).unwrap_or_else(|| {
-///         let mut bad_gateway = http::Response::new(error.to_string());
-///         *bad_gateway.status_mut() = http::StatusCode::BAD_GATEWAY;
+///         let mut bad_gateway = Response::new(error.to_string());
+///         *bad_gateway.status_mut() = StatusCode::BAD_GATEWAY;
 ///         bad_gateway
 ///     })
 /// }
-/// # let _ = answer;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let client = tower::service_fn(|_: Request<String>| async {
+///     Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+/// });
+/// let together = RateLimitLayer::new(Limits::default()).layer(client);
+/// let chat = || Request::post("/v1/chat/completions").header("authorization", "Bearer k");
+/// together.clone().oneshot(chat().body(String::new()).unwrap()).await.unwrap();
+/// // The next turn is 100 ms away, and this request will not wait at all.
+/// let mut impatient = chat().body(String::new()).unwrap();
+/// impatient.extensions_mut().insert(MaxWait(Duration::ZERO));
+/// let refused = together.oneshot(impatient).await.unwrap_err();
+/// let response = answer(refused);
+/// assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+/// assert_eq!(response.headers()["retry-after"], "1");
+///
+/// // Any other error is the gateway's to answer.
+/// let broken: BoxError = "connection reset".into();
+/// assert_eq!(answer(broken).status(), StatusCode::BAD_GATEWAY);
+/// # }
 /// ```
 pub fn refusal_response(
     error: &(dyn std::error::Error + Send + Sync + 'static),
