@@ -114,11 +114,11 @@ impl<S: Clone> Layer<S> for ModelCheckLayer {
     type Service = ModelCheck<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Unbuilt {
-            spare: Arc::new(std::sync::Mutex::new(inner)),
+        ModelCheck {
+            spare: Arc::new(std::sync::Mutex::new(inner.clone())),
+            inner,
             list: Arc::clone(&self.list),
         }
-        .with_inner()
     }
 }
 
@@ -130,23 +130,6 @@ pub struct ModelCheck<S> {
     /// a request carries only a handle to it, and it is cloned only after a 404.
     spare: Arc<std::sync::Mutex<S>>,
     list: Arc<ModelList>,
-}
-
-/// A [`ModelCheck`] before its inner service is cloned out of the spare.
-struct Unbuilt<S> {
-    spare: Arc<std::sync::Mutex<S>>,
-    list: Arc<ModelList>,
-}
-
-impl<S: Clone> Unbuilt<S> {
-    fn with_inner(self) -> ModelCheck<S> {
-        let inner = lock(&self.spare).clone();
-        ModelCheck {
-            inner,
-            spare: self.spare,
-            list: self.list,
-        }
-    }
 }
 
 fn lock<S>(spare: &std::sync::Mutex<S>) -> std::sync::MutexGuard<'_, S> {
