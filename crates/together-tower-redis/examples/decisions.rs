@@ -55,7 +55,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tokio::spawn(async move {
                     while started.elapsed() < RUN {
                         limiter
-                            .acquire(&bucket, cost, Duration::ZERO)
+                            .acquire(&bucket, cost, Duration::ZERO, Duration::ZERO)
                             .await
                             .expect("a decision");
                         done.fetch_add(1, Ordering::Relaxed);

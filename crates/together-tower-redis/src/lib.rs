@@ -1,17 +1,50 @@
 //! A Redis backend for together-tower's rate limiter: every process that uses the same Redis
 //! and namespace shares one quota per (API key, quota group, model).
 //!
-//! Work in progress. What is here: [`RedisLimiter`], a [`Limiter`] whose buckets' GCRA state
-//! lives in Redis, decided by one Lua script per decision with Redis's own clock (`TIME`), keys
-//! named by the key's fingerprint (never the key) under a `{hash tag}`, `PX` expiry so idle
-//! buckets vanish, a timeout on every call, turns and tokens given back, and a policy for when
-//! Redis cannot be reached ([`Unreachable`]): decide in this process at a share of the quota,
-//! or fail. redis-rs reloads the script when Redis answers `NOSCRIPT` (a restart, a failover,
-//! `SCRIPT FLUSH`).
+//! [`RedisLimiter`] keeps each bucket's GCRA state in Redis: one Lua script per decision,
+//! on Redis's own clock (`TIME`, microseconds), so every process shares one clock as well as
+//! one state. Keys are named by the key's fingerprint (never the key) under a `{hash tag}`, so
+//! both keys of a bucket live on one Redis Cluster slot, and expire (`PX`) once the bucket is
+//! full again. redis-rs loads the script again when Redis answers `NOSCRIPT` (a restart, a
+//! failover, `SCRIPT FLUSH`).
 //!
-//! Not yet: reservations (a waiter asks Redis again after the wait it was told, so a wait
-//! costs a round trip more, and a turn taken and given back costs one more call), and learned
-//! rates shared between processes (each process adapts on its own, from what it sees).
+//! ## Reservations
+//!
+//! A request that must wait asks Redis once: the script takes its turn now, for the time the
+//! turn is due, if that is within the request's max wait (and [`RedisSettings::reserve_ahead`]).
+//! The request sleeps until then and goes without asking again, and turns go out in the order
+//! the processes asked for them. Only the head of a bucket's queue in a process asks, so a
+//! process holds at most one reservation per bucket at a time.
+//!
+//! A request dropped before its time gives its turn back, in one background call, if no
+//! process took a turn after it: the next asker gets that time. If one did, the turn is lost:
+//! one state per bucket cannot hold a hole, and giving the time back would let two requests go
+//! at once, which a strict server would answer with a 429. So a cancelled reservation costs at
+//! most one turn of the bucket's rate, and never more than one per process and bucket at a
+//! time. A process killed while holding a reservation loses that one turn as well.
+//!
+//! ## Shared rates
+//!
+//! What one process learns, the others use. When a process's rate for a bucket differs from
+//! the table (a limit header said less, or a 429 or a 503 cut it), it publishes that rate in
+//! the bucket's `rates` hash, and every decision for the bucket paces at the slowest rate any
+//! live process published. A process withdraws its entry when its rate is back at the table;
+//! an entry not published again within [`RedisSettings::rates_ttl`] expires, so a process that
+//! died while cut holds the others down no longer than that.
+//!
+//! ## When Redis does not answer
+//!
+//! Every call has a timeout ([`RedisSettings::call_timeout`]). [`Unreachable`] says what
+//! happens then: decide in this process at a share of the quota (the default, logged at
+//! `warn` when it starts and at `info` when Redis answers again), or fail the request with
+//! [`RedisLimiterError`].
+//!
+//! ## The fast path
+//!
+//! Every decision is one round trip to Redis: a request that finds room goes after that one
+//! call, with no queue and no second call, and concurrent decisions share one multiplexed
+//! connection, so they are pipelined. There is no decision without Redis while it answers: a
+//! process that decided alone would spend the quota the others count on.
 //!
 //! Every process must fingerprint keys alike for their buckets to meet: the default
 //! `KeyHasher` does; a deployment with a secret of its own gives every process the same one.
@@ -40,52 +73,104 @@ use tokio::time::Instant;
 use tower::BoxError;
 
 /// GCRA over a request rate and a token rate at once: both go, or neither. Time is Redis's
-/// own, in microseconds, so every process shares one clock.
+/// own, in microseconds, so every process shares one clock. A request that must wait no longer
+/// than it may reserve takes its turn now, for the time it is due.
 ///
-/// KEYS: the requests' and the tokens' theoretical arrival times.
+/// KEYS: the requests' and the tokens' theoretical arrival times; the rates processes published.
 /// ARGV: for requests then tokens, the interval and tau in microseconds and the cost (a cost
-/// of 0 skips that rate).
-/// Returns `{allowed, wait_us_requests, wait_us_tokens}`.
+/// of 0 skips that rate); the longest wait to reserve, in microseconds.
+/// Returns `{answer, wait_us_requests, wait_us_tokens, tat_requests, tat_tokens, taken_requests,
+/// taken_tokens}`: answer 1 took the cost for a turn `wait_us_requests` from now, leaving the
+/// theoretical arrival times given and having added the microseconds given to each; 0 took
+/// nothing (the waits say how long); 2 took nothing because the cost is more than the bucket
+/// holds.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function wait(key, interval, tau, cost)
-  if cost <= 0 or interval <= 0 then return 0, nil end
-  local tat = tonumber(redis.call('GET', key)) or now
-  if tat < now then tat = now end
-  local new_tat = tat + interval * cost
-  return new_tat - tau - interval - now, new_tat
-end
 local ri, rt, rc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local ti, tt, tc = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local rw, rnew = wait(KEYS[1], ri, rt, rc)
-local tw, tnew = wait(KEYS[2], ti, tt, tc)
-if rw > 0 or tw > 0 then
-  return {0, math.max(rw, 0), math.max(tw, 0)}
+local reserve = tonumber(ARGV[7])
+-- The slowest pace a live process published is in force for every process.
+local published = redis.call('HGETALL', KEYS[3])
+for i = 1, #published, 2 do
+  local a, b, c, d, expires = string.match(published[i + 1], '^(%d+) (%d+) (%d+) (%d+) (%d+)$')
+  if a == nil or tonumber(expires) < now then
+    redis.call('HDEL', KEYS[3], published[i])
+  else
+    a, b, c, d = tonumber(a), tonumber(b), tonumber(c), tonumber(d)
+    if ri > 0 and a > ri then ri, rt = a, b end
+    if ti > 0 and c > ti then ti, tt = c, d end
+  end
 end
-if rnew then redis.call('SET', KEYS[1], rnew, 'PX', math.floor((rnew - now) / 1000) + 1) end
-if tnew then redis.call('SET', KEYS[2], tnew, 'PX', math.floor((tnew - now) / 1000) + 1) end
-return {1, 0, 0}
+local function tat(key, interval, tau, cost)
+  if cost <= 0 or interval <= 0 then return nil end
+  if (cost - 1) * interval > tau then return false end
+  return math.max(tonumber(redis.call('GET', key)) or now, now)
+end
+local rtat, ttat = tat(KEYS[1], ri, rt, rc), tat(KEYS[2], ti, tt, tc)
+if rtat == false or ttat == false then return {2, 0, 0, 0, 0, 0, 0} end
+local function wait(at, interval, tau, cost)
+  if not at then return 0 end
+  return math.max(at + interval * (cost - 1) - tau - now, 0)
+end
+local rw, tw = wait(rtat, ri, rt, rc), wait(ttat, ti, tt, tc)
+local start = math.max(rw, tw)
+if start > reserve then return {0, rw, tw, 0, 0, 0, 0} end
+local function take(key, at, interval, cost)
+  if not at then return 0, 0 end
+  local new = math.max(at, now + start) + interval * cost
+  redis.call('SET', key, string.format('%.0f', new), 'PX', math.floor((new - now) / 1000) + 1)
+  return new, interval * cost
+end
+local rnew, radd = take(KEYS[1], rtat, ri, rc)
+local tnew, tadd = take(KEYS[2], ttat, ti, tc)
+return {1, start, 0, rnew, tnew, radd, tadd}
+";
+
+/// Publishes the rates this process holds for a bucket when they differ from the table (it
+/// learned a limit, or cut its rate after trouble), or withdraws them.
+///
+/// KEYS: the rates processes published.
+/// ARGV: the process, then the requests' and the tokens' interval and tau in microseconds, and
+/// how long the entry lives, in microseconds; no rates withdraws the process's entry.
+const PUBLISH_RATES: &str = r"
+if #ARGV == 1 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ttl = tonumber(ARGV[6])
+local entry = string.format('%s %s %s %s %.0f', ARGV[2], ARGV[3], ARGV[4], ARGV[5], now + ttl)
+redis.call('HSET', KEYS[1], ARGV[1], entry)
+redis.call('PEXPIRE', KEYS[1], math.floor(ttl / 1000) + 1)
+return 1
 ";
 
 /// Gives back time a bucket's theoretical arrival time holds: a turn not used, or tokens not
 /// spent (a negative amount charges more). A key that is gone has nothing to give back.
 ///
+/// A turn is given back only while it is the last one taken (the arrival time is still the
+/// one it left): one state per bucket cannot hold a hole, so giving back a turn that others
+/// took turns after would let two of them go at once.
+///
 /// KEYS: the requests' and the tokens' theoretical arrival times.
-/// ARGV: microseconds to give back to each (may be negative).
+/// ARGV: microseconds to give back to each (may be negative), then for each the arrival time
+/// it must still hold (0: any).
 const GIVE_BACK: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 for i = 1, 2 do
   local amount = tonumber(ARGV[i])
+  local expected = tonumber(ARGV[i + 2])
   if amount ~= 0 then
     local tat = tonumber(redis.call('GET', KEYS[i]))
-    if tat or amount < 0 then
+    if (tat or amount < 0) and (expected == 0 or tat == expected) then
       local new = (tat or now) - amount
       if new <= now then
         redis.call('DEL', KEYS[i])
       else
-        redis.call('SET', KEYS[i], new, 'PX', math.floor((new - now) / 1000) + 1)
+        redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', math.floor((new - now) / 1000) + 1)
       end
     end
   end
@@ -117,6 +202,13 @@ pub struct RedisSettings {
     pub unreachable: Unreachable,
     /// After Redis failed to answer, how long to decide without it before asking it again.
     pub retry_after: Duration,
+    /// The farthest ahead a waiting request reserves its turn. A request that must wait
+    /// longer asks again when its turn is this close.
+    pub reserve_ahead: Duration,
+    /// How long a rate this process published (one it learned, or cut to after trouble) stays
+    /// in force for the others without being published again: what a process that died while
+    /// cut holds the others down for.
+    pub rates_ttl: Duration,
 }
 
 impl Default for RedisSettings {
@@ -126,6 +218,8 @@ impl Default for RedisSettings {
             call_timeout: Duration::from_millis(250),
             unreachable: Unreachable::FallBack { replicas: 1 },
             retry_after: Duration::from_secs(1),
+            reserve_ahead: Duration::from_secs(5),
+            rates_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -166,7 +260,10 @@ pub struct RedisLimiter {
     connection: ConnectionManager,
     script: Arc<Script>,
     give_back: Arc<Script>,
+    publish: Arc<Script>,
     settings: Arc<RedisSettings>,
+    /// Names this process's entry among the published rates.
+    process: Arc<str>,
     /// While set and not passed, Redis is not asked: it failed to answer.
     down_until: Arc<Mutex<Option<Instant>>>,
 }
@@ -197,7 +294,9 @@ impl RedisLimiter {
             connection,
             script: Arc::new(Script::new(GCRA)),
             give_back: Arc::new(Script::new(GIVE_BACK)),
+            publish: Arc::new(Script::new(PUBLISH_RATES)),
             settings: Arc::new(settings),
+            process: process_name().into(),
             down_until: Arc::new(Mutex::new(None)),
         })
     }
@@ -232,59 +331,134 @@ impl RedisLimiter {
         }
     }
 
-    /// One GCRA decision in Redis.
+    /// One GCRA decision in Redis: the cost goes now, is reserved for a turn no farther than
+    /// `max_wait` (and `reserve_ahead`) away, or must wait.
     async fn decide(
         &self,
         bucket: &RedisBucket,
         cost: Cost,
+        max_wait: Duration,
     ) -> Result<Decision, RedisLimiterError> {
         let rates = bucket.rates();
+        // An adapted rate is published again before the others forget it.
+        self.publish_rates(bucket, rates);
+        let reserve = max_wait.min(self.settings.reserve_ahead);
         let [ri, rt, rc] = pace_args(rates.requests, cost.requests);
         let [ti, tt, tc] = pace_args(rates.tokens, cost.tokens);
         let mut invocation = self.script.key(&bucket.requests_key);
         invocation
             .key(&bucket.tokens_key)
+            .key(&bucket.rates_key)
             .arg(ri)
             .arg(rt)
             .arg(rc)
             .arg(ti)
             .arg(tt)
-            .arg(tc);
+            .arg(tc)
+            .arg(micros(reserve));
         let mut connection = self.connection.clone();
         let timeout = self.settings.call_timeout;
-        let answer: (u8, u64, u64) =
+        let answer: (u8, u64, u64, u64, u64, u64, u64) =
             tokio::time::timeout(timeout, invocation.invoke_async(&mut connection))
                 .await
                 .map_err(|_| RedisLimiterError::Timeout(timeout))?
                 .map_err(RedisLimiterError::Redis)?;
         Ok(match answer {
-            (1, _, _) => Decision::Allow,
-            (_, requests, tokens) if tokens > requests => Decision::WaitForTokens {
-                request: Duration::from_micros(requests),
-                tokens: Duration::from_micros(tokens),
-            },
-            (_, requests, _) => Decision::Wait(Duration::from_micros(requests.max(1))),
+            (1, wait, _, requests_tat, tokens_tat, requests_taken, tokens_taken) => {
+                *bucket.last_turn.lock().unwrap_or_else(PoisonError::into_inner) = Some(Turn {
+                    arrival_times: [requests_tat, tokens_tat],
+                    taken: [requests_taken, tokens_taken],
+                });
+                if wait == 0 {
+                    Decision::Allow
+                } else {
+                    Decision::Reserved(Duration::from_micros(wait))
+                }
+            }
+            (2, ..) => Decision::TooLarge,
+            (_, requests, tokens, ..) => {
+                let wait = Duration::from_micros(requests.max(tokens).max(1));
+                if wait <= max_wait {
+                    // Within reach but beyond `reserve_ahead`: ask again when it is that close.
+                    Decision::Wait(wait.saturating_sub(reserve).max(Duration::from_millis(1)))
+                } else if tokens > requests {
+                    Decision::WaitForTokens {
+                        request: Duration::from_micros(requests),
+                        tokens: wait,
+                    }
+                } else {
+                    Decision::Wait(wait)
+                }
+            }
         })
     }
 
-    /// Gives back `requests` and `tokens` microseconds of a bucket's state, in the background:
-    /// the caller does not wait for it, and a failure only leaves the bucket stricter.
-    fn give_back(&self, bucket: &RedisBucket, requests: i64, tokens: i64) {
-        if (requests == 0 && tokens == 0) || self.is_falling_back() {
-            return;
+    /// Publishes this process's rates for `bucket` when they differ from the table, so every
+    /// process uses what one learned, or withdraws them once they are back at the table. In
+    /// the background, and only when they moved, or to keep them from expiring.
+    fn publish_rates(&self, bucket: &RedisBucket, rates: Rates) {
+        let adapted = rates != bucket.table;
+        let now = Instant::now();
+        let refresh = self.settings.rates_ttl / 3;
+        {
+            let mut published = bucket
+                .published
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let due = match *published {
+                None => adapted,
+                Some(_) if !adapted => true,
+                Some((last, at)) => moved(last, rates) || now.duration_since(at) >= refresh,
+            };
+            if !due {
+                return;
+            }
+            *published = adapted.then_some((rates, now));
         }
+        let mut args = vec![self.process.to_string()];
+        if adapted {
+            let [ri, rt, _] = pace_args(rates.requests, 0);
+            let [ti, tt, _] = pace_args(rates.tokens, 0);
+            args.extend([ri, rt, ti, tt, micros(self.settings.rates_ttl)].map(|n| n.to_string()));
+        }
+        self.in_background(&self.publish, vec![bucket.rates_key.clone()], args);
+    }
+
+    /// Runs `script` without waiting for it, within the call timeout; a failure leaves Redis as
+    /// it was.
+    fn in_background(&self, script: &Arc<Script>, keys: Vec<String>, args: Vec<String>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (script, mut connection) = (Arc::clone(&self.give_back), self.connection.clone());
-        let keys = [bucket.requests_key.clone(), bucket.tokens_key.clone()];
+        let (script, mut connection) = (Arc::clone(script), self.connection.clone());
         let timeout = self.settings.call_timeout;
         runtime.spawn(async move {
-            let mut invocation = script.key(&keys[0]);
-            invocation.key(&keys[1]).arg(requests).arg(tokens);
+            let mut invocation = script.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            for arg in &args {
+                invocation.arg(arg);
+            }
             let call = invocation.invoke_async::<i64>(&mut connection);
             let _ = tokio::time::timeout(timeout, call).await;
         });
+    }
+
+    /// Gives back `amounts` microseconds of a bucket's state (requests, tokens), where the
+    /// arrival times are still `expected` (0: whatever they are), in the background: the
+    /// caller does not wait for it, and a failure only leaves the bucket stricter.
+    fn give_back(&self, bucket: &RedisBucket, amounts: [i64; 2], expected: [u64; 2]) {
+        if amounts == [0, 0] || self.is_falling_back() {
+            return;
+        }
+        let keys = vec![bucket.requests_key.clone(), bucket.tokens_key.clone()];
+        let args = [amounts[0], amounts[1]]
+            .map(|amount| amount.to_string())
+            .into_iter()
+            .chain(expected.map(|tat| tat.to_string()))
+            .collect();
+        self.in_background(&self.give_back, keys, args);
     }
 }
 
@@ -293,7 +467,15 @@ impl RedisLimiter {
 pub struct RedisBucket {
     requests_key: String,
     tokens_key: String,
+    rates_key: String,
+    /// The rates the table gives the bucket: a process publishes only rates that differ.
+    table: Rates,
     rates: Mutex<Rates>,
+    /// What this process last published, and when (`None`: nothing, or withdrawn).
+    published: Mutex<Option<(Rates, Instant)>>,
+    /// The last turn Redis gave this bucket. Only the head of the bucket's queue takes turns,
+    /// so a turn given back is always this one.
+    last_turn: Mutex<Option<Turn>>,
     local: <LocalLimiter as Limiter>::Bucket,
     replicas: u32,
 }
@@ -306,6 +488,13 @@ impl fmt::Debug for RedisBucket {
     }
 }
 
+/// A turn taken in Redis: the arrival times it left, and the microseconds it added to each.
+#[derive(Debug, Clone, Copy)]
+struct Turn {
+    arrival_times: [u64; 2],
+    taken: [u64; 2],
+}
+
 impl RedisBucket {
     fn rates(&self) -> Rates {
         *self.rates.lock().unwrap_or_else(PoisonError::into_inner)
@@ -314,13 +503,31 @@ impl RedisBucket {
 
 /// The key names of a bucket: the namespace, then a `{hash tag}` of the key's fingerprint,
 /// the group and the model, so both keys of a bucket live on one Redis Cluster slot.
-fn key_names(namespace: &str, spec: &BucketSpec<'_>) -> (String, String) {
+fn key_names(namespace: &str, spec: &BucketSpec<'_>) -> [String; 3] {
     let model = spec.model.map(model_tag).unwrap_or_default();
     let tag = format!("{{{}:{}{model}}}", spec.key, spec.group);
-    (
-        format!("{namespace}:{tag}:requests"),
-        format!("{namespace}:{tag}:tokens"),
-    )
+    ["requests", "tokens", "rates"].map(|part| format!("{namespace}:{tag}:{part}"))
+}
+
+/// A name for this process among those that publish rates: random, so that processes on
+/// different hosts never share one.
+fn process_name() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    format!("{:016x}", hasher.finish())
+}
+
+/// Whether a rate moved enough since it was published to publish it again (2%).
+fn moved(last: Rates, now: Rates) -> bool {
+    let apart = |a: Option<Pace>, b: Option<Pace>| match (a, b) {
+        (Some(a), Some(b)) => {
+            let (a, b) = (a.interval().as_secs_f64(), b.interval().as_secs_f64());
+            (a - b).abs() > 0.02 * b
+        }
+        (a, b) => a.is_some() != b.is_some(),
+    };
+    apart(last.requests, now.requests) || apart(last.tokens, now.tokens)
 }
 
 /// A model name as a short, stable part of a key: FNV-1a, so every process agrees.
@@ -357,7 +564,7 @@ impl Limiter for RedisLimiter {
     type Bucket = RedisBucket;
 
     fn bucket(&self, spec: BucketSpec<'_>) -> RedisBucket {
-        let (requests_key, tokens_key) = key_names(&self.settings.namespace, &spec);
+        let [requests_key, tokens_key, rates_key] = key_names(&self.settings.namespace, &spec);
         let replicas = match self.settings.unreachable {
             Unreachable::FallBack { replicas } => replicas,
             Unreachable::Fail => 1,
@@ -371,7 +578,11 @@ impl Limiter for RedisLimiter {
         RedisBucket {
             requests_key,
             tokens_key,
+            rates_key,
+            table: spec.rates,
             rates: Mutex::new(spec.rates),
+            published: Mutex::new(None),
+            last_turn: Mutex::new(None),
             local: LocalLimiter.bucket(local_spec),
             replicas,
         }
@@ -392,12 +603,18 @@ impl Limiter for RedisLimiter {
         bucket: &RedisBucket,
         cost: Cost,
         now: Duration,
+        max_wait: Duration,
     ) -> Result<Decision, BoxError> {
+        // A new decision: the bucket's last turn was used or given back already.
+        *bucket
+            .last_turn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         let fall_back = matches!(self.settings.unreachable, Unreachable::FallBack { .. });
         if fall_back && self.is_falling_back() {
-            return LocalLimiter.acquire(&bucket.local, cost, now).await;
+            return LocalLimiter.acquire(&bucket.local, cost, now, max_wait).await;
         }
-        match self.decide(bucket, cost).await {
+        match self.decide(bucket, cost, max_wait).await {
             Ok(decision) => {
                 self.mark_up();
                 Ok(decision)
@@ -405,7 +622,7 @@ impl Limiter for RedisLimiter {
             Err(error) => {
                 self.mark_down(&error);
                 if fall_back {
-                    LocalLimiter.acquire(&bucket.local, cost, now).await
+                    LocalLimiter.acquire(&bucket.local, cost, now, max_wait).await
                 } else {
                     Err(error.into())
                 }
@@ -415,13 +632,16 @@ impl Limiter for RedisLimiter {
 
     fn release(&self, bucket: &RedisBucket, cost: Cost, now: Duration) {
         LocalLimiter.release(&bucket.local, cost, now);
-        let rates = bucket.rates();
-        let back = |pace: Option<Pace>, units: u64| {
-            pace.map_or(0, |pace| micros(pace.interval()).saturating_mul(units))
-        };
-        let requests = i64::try_from(back(rates.requests, cost.requests)).unwrap_or(i64::MAX);
-        let tokens = i64::try_from(back(rates.tokens, cost.tokens)).unwrap_or(i64::MAX);
-        self.give_back(bucket, requests, tokens);
+        // A turn taken while deciding in this process has nothing in Redis to give back.
+        let taken = bucket
+            .last_turn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(turn) = taken {
+            let amounts = turn.taken.map(|micros| i64::try_from(micros).unwrap_or(i64::MAX));
+            self.give_back(bucket, amounts, turn.arrival_times);
+        }
     }
 
     fn correct_tokens(&self, bucket: &RedisBucket, charged: u64, used: u64, now: Duration) {
@@ -432,12 +652,13 @@ impl Limiter for RedisLimiter {
         let interval = i64::try_from(micros(pace.interval())).unwrap_or(i64::MAX);
         let unused =
             i64::try_from(charged).unwrap_or(i64::MAX) - i64::try_from(used).unwrap_or(i64::MAX);
-        self.give_back(bucket, 0, unused.saturating_mul(interval));
+        self.give_back(bucket, [0, unused.saturating_mul(interval)], [0, 0]);
     }
 
     fn set_rates(&self, bucket: &RedisBucket, rates: Rates, now: Duration) {
         *bucket.rates.lock().unwrap_or_else(PoisonError::into_inner) = rates;
         LocalLimiter.set_rates(&bucket.local, share(rates, bucket.replicas), now);
+        self.publish_rates(bucket, rates);
     }
 
     fn until_rest(&self, _: &RedisBucket, _: Duration) -> Duration {

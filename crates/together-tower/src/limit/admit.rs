@@ -210,6 +210,11 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
                 }
                 FastPath::Wait
             }
+            Some(Decision::Reserved(_)) => {
+                // Not an answer of `try_acquire`: give it back and take the waiting path.
+                self.context.limiter.release(&bucket.state, cost, now);
+                FastPath::Wait
+            }
             Some(Decision::TooLarge) => FastPath::Refuse(
                 TooManyTokens::new(cost.tokens, bucket.token_capacity().unwrap_or(0), class).into(),
             ),

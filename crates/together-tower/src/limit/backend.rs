@@ -33,6 +33,11 @@ pub enum Decision {
     /// The cost is more than the bucket can ever hold (more tokens than the token burst):
     /// no wait would help. Nothing was taken.
     TooLarge,
+    /// The cost was taken for a turn this long from now: the request sleeps until then and
+    /// goes without asking again. Only [`Limiter::acquire`] reserves, and never farther ahead
+    /// than the `max_wait` it was given; a reservation not used is given back by
+    /// [`Limiter::release`], like an [`Decision::Allow`].
+    Reserved(Duration),
 }
 
 /// What one request costs.
@@ -139,15 +144,20 @@ pub trait Limiter: Send + Sync + 'static {
     fn bucket(&self, spec: BucketSpec<'_>) -> Self::Bucket;
 
     /// Decides at once if that needs no I/O; `None` sends the request down the waiting path,
-    /// which calls [`Limiter::acquire`].
+    /// which calls [`Limiter::acquire`]. Never answers [`Decision::Reserved`].
     fn try_acquire(&self, bucket: &Self::Bucket, cost: Cost, now: Duration) -> Option<Decision>;
 
     /// Decides, with I/O if the backend needs it. An error fails the request that asked.
+    ///
+    /// `max_wait` is the longest the request may still wait. A backend whose every answer
+    /// costs a round trip may reserve a turn up to that far ahead
+    /// ([`Decision::Reserved`]), so that a waiter sleeps once instead of asking again.
     fn acquire(
         &self,
         bucket: &Self::Bucket,
         cost: Cost,
         now: Duration,
+        max_wait: Duration,
     ) -> impl Future<Output = Result<Decision, BoxError>> + Send;
 
     /// Gives back a cost that an [`Decision::Allow`] took and that was not used.
@@ -249,7 +259,9 @@ impl Limiter for LocalLimiter {
         bucket: &LocalBucket,
         cost: Cost,
         now: Duration,
+        _max_wait: Duration,
     ) -> Ready<Result<Decision, BoxError>> {
+        // Asking again costs a lock, not a round trip: no need to reserve.
         ready(Ok(bucket.lock().decide(cost, nanos(now))))
     }
 

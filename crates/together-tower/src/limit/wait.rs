@@ -63,6 +63,8 @@ pub(crate) struct Turn<L: Limiter> {
     acquiring: Option<Acquiring>,
     /// Held back by tokens, until when the head lets others pass.
     patience_until: Option<Duration>,
+    /// The turn is taken, for a time the sleep ends at.
+    reserved: bool,
     taken: bool,
 }
 
@@ -97,6 +99,7 @@ impl<L: Limiter> Turn<L> {
             expiry_moved: None,
             acquiring: None,
             patience_until: None,
+            reserved: false,
             taken: false,
         }
     }
@@ -194,12 +197,20 @@ impl<L: Limiter> Turn<L> {
     fn poll_turn_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         ready!(self.poll_slot(cx))?;
         loop {
-            if self.taken {
-                return Poll::Ready(Ok(()));
-            }
             if let Some(sleep) = &mut self.sleep {
                 ready!(sleep.as_mut().poll(cx));
                 self.sleep = None;
+            }
+            if std::mem::take(&mut self.reserved) {
+                // The reserved turn is due. If the server closed the bucket meanwhile, the
+                // turn goes back and the request waits out the closure like the others.
+                let now = self.bucket().context.clock.elapsed();
+                if self.bucket().closed_for(now).is_some() {
+                    self.give_back();
+                }
+            }
+            if self.taken {
+                return Poll::Ready(Ok(()));
             }
             let place = self
                 .place
@@ -246,6 +257,21 @@ impl<L: Limiter> Turn<L> {
                             // Others need a request turn too: look again when it is due.
                             request
                         }
+                    }
+                    Decision::Reserved(wait) => {
+                        // Taken for a turn `wait` from now: sleep once, then go.
+                        self.taken = true;
+                        let until = now.saturating_add(wait);
+                        bucket.next_turn_at(until);
+                        if until > self.deadline {
+                            // Farther than it was allowed to reserve: not this request's turn.
+                            self.give_back();
+                            return Poll::Ready(Err(self.too_long(wait)));
+                        }
+                        self.reserved = true;
+                        let at = bucket.context.clock.instant_at(until);
+                        self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+                        continue;
                     }
                     Decision::TooLarge => {
                         let capacity = bucket.token_capacity().unwrap_or(0);
@@ -298,6 +324,11 @@ impl<L: Limiter> Turn<L> {
                 Some(Decision::Wait(wait) | Decision::WaitForTokens { tokens: wait, .. }) => {
                     now.saturating_add(wait) <= deadline
                 }
+                Some(Decision::Reserved(wait)) => {
+                    // Not an answer of `try_acquire`; give it back all the same.
+                    limiter.release(state, own, now);
+                    now.saturating_add(wait) <= deadline
+                }
                 Some(Decision::TooLarge) | None => false,
             };
             if !keeps_deadline {
@@ -332,11 +363,12 @@ impl<L: Limiter> Turn<L> {
                 return Poll::Ready(Ok(decision));
             }
             let (bucket, cost) = (Arc::clone(bucket), self.cost);
+            let max_wait = self.deadline.saturating_sub(now);
             self.acquiring = Some(Box::pin(async move {
                 bucket
                     .context
                     .limiter
-                    .acquire(&bucket.state, cost, now)
+                    .acquire(&bucket.state, cost, now, max_wait)
                     .await
             }));
         }
