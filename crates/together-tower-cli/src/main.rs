@@ -12,6 +12,11 @@ use together_tower_cli::{CliError, plot};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The least severe events written to stderr: error, warn, info, debug or trace. At warn
+    /// (the default) that is what needs a look, such as Redis not answering; info adds the
+    /// retries, the pauses and Redis answering again.
+    #[arg(long, global = true, default_value = "warn", env = "TOGETHER_TOWER_LOG")]
+    log: tracing::Level,
 }
 
 #[derive(Debug, Subcommand)]
@@ -25,6 +30,10 @@ enum Command {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(cli.log)
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Bench(args) => run_bench(&args).await,
         Command::Embed(args) => embed::run(&args).await.map(|report| {

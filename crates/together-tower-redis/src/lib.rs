@@ -63,6 +63,7 @@
 //! ```
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -266,6 +267,8 @@ pub struct RedisLimiter {
     process: Arc<str>,
     /// While set and not passed, Redis is not asked: it failed to answer.
     down_until: Arc<Mutex<Option<Instant>>>,
+    /// Counts the times Redis stopped answering, so each bucket knows when an outage is new.
+    outages: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for RedisLimiter {
@@ -298,6 +301,7 @@ impl RedisLimiter {
             settings: Arc::new(settings),
             process: process_name().into(),
             down_until: Arc::new(Mutex::new(None)),
+            outages: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -316,9 +320,32 @@ impl RedisLimiter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if down.is_none() {
+            self.outages.fetch_add(1, Ordering::AcqRel);
             tracing::warn!(target: "together_tower", %error, "redis unreachable: deciding in this process");
         }
         *down = Some(Instant::now() + self.settings.retry_after);
+    }
+
+    /// Decides in this process. The first decision of an outage finds the bucket's request
+    /// burst spent: what Redis granted just before is not known here, and a burst from every
+    /// process at once is what a strict server answers with 429s.
+    fn decide_here(&self, bucket: &RedisBucket, cost: Cost, now: Duration) -> Decision {
+        let outage = self.outages.load(Ordering::Acquire);
+        if bucket.outage_seen.swap(outage, Ordering::AcqRel) != outage {
+            let one_turn = Cost {
+                requests: 1,
+                tokens: 0,
+            };
+            let capacity = bucket.burst();
+            for _ in 0..capacity {
+                if LocalLimiter.try_acquire(&bucket.local, one_turn, now) != Some(Decision::Allow) {
+                    break;
+                }
+            }
+        }
+        LocalLimiter
+            .try_acquire(&bucket.local, cost, now)
+            .unwrap_or(Decision::Wait(Duration::from_millis(1)))
     }
 
     fn mark_up(&self) {
@@ -476,6 +503,8 @@ pub struct RedisBucket {
     /// The last turn Redis gave this bucket. Only the head of the bucket's queue takes turns,
     /// so a turn given back is always this one.
     last_turn: Mutex<Option<Turn>>,
+    /// The outage this bucket last decided in this process during.
+    outage_seen: AtomicU64,
     local: <LocalLimiter as Limiter>::Bucket,
     replicas: u32,
 }
@@ -498,6 +527,14 @@ struct Turn {
 impl RedisBucket {
     fn rates(&self) -> Rates {
         *self.rates.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many requests a full bucket lets go at once (bounded, for a bucket with no rate).
+    fn burst(&self) -> u64 {
+        self.rates().requests.map_or(0, |pace| {
+            let whole = pace.tau().as_nanos() / pace.interval().as_nanos().max(1);
+            u64::try_from(whole).unwrap_or(u64::MAX).saturating_add(1).min(1_000)
+        })
     }
 }
 
@@ -583,6 +620,7 @@ impl Limiter for RedisLimiter {
             rates: Mutex::new(spec.rates),
             published: Mutex::new(None),
             last_turn: Mutex::new(None),
+            outage_seen: AtomicU64::new(0),
             local: LocalLimiter.bucket(local_spec),
             replicas,
         }
@@ -593,7 +631,7 @@ impl Limiter for RedisLimiter {
         if matches!(self.settings.unreachable, Unreachable::FallBack { .. })
             && self.is_falling_back()
         {
-            return LocalLimiter.try_acquire(&bucket.local, cost, now);
+            return Some(self.decide_here(bucket, cost, now));
         }
         None
     }
@@ -612,7 +650,7 @@ impl Limiter for RedisLimiter {
             .unwrap_or_else(PoisonError::into_inner) = None;
         let fall_back = matches!(self.settings.unreachable, Unreachable::FallBack { .. });
         if fall_back && self.is_falling_back() {
-            return LocalLimiter.acquire(&bucket.local, cost, now, max_wait).await;
+            return Ok(self.decide_here(bucket, cost, now));
         }
         match self.decide(bucket, cost, max_wait).await {
             Ok(decision) => {
@@ -622,7 +660,7 @@ impl Limiter for RedisLimiter {
             Err(error) => {
                 self.mark_down(&error);
                 if fall_back {
-                    LocalLimiter.acquire(&bucket.local, cost, now, max_wait).await
+                    Ok(self.decide_here(bucket, cost, now))
                 } else {
                     Err(error.into())
                 }
