@@ -15,7 +15,12 @@ struct Cli {
     /// The least severe events written to stderr: error, warn, info, debug or trace. At warn
     /// (the default) that is what needs a look, such as Redis not answering; info adds the
     /// retries, the pauses and Redis answering again.
-    #[arg(long, global = true, default_value = "warn", env = "TOGETHER_TOWER_LOG")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "warn",
+        env = "TOGETHER_TOWER_LOG"
+    )]
     log: tracing::Level,
 }
 

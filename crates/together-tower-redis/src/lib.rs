@@ -392,7 +392,10 @@ impl RedisLimiter {
                 .map_err(RedisLimiterError::Redis)?;
         Ok(match answer {
             (1, wait, _, requests_tat, tokens_tat, requests_taken, tokens_taken) => {
-                *bucket.last_turn.lock().unwrap_or_else(PoisonError::into_inner) = Some(Turn {
+                *bucket
+                    .last_turn
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(Turn {
                     arrival_times: [requests_tat, tokens_tat],
                     taken: [requests_taken, tokens_taken],
                 });
@@ -533,7 +536,10 @@ impl RedisBucket {
     fn burst(&self) -> u64 {
         self.rates().requests.map_or(0, |pace| {
             let whole = pace.tau().as_nanos() / pace.interval().as_nanos().max(1);
-            u64::try_from(whole).unwrap_or(u64::MAX).saturating_add(1).min(1_000)
+            u64::try_from(whole)
+                .unwrap_or(u64::MAX)
+                .saturating_add(1)
+                .min(1_000)
         })
     }
 }
@@ -677,7 +683,9 @@ impl Limiter for RedisLimiter {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(turn) = taken {
-            let amounts = turn.taken.map(|micros| i64::try_from(micros).unwrap_or(i64::MAX));
+            let amounts = turn
+                .taken
+                .map(|micros| i64::try_from(micros).unwrap_or(i64::MAX));
             self.give_back(bucket, amounts, turn.arrival_times);
         }
     }

@@ -32,11 +32,18 @@ async fn two_limiters_on_one_redis_share_one_bucket() {
         tokens: 0,
     };
     assert_eq!(
-        first.acquire(&a, one, Duration::ZERO, Duration::ZERO).await.unwrap(),
+        first
+            .acquire(&a, one, Duration::ZERO, Duration::ZERO)
+            .await
+            .unwrap(),
         Decision::Allow
     );
     // The other process sees the turn taken: its request must wait about one interval.
-    match second.acquire(&b, one, Duration::ZERO, Duration::ZERO).await.unwrap() {
+    match second
+        .acquire(&b, one, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap()
+    {
         Decision::Wait(wait) => assert!(
             wait > Duration::from_millis(50) && wait <= Duration::from_millis(100),
             "{wait:?}"
@@ -76,7 +83,10 @@ async fn a_dead_redis_falls_back_within_the_timeout_and_a_restarted_one_is_used_
     let (limiter, bucket) =
         chat_bucket(&redis, settings(Unreachable::FallBack { replicas: 2 })).await;
     assert_eq!(
-        limiter.acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO).await.unwrap(),
+        limiter
+            .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
+            .await
+            .unwrap(),
         Decision::Allow
     );
 
@@ -84,7 +94,10 @@ async fn a_dead_redis_falls_back_within_the_timeout_and_a_restarted_one_is_used_
     let started = std::time::Instant::now();
     // Decided in this process, at half the quota, with the burst taken as spent (what Redis
     // granted just before is not known here): one interval of the share, 200 ms, first.
-    let first = limiter.acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO).await.unwrap();
+    let first = limiter
+        .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap();
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",
@@ -104,7 +117,9 @@ async fn a_dead_redis_falls_back_within_the_timeout_and_a_restarted_one_is_used_
     tokio::time::sleep(Duration::from_millis(400)).await;
     let mut back = false;
     for _ in 0..20 {
-        let decision = limiter.acquire(&bucket, ONE, Duration::from_secs(10), Duration::ZERO).await;
+        let decision = limiter
+            .acquire(&bucket, ONE, Duration::from_secs(10), Duration::ZERO)
+            .await;
         if decision.is_ok() && !limiter.is_falling_back() {
             back = true;
             break;
@@ -132,13 +147,19 @@ async fn a_flushed_script_is_loaded_again() {
     let redis = RedisServer::start().await;
     let (limiter, bucket) = chat_bucket(&redis, settings(Unreachable::Fail)).await;
     assert_eq!(
-        limiter.acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO).await.unwrap(),
+        limiter
+            .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
+            .await
+            .unwrap(),
         Decision::Allow
     );
     redis.command(&["SCRIPT", "FLUSH"]).await;
     // NOSCRIPT, then the script is loaded again: the bucket's state was kept.
     assert!(matches!(
-        limiter.acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO).await.unwrap(),
+        limiter
+            .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
+            .await
+            .unwrap(),
         Decision::Wait(_)
     ));
 }
@@ -187,7 +208,10 @@ async fn keys_name_the_fingerprint_never_the_key() {
         .unwrap();
     let key = together_tower::key::KeyHasher::new().fingerprint(b"tgp_v1_SecretKeyPart123");
     let bucket = limiter.bucket(BucketSpec::new(key, "chat", Some("m"), ten_a_second()));
-    limiter.acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO).await.unwrap();
+    limiter
+        .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap();
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -224,21 +248,39 @@ async fn waiters_reserve_their_turns_in_the_order_they_asked_across_processes() 
     let (second, b) = chat_bucket(&redis, settings(Unreachable::Fail)).await;
     let max_wait = Duration::from_secs(1);
     assert_eq!(
-        first.acquire(&a, ONE, Duration::ZERO, max_wait).await.unwrap(),
+        first
+            .acquire(&a, ONE, Duration::ZERO, max_wait)
+            .await
+            .unwrap(),
         Decision::Allow
     );
     // Each waiter's turn is taken now, for the time it is due: it need not ask again.
-    let b_turn = second.acquire(&b, ONE, Duration::ZERO, max_wait).await.unwrap();
-    let a_turn = first.acquire(&a, ONE, Duration::ZERO, max_wait).await.unwrap();
+    let b_turn = second
+        .acquire(&b, ONE, Duration::ZERO, max_wait)
+        .await
+        .unwrap();
+    let a_turn = first
+        .acquire(&a, ONE, Duration::ZERO, max_wait)
+        .await
+        .unwrap();
     assert!(matches!(b_turn, Decision::Reserved(_)), "{b_turn:?}");
     assert!(matches!(a_turn, Decision::Reserved(_)), "{a_turn:?}");
     assert!(about(wait_of(b_turn), 100), "{b_turn:?}");
     assert!(about(wait_of(a_turn), 200), "{a_turn:?}");
     // Beyond the max wait nothing is reserved: a plain wait, and the turn stays free.
     let short = Duration::from_millis(250);
-    let refused = second.acquire(&b, ONE, Duration::ZERO, short).await.unwrap();
-    assert!(matches!(refused, Decision::Wait(wait) if wait > short), "{refused:?}");
-    let next = second.acquire(&b, ONE, Duration::ZERO, max_wait).await.unwrap();
+    let refused = second
+        .acquire(&b, ONE, Duration::ZERO, short)
+        .await
+        .unwrap();
+    assert!(
+        matches!(refused, Decision::Wait(wait) if wait > short),
+        "{refused:?}"
+    );
+    let next = second
+        .acquire(&b, ONE, Duration::ZERO, max_wait)
+        .await
+        .unwrap();
     assert!(about(wait_of(next), 300), "{next:?}");
 }
 
@@ -248,20 +290,35 @@ async fn a_cancelled_reservation_comes_back_only_if_no_turn_was_taken_after_it()
     let (first, a) = chat_bucket(&redis, settings(Unreachable::Fail)).await;
     let (second, b) = chat_bucket(&redis, settings(Unreachable::Fail)).await;
     let max_wait = Duration::from_secs(1);
-    first.acquire(&a, ONE, Duration::ZERO, max_wait).await.unwrap();
+    first
+        .acquire(&a, ONE, Duration::ZERO, max_wait)
+        .await
+        .unwrap();
     // The last turn taken, given back: the next asker gets the same time.
-    let reserved = second.acquire(&b, ONE, Duration::ZERO, max_wait).await.unwrap();
+    let reserved = second
+        .acquire(&b, ONE, Duration::ZERO, max_wait)
+        .await
+        .unwrap();
     assert!(about(wait_of(reserved), 100), "{reserved:?}");
     second.release(&b, ONE, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let again = first.acquire(&a, ONE, Duration::ZERO, max_wait).await.unwrap();
+    let again = first
+        .acquire(&a, ONE, Duration::ZERO, max_wait)
+        .await
+        .unwrap();
     assert!(about(wait_of(again), 100), "{again:?}");
     // A turn others reserved after: giving it back would let two go at once, so it is lost.
-    let after = second.acquire(&b, ONE, Duration::ZERO, max_wait).await.unwrap();
+    let after = second
+        .acquire(&b, ONE, Duration::ZERO, max_wait)
+        .await
+        .unwrap();
     assert!(about(wait_of(after), 200), "{after:?}");
     first.release(&a, ONE, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let last = second.acquire(&b, ONE, Duration::ZERO, max_wait).await.unwrap();
+    let last = second
+        .acquire(&b, ONE, Duration::ZERO, max_wait)
+        .await
+        .unwrap();
     assert!(about(wait_of(last), 300), "{last:?}");
 }
 
@@ -283,17 +340,29 @@ async fn a_rate_one_process_cut_paces_every_process_until_it_is_withdrawn_or_exp
     tokio::time::sleep(Duration::from_millis(20)).await;
     let spacing = |decision: Decision| wait_of(decision);
     assert_eq!(
-        second.acquire(&b, ONE, Duration::ZERO, Duration::ZERO).await.unwrap(),
+        second
+            .acquire(&b, ONE, Duration::ZERO, Duration::ZERO)
+            .await
+            .unwrap(),
         Decision::Allow
     );
-    let paced = second.acquire(&b, ONE, Duration::ZERO, Duration::ZERO).await.unwrap();
+    let paced = second
+        .acquire(&b, ONE, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap();
     assert!(about(spacing(paced), 200), "{paced:?}");
 
     // Back at the table's rate: withdrawn, and the second process paces at 10 a second.
     first.set_rates(&a, ten_a_second(), Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(250)).await;
-    second.acquire(&b, ONE, Duration::ZERO, Duration::ZERO).await.unwrap();
-    let table = second.acquire(&b, ONE, Duration::ZERO, Duration::ZERO).await.unwrap();
+    second
+        .acquire(&b, ONE, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap();
+    let table = second
+        .acquire(&b, ONE, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap();
     assert!(about(spacing(table), 100), "{table:?}");
 
     // Cut again, and the process dies without withdrawing: the cut lasts `rates_ttl` only.
@@ -301,7 +370,13 @@ async fn a_rate_one_process_cut_paces_every_process_until_it_is_withdrawn_or_exp
     tokio::time::sleep(Duration::from_millis(20)).await;
     drop((first, a));
     tokio::time::sleep(Duration::from_millis(700)).await;
-    second.acquire(&b, ONE, Duration::ZERO, Duration::ZERO).await.unwrap();
-    let expired = second.acquire(&b, ONE, Duration::ZERO, Duration::ZERO).await.unwrap();
+    second
+        .acquire(&b, ONE, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap();
+    let expired = second
+        .acquire(&b, ONE, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap();
     assert!(about(spacing(expired), 100), "{expired:?}");
 }

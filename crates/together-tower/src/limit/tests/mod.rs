@@ -655,14 +655,18 @@ async fn a_reservation_dropped_before_its_time_gives_the_turn_back() {
             .build(),
     );
     let service = layer.layer(recorder(arrivals.clone(), ok));
-    send_one(&mut service.clone(), request(CHAT, "k", "first")).await.unwrap();
+    send_one(&mut service.clone(), request(CHAT, "k", "first"))
+        .await
+        .unwrap();
     // Reserved for 1 s, and given up half way.
     let reserved = tokio::spawn(service.clone().oneshot(request(CHAT, "k", "reserved")));
     tokio::time::sleep(Duration::from_millis(500)).await;
     reserved.abort();
     assert!(reserved.await.unwrap_err().is_cancelled());
     // The turn at 1 s is free again for the next request.
-    send_one(&mut service.clone(), request(CHAT, "k", "next")).await.unwrap();
+    send_one(&mut service.clone(), request(CHAT, "k", "next"))
+        .await
+        .unwrap();
     assert_eq!(arrivals.labels(), ["first", "next"]);
     assert_eq!(arrivals.times_ms(), [0, 1_000]);
 }
@@ -681,14 +685,18 @@ async fn a_reservation_farther_than_the_max_wait_is_not_made() {
     );
     let arrivals = Arrivals::new();
     let service = layer.layer(recorder(arrivals.clone(), ok));
-    send_one(&mut service.clone(), request(CHAT, "k", "first")).await.unwrap();
+    send_one(&mut service.clone(), request(CHAT, "k", "first"))
+        .await
+        .unwrap();
     let error = send_one(&mut service.clone(), request(CHAT, "k", "second"))
         .await
         .unwrap_err();
     assert!(error.downcast_ref::<RateLimited>().is_some(), "{error}");
     // Nothing was reserved: the turn at 1 s is still there.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    send_one(&mut service.clone(), request(CHAT, "k", "third")).await.unwrap();
+    send_one(&mut service.clone(), request(CHAT, "k", "third"))
+        .await
+        .unwrap();
     assert_eq!(arrivals.times_ms(), [0, 1_000]);
 }
 
