@@ -39,6 +39,26 @@
 //! `warn` when it starts and at `info` when Redis answers again), or fail the request with
 //! [`RedisLimiterError`].
 //!
+//! ## Tracing and metrics
+//!
+//! Events, with target `together_tower`:
+//!
+//! | event | level | fields |
+//! |---|---|---|
+//! | redis unreachable: deciding in this process (or: failing requests) | warn | error, retry_ms |
+//! | redis answers again: deciding there | info | down_ms |
+//! | rate published to the other processes | debug | group, per_second |
+//! | published rate withdrawn | debug | group |
+//!
+//! With the `metrics` feature, on the `metrics` facade (no label names a key):
+//!
+//! | metric | kind | labels | what |
+//! |---|---|---|---|
+//! | `together_tower_redis_decisions_total` | counter | outcome (`allow`, `reserved`, `wait`, `too_large`, `error`, `here`) | decisions, by how they went; `here`: made in this process while Redis was unreachable |
+//! | `together_tower_redis_call_seconds` | histogram | | how long each decision's call to Redis took |
+//! | `together_tower_redis_unreachable_total` | counter | | times Redis stopped answering |
+//! | `together_tower_redis_deciding_here` | gauge | | 1 while decisions are made in this process, else 0 |
+//!
 //! ## The fast path
 //!
 //! Every decision is one round trip to Redis: a request that finds room goes after that one
@@ -62,6 +82,8 @@
 //! # }
 //! ```
 
+mod telemetry;
+
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -72,6 +94,8 @@ use redis::aio::ConnectionManager;
 use together_tower::limit::{BucketSpec, Cost, Decision, Limiter, LocalLimiter, Pace, Rates};
 use tokio::time::Instant;
 use tower::BoxError;
+
+use crate::telemetry::Outcome;
 
 /// GCRA over a request rate and a token rate at once: both go, or neither. Time is Redis's
 /// own, in microseconds, so every process shares one clock. A request that must wait no longer
@@ -265,8 +289,8 @@ pub struct RedisLimiter {
     settings: Arc<RedisSettings>,
     /// Names this process's entry among the published rates.
     process: Arc<str>,
-    /// While set and not passed, Redis is not asked: it failed to answer.
-    down_until: Arc<Mutex<Option<Instant>>>,
+    /// Set while Redis fails to answer.
+    down: Arc<Mutex<Option<Down>>>,
     /// Counts the times Redis stopped answering, so each bucket knows when an outage is new.
     outages: Arc<AtomicU64>,
 }
@@ -300,30 +324,36 @@ impl RedisLimiter {
             publish: Arc::new(Script::new(PUBLISH_RATES)),
             settings: Arc::new(settings),
             process: process_name().into(),
-            down_until: Arc::new(Mutex::new(None)),
+            down: Arc::new(Mutex::new(None)),
             outages: Arc::new(AtomicU64::new(0)),
         })
     }
 
     /// Whether Redis failed to answer lately, so decisions are made in this process.
     pub fn is_falling_back(&self) -> bool {
-        let down = self
-            .down_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        down.is_some_and(|until| Instant::now() < until)
+        let down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+        down.is_some_and(|down| Instant::now() < down.until)
+    }
+
+    fn falls_back(&self) -> bool {
+        matches!(self.settings.unreachable, Unreachable::FallBack { .. })
     }
 
     fn mark_down(&self, error: &RedisLimiterError) {
-        let mut down = self
-            .down_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if down.is_none() {
-            self.outages.fetch_add(1, Ordering::AcqRel);
-            tracing::warn!(target: "together_tower", %error, "redis unreachable: deciding in this process");
-        }
-        *down = Some(Instant::now() + self.settings.retry_after);
+        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let since = match *down {
+            Some(down) => down.since,
+            None => {
+                self.outages.fetch_add(1, Ordering::AcqRel);
+                telemetry::unreachable(error, self.settings.retry_after, self.falls_back());
+                now
+            }
+        };
+        *down = Some(Down {
+            since,
+            until: now + self.settings.retry_after,
+        });
     }
 
     /// Decides in this process. The first decision of an outage finds the bucket's request
@@ -343,18 +373,16 @@ impl RedisLimiter {
                 }
             }
         }
+        telemetry::decided(Outcome::Here, None);
         LocalLimiter
             .try_acquire(&bucket.local, cost, now)
             .unwrap_or(Decision::Wait(Duration::from_millis(1)))
     }
 
     fn mark_up(&self) {
-        let mut down = self
-            .down_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if down.take().is_some() {
-            tracing::info!(target: "together_tower", "redis answers again: deciding there");
+        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(down) = down.take() {
+            telemetry::answers_again(down.since.elapsed());
         }
     }
 
@@ -385,12 +413,15 @@ impl RedisLimiter {
             .arg(micros(reserve));
         let mut connection = self.connection.clone();
         let timeout = self.settings.call_timeout;
-        let answer: (u8, u64, u64, u64, u64, u64, u64) =
+        let started = Instant::now();
+        let answer: Result<(u8, u64, u64, u64, u64, u64, u64), _> =
             tokio::time::timeout(timeout, invocation.invoke_async(&mut connection))
                 .await
-                .map_err(|_| RedisLimiterError::Timeout(timeout))?
-                .map_err(RedisLimiterError::Redis)?;
-        Ok(match answer {
+                .map_err(|_| RedisLimiterError::Timeout(timeout))
+                .and_then(|answer| answer.map_err(RedisLimiterError::Redis));
+        let call = Some(started.elapsed());
+        let answer = answer.inspect_err(|_| telemetry::decided(Outcome::Error, call))?;
+        let decision = match answer {
             (1, wait, _, requests_tat, tokens_tat, requests_taken, tokens_taken) => {
                 *bucket
                     .last_turn
@@ -420,7 +451,15 @@ impl RedisLimiter {
                     Decision::Wait(wait)
                 }
             }
-        })
+        };
+        let outcome = match decision {
+            Decision::Allow => Outcome::Allow,
+            Decision::Reserved(_) => Outcome::Reserved,
+            Decision::TooLarge => Outcome::TooLarge,
+            _ => Outcome::Wait,
+        };
+        telemetry::decided(outcome, call);
+        Ok(decision)
     }
 
     /// Publishes this process's rates for `bucket` when they differ from the table, so every
@@ -445,6 +484,13 @@ impl RedisLimiter {
             }
             *published = adapted.then_some((rates, now));
         }
+        telemetry::published(
+            &bucket.group,
+            rates
+                .requests
+                .filter(|_| adapted)
+                .map(|pace| pace.per_second()),
+        );
         let mut args = vec![self.process.to_string()];
         if adapted {
             let [ri, rt, _] = pace_args(rates.requests, 0);
@@ -495,6 +541,8 @@ impl RedisLimiter {
 /// A bucket's keys in Redis, the rates in force, and the in-process bucket decisions fall
 /// back to when Redis does not answer.
 pub struct RedisBucket {
+    /// The quota group, for events.
+    group: String,
     requests_key: String,
     tokens_key: String,
     rates_key: String,
@@ -518,6 +566,13 @@ impl fmt::Debug for RedisBucket {
             .field("requests_key", &self.requests_key)
             .finish_non_exhaustive()
     }
+}
+
+/// An outage: when it began, and until when Redis is not asked again.
+#[derive(Debug, Clone, Copy)]
+struct Down {
+    since: Instant,
+    until: Instant,
 }
 
 /// A turn taken in Redis: the arrival times it left, and the microseconds it added to each.
@@ -619,6 +674,7 @@ impl Limiter for RedisLimiter {
             share(spec.rates, replicas),
         );
         RedisBucket {
+            group: spec.group.to_owned(),
             requests_key,
             tokens_key,
             rates_key,
@@ -634,9 +690,7 @@ impl Limiter for RedisLimiter {
 
     fn try_acquire(&self, bucket: &RedisBucket, cost: Cost, now: Duration) -> Option<Decision> {
         // Redis decides, on the waiting path; while it is unreachable, this process does.
-        if matches!(self.settings.unreachable, Unreachable::FallBack { .. })
-            && self.is_falling_back()
-        {
+        if self.falls_back() && self.is_falling_back() {
             return Some(self.decide_here(bucket, cost, now));
         }
         None
@@ -654,7 +708,7 @@ impl Limiter for RedisLimiter {
             .last_turn
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = None;
-        let fall_back = matches!(self.settings.unreachable, Unreachable::FallBack { .. });
+        let fall_back = self.falls_back();
         if fall_back && self.is_falling_back() {
             return Ok(self.decide_here(bucket, cost, now));
         }
