@@ -101,14 +101,17 @@ use crate::telemetry::Outcome;
 /// own, in microseconds, so every process shares one clock. A request that must wait no longer
 /// than it may reserve takes its turn now, for the time it is due.
 ///
-/// KEYS: the requests' and the tokens' theoretical arrival times; the rates processes published.
+/// Each key holds `"<theoretical arrival time> <interval>"`, both in microseconds. When the
+/// interval in force differs from the one the state was kept at, what the bucket owes is
+/// rescaled, so a rate change keeps the bucket's used share and never hands out a burst.
+///
+/// KEYS: the requests' and the tokens' states; the rates processes published.
 /// ARGV: for requests then tokens, the interval and tau in microseconds and the cost (a cost
 /// of 0 skips that rate); the longest wait to reserve, in microseconds.
-/// Returns `{answer, wait_us_requests, wait_us_tokens, tat_requests, tat_tokens, taken_requests,
-/// taken_tokens}`: answer 1 took the cost for a turn `wait_us_requests` from now, leaving the
-/// theoretical arrival times given and having added the microseconds given to each; 0 took
-/// nothing (the waits say how long); 2 took nothing because the cost is more than the bucket
-/// holds.
+/// Returns `{answer, wait_us_requests, wait_us_tokens, tat_requests, tat_tokens}`: answer 1
+/// took the cost for a turn `wait_us_requests` from now, leaving the arrival times given; 0
+/// took nothing (the waits say how long); 2 took nothing because the cost is more than the
+/// bucket holds.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -130,26 +133,66 @@ end
 local function tat(key, interval, tau, cost)
   if cost <= 0 or interval <= 0 then return nil end
   if (cost - 1) * interval > tau then return false end
-  return math.max(tonumber(redis.call('GET', key)) or now, now)
+  local state = redis.call('GET', key)
+  if not state then return now end
+  local at, was = string.match(state, '^(%d+) (%d+)$')
+  at, was = tonumber(at), tonumber(was)
+  if not at or not was or at <= now then return now end
+  if was ~= interval then at = now + math.floor((at - now) * interval / was) end
+  return at
 end
 local rtat, ttat = tat(KEYS[1], ri, rt, rc), tat(KEYS[2], ti, tt, tc)
-if rtat == false or ttat == false then return {2, 0, 0, 0, 0, 0, 0} end
+if rtat == false or ttat == false then return {2, 0, 0, 0, 0} end
 local function wait(at, interval, tau, cost)
   if not at then return 0 end
   return math.max(at + interval * (cost - 1) - tau - now, 0)
 end
 local rw, tw = wait(rtat, ri, rt, rc), wait(ttat, ti, tt, tc)
 local start = math.max(rw, tw)
-if start > reserve then return {0, rw, tw, 0, 0, 0, 0} end
+if start > reserve then return {0, rw, tw, 0, 0} end
 local function take(key, at, interval, cost)
-  if not at then return 0, 0 end
+  if not at then return 0 end
   local new = math.max(at, now + start) + interval * cost
-  redis.call('SET', key, string.format('%.0f', new), 'PX', math.floor((new - now) / 1000) + 1)
-  return new, interval * cost
+  local state = string.format('%.0f %.0f', new, interval)
+  redis.call('SET', key, state, 'PX', math.floor((new - now) / 1000) + 1)
+  return new
 end
-local rnew, radd = take(KEYS[1], rtat, ri, rc)
-local tnew, tadd = take(KEYS[2], ttat, ti, tc)
-return {1, start, 0, rnew, tnew, radd, tadd}
+return {1, start, 0, take(KEYS[1], rtat, ri, rc), take(KEYS[2], ttat, ti, tc)}
+";
+
+/// Gives back units a bucket's state holds: a turn not used, or tokens not spent (a negative
+/// count charges more), at the interval the state is kept at.
+///
+/// A turn is given back only while it is the last one taken (the arrival time is still the
+/// one it left): one state per bucket cannot hold a hole, so giving back a turn that others
+/// took turns after would let two of them go at once.
+///
+/// KEYS: the requests' and the tokens' states.
+/// ARGV: units to give back to each (may be negative); for each, the arrival time it must
+/// still hold (0: any); for each, the interval to charge at when there is no state.
+const GIVE_BACK: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, 2 do
+  local units, expected = tonumber(ARGV[i]), tonumber(ARGV[i + 2])
+  local state = redis.call('GET', KEYS[i])
+  local at, interval = nil, tonumber(ARGV[i + 4])
+  if state then
+    local a, b = string.match(state, '^(%d+) (%d+)$')
+    at, interval = tonumber(a), tonumber(b) or interval
+  end
+  if units ~= 0 and interval and interval > 0 and (at or units < 0)
+      and (expected == 0 or at == expected) then
+    local new = math.max(at or now, now) - units * interval
+    if new <= now then
+      redis.call('DEL', KEYS[i])
+    else
+      local kept = string.format('%.0f %.0f', new, interval)
+      redis.call('SET', KEYS[i], kept, 'PX', math.floor((new - now) / 1000) + 1)
+    end
+  end
+end
+return 1
 ";
 
 /// Publishes the rates this process holds for a bucket when they differ from the table (it
@@ -169,37 +212,6 @@ local ttl = tonumber(ARGV[6])
 local entry = string.format('%s %s %s %s %.0f', ARGV[2], ARGV[3], ARGV[4], ARGV[5], now + ttl)
 redis.call('HSET', KEYS[1], ARGV[1], entry)
 redis.call('PEXPIRE', KEYS[1], math.floor(ttl / 1000) + 1)
-return 1
-";
-
-/// Gives back time a bucket's theoretical arrival time holds: a turn not used, or tokens not
-/// spent (a negative amount charges more). A key that is gone has nothing to give back.
-///
-/// A turn is given back only while it is the last one taken (the arrival time is still the
-/// one it left): one state per bucket cannot hold a hole, so giving back a turn that others
-/// took turns after would let two of them go at once.
-///
-/// KEYS: the requests' and the tokens' theoretical arrival times.
-/// ARGV: microseconds to give back to each (may be negative), then for each the arrival time
-/// it must still hold (0: any).
-const GIVE_BACK: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-for i = 1, 2 do
-  local amount = tonumber(ARGV[i])
-  local expected = tonumber(ARGV[i + 2])
-  if amount ~= 0 then
-    local tat = tonumber(redis.call('GET', KEYS[i]))
-    if (tat or amount < 0) and (expected == 0 or tat == expected) then
-      local new = (tat or now) - amount
-      if new <= now then
-        redis.call('DEL', KEYS[i])
-      else
-        redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', math.floor((new - now) / 1000) + 1)
-      end
-    end
-  end
-end
 return 1
 ";
 
@@ -414,7 +426,7 @@ impl RedisLimiter {
         let mut connection = self.connection.clone();
         let timeout = self.settings.call_timeout;
         let started = Instant::now();
-        let answer: Result<(u8, u64, u64, u64, u64, u64, u64), _> =
+        let answer: Result<(u8, u64, u64, u64, u64), _> =
             tokio::time::timeout(timeout, invocation.invoke_async(&mut connection))
                 .await
                 .map_err(|_| RedisLimiterError::Timeout(timeout))
@@ -422,14 +434,11 @@ impl RedisLimiter {
         let call = Some(started.elapsed());
         let answer = answer.inspect_err(|_| telemetry::decided(Outcome::Error, call))?;
         let decision = match answer {
-            (1, wait, _, requests_tat, tokens_tat, requests_taken, tokens_taken) => {
+            (1, wait, _, requests_tat, tokens_tat) => {
                 *bucket
                     .last_turn
                     .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(Turn {
-                    arrival_times: [requests_tat, tokens_tat],
-                    taken: [requests_taken, tokens_taken],
-                });
+                    .unwrap_or_else(PoisonError::into_inner) = Some([requests_tat, tokens_tat]);
                 if wait == 0 {
                     Decision::Allow
                 } else {
@@ -521,18 +530,22 @@ impl RedisLimiter {
         });
     }
 
-    /// Gives back `amounts` microseconds of a bucket's state (requests, tokens), where the
-    /// arrival times are still `expected` (0: whatever they are), in the background: the
-    /// caller does not wait for it, and a failure only leaves the bucket stricter.
-    fn give_back(&self, bucket: &RedisBucket, amounts: [i64; 2], expected: [u64; 2]) {
-        if amounts == [0, 0] || self.is_falling_back() {
+    /// Gives back `units` of a bucket's state (requests, tokens; negative charges more),
+    /// where the arrival times are still `expected` (0: whatever they are), in the
+    /// background: the caller does not wait for it, and a failure only leaves the bucket
+    /// stricter.
+    fn give_back(&self, bucket: &RedisBucket, units: [i64; 2], expected: [u64; 2]) {
+        if units == [0, 0] || self.is_falling_back() {
             return;
         }
+        let rates = bucket.rates();
+        let interval = |pace: Option<Pace>| pace.map_or(0, |pace| micros(pace.interval()));
         let keys = vec![bucket.requests_key.clone(), bucket.tokens_key.clone()];
-        let args = [amounts[0], amounts[1]]
-            .map(|amount| amount.to_string())
+        let args = units
+            .map(|units| units.to_string())
             .into_iter()
             .chain(expected.map(|tat| tat.to_string()))
+            .chain([interval(rates.requests), interval(rates.tokens)].map(|i| i.to_string()))
             .collect();
         self.in_background(&self.give_back, keys, args);
     }
@@ -551,9 +564,9 @@ pub struct RedisBucket {
     rates: Mutex<Rates>,
     /// What this process last published, and when (`None`: nothing, or withdrawn).
     published: Mutex<Option<(Rates, Instant)>>,
-    /// The last turn Redis gave this bucket. Only the head of the bucket's queue takes turns,
-    /// so a turn given back is always this one.
-    last_turn: Mutex<Option<Turn>>,
+    /// The arrival times (requests, tokens) the last turn Redis gave this bucket left. Only
+    /// the head of the bucket's queue takes turns, so a turn given back is always this one.
+    last_turn: Mutex<Option<[u64; 2]>>,
     /// The outage this bucket last decided in this process during.
     outage_seen: AtomicU64,
     local: <LocalLimiter as Limiter>::Bucket,
@@ -573,13 +586,6 @@ impl fmt::Debug for RedisBucket {
 struct Down {
     since: Instant,
     until: Instant,
-}
-
-/// A turn taken in Redis: the arrival times it left, and the microseconds it added to each.
-#[derive(Debug, Clone, Copy)]
-struct Turn {
-    arrival_times: [u64; 2],
-    taken: [u64; 2],
 }
 
 impl RedisBucket {
@@ -736,23 +742,18 @@ impl Limiter for RedisLimiter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(turn) = taken {
-            let amounts = turn
-                .taken
-                .map(|micros| i64::try_from(micros).unwrap_or(i64::MAX));
-            self.give_back(bucket, amounts, turn.arrival_times);
+        if let Some(arrival_times) = taken {
+            let units =
+                [cost.requests, cost.tokens].map(|units| i64::try_from(units).unwrap_or(i64::MAX));
+            self.give_back(bucket, units, arrival_times);
         }
     }
 
     fn correct_tokens(&self, bucket: &RedisBucket, charged: u64, used: u64, now: Duration) {
         LocalLimiter.correct_tokens(&bucket.local, charged, used, now);
-        let Some(pace) = bucket.rates().tokens else {
-            return;
-        };
-        let interval = i64::try_from(micros(pace.interval())).unwrap_or(i64::MAX);
-        let unused =
-            i64::try_from(charged).unwrap_or(i64::MAX) - i64::try_from(used).unwrap_or(i64::MAX);
-        self.give_back(bucket, [0, unused.saturating_mul(interval)], [0, 0]);
+        let signed = |units: u64| i64::try_from(units).unwrap_or(i64::MAX);
+        let unused = signed(charged).saturating_sub(signed(used));
+        self.give_back(bucket, [0, unused], [0, 0]);
     }
 
     fn set_rates(&self, bucket: &RedisBucket, rates: Rates, now: Duration) {

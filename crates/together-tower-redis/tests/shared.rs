@@ -230,7 +230,9 @@ async fn keys_name_the_fingerprint_never_the_key() {
 /// The wait a decision asks for: a reservation's, or a wait's.
 fn wait_of(decision: Decision) -> Duration {
     match decision {
-        Decision::Reserved(wait) | Decision::Wait(wait) => wait,
+        Decision::Reserved(wait)
+        | Decision::Wait(wait)
+        | Decision::WaitForTokens { tokens: wait, .. } => wait,
         Decision::Allow => Duration::ZERO,
         other => panic!("unexpected {other:?}"),
     }
@@ -379,4 +381,80 @@ async fn a_rate_one_process_cut_paces_every_process_until_it_is_withdrawn_or_exp
         .await
         .unwrap();
     assert!(about(spacing(expired), 100), "{expired:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_change_keeps_the_used_share_and_hands_out_no_burst() {
+    let redis = RedisServer::start().await;
+    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
+        .await
+        .unwrap();
+    // 10 a second with a burst of 5.
+    let burst_of_five = |interval: u64| Rates {
+        requests: Some(Pace::new(
+            Duration::from_millis(interval),
+            Duration::from_millis(4 * interval),
+        )),
+        tokens: None,
+    };
+    let bucket = limiter.bucket(BucketSpec::new(
+        ApiKeyId::ANONYMOUS,
+        "chat",
+        None,
+        burst_of_five(100),
+    ));
+    for _ in 0..5 {
+        let decision = limiter
+            .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(decision, Decision::Allow);
+    }
+    // Half the rate: the drained bucket stays drained (its debt doubles with the interval),
+    // where keeping the arrival time as it was would let three more go at once.
+    limiter.set_rates(&bucket, burst_of_five(200), Duration::ZERO);
+    let after = limiter
+        .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(about(wait_of(after), 200), "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_not_used_come_back_and_tokens_used_beyond_the_estimate_are_charged() {
+    let redis = RedisServer::start().await;
+    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
+        .await
+        .unwrap();
+    // 1,000 tokens a second, 100 at once; no request rate.
+    let rates = Rates {
+        requests: None,
+        tokens: Some(Pace::new(
+            Duration::from_millis(1),
+            Duration::from_millis(99),
+        )),
+    };
+    let bucket = limiter.bucket(BucketSpec::new(ApiKeyId::ANONYMOUS, "chat", None, rates));
+    let tokens = |tokens| Cost {
+        requests: 1,
+        tokens,
+    };
+    let decide = |cost| limiter.acquire(&bucket, cost, Duration::ZERO, Duration::ZERO);
+    assert_eq!(decide(tokens(100)).await.unwrap(), Decision::Allow);
+    assert!(matches!(
+        decide(tokens(50)).await.unwrap(),
+        Decision::WaitForTokens { .. } | Decision::Wait(_)
+    ));
+    // Charged 100, used 20: 80 come back, and 50 fit at once.
+    limiter.correct_tokens(&bucket, 100, 20, Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(decide(tokens(50)).await.unwrap(), Decision::Allow);
+    // Charged 10, used 200: 190 more are owed (190 ms at this rate, less the 99 of slack),
+    // so even one token waits.
+    limiter.correct_tokens(&bucket, 10, 200, Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let owed = decide(tokens(1)).await.unwrap();
+    assert!(wait_of(owed) > Duration::from_millis(100), "{owed:?}");
+    // More than the bucket ever holds.
+    assert_eq!(decide(tokens(101)).await.unwrap(), Decision::TooLarge);
 }
