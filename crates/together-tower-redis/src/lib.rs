@@ -21,7 +21,10 @@
 //! one state per bucket cannot hold a hole, and giving the time back would let two requests go
 //! at once, which a strict server would answer with a 429. So a cancelled reservation costs at
 //! most one turn of the bucket's rate, and never more than one per process and bucket at a
-//! time. A process killed while holding a reservation loses that one turn as well.
+//! time. A process killed while holding a reservation loses that one turn as well, and so does
+//! a reservation whose answer comes after the call timeout. A reservation is never made
+//! farther ahead than the request may wait, nor than `reserve_ahead` (5 s by default); a
+//! request with longer to wait asks again when its turn is that close.
 //!
 //! ## Shared rates
 //!
@@ -30,14 +33,21 @@
 //! the bucket's `rates` hash, and every decision for the bucket paces at the slowest rate any
 //! live process published. A process withdraws its entry when its rate is back at the table;
 //! an entry not published again within [`RedisSettings::rates_ttl`] expires, so a process that
-//! died while cut holds the others down no longer than that.
+//! died while cut holds the others down no longer than that. Each process's own adaptation
+//! goes on as before, from what it sees; `Limits::snapshot` shows that rate, while decisions
+//! pace at the slowest published. The state is kept with the interval it was kept at, and a
+//! decision at another interval rescales what the bucket owes, so a rate change never hands
+//! out a fresh burst.
 //!
 //! ## When Redis does not answer
 //!
 //! Every call has a timeout ([`RedisSettings::call_timeout`]). [`Unreachable`] says what
 //! happens then: decide in this process at a share of the quota (the default, logged at
 //! `warn` when it starts and at `info` when Redis answers again), or fail the request with
-//! [`RedisLimiterError`].
+//! [`RedisLimiterError`]. Redis is asked again after [`RedisSettings::retry_after`]. The first
+//! decision of an outage finds the bucket's burst spent, since what Redis granted just before
+//! is not known here. While some processes decide alone and others in Redis (for up to
+//! `retry_after` after Redis is back), they may together exceed the quota by a little.
 //!
 //! ## Tracing and metrics
 //!
@@ -66,8 +76,11 @@
 //! connection, so they are pipelined. There is no decision without Redis while it answers: a
 //! process that decided alone would spend the quota the others count on.
 //!
-//! Every process must fingerprint keys alike for their buckets to meet: the default
-//! `KeyHasher` does; a deployment with a secret of its own gives every process the same one.
+//! ## Keys
+//!
+//! `namespace:{fingerprint:group[:model hash]}:requests`, `:tokens` and `:rates`. Every
+//! process must fingerprint keys alike for their buckets to meet: the default `KeyHasher`
+//! does; a deployment with a secret of its own gives every process the same one.
 //!
 //! ```no_run
 //! use together_tower::Limits;

@@ -57,6 +57,21 @@ const ONE: Cost = Cost {
     tokens: 0,
 };
 
+type Bucket = <RedisLimiter as Limiter>::Bucket;
+
+/// One request's decision, reserving nothing.
+async fn decide(limiter: &RedisLimiter, bucket: &Bucket) -> Decision {
+    reserve(limiter, bucket, Duration::ZERO).await
+}
+
+/// One request's decision, reserving a turn up to `max_wait` ahead.
+async fn reserve(limiter: &RedisLimiter, bucket: &Bucket, max_wait: Duration) -> Decision {
+    limiter
+        .acquire(bucket, ONE, Duration::ZERO, max_wait)
+        .await
+        .unwrap()
+}
+
 fn settings(unreachable: Unreachable) -> RedisSettings {
     RedisSettings {
         call_timeout: Duration::from_millis(200),
@@ -67,10 +82,7 @@ fn settings(unreachable: Unreachable) -> RedisSettings {
 }
 
 /// A limiter on `redis` with `settings`, and the anonymous key's chat bucket at 10 a second.
-async fn chat_bucket(
-    redis: &RedisServer,
-    settings: RedisSettings,
-) -> (RedisLimiter, <RedisLimiter as Limiter>::Bucket) {
+async fn chat_bucket(redis: &RedisServer, settings: RedisSettings) -> (RedisLimiter, Bucket) {
     let limiter = RedisLimiter::connect(&redis.url(), settings).await.unwrap();
     let spec = BucketSpec::new(ApiKeyId::ANONYMOUS, "chat", None, ten_a_second());
     let bucket = limiter.bucket(spec);
@@ -82,22 +94,13 @@ async fn a_dead_redis_falls_back_within_the_timeout_and_a_restarted_one_is_used_
     let redis = RedisServer::start().await;
     let (limiter, bucket) =
         chat_bucket(&redis, settings(Unreachable::FallBack { replicas: 2 })).await;
-    assert_eq!(
-        limiter
-            .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
-            .await
-            .unwrap(),
-        Decision::Allow
-    );
+    assert_eq!(decide(&limiter, &bucket).await, Decision::Allow);
 
     let port = redis.stop().await;
     let started = std::time::Instant::now();
     // Decided in this process, at half the quota, with the burst taken as spent (what Redis
     // granted just before is not known here): one interval of the share, 200 ms, first.
-    let first = limiter
-        .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
-        .await
-        .unwrap();
+    let first = decide(&limiter, &bucket).await;
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",
@@ -146,22 +149,10 @@ async fn with_the_fail_policy_a_dead_redis_is_a_typed_error() {
 async fn a_flushed_script_is_loaded_again() {
     let redis = RedisServer::start().await;
     let (limiter, bucket) = chat_bucket(&redis, settings(Unreachable::Fail)).await;
-    assert_eq!(
-        limiter
-            .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
-            .await
-            .unwrap(),
-        Decision::Allow
-    );
+    assert_eq!(decide(&limiter, &bucket).await, Decision::Allow);
     redis.command(&["SCRIPT", "FLUSH"]).await;
     // NOSCRIPT, then the script is loaded again: the bucket's state was kept.
-    assert!(matches!(
-        limiter
-            .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
-            .await
-            .unwrap(),
-        Decision::Wait(_)
-    ));
+    assert!(matches!(decide(&limiter, &bucket).await, Decision::Wait(_)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,10 +199,7 @@ async fn keys_name_the_fingerprint_never_the_key() {
         .unwrap();
     let key = together_tower::key::KeyHasher::new().fingerprint(b"tgp_v1_SecretKeyPart123");
     let bucket = limiter.bucket(BucketSpec::new(key, "chat", Some("m"), ten_a_second()));
-    limiter
-        .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
-        .await
-        .unwrap();
+    decide(&limiter, &bucket).await;
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -249,40 +237,22 @@ async fn waiters_reserve_their_turns_in_the_order_they_asked_across_processes() 
     let (first, a) = chat_bucket(&redis, settings(Unreachable::Fail)).await;
     let (second, b) = chat_bucket(&redis, settings(Unreachable::Fail)).await;
     let max_wait = Duration::from_secs(1);
-    assert_eq!(
-        first
-            .acquire(&a, ONE, Duration::ZERO, max_wait)
-            .await
-            .unwrap(),
-        Decision::Allow
-    );
+    assert_eq!(reserve(&first, &a, max_wait).await, Decision::Allow);
     // Each waiter's turn is taken now, for the time it is due: it need not ask again.
-    let b_turn = second
-        .acquire(&b, ONE, Duration::ZERO, max_wait)
-        .await
-        .unwrap();
-    let a_turn = first
-        .acquire(&a, ONE, Duration::ZERO, max_wait)
-        .await
-        .unwrap();
+    let b_turn = reserve(&second, &b, max_wait).await;
+    let a_turn = reserve(&first, &a, max_wait).await;
     assert!(matches!(b_turn, Decision::Reserved(_)), "{b_turn:?}");
     assert!(matches!(a_turn, Decision::Reserved(_)), "{a_turn:?}");
     assert!(about(wait_of(b_turn), 100), "{b_turn:?}");
     assert!(about(wait_of(a_turn), 200), "{a_turn:?}");
     // Beyond the max wait nothing is reserved: a plain wait, and the turn stays free.
     let short = Duration::from_millis(250);
-    let refused = second
-        .acquire(&b, ONE, Duration::ZERO, short)
-        .await
-        .unwrap();
+    let refused = reserve(&second, &b, short).await;
     assert!(
         matches!(refused, Decision::Wait(wait) if wait > short),
         "{refused:?}"
     );
-    let next = second
-        .acquire(&b, ONE, Duration::ZERO, max_wait)
-        .await
-        .unwrap();
+    let next = reserve(&second, &b, max_wait).await;
     assert!(about(wait_of(next), 300), "{next:?}");
 }
 
@@ -292,35 +262,20 @@ async fn a_cancelled_reservation_comes_back_only_if_no_turn_was_taken_after_it()
     let (first, a) = chat_bucket(&redis, settings(Unreachable::Fail)).await;
     let (second, b) = chat_bucket(&redis, settings(Unreachable::Fail)).await;
     let max_wait = Duration::from_secs(1);
-    first
-        .acquire(&a, ONE, Duration::ZERO, max_wait)
-        .await
-        .unwrap();
+    reserve(&first, &a, max_wait).await;
     // The last turn taken, given back: the next asker gets the same time.
-    let reserved = second
-        .acquire(&b, ONE, Duration::ZERO, max_wait)
-        .await
-        .unwrap();
+    let reserved = reserve(&second, &b, max_wait).await;
     assert!(about(wait_of(reserved), 100), "{reserved:?}");
     second.release(&b, ONE, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let again = first
-        .acquire(&a, ONE, Duration::ZERO, max_wait)
-        .await
-        .unwrap();
+    let again = reserve(&first, &a, max_wait).await;
     assert!(about(wait_of(again), 100), "{again:?}");
     // A turn others reserved after: giving it back would let two go at once, so it is lost.
-    let after = second
-        .acquire(&b, ONE, Duration::ZERO, max_wait)
-        .await
-        .unwrap();
+    let after = reserve(&second, &b, max_wait).await;
     assert!(about(wait_of(after), 200), "{after:?}");
     first.release(&a, ONE, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let last = second
-        .acquire(&b, ONE, Duration::ZERO, max_wait)
-        .await
-        .unwrap();
+    let last = reserve(&second, &b, max_wait).await;
     assert!(about(wait_of(last), 300), "{last:?}");
 }
 
@@ -341,30 +296,15 @@ async fn a_rate_one_process_cut_paces_every_process_until_it_is_withdrawn_or_exp
     first.set_rates(&a, five_a_second, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(20)).await;
     let spacing = |decision: Decision| wait_of(decision);
-    assert_eq!(
-        second
-            .acquire(&b, ONE, Duration::ZERO, Duration::ZERO)
-            .await
-            .unwrap(),
-        Decision::Allow
-    );
-    let paced = second
-        .acquire(&b, ONE, Duration::ZERO, Duration::ZERO)
-        .await
-        .unwrap();
+    assert_eq!(decide(&second, &b).await, Decision::Allow);
+    let paced = decide(&second, &b).await;
     assert!(about(spacing(paced), 200), "{paced:?}");
 
     // Back at the table's rate: withdrawn, and the second process paces at 10 a second.
     first.set_rates(&a, ten_a_second(), Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(250)).await;
-    second
-        .acquire(&b, ONE, Duration::ZERO, Duration::ZERO)
-        .await
-        .unwrap();
-    let table = second
-        .acquire(&b, ONE, Duration::ZERO, Duration::ZERO)
-        .await
-        .unwrap();
+    decide(&second, &b).await;
+    let table = decide(&second, &b).await;
     assert!(about(spacing(table), 100), "{table:?}");
 
     // Cut again, and the process dies without withdrawing: the cut lasts `rates_ttl` only.
@@ -372,14 +312,8 @@ async fn a_rate_one_process_cut_paces_every_process_until_it_is_withdrawn_or_exp
     tokio::time::sleep(Duration::from_millis(20)).await;
     drop((first, a));
     tokio::time::sleep(Duration::from_millis(700)).await;
-    second
-        .acquire(&b, ONE, Duration::ZERO, Duration::ZERO)
-        .await
-        .unwrap();
-    let expired = second
-        .acquire(&b, ONE, Duration::ZERO, Duration::ZERO)
-        .await
-        .unwrap();
+    decide(&second, &b).await;
+    let expired = decide(&second, &b).await;
     assert!(about(spacing(expired), 100), "{expired:?}");
 }
 
@@ -404,19 +338,13 @@ async fn a_rate_change_keeps_the_used_share_and_hands_out_no_burst() {
         burst_of_five(100),
     ));
     for _ in 0..5 {
-        let decision = limiter
-            .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
-            .await
-            .unwrap();
+        let decision = decide(&limiter, &bucket).await;
         assert_eq!(decision, Decision::Allow);
     }
     // Half the rate: the drained bucket stays drained (its debt doubles with the interval),
     // where keeping the arrival time as it was would let three more go at once.
     limiter.set_rates(&bucket, burst_of_five(200), Duration::ZERO);
-    let after = limiter
-        .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
-        .await
-        .unwrap();
+    let after = decide(&limiter, &bucket).await;
     assert!(about(wait_of(after), 200), "{after:?}");
 }
 
@@ -439,22 +367,25 @@ async fn tokens_not_used_come_back_and_tokens_used_beyond_the_estimate_are_charg
         requests: 1,
         tokens,
     };
-    let decide = |cost| limiter.acquire(&bucket, cost, Duration::ZERO, Duration::ZERO);
-    assert_eq!(decide(tokens(100)).await.unwrap(), Decision::Allow);
+    let decide_tokens = |cost| limiter.acquire(&bucket, cost, Duration::ZERO, Duration::ZERO);
+    assert_eq!(decide_tokens(tokens(100)).await.unwrap(), Decision::Allow);
     assert!(matches!(
-        decide(tokens(50)).await.unwrap(),
+        decide_tokens(tokens(50)).await.unwrap(),
         Decision::WaitForTokens { .. } | Decision::Wait(_)
     ));
     // Charged 100, used 20: 80 come back, and 50 fit at once.
     limiter.correct_tokens(&bucket, 100, 20, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(decide(tokens(50)).await.unwrap(), Decision::Allow);
+    assert_eq!(decide_tokens(tokens(50)).await.unwrap(), Decision::Allow);
     // Charged 10, used 200: 190 more are owed (190 ms at this rate, less the 99 of slack),
     // so even one token waits.
     limiter.correct_tokens(&bucket, 10, 200, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let owed = decide(tokens(1)).await.unwrap();
+    let owed = decide_tokens(tokens(1)).await.unwrap();
     assert!(wait_of(owed) > Duration::from_millis(100), "{owed:?}");
     // More than the bucket ever holds.
-    assert_eq!(decide(tokens(101)).await.unwrap(), Decision::TooLarge);
+    assert_eq!(
+        decide_tokens(tokens(101)).await.unwrap(),
+        Decision::TooLarge
+    );
 }
