@@ -24,9 +24,14 @@ type Http = Client<hyper_util::client::legacy::connect::HttpConnector, BufferedB
 /// Chat at 600 a minute per key, strictly paced, no hints: only a shared count keeps the
 /// 429s away. A request may come 20 ms early, for a loaded machine's scheduling.
 async fn simulator() -> SimHandle {
+    simulator_at(600, Hints::None).await
+}
+
+/// Chat at `rpm` a minute per key, strictly paced, with `hints`.
+async fn simulator_at(rpm: u64, hints: Hints) -> SimHandle {
     Sim::start(SimConfig {
-        limits: BTreeMap::from([(Class::Chat, ClassLimits::rpm(600))]),
-        hints: Hints::None,
+        limits: BTreeMap::from([(Class::Chat, ClassLimits::rpm(rpm))]),
+        hints,
         gcra_tolerance_ms: 20,
         ..SimConfig::default()
     })
@@ -37,8 +42,15 @@ async fn simulator() -> SimHandle {
 fn stack<L: Limiter>(
     limiter: L,
 ) -> TogetherService<Http, together_tower::classify::TogetherClassifier, L> {
+    stack_adapting(limiter, Adaptation::fixed())
+}
+
+fn stack_adapting<L: Limiter>(
+    limiter: L,
+    adaptation: Adaptation,
+) -> TogetherService<Http, together_tower::classify::TogetherClassifier, L> {
     let limits = Limits::builder(QuotaTable::together_defaults())
-        .adaptation(Adaptation::fixed())
+        .adaptation(adaptation)
         .limiter(limiter)
         .build();
     ServiceBuilder::new()
@@ -97,4 +109,62 @@ async fn the_same_two_processes_without_redis_meet_429s() {
     let chat = sim.stats().class(Class::Chat);
     assert!(chat.rate_limited > 0, "{chat:?}");
     sim.shutdown().await;
+}
+
+/// Ten chat requests at once through `stack` to `sim`, all answered.
+async fn ten_at_once<S>(stack: &S, sim: &SimHandle)
+where
+    S: tower::Service<Request<Full<Bytes>>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send,
+    S::Error: std::fmt::Debug + Send,
+{
+    let calls: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(stack.clone().oneshot(chat(sim))))
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+}
+
+/// One process reads the server's stated limit (half the table's); another, whose server
+/// states nothing and enforces that same limit, paces at it from its first request.
+async fn what_one_process_learned(share: bool) -> u64 {
+    let redis = RedisServer::start().await;
+    let namespace = |name: &str| RedisSettings {
+        namespace: name.to_owned(),
+        ..RedisSettings::default()
+    };
+    let url = redis.url();
+    let connect = |settings| RedisLimiter::connect(&url, settings);
+    let (learner, other) = if share {
+        (namespace("one"), namespace("one"))
+    } else {
+        (namespace("one"), namespace("two"))
+    };
+    let learner = stack_adapting(connect(learner).await.unwrap(), Adaptation::adaptive());
+    let other = stack_adapting(connect(other).await.unwrap(), Adaptation::adaptive());
+    // 300 a minute, stated on every answer (x-ratelimit-limit: 5 a second).
+    let stating = simulator_at(300, Hints::Together).await;
+    for _ in 0..3 {
+        learner.clone().oneshot(chat(&stating)).await.unwrap();
+    }
+    // The learner publishes its new rate in the background.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let silent = simulator_at(300, Hints::None).await;
+    ten_at_once(&other, &silent).await;
+    let refused = silent.stats().class(Class::Chat).rate_limited;
+    stating.shutdown().await;
+    silent.shutdown().await;
+    refused
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_one_process_learned_paces_the_others() {
+    assert_eq!(what_one_process_learned(true).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_it_the_other_process_meets_429s() {
+    assert!(what_one_process_learned(false).await > 0);
 }
