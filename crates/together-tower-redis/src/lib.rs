@@ -35,9 +35,10 @@
 //! an entry not published again within [`RedisSettings::rates_ttl`] expires, so a process that
 //! died while cut holds the others down no longer than that. Each process's own adaptation
 //! goes on as before, from what it sees; `Limits::snapshot` shows that rate, while decisions
-//! pace at the slowest published. The state is kept with the interval it was kept at, and a
-//! decision at another interval rescales what the bucket owes, so a rate change never hands
-//! out a fresh burst.
+//! pace at the slowest published. The state is kept with its interval, and a decision at a
+//! longer one rescales what the bucket owes, so a cut never hands out a fresh burst; at a
+//! shorter one the debt is kept as it is (reserved turns stay an interval apart), which costs
+//! at most one turn at the old rate.
 //!
 //! ## When Redis does not answer
 //!
@@ -115,8 +116,10 @@ use crate::telemetry::Outcome;
 /// than it may reserve takes its turn now, for the time it is due.
 ///
 /// Each key holds `"<theoretical arrival time> <interval>"`, both in microseconds. When the
-/// interval in force differs from the one the state was kept at, what the bucket owes is
-/// rescaled, so a rate change keeps the bucket's used share and never hands out a burst.
+/// interval in force is longer than the one the state was kept at, what the bucket owes is
+/// rescaled, so a cut keeps the bucket's used share and never hands out a burst. A shorter
+/// one keeps what the bucket owes as it is: it may hold turns reserved for later, and
+/// shrinking it would put the next turn closer to them than the interval.
 ///
 /// KEYS: the requests' and the tokens' states; the rates processes published.
 /// ARGV: for requests then tokens, the interval and tau in microseconds and the cost (a cost
@@ -151,7 +154,10 @@ local function tat(key, interval, tau, cost)
   local at, was = string.match(state, '^(%d+) (%d+)$')
   at, was = tonumber(at), tonumber(was)
   if not at or not was or at <= now then return now end
-  if was ~= interval then at = now + math.floor((at - now) * interval / was) end
+  -- Slower than the state was kept at: what the bucket owes grows with the interval, so the
+  -- change hands out no burst. Faster: kept as it is, since part of it may be turns reserved
+  -- for later, and shrinking it would put the next turn too close to them.
+  if interval > was then at = now + math.floor((at - now) * interval / was) end
   return at
 end
 local rtat, ttat = tat(KEYS[1], ri, rt, rc), tat(KEYS[2], ti, tt, tc)

@@ -389,3 +389,26 @@ async fn tokens_not_used_come_back_and_tokens_used_beyond_the_estimate_are_charg
         Decision::TooLarge
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faster_rate_never_puts_a_turn_closer_to_a_reserved_one_than_its_interval() {
+    let redis = RedisServer::start().await;
+    let slow = Rates {
+        requests: Some(Pace::new(Duration::from_millis(200), Duration::ZERO)),
+        tokens: None,
+    };
+    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
+        .await
+        .unwrap();
+    let bucket = limiter.bucket(BucketSpec::new(ApiKeyId::ANONYMOUS, "chat", None, slow));
+    let max_wait = Duration::from_secs(1);
+    assert_eq!(decide(&limiter, &bucket).await, Decision::Allow);
+    // A turn reserved 200 ms ahead, then the rate doubles (a recovery after a cut).
+    let reserved = reserve(&limiter, &bucket, max_wait).await;
+    assert!(about(wait_of(reserved), 200), "{reserved:?}");
+    limiter.set_rates(&bucket, ten_a_second(), Duration::ZERO);
+    // The next turn is at least one new interval after the reserved one, not 100 ms after
+    // the start as a shrunk debt would have it.
+    let next = reserve(&limiter, &bucket, max_wait).await;
+    assert!(wait_of(next) >= wait_of(reserved) + Duration::from_millis(90), "{next:?}");
+}
