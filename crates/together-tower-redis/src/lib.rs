@@ -338,9 +338,12 @@ impl RedisLimiter {
     /// Connects to the Redis at `url` (`redis://host:port/db`).
     pub async fn connect(url: &str, settings: RedisSettings) -> Result<Self, RedisLimiterError> {
         let client = redis::Client::open(url).map_err(RedisLimiterError::Redis)?;
+        // Reconnecting backs off no longer than `retry_after`, so that once Redis is back
+        // every process returns to it within about that long.
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.call_timeout))
-            .set_response_timeout(Some(settings.call_timeout));
+            .set_response_timeout(Some(settings.call_timeout))
+            .set_max_delay(settings.retry_after);
         let connection = tokio::time::timeout(
             settings.call_timeout,
             client.get_connection_manager_with_config(config),
