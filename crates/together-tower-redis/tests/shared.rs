@@ -410,5 +410,8 @@ async fn a_faster_rate_never_puts_a_turn_closer_to_a_reserved_one_than_its_inter
     // The next turn is at least one new interval after the reserved one, not 100 ms after
     // the start as a shrunk debt would have it.
     let next = reserve(&limiter, &bucket, max_wait).await;
-    assert!(wait_of(next) >= wait_of(reserved) + Duration::from_millis(90), "{next:?}");
+    assert!(
+        wait_of(next) >= wait_of(reserved) + Duration::from_millis(90),
+        "{next:?}"
+    );
 }
