@@ -408,9 +408,11 @@ impl RedisLimiter {
             }
         }
         telemetry::decided(Outcome::Here, None);
-        LocalLimiter
+        let decision = LocalLimiter
             .try_acquire(&bucket.local, cost, now)
-            .unwrap_or(Decision::Wait(Duration::from_millis(1)))
+            .unwrap_or(Decision::Wait(Duration::from_millis(1)));
+        bucket.set_last_turn((decision == Decision::Allow).then_some(LastTurn::Here));
+        decision
     }
 
     fn mark_up(&self) {
@@ -457,10 +459,7 @@ impl RedisLimiter {
         let answer = answer.inspect_err(|_| telemetry::decided(Outcome::Error, call))?;
         let decision = match answer {
             (1, wait, _, requests_tat, tokens_tat) => {
-                *bucket
-                    .last_turn
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some([requests_tat, tokens_tat]);
+                bucket.set_last_turn(Some(LastTurn::Redis([requests_tat, tokens_tat])));
                 if wait == 0 {
                     Decision::Allow
                 } else {
@@ -586,9 +585,9 @@ pub struct RedisBucket {
     rates: Mutex<Rates>,
     /// What this process last published, and when (`None`: nothing, or withdrawn).
     published: Mutex<Option<(Rates, Instant)>>,
-    /// The arrival times (requests, tokens) the last turn Redis gave this bucket left. Only
-    /// the head of the bucket's queue takes turns, so a turn given back is always this one.
-    last_turn: Mutex<Option<[u64; 2]>>,
+    /// Where the last turn this bucket took came from. Only the head of the bucket's queue
+    /// takes turns, so a turn given back is always this one, and goes back there.
+    last_turn: Mutex<Option<LastTurn>>,
     /// The outage this bucket last decided in this process during.
     outage_seen: AtomicU64,
     local: <LocalLimiter as Limiter>::Bucket,
@@ -610,7 +609,23 @@ struct Down {
     until: Instant,
 }
 
+/// Where a bucket's last turn was taken.
+#[derive(Debug, Clone, Copy)]
+enum LastTurn {
+    /// In Redis, leaving these arrival times (requests, tokens).
+    Redis([u64; 2]),
+    /// In this process, while Redis was unreachable.
+    Here,
+}
+
 impl RedisBucket {
+    fn set_last_turn(&self, turn: Option<LastTurn>) {
+        *self
+            .last_turn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = turn;
+    }
+
     fn rates(&self) -> Rates {
         *self.rates.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -732,10 +747,7 @@ impl Limiter for RedisLimiter {
         max_wait: Duration,
     ) -> Result<Decision, BoxError> {
         // A new decision: the bucket's last turn was used or given back already.
-        *bucket
-            .last_turn
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = None;
+        bucket.set_last_turn(None);
         let fall_back = self.falls_back();
         if fall_back && self.is_falling_back() {
             return Ok(self.decide_here(bucket, cost, now));
@@ -757,17 +769,19 @@ impl Limiter for RedisLimiter {
     }
 
     fn release(&self, bucket: &RedisBucket, cost: Cost, now: Duration) {
-        LocalLimiter.release(&bucket.local, cost, now);
-        // A turn taken while deciding in this process has nothing in Redis to give back.
         let taken = bucket
             .last_turn
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(arrival_times) = taken {
-            let units =
-                [cost.requests, cost.tokens].map(|units| i64::try_from(units).unwrap_or(i64::MAX));
-            self.give_back(bucket, units, arrival_times);
+        match taken {
+            Some(LastTurn::Redis(arrival_times)) => {
+                let units = [cost.requests, cost.tokens]
+                    .map(|units| i64::try_from(units).unwrap_or(i64::MAX));
+                self.give_back(bucket, units, arrival_times);
+            }
+            Some(LastTurn::Here) => LocalLimiter.release(&bucket.local, cost, now),
+            None => {}
         }
     }
 

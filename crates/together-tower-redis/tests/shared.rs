@@ -415,3 +415,74 @@ async fn a_faster_rate_never_puts_a_turn_closer_to_a_reserved_one_than_its_inter
         "{next:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_taken_in_this_process_goes_back_here_never_to_redis() {
+    let redis = RedisServer::start().await;
+    let limiter = RedisLimiter::connect(
+        &redis.url(),
+        settings(Unreachable::FallBack { replicas: 2 }),
+    )
+    .await
+    .unwrap();
+    // One turn every 10 s, so a turn wrongly given back to Redis shows.
+    let slow = Rates {
+        requests: Some(Pace::new(Duration::from_secs(10), Duration::ZERO)),
+        tokens: None,
+    };
+    let bucket = limiter.bucket(BucketSpec::new(ApiKeyId::ANONYMOUS, "chat", None, slow));
+    let other = limiter.bucket(BucketSpec::new(
+        ApiKeyId::ANONYMOUS,
+        "embeddings",
+        None,
+        slow,
+    ));
+    // A turn in Redis, used.
+    assert_eq!(decide(&limiter, &bucket).await, Decision::Allow);
+    // Redis asleep for a second: it keeps its state, but does not answer in time.
+    let sleeper = tokio::spawn({
+        let url = redis.url();
+        async move {
+            let client = redis::Client::open(url).unwrap();
+            let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+            let _: redis::RedisResult<redis::Value> = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg("1")
+                .query_async(&mut connection)
+                .await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Another bucket finds Redis unreachable; this one decides in this process from then on.
+    decide(&limiter, &other).await;
+    assert!(limiter.is_falling_back());
+    // A turn taken here (its first decision finds the burst spent; one interval of its share
+    // later, it goes), and not used.
+    assert!(matches!(
+        limiter.try_acquire(&bucket, ONE, Duration::from_secs(20)),
+        Some(Decision::Wait(_))
+    ));
+    let later = Duration::from_secs(40);
+    assert_eq!(
+        limiter.try_acquire(&bucket, ONE, later),
+        Some(Decision::Allow)
+    );
+    sleeper.await.unwrap();
+    // Redis answers again (the other bucket's decisions go there).
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        decide(&limiter, &other).await;
+        if !limiter.is_falling_back() {
+            break;
+        }
+    }
+    limiter.release(&bucket, ONE, later);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Redis still holds the turn used before the outage.
+    let next = decide(&limiter, &bucket).await;
+    assert!(
+        matches!(next, Decision::Wait(wait) if wait > Duration::from_secs(8)),
+        "{next:?}"
+    );
+    assert!(!limiter.is_falling_back());
+}
