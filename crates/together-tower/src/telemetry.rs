@@ -113,6 +113,28 @@ pub(crate) fn answered(class: EndpointClass, model: Option<&str>, status: Option
     .increment(1);
 }
 
+/// An answer reported more tokens than any admitted request can use; it was charged `bound`.
+pub(crate) fn usage_not_believed(
+    key: ApiKeyId,
+    group: &str,
+    model: Option<&str>,
+    reported: u64,
+    bound: u64,
+) {
+    tracing::warn!(
+        target: "together_tower",
+        key = %key,
+        group,
+        model,
+        reported,
+        charged = bound,
+        "an answer's usage is larger than the token burst: charged the burst instead"
+    );
+    #[cfg(feature = "metrics")]
+    metrics::counter!("together_tower_usage_not_believed_total", "group" => group.to_owned())
+        .increment(1);
+}
+
 /// The server's word closed a bucket.
 pub(crate) fn closed(
     key: ApiKeyId,

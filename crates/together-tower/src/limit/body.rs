@@ -5,8 +5,8 @@
 //! - For a request charged against a token budget, the last few kilobytes are kept, and when
 //!   the body ends, the answer's `usage` (the last one, so a stream's final event counts)
 //!   corrects the charge: unused `max_tokens` come back to the bucket, and a longer answer
-//!   than estimated is charged. A body dropped before its end, or without `usage`, keeps the
-//!   estimate.
+//!   than estimated is charged, up to the token burst (a larger number is logged and not
+//!   believed). A body dropped before its end, or without `usage`, keeps the estimate.
 //! - For a job create that succeeded, and a read of jobs (one job, a cancel, the list), the
 //!   body is kept (up to [`MAX_JOB_BODY`]) and read for job ids and states when it ends (see
 //!   [`jobs`](super::jobs)). A body dropped before its end, or larger, teaches nothing.

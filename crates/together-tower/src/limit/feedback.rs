@@ -52,6 +52,33 @@ impl<L: Limiter> Bucket<L> {
     }
 }
 
+impl<L: Limiter> Bucket<L> {
+    /// The usage an answer reported, as far as it can be believed.
+    ///
+    /// No request larger than the token burst is admitted, so an answer that reports more
+    /// than the burst (or than its own charge, if that is larger) is wrong or hostile. Its
+    /// charge is cut to that bound, so one answer costs the bucket at most one burst of
+    /// debt, however large its number: believed whole, `u64::MAX` would close the bucket, and
+    /// with a shared backend every replica's, for decades.
+    fn believable_usage(&self, charged: u64, used: u64) -> u64 {
+        let Some(capacity) = self.token_capacity() else {
+            return used;
+        };
+        let bound = capacity.max(charged);
+        if used > bound {
+            telemetry::usage_not_believed(
+                self.key,
+                &self.group,
+                self.model.as_deref(),
+                used,
+                bound,
+            );
+            return bound;
+        }
+        used
+    }
+}
+
 impl<L: Limiter> Feedback for Bucket<L> {
     fn epoch(&self) -> u64 {
         Bucket::epoch(self)
@@ -165,6 +192,7 @@ impl<L: Limiter> Feedback for Bucket<L> {
 
     fn correct_tokens(&self, charged: u64, used: u64) {
         let now = self.context.clock.elapsed();
+        let used = self.believable_usage(charged, used);
         self.context
             .limiter
             .correct_tokens(&self.state, charged, used, now);

@@ -189,3 +189,28 @@ async fn tokens_of_a_request_the_server_refused_come_back() {
         .unwrap();
     assert_eq!(arrivals.times_ms(), [0, 10]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_absurd_usage_costs_at_most_one_token_burst() {
+    for reported in ["1000000000000", "18446744073709551615"] {
+        let arrivals = Arrivals::new();
+        let body = format!(r#"{{"usage":{{"total_tokens":{reported}}}}}"#);
+        let respond = move |_: usize| Response::new(body.clone());
+        let service =
+            RateLimitLayer::new(token_limits(100)).layer(recorder(arrivals.clone(), respond));
+        let response = service
+            .clone()
+            .oneshot(costing(100, "absurd"))
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap();
+        // Believed, the bucket would owe 1e12 tokens: 1e9 s at 1,000 a second. Charged the
+        // burst instead, it owes 1,000: a full request of 1,000 goes one second later.
+        service
+            .clone()
+            .oneshot(costing(1_000, "next"))
+            .await
+            .unwrap();
+        assert_eq!(arrivals.times_ms(), [0, 1_000], "usage {reported}");
+    }
+}
