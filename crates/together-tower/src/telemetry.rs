@@ -135,6 +135,23 @@ pub(crate) fn usage_not_believed(
         .increment(1);
 }
 
+/// The models list was fetched for the model check.
+pub(crate) fn models_fetched(models: usize) {
+    tracing::debug!(target: "together_tower", models, "models list fetched");
+}
+
+/// The models list could not be had; 404s are handed back as they came for `remembered`.
+pub(crate) fn models_unavailable(why: &'static str, remembered: std::time::Duration) {
+    tracing::warn!(
+        target: "together_tower",
+        why,
+        retry_in_s = remembered.as_secs(),
+        "models list unavailable: 404s pass through unchecked"
+    );
+    #[cfg(feature = "metrics")]
+    metrics::counter!("together_tower_models_list_failures_total").increment(1);
+}
+
 /// The server's word closed a bucket.
 pub(crate) fn closed(
     key: ApiKeyId,
