@@ -687,17 +687,16 @@ mod tests {
         );
     }
 
+    type Checked = ModelCheck<
+        tower::util::BoxCloneSyncService<Request<BufferedBody<()>>, Response<String>, BoxError>,
+    >;
+
     /// A stack below the check: chat answers a JSON 404 (or `not_found`'s own answer), and
     /// `/v1/models` answers `models`; the counter counts the list's fetches.
     fn server(
         not_found: fn() -> Response<String>,
         models: fn() -> Option<Response<String>>,
-    ) -> (
-        ModelCheck<
-            tower::util::BoxCloneSyncService<Request<BufferedBody<()>>, Response<String>, BoxError>,
-        >,
-        Arc<std::sync::atomic::AtomicUsize>,
-    ) {
+    ) -> (Checked, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let fetches = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&fetches);
