@@ -122,6 +122,7 @@ pub mod retry;
 pub mod test_util;
 
 mod builder;
+mod model_name;
 mod stack;
 mod telemetry;
 #[cfg(test)]

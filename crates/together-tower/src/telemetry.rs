@@ -267,6 +267,8 @@ pub(crate) fn job_slots_taken_by_409(key: ApiKeyId, group: &str, taken: usize, r
 
 /// A retry goes with the fallback model `to` instead of `from`.
 pub(crate) fn fell_back(class: EndpointClass, from: Option<&str>, to: &str) {
+    let from = from.map(crate::model_name::bounded_str);
+    let from = from.as_deref();
     tracing::info!(target: "together_tower", class = %class, from, to, "falling back to another model");
     #[cfg(feature = "metrics")]
     metrics::counter!(

@@ -306,10 +306,15 @@ impl Controller {
         }
     }
 
-    /// Whether the rate is back where it started, with nothing learned: forgetting the bucket
-    /// then loses nothing.
+    /// Whether forgetting the controller loses nothing worth a bucket's room: no cut is being
+    /// recovered from.
+    ///
+    /// A limit the server stated does not count: the next answer that carries the headers
+    /// states it again, and held on to, it would make every bucket of a server that states
+    /// its limits on every answer undroppable, so that a flood of new model names fills the
+    /// map and locks new keys out.
     pub(crate) fn at_rest(&self) -> bool {
-        self.recovery.is_none() && self.learned.is_none()
+        self.recovery.is_none()
     }
 
     /// The server stated its limit: `per_second` units a second. Returns whether the target

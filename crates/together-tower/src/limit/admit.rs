@@ -60,7 +60,8 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
         let made = self.buckets.get_or_insert_with(key, clock, || {
             let model = meta
                 .filter(|_| key.model != 0)
-                .and_then(|meta| meta.model.clone());
+                .and_then(|meta| meta.model.as_ref())
+                .map(crate::model_name::bounded);
             Bucket::new(&self.context, key.key, group, model)
         });
         let bucket = match made {

@@ -338,9 +338,10 @@ impl<L: Limiter> Bucket<L> {
     }
 
     /// How long until forgetting the bucket would lose nothing: nobody waits, the server has
-    /// not closed it, its GCRA state is full again, and it learned nothing it would forget.
+    /// not closed it, its GCRA state is full again, and it is not recovering from a cut.
     /// `None` while it holds something that time alone will not give back (waiters, a
-    /// closure, learned rates, a slot in use).
+    /// closure, a cut, a slot in use). A limit the server stated is not kept for: see
+    /// [`Controller::at_rest`].
     pub(crate) fn until_rest(&self, now: Duration) -> Option<Duration> {
         if self.has_waiters()
             || self.closed_for(now).is_some()

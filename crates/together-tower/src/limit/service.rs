@@ -95,7 +95,12 @@ where
             target: "together_tower",
             "together_tower",
             class = %inner.classifier.classify(&request),
-            model = request.extensions().get::<RequestMeta>().and_then(|meta| meta.model.as_deref()),
+            model = request
+                .extensions()
+                .get::<RequestMeta>()
+                .and_then(|meta| meta.model.as_deref())
+                .map(crate::model_name::bounded_str)
+                .as_deref(),
             attempt = request.extensions().get::<Attempt>().map_or(0, |attempt| attempt.0),
         );
         // Entered by guard rather than `in_scope`: a closure would move the request once more.

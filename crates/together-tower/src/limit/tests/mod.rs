@@ -1,6 +1,7 @@
 //! The rate limit layer's behaviour, on paused tokio time.
 
 mod adaptive;
+mod hostile;
 mod jobs;
 mod tokens;
 
