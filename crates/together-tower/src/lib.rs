@@ -75,10 +75,14 @@
 //! | job slot released | debug | key (fingerprint), group, reason (`ended`, `expired`, `not_listed`) |
 //! | 409: every job slot is in use at the server | info | key (fingerprint), group, taken, recheck_ms |
 //! | models list fetched | debug | models |
+//! | models list unavailable: 404s pass through unchecked | warn | why, retry_in_s |
+//! | an answer's usage is larger than the token burst | warn | key (fingerprint), group, model, reported, charged |
 //!
 //! With the `metrics` feature, the same goes to the `metrics` facade. Labels are bounded: the
-//! class or quota group, the model (the first 64 distinct names, then `other`), a coarse
-//! status or reason; never a key.
+//! class or quota group, the model (at most 64 names at once, then `other`; a name unused for
+//! ten minutes gives its place to one used 100 times since), a coarse status or reason; never
+//! a key. Model names over 128 bytes, in labels, events and buckets alike, are cut to a prefix
+//! and a hash.
 //!
 //! | metric | kind | labels | what |
 //! |---|---|---|---|
@@ -92,6 +96,8 @@
 //! | `together_tower_retries_refused_total` | counter | class, reason | retries not sent (`budget`, `max_retries`, `max_elapsed`, `hint_too_long`) |
 //! | `together_tower_fallbacks_total` | counter | class, from, to | retries sent with a fallback model |
 //! | `together_tower_job_slots_held` | gauge | group | job slots held by running jobs (and by placeholders after a 409) |
+//! | `together_tower_usage_not_believed_total` | counter | group | answers whose `usage` was larger than the token burst |
+//! | `together_tower_models_list_failures_total` | counter | | failed fetches of the models list |
 //!
 //! # Feature flags
 //! - `toml`: load quota tables from TOML ([`quota::QuotaTable::from_toml`]).

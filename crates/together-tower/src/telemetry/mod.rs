@@ -4,8 +4,9 @@
 //!
 //! No key ever appears: events name a caller by its fingerprint (`key`), and metrics carry no
 //! caller at all. Metric labels are bounded: the endpoint class (13 values), the quota group,
-//! the model (at most [`MODEL_LABELS`] distinct names per process, then `"other"`), and a
-//! coarse status. The events and metrics are listed in the crate docs, for users.
+//! the model (at most [`MODEL_LABELS`] live at once, following recent traffic, then
+//! `"other"`: see [`labels`]), and a coarse status. The events and metrics are listed in the
+//! crate docs, for users.
 
 use std::time::Duration;
 
@@ -14,7 +15,10 @@ use http::StatusCode;
 use crate::classify::EndpointClass;
 use crate::key::ApiKeyId;
 
-/// The most distinct model names that become metric labels; later ones are `"other"`.
+#[cfg(feature = "metrics")]
+mod labels;
+
+/// The most model names that are metric labels at once; other names are `"other"`.
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 pub(crate) const MODEL_LABELS: usize = 64;
 
@@ -278,27 +282,20 @@ pub(crate) fn fell_back(class: EndpointClass, from: Option<&str>, to: &str) {
     .increment(1);
 }
 
-/// A model name as a metric label: the name itself for the first [`MODEL_LABELS`] names seen,
-/// `"other"` after that, `"none"` without one.
+/// A model name as a metric label: the name itself while it has one of the
+/// [`MODEL_LABELS`] places (see [`labels`]), `"other"` otherwise, `"none"` without one.
 #[cfg(feature = "metrics")]
 fn model_label(model: Option<&str>) -> String {
-    use std::collections::HashSet;
     use std::sync::{Mutex, OnceLock, PoisonError};
 
-    static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    static LABELS: OnceLock<Mutex<labels::ModelLabels>> = OnceLock::new();
     let Some(model) = model else {
         return "none".to_owned();
     };
-    let mut seen = SEEN
+    let model = crate::model_name::bounded_str(model);
+    LABELS
         .get_or_init(Mutex::default)
         .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    if seen.contains(model) {
-        return model.to_owned();
-    }
-    if seen.len() < MODEL_LABELS {
-        seen.insert(model.to_owned());
-        return model.to_owned();
-    }
-    "other".to_owned()
+        .unwrap_or_else(PoisonError::into_inner)
+        .label(&model, tokio::time::Instant::now())
 }
