@@ -8,7 +8,8 @@
 //!   streams past); an answer whose body is dropped unread keeps an unnamed slot.
 //! - A slot goes back when an answer about the job shows it ended (`GET .../{id}`, a cancel,
 //!   or the list, showing `completed`, `failed`, `cancelled`, `error`, `expired`), or when the
-//!   job's time to live passes without such an answer.
+//!   job's time to live passes without such an answer. The time to live counts from the last
+//!   answer that showed the job running, so a job polled while it runs keeps its slot.
 //! - A list answer also counts jobs this process did not create (another process, or before
 //!   this one started): each running job it shows holds a slot, and after the whole list,
 //!   unnamed slots that matched no running job go back. One list call at start-up seeds the
@@ -267,7 +268,11 @@ impl Slots {
                     held.jobs.swap_remove(at);
                     telemetry::job_slot_released(self.key, &self.group, Release::Ended);
                 }
-                (Some(at), false) => running_matched.push(held.jobs[at].serial),
+                (Some(at), false) => {
+                    // Seen running: its time to live counts from now, not from its create.
+                    held.jobs[at].expires = self.clock.elapsed().saturating_add(self.times.ttl);
+                    running_matched.push(held.jobs[at].serial);
+                }
                 (None, true) => {}
                 (None, false) => {
                     // A running job this process did not know: it takes an unnamed slot (a
@@ -520,5 +525,29 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11)).await;
         slots.expire();
         assert_eq!(slots.held_jobs(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_seen_running_keeps_its_slot_a_time_to_live_past_the_answer() {
+        let times = JobTimes {
+            ttl: Duration::from_secs(100),
+            recheck: Duration::from_secs(10),
+        };
+        let slots = Slots::new(1, TokioClock::new(), times, ApiKeyId::ANONYMOUS, "g".into());
+        let job = slots.hold(Arc::clone(slots.semaphore()).try_acquire_owned().unwrap());
+        slots.name(job, "long".into());
+        // Polled as running at 90 s: held until 190 s, not freed at 100 s.
+        tokio::time::advance(Duration::from_secs(90)).await;
+        slots.seen(&[seen("long", false)], false);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        slots.expire();
+        assert_eq!(
+            slots.held_jobs(),
+            1,
+            "a running job lost its slot at the create's ttl"
+        );
+        tokio::time::advance(Duration::from_secs(81)).await;
+        slots.expire();
+        assert_eq!(slots.held_jobs(), 0);
     }
 }
