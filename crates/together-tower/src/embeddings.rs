@@ -78,7 +78,7 @@ pub enum ChunkError {
     Failed(BoxError),
     /// The server answered with an error status; the start of its body.
     Status(StatusCode, String),
-    /// The answer was not a list of as many embeddings as inputs.
+    /// The answer was not a list of as many embeddings as inputs, all of one non-zero length.
     Malformed(String),
 }
 
@@ -175,10 +175,31 @@ fn vectors(body: &[u8], count: usize) -> Result<Vec<Vec<f32>>, ChunkError> {
             }
         }
     }
-    slots
+    let vectors = slots
         .into_iter()
         .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| ChunkError::Malformed(format!("{got} embeddings for {count} inputs")))
+        .ok_or_else(|| ChunkError::Malformed(format!("{got} embeddings for {count} inputs")))?;
+    same_nonzero_length(&vectors)?;
+    Ok(vectors)
+}
+
+/// A vector that is empty, or shorter or longer than the others, is no embedding: the chunk
+/// failed, rather than handing the caller a vector that breaks a search index later.
+fn same_nonzero_length(vectors: &[Vec<f32>]) -> Result<(), ChunkError> {
+    let Some(first) = vectors.first() else {
+        return Ok(());
+    };
+    let dimension = first.len();
+    if dimension == 0 {
+        return Err(ChunkError::Malformed("an empty embedding".to_owned()));
+    }
+    match vectors.iter().position(|vector| vector.len() != dimension) {
+        Some(at) => Err(ChunkError::Malformed(format!(
+            "embedding {at} has {} dimensions, the first has {dimension}",
+            vectors[at].len()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Puts chunks that finish in any order back in input order: each chunk is handed over once
@@ -426,6 +447,17 @@ mod tests {
             ),
             (br#"{"data":[{"index":5,"embedding":[0]}]}"#, 1),
             (b"not json", 1),
+            // A vector missing, empty, or of another length than the others.
+            (br#"{"data":[{"index":0}]}"#, 1),
+            (br#"{"data":[{"index":0,"embedding":[]}]}"#, 1),
+            (
+                br#"{"data":[{"index":0,"embedding":[]},{"index":1,"embedding":[]}]}"#,
+                2,
+            ),
+            (
+                br#"{"data":[{"index":0,"embedding":[0,1]},{"index":1,"embedding":[1]}]}"#,
+                2,
+            ),
         ] {
             assert!(matches!(
                 vectors(body, count),
