@@ -354,16 +354,31 @@ pub fn refusal_response(
 ///     .service(Tonic::new(channel));
 /// # let _ = stack;
 /// ```
+///
+/// The status keeps the refusal as its source (`Status::source`, downcast it to get the typed
+/// error back), and a `RESOURCE_EXHAUSTED` says when to come back in its metadata, the way
+/// gRPC clients read it: `grpc-retry-pushback-ms` (milliseconds, gRPC's retry pushback) and
+/// `retry-after` (whole seconds, rounded up).
 #[cfg(feature = "tonic")]
 pub fn into_status(error: tower::BoxError) -> tower::BoxError {
+    let wait = retry_after(&*error);
     let code = if error.is::<TooManyTokens>() {
         tonic::Code::InvalidArgument
-    } else if retry_after(&*error).is_some() {
+    } else if wait.is_some() {
         tonic::Code::ResourceExhausted
     } else {
         return error;
     };
-    Box::new(tonic::Status::new(code, error.to_string()))
+    let mut status = tonic::Status::new(code, error.to_string());
+    if let Some(wait) = wait.filter(|_| code == tonic::Code::ResourceExhausted) {
+        let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let metadata = status.metadata_mut();
+        metadata.insert("grpc-retry-pushback-ms", millis.into());
+        metadata.insert("retry-after", seconds.into());
+    }
+    status.set_source(std::sync::Arc::from(error));
+    Box::new(status)
 }
 
 #[cfg(test)]
@@ -410,8 +425,30 @@ mod tests {
         let status = into_status(limited);
         let status = status.downcast_ref::<tonic::Status>().expect("a Status");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        let too_big = into_status(Box::new(TooManyTokens::new(9, 8, EndpointClass::Chat)));
+        let too_big = too_big.downcast_ref::<tonic::Status>().expect("a Status");
+        assert_eq!(too_big.code(), tonic::Code::InvalidArgument);
+        assert!(too_big.metadata().get("grpc-retry-pushback-ms").is_none());
         let other = into_status("connection reset".into());
         assert!(!other.is::<tonic::Status>());
         assert_eq!(other.to_string(), "connection reset");
+    }
+
+    #[cfg(feature = "tonic")]
+    #[test]
+    fn a_status_keeps_the_refusal_and_says_when_to_come_back() {
+        use std::error::Error as _;
+        let limited: tower::BoxError = Box::new(RateLimited::new(
+            Duration::from_millis(1_500),
+            EndpointClass::Chat,
+        ));
+        let status = into_status(limited);
+        let status = status.downcast_ref::<tonic::Status>().expect("a Status");
+        let source = status.source().expect("the refusal as the source");
+        let refusal = source.downcast_ref::<RateLimited>().expect("RateLimited");
+        assert_eq!(refusal.retry_after(), Duration::from_millis(1_500));
+        let metadata = status.metadata();
+        assert_eq!(metadata.get("grpc-retry-pushback-ms").unwrap(), "1500");
+        assert_eq!(metadata.get("retry-after").unwrap(), "2");
     }
 }
