@@ -124,9 +124,15 @@ pub struct Seen {
 /// each key to `per_second` requests (a GCRA, burst 1, in tokio's time) and answers beyond that
 /// with [`rate_limited`], and fails every `fail_every`-th request it accepts with
 /// [`unavailable`]. Clones share what it saw.
+///
+/// Like the servers the [guide](crate::guide) describes, it allows a request up to 2 ms before
+/// its exact turn (the stack's pacing tolerance, see
+/// [`Rate::tolerance`](crate::quota::Rate::tolerance)), or half an interval if that is less;
+/// [`FakeTogether::tolerance`] sets another.
 #[derive(Debug, Clone)]
 pub struct FakeTogether {
     per_second: Option<u32>,
+    tolerance: Option<Duration>,
     fail_every: Option<u64>,
     state: Arc<Mutex<FakeState>>,
 }
@@ -149,6 +155,7 @@ impl FakeTogether {
     pub fn new() -> Self {
         Self {
             per_second: None,
+            tolerance: None,
             fail_every: None,
             state: Arc::default(),
         }
@@ -157,6 +164,13 @@ impl FakeTogether {
     /// Limits each key to `per_second` requests a second.
     pub fn per_second(mut self, per_second: u32) -> Self {
         self.per_second = Some(per_second.max(1));
+        self
+    }
+
+    /// Allows a request up to `tolerance` before its exact turn (by default the smaller of
+    /// 2 ms and half an interval, as the stack's own pacing). Zero makes it exact.
+    pub fn tolerance(mut self, tolerance: Duration) -> Self {
+        self.tolerance = Some(tolerance);
         self
     }
 
@@ -190,8 +204,11 @@ impl FakeTogether {
         if let Some(per_second) = self.per_second {
             let now = Instant::now();
             let interval = Duration::from_secs(1) / per_second;
+            let tolerance = self
+                .tolerance
+                .unwrap_or_else(|| Duration::from_millis(2).min(interval / 2));
             let next = *state.next.get(&key).unwrap_or(&now);
-            if next > now {
+            if next > now + tolerance {
                 state.seen.rate_limited += 1;
                 return rate_limited(next - now);
             }
@@ -244,7 +261,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_fake_limits_each_key_and_says_when_to_come_back() {
-        let fake = FakeTogether::new().per_second(2);
+        let fake = FakeTogether::new().per_second(2).tolerance(Duration::ZERO);
         let chat = |key: &str| chat_request(key).map(|_| ());
         assert_eq!(fake.answer(&chat("a")).status(), 200);
         let refused = fake.answer(&chat("a"));
@@ -262,5 +279,30 @@ mod tests {
                 ..Seen::default()
             }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stack_at_its_own_rate_meets_no_429_from_the_fake() {
+        use tower::{Layer, ServiceExt};
+
+        use crate::limit::{Adaptation, Limits, RateLimitLayer};
+        use crate::quota::{GroupQuota, QuotaTable, Rate};
+
+        let table = QuotaTable::builder()
+            .group("chat", GroupQuota::rate(Rate::per_second(10)))
+            .class(EndpointClass::Chat, "chat")
+            .build()
+            .unwrap();
+        let limits = Limits::builder(table)
+            .adaptation(Adaptation::fixed())
+            .build();
+        let (mock, handle) = tower_test::mock::pair();
+        let fake = FakeTogether::new().per_second(10).serve(handle);
+        let stack = RateLimitLayer::new(limits).layer(mock);
+        for _ in 0..20 {
+            let answer = stack.clone().oneshot(chat_request("k")).await.unwrap();
+            assert_eq!(answer.status(), 200);
+        }
+        assert_eq!(fake.seen().rate_limited, 0);
     }
 }
