@@ -15,6 +15,7 @@ use together_tower::body::RequestMeta;
 use together_tower::classify::{Classify, EndpointClass, TogetherClassifier, classify_path};
 use together_tower::headers::{self, MAX_HINT};
 use together_tower::key::{KeyHasher, bearer_token, hide_credentials};
+#[cfg(feature = "toml")]
 use together_tower::quota::{MAX_GROUPS, QuotaTable};
 
 const CASES: u32 = 2_000;
@@ -98,6 +99,7 @@ proptest! {
         prop_assert!(headers::parse_retry_after(&bytes, now).is_none_or(|delay| delay <= MAX_HINT));
     }
 
+    #[cfg(feature = "toml")]
     #[test]
     fn quota_files_of_any_text_load_or_say_what_is_wrong(text in "\\PC{0,400}") {
         if let Err(error) = QuotaTable::from_toml(&text) {
@@ -106,6 +108,7 @@ proptest! {
         }
     }
 
+    #[cfg(feature = "toml")]
     #[test]
     fn quota_files_near_valid_ones_load_or_say_what_is_wrong(
         preset in prop::option::of("(free|tier-[0-9]|tier-x|)"),

@@ -147,7 +147,12 @@ async fn the_model_check_and_the_fallback_never_print_the_key() {
     let mut future = Box::pin(service.call(chat(full(r#"{"model":"smal"}"#))));
     assert!(poll_once(&mut future).is_pending());
     let (_, send) = handle.next_request().await.unwrap();
-    send.send_response(Response::builder().status(404).body(String::new()).unwrap());
+    let not_found = Response::builder()
+        .status(404)
+        .header("content-type", "application/json")
+        .body(r#"{"error":{"code":"model_not_found"}}"#.to_owned())
+        .unwrap();
+    send.send_response(not_found);
     assert!(poll_once(&mut future).is_pending());
     assert_no_secret("a future checking the model", &debug(&future));
     let (models, send) = handle.next_request().await.unwrap();

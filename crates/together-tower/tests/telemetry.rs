@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
+#[cfg(feature = "metrics")]
 use metrics_util::debugging::DebuggingRecorder;
 use together_tower::body::BufferedBody;
 use together_tower::classify::EndpointClass;
@@ -127,6 +128,7 @@ fn the_events_of_a_429_and_a_retry_name_no_key() {
     assert_no_secret("the tracing output", &output);
 }
 
+#[cfg(feature = "metrics")]
 #[test]
 fn the_metrics_of_a_429_and_a_retry_have_bounded_labels_and_no_key() {
     let _alone = ONE_AT_A_TIME
