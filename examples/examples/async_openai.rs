@@ -29,8 +29,6 @@ const CHAT_RPM: u32 = 300;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    // reqwest is built here without a TLS provider of its own; the simulator speaks plain HTTP.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let sim = simulator(CHAT_RPM.into(), SimConfig::default()).await?;
     println!(
         "simulated Together at {}: {CHAT_RPM} chat requests a minute per key\n",

@@ -9,7 +9,6 @@
 //! use together_tower::client::{Reqwest, async_openai::http_service};
 //! use together_tower::{Limits, TogetherLayer};
 //! use tower::ServiceBuilder;
-//! # let _ = rustls::crypto::ring::default_provider().install_default();
 //!
 //! let config = OpenAIConfig::new()
 //!     .with_api_base("https://api.together.xyz/v1")

@@ -16,7 +16,6 @@ use tower_service::Service;
 /// use together_tower::client::Reqwest;
 /// use together_tower::{Limits, TogetherLayer};
 /// use tower::ServiceBuilder;
-/// # let _ = rustls::crypto::ring::default_provider().install_default();
 ///
 /// let stack = ServiceBuilder::new()
 ///     .layer(TogetherLayer::new(Limits::default()))
