@@ -168,3 +168,84 @@ async fn a_limit_one_process_learned_paces_the_others() {
 async fn without_it_the_other_process_meets_429s() {
     assert!(what_one_process_learned(false).await > 0);
 }
+
+/// Hardening: one answer that reports an absurd `usage` (1e12 tokens, or `u64::MAX`) leaves
+/// the shared tokens key owing one token burst at most, so no process is blocked for years.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_usage_leaves_the_shared_tokens_a_burst_of_debt_at_most() {
+    let redis = RedisServer::start().await;
+    for reported in [1_000_000_000_000, u64::MAX] {
+        redis.command(&["FLUSHALL"]).await;
+        let ttl_ms = tokens_ttl_after_usage(&redis, reported).await;
+        // A burst of debt, and the time to refill the burst after it: two seconds at most.
+        assert!(
+            (100..=2_000).contains(&ttl_ms),
+            "after usage {reported}, the tokens key expires in {ttl_ms} ms"
+        );
+    }
+}
+
+/// Sends one request charged 10 tokens whose answer reports `reported`, and returns the time
+/// to live of the bucket's tokens key once the correction has reached Redis.
+async fn tokens_ttl_after_usage(redis: &RedisServer, reported: u64) -> i64 {
+    use together_tower::classify::EndpointClass;
+    use together_tower::limit::{RateLimitLayer, TokenRequest};
+    use together_tower::quota::{GroupQuota, Rate};
+    use tower::Layer;
+
+    let limiter = RedisLimiter::connect(&redis.url(), RedisSettings::default())
+        .await
+        .unwrap();
+    // 1,000 tokens a second, a burst of 1,000: a burst of debt is one second.
+    let table = QuotaTable::builder()
+        .group(
+            "chat",
+            GroupQuota::rate(Rate::per_second(10))
+                .with_tokens(Rate::per_second(1_000).with_burst(1_000)),
+        )
+        .class(EndpointClass::Chat, "chat")
+        .build()
+        .unwrap();
+    let limits = Limits::builder(table)
+        .adaptation(Adaptation::fixed())
+        .limiter(limiter)
+        .token_estimate(|_: &TokenRequest<'_>| 10)
+        .build();
+    let absurd = tower::service_fn(move |_: Request<String>| async move {
+        let body = format!(r#"{{"usage":{{"total_tokens":{reported}}}}}"#);
+        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(body))))
+    });
+    let service = RateLimitLayer::new(limits).layer(absurd);
+    let request = Request::post("http://together.test/v1/chat/completions")
+        .header("authorization", "Bearer shared-key")
+        .body(String::new())
+        .unwrap();
+    let answer = service.oneshot(request).await.unwrap();
+    http_body_util::BodyExt::collect(answer.into_body())
+        .await
+        .unwrap();
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:tokens")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    // The correction goes to Redis in the background: wait until the key owes more than the
+    // 10 tokens charged before sending (10 ms), then see how much.
+    let mut ttl_ms: i64 = 0;
+    for _ in 0..100 {
+        ttl_ms = redis::cmd("PTTL")
+            .arg(&keys[0])
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if ttl_ms > 100 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    ttl_ms
+}
