@@ -96,6 +96,8 @@
 //! # }
 //! ```
 
+mod connection;
+mod error;
 mod telemetry;
 
 use std::fmt;
@@ -104,11 +106,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::Script;
-use redis::aio::ConnectionManager;
 use together_tower::limit::{BucketSpec, Cost, Decision, Limiter, LocalLimiter, Pace, Rates};
 use tokio::time::Instant;
 use tower::BoxError;
 
+use crate::connection::Connection;
+pub use crate::error::RedisLimiterError;
 use crate::telemetry::Outcome;
 
 /// GCRA over a request rate and a token rate at once: both go, or neither. Time is Redis's
@@ -280,40 +283,10 @@ impl Default for RedisSettings {
     }
 }
 
-/// Why Redis could not decide.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum RedisLimiterError {
-    /// Redis answered with an error, or the connection failed.
-    Redis(redis::RedisError),
-    /// Redis did not answer within the call timeout.
-    Timeout(Duration),
-}
-
-impl fmt::Display for RedisLimiterError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RedisLimiterError::Redis(error) => write!(f, "redis: {error}"),
-            RedisLimiterError::Timeout(after) => {
-                write!(f, "redis did not answer within {after:?}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for RedisLimiterError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            RedisLimiterError::Redis(error) => Some(error),
-            RedisLimiterError::Timeout(_) => None,
-        }
-    }
-}
-
 /// A [`Limiter`] whose buckets live in Redis.
 #[derive(Clone)]
 pub struct RedisLimiter {
-    connection: ConnectionManager,
+    connection: Connection,
     script: Arc<Script>,
     give_back: Arc<Script>,
     publish: Arc<Script>,
@@ -335,23 +308,33 @@ impl fmt::Debug for RedisLimiter {
 }
 
 impl RedisLimiter {
-    /// Connects to the Redis at `url` (`redis://host:port/db`).
+    /// Connects to the Redis at `url` (`redis://host:port/db`). A Redis Cluster node is a
+    /// [`RedisLimiterError::Misconfigured`]: use [`RedisLimiter::connect_cluster`].
     pub async fn connect(url: &str, settings: RedisSettings) -> Result<Self, RedisLimiterError> {
-        let client = redis::Client::open(url).map_err(RedisLimiterError::Redis)?;
-        // Reconnecting backs off no longer than `retry_after`, so that once Redis is back
-        // every process returns to it within about that long.
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.call_timeout))
-            .set_response_timeout(Some(settings.call_timeout))
-            .set_max_delay(settings.retry_after);
-        let connection = tokio::time::timeout(
-            settings.call_timeout,
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| RedisLimiterError::Timeout(settings.call_timeout))?
-        .map_err(RedisLimiterError::Redis)?;
-        Ok(Self {
+        let connection = Connection::single(url, &settings).await?;
+        Ok(Self::with_connection(connection, settings))
+    }
+
+    /// Connects to a Redis Cluster (or a Valkey cluster) through any of its nodes' URLs; the
+    /// other nodes are discovered. Each bucket's keys share one hash tag, so every decision
+    /// goes to the one node that owns the bucket's slot, and the cluster's redirections are
+    /// followed.
+    pub async fn connect_cluster<I, U>(
+        nodes: I,
+        settings: RedisSettings,
+    ) -> Result<Self, RedisLimiterError>
+    where
+        I: IntoIterator<Item = U>,
+        U: AsRef<str>,
+    {
+        let nodes: Vec<U> = nodes.into_iter().collect();
+        let nodes: Vec<&str> = nodes.iter().map(AsRef::as_ref).collect();
+        let connection = Connection::cluster(&nodes, &settings).await?;
+        Ok(Self::with_connection(connection, settings))
+    }
+
+    fn with_connection(connection: Connection, settings: RedisSettings) -> Self {
+        Self {
             connection,
             script: Arc::new(Script::new(GCRA)),
             give_back: Arc::new(Script::new(GIVE_BACK)),
@@ -360,22 +343,45 @@ impl RedisLimiter {
             process: process_name().into(),
             down: Arc::new(Mutex::new(None)),
             outages: Arc::new(AtomicU64::new(0)),
-        })
+        }
     }
 
-    /// Whether Redis failed to answer lately, so decisions are made in this process.
+    /// Whether Redis failed to answer lately, so decisions are made in this process. On a
+    /// cluster: whether some node did, lately; each bucket falls back only while the node
+    /// that owns it does not answer.
     pub fn is_falling_back(&self) -> bool {
-        let down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
-        down.is_some_and(|down| Instant::now() < down.until)
+        down_now(&self.down)
+    }
+
+    /// Whether `bucket` is decided in this process now: Redis (or, on a cluster, the node
+    /// that owns the bucket) failed to answer lately.
+    fn bucket_falls_back(&self, bucket: &RedisBucket) -> bool {
+        if self.connection.is_cluster() {
+            down_now(&bucket.down)
+        } else {
+            self.is_falling_back()
+        }
     }
 
     fn falls_back(&self) -> bool {
         matches!(self.settings.unreachable, Unreachable::FallBack { .. })
     }
 
-    fn mark_down(&self, error: &RedisLimiterError) {
-        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Redis (the bucket's node, on a cluster) did not answer: decide without it for
+    /// `retry_after`. On a cluster, the other nodes' buckets stay in Redis: a process that
+    /// decided them here, at its share, while the others still decide them in Redis, would
+    /// let the two together past the quota.
+    fn mark_down(&self, bucket: &RedisBucket, error: &RedisLimiterError) {
         let now = Instant::now();
+        if self.connection.is_cluster() {
+            let mut down = bucket.down.lock().unwrap_or_else(PoisonError::into_inner);
+            let since = down.map_or(now, |down| down.since);
+            *down = Some(Down {
+                since,
+                until: now + self.settings.retry_after,
+            });
+        }
+        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
         let since = match *down {
             Some(down) => down.since,
             None => {
@@ -415,7 +421,19 @@ impl RedisLimiter {
         decision
     }
 
-    fn mark_up(&self) {
+    /// Redis answered for `bucket`. On a cluster, the outage is over when a bucket that was
+    /// down answers again, not when any node answers.
+    fn mark_up(&self, bucket: &RedisBucket) {
+        if self.connection.is_cluster()
+            && bucket
+                .down
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+                .is_none()
+        {
+            return;
+        }
         let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(down) = down.take() {
             telemetry::answers_again(down.since.elapsed());
@@ -454,7 +472,9 @@ impl RedisLimiter {
             tokio::time::timeout(timeout, invocation.invoke_async(&mut connection))
                 .await
                 .map_err(|_| RedisLimiterError::Timeout(timeout))
-                .and_then(|answer| answer.map_err(RedisLimiterError::Redis));
+                .and_then(|answer| {
+                    answer.map_err(|error| RedisLimiterError::typed(error, connection.is_cluster()))
+                });
         let call = Some(started.elapsed());
         let answer = answer.inspect_err(|_| telemetry::decided(Outcome::Error, call))?;
         let decision = match answer {
@@ -556,7 +576,7 @@ impl RedisLimiter {
     /// background: the caller does not wait for it, and a failure only leaves the bucket
     /// stricter.
     fn give_back(&self, bucket: &RedisBucket, units: [i64; 2], expected: [u64; 2]) {
-        if units == [0, 0] || self.is_falling_back() {
+        if units == [0, 0] || self.bucket_falls_back(bucket) {
             return;
         }
         let rates = bucket.rates();
@@ -590,6 +610,8 @@ pub struct RedisBucket {
     last_turn: Mutex<Option<LastTurn>>,
     /// The outage this bucket last decided in this process during.
     outage_seen: AtomicU64,
+    /// On a cluster: set while the node that owns this bucket does not answer.
+    down: Mutex<Option<Down>>,
     local: <LocalLimiter as Limiter>::Bucket,
     replicas: u32,
 }
@@ -600,6 +622,12 @@ impl fmt::Debug for RedisBucket {
             .field("requests_key", &self.requests_key)
             .finish_non_exhaustive()
     }
+}
+
+/// Whether an outage recorded in `down` still holds.
+fn down_now(down: &Mutex<Option<Down>>) -> bool {
+    let down = down.lock().unwrap_or_else(PoisonError::into_inner);
+    down.is_some_and(|down| Instant::now() < down.until)
 }
 
 /// An outage: when it began, and until when Redis is not asked again.
@@ -726,6 +754,7 @@ impl Limiter for RedisLimiter {
             published: Mutex::new(None),
             last_turn: Mutex::new(None),
             outage_seen: AtomicU64::new(0),
+            down: Mutex::new(None),
             local: LocalLimiter.bucket(local_spec),
             replicas,
         }
@@ -733,7 +762,7 @@ impl Limiter for RedisLimiter {
 
     fn try_acquire(&self, bucket: &RedisBucket, cost: Cost, now: Duration) -> Option<Decision> {
         // Redis decides, on the waiting path; while it is unreachable, this process does.
-        if self.falls_back() && self.is_falling_back() {
+        if self.falls_back() && self.bucket_falls_back(bucket) {
             return Some(self.decide_here(bucket, cost, now));
         }
         None
@@ -749,16 +778,21 @@ impl Limiter for RedisLimiter {
         // A new decision: the bucket's last turn was used or given back already.
         bucket.set_last_turn(None);
         let fall_back = self.falls_back();
-        if fall_back && self.is_falling_back() {
+        if fall_back && self.bucket_falls_back(bucket) {
             return Ok(self.decide_here(bucket, cost, now));
         }
         match self.decide(bucket, cost, max_wait).await {
             Ok(decision) => {
-                self.mark_up();
+                self.mark_up(bucket);
                 Ok(decision)
             }
+            Err(error) if error.is_misconfigured() => {
+                // Not an outage: deciding here would hide it, and split the quota.
+                telemetry::misconfigured(&error);
+                Err(error.into())
+            }
             Err(error) => {
-                self.mark_down(&error);
+                self.mark_down(bucket, &error);
                 if fall_back {
                     Ok(self.decide_here(bucket, cost, now))
                 } else {

@@ -48,6 +48,14 @@ pub(crate) fn decided(outcome: Outcome, call: Option<Duration>) {
     let _ = (outcome, call);
 }
 
+/// Redis answered that the limiter is configured wrong: the request fails, loudly.
+pub(crate) fn misconfigured(error: &dyn std::fmt::Display) {
+    tracing::error!(target: "together_tower", %error, "redis is configured wrong: failing the request");
+    #[cfg(feature = "metrics")]
+    metrics::counter!("together_tower_redis_decisions_total", "outcome" => "misconfigured")
+        .increment(1);
+}
+
 /// Redis stopped answering: from now on decisions are made in this process (`deciding_here`),
 /// or fail.
 pub(crate) fn unreachable(
