@@ -31,6 +31,10 @@ pub struct TargetArgs {
     /// each decides alone at its share.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub redis_replicas: u32,
+    /// With --redis-url: the URL is a node of a Redis Cluster; the other nodes are found from
+    /// it [default: env TOGETHER_REDIS_CLUSTER=1].
+    #[arg(long, env = "TOGETHER_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
 }
 
 impl TargetArgs {
@@ -45,10 +49,19 @@ impl TargetArgs {
             },
             ..together_tower_redis::RedisSettings::default()
         };
-        together_tower_redis::RedisLimiter::connect(url, settings)
-            .await
-            .map(Some)
-            .map_err(|error| CliError::Unreachable(format!("--redis-url: {error}")))
+        let connected = if self.redis_cluster {
+            together_tower_redis::RedisLimiter::connect_cluster([url], settings).await
+        } else {
+            together_tower_redis::RedisLimiter::connect(url, settings).await
+        };
+        connected.map(Some).map_err(|error| {
+            let message = format!("--redis-url: {error}");
+            if error.is_misconfigured() {
+                CliError::Usage(message)
+            } else {
+                CliError::Unreachable(message)
+            }
+        })
     }
 
     /// The key given, or `fallback` (the simulator accepts any key).

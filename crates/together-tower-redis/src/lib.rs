@@ -50,6 +50,24 @@
 //! is not known here. While some processes decide alone and others in Redis (for up to
 //! `retry_after` after Redis is back), they may together exceed the quota by a little.
 //!
+//! ## Redis Cluster
+//!
+//! [`RedisLimiter::connect_cluster`] takes any node of a cluster (Redis or Valkey) and finds
+//! the rest. Every key of a bucket shares one hash tag, so each decision is one script call
+//! to the node that owns the bucket's slot, and the cluster client follows `MOVED` and `ASK`
+//! while slots move. A node that does not answer is an outage for its buckets only: they are
+//! decided in this process, at the share [`Unreachable::FallBack`] gives, while the other
+//! nodes' buckets stay in Redis. A node restarted without persistence comes back empty, so
+//! each of its buckets may let one turn through early.
+//!
+//! An answer that says the limiter is configured wrong is never taken for an outage:
+//! [`RedisLimiter::connect`] to a cluster node fails at once with
+//! [`RedisLimiterError::Misconfigured`] (its keys on other nodes would only ever answer
+//! `MOVED`), and so does a wrong password; at run time such an answer (`CROSSSLOT`, `NOAUTH`,
+//! `WRONGPASS`, `NOPERM`, or `MOVED` on a single connection) fails the request and is logged
+//! at `error`, whatever the fallback policy. Deciding in this process instead would quietly
+//! give each process a quota of its own.
+//!
 //! ## Tracing and metrics
 //!
 //! Events, with target `together_tower`:
@@ -58,6 +76,7 @@
 //! |---|---|---|
 //! | redis unreachable: deciding in this process (or: failing requests) | warn | error, retry_ms |
 //! | redis answers again: deciding there | info | down_ms |
+//! | redis is configured wrong: failing the request | error | error |
 //! | rate published to the other processes | debug | group, per_second |
 //! | published rate withdrawn | debug | group |
 //!
@@ -65,7 +84,7 @@
 //!
 //! | metric | kind | labels | what |
 //! |---|---|---|---|
-//! | `together_tower_redis_decisions_total` | counter | outcome (`allow`, `reserved`, `wait`, `too_large`, `error`, `here`) | decisions, by how they went; `here`: made in this process while Redis was unreachable |
+//! | `together_tower_redis_decisions_total` | counter | outcome (`allow`, `reserved`, `wait`, `too_large`, `error`, `here`, `misconfigured`) | decisions, by how they went; `here`: made in this process while Redis was unreachable |
 //! | `together_tower_redis_call_seconds` | histogram | | how long each decision's call to Redis took |
 //! | `together_tower_redis_unreachable_total` | counter | | times Redis stopped answering |
 //! | `together_tower_redis_deciding_here` | gauge | | 1 while decisions are made in this process, else 0 |
