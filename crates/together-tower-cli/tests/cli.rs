@@ -11,6 +11,10 @@ use together_tower_cli::bench::{self, BenchArgs};
 use together_tower_cli::client::{Endpoint, Mode};
 use together_tower_cli::target::TargetArgs;
 
+/// One test at a time: the benches measure 429s against a real clock, and the tests that start
+/// processes beside them on two cores make a request late enough to bunch with the next.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn bench_args(requests: u64, rpm: u32, concurrency: u64, mode: Mode) -> BenchArgs {
     BenchArgs {
         target: TargetArgs::default(),
@@ -34,6 +38,7 @@ fn bench_args(requests: u64, rpm: u32, concurrency: u64, mode: Mode) -> BenchArg
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limited_bench_uses_the_quota_without_a_429() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let (report, timeline) = bench::run(&bench_args(40, 6_000, 8, Mode::Adaptive))
         .await
         .unwrap();
@@ -48,6 +53,7 @@ async fn limited_bench_uses_the_quota_without_a_429() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_only_bench_walks_into_429s_and_retries() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let (report, _) = bench::run(&bench_args(20, 600, 16, Mode::RetryOnly))
         .await
         .unwrap();
@@ -67,6 +73,7 @@ fn together_tower(args: &[&str]) -> Output {
 
 #[test]
 fn json_is_one_object_on_the_last_line_and_the_plot_is_drawn() {
+    let _alone = ONE_AT_A_TIME.blocking_lock();
     let dir = scratch("json");
     let plot = dir.join("bench.svg");
     let output = together_tower(&[
@@ -119,6 +126,7 @@ fn json_is_one_object_on_the_last_line_and_the_plot_is_drawn() {
 
 #[test]
 fn bad_flags_and_an_unreachable_url_fail_with_one_line() {
+    let _alone = ONE_AT_A_TIME.blocking_lock();
     let bad = together_tower(&["bench", "--requests", "many"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--requests"));
@@ -175,6 +183,7 @@ fn lines(path: &Path) -> Vec<Value> {
 
 #[test]
 fn embed_writes_every_input_in_order() {
+    let _alone = ONE_AT_A_TIME.blocking_lock();
     let dir = scratch("embed");
     let input = write_inputs(&dir, 45);
     let output = dir.join("out.jsonl");
@@ -213,6 +222,7 @@ fn embed_writes_every_input_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_embed_resumes_to_the_same_output_as_an_uninterrupted_one() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let dir = scratch("resume");
     let input = write_inputs(&dir, 60);
     // A slow server, so the run can be killed part-way.
@@ -301,6 +311,7 @@ async fn an_interrupted_embed_resumes_to_the_same_output_as_an_uninterrupted_one
 
 #[test]
 fn embed_never_cuts_a_file_that_is_not_its_own_output() {
+    let _alone = ONE_AT_A_TIME.blocking_lock();
     let dir = scratch("not-ours");
     let input = write_inputs(&dir, 3);
     let files: [(&str, &[u8]); 4] = [
@@ -338,6 +349,7 @@ fn embed_never_cuts_a_file_that_is_not_its_own_output() {
 
 #[test]
 fn embed_refuses_an_output_that_is_not_its_own() {
+    let _alone = ONE_AT_A_TIME.blocking_lock();
     let dir = scratch("foreign");
     let input = write_inputs(&dir, 5);
     let output = dir.join("notes.jsonl");
