@@ -14,11 +14,10 @@ use tower::BoxError;
 use tower_service::Service;
 use tracing::Span;
 
-pub use super::body::ResponseBody;
-use super::body::{JobAnswer, Watch};
-use super::feedback::Ticket;
+use super::admission::wait::WaitTurn;
 use super::jobs::Slots;
-use super::wait::WaitTurn;
+pub use super::learn::ResponseBody;
+use super::learn::{JobAnswer, Ticket, Watch};
 
 pin_project! {
     /// Waits for the request's turn, sends it, and reads the server's answer for its bucket.

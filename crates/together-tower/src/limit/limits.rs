@@ -1,103 +1,21 @@
 //! [`Limits`]: one shared limit, built once, cloned into every layer that should share it.
 
 use std::fmt;
-use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::Request;
 
-use super::adapt::Adaptation;
+use super::admission::{Inner, Settings};
 use super::backend::{Limiter, LocalLimiter};
-use super::bucket::{BucketContext, BucketKey};
-use super::jobs::JobTimes;
-use super::map::BucketMap;
-use crate::body::RequestMeta;
-use crate::classify::{Classify, EndpointClass, TogetherClassifier};
+use super::bucket::BucketContext;
+use super::bucket::map::BucketMap;
+use super::estimate::{DefaultTokenEstimate, EstimateTokens};
+use super::learn::adapt::Adaptation;
+use crate::classify::{Classify, TogetherClassifier};
 use crate::clock::TokioClock;
 use crate::key::{ApiKeyId, KeyHasher};
 use crate::quota::QuotaTable;
-
-/// How many tokens a request is expected to cost, before it is sent.
-///
-/// The default is [`DefaultTokenEstimate`]. A closure `Fn(&TokenRequest<'_>) -> u64` is one too.
-pub trait EstimateTokens: Send + Sync + 'static {
-    /// The tokens (prompt plus completion) to charge before the request is sent; the charge is
-    /// corrected from the answer's `usage` afterwards.
-    fn estimate(&self, request: &TokenRequest<'_>) -> u64;
-}
-
-impl<F> EstimateTokens for F
-where
-    F: Fn(&TokenRequest<'_>) -> u64 + Send + Sync + 'static,
-{
-    fn estimate(&self, request: &TokenRequest<'_>) -> u64 {
-        self(request)
-    }
-}
-
-/// What a token estimate is made from.
-#[derive(Debug, Clone, Copy)]
-#[non_exhaustive]
-pub struct TokenRequest<'a> {
-    /// The endpoint class.
-    pub class: EndpointClass,
-    /// What the buffer layer read from the body, if it ran.
-    pub meta: Option<&'a RequestMeta>,
-    /// The body's length: from the metadata, or else its `content-length`.
-    pub body_bytes: Option<u64>,
-}
-
-/// The default estimate: the body's bytes over four (a token is about four bytes of English,
-/// and JSON's punctuation makes this an overestimate), plus `max_tokens`, or 512 for a chat or
-/// completion that sets none.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DefaultTokenEstimate;
-
-impl DefaultTokenEstimate {
-    /// Completion tokens assumed for a chat or completion without `max_tokens`.
-    pub const COMPLETION_WITHOUT_MAX_TOKENS: u64 = 512;
-}
-
-impl EstimateTokens for DefaultTokenEstimate {
-    fn estimate(&self, request: &TokenRequest<'_>) -> u64 {
-        let prompt = request.body_bytes.unwrap_or(0).div_ceil(4);
-        let completion = match request.meta.and_then(|meta| meta.max_tokens) {
-            Some(max_tokens) => max_tokens,
-            None if matches!(
-                request.class,
-                EndpointClass::Chat | EndpointClass::Completions
-            ) =>
-            {
-                Self::COMPLETION_WITHOUT_MAX_TOKENS
-            }
-            None => 0,
-        };
-        prompt.saturating_add(completion)
-    }
-}
-
-/// Tunables, with the defaults documented on [`LimitsBuilder`].
-#[derive(Debug, Clone)]
-pub(crate) struct Settings {
-    pub(crate) max_queue: usize,
-    pub(crate) max_wait: Duration,
-    pub(crate) max_buckets: usize,
-    pub(crate) idle_timeout: Duration,
-    pub(crate) job_times: JobTimes,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            max_queue: 1_024,
-            max_wait: Duration::from_secs(30),
-            max_buckets: 65_536,
-            idle_timeout: Duration::from_secs(60),
-            job_times: JobTimes::default(),
-        }
-    }
-}
 
 /// One shared limit: the quota table, the live buckets, and what they learned.
 ///
@@ -146,19 +64,6 @@ where
     L: Limiter,
 {
     pub(crate) inner: Arc<Inner<C, L>>,
-}
-
-/// What the clones of one [`Limits`] share.
-pub(crate) struct Inner<C, L: Limiter> {
-    pub(crate) classifier: C,
-    pub(crate) table: QuotaTable,
-    pub(crate) key_hasher: KeyHasher,
-    pub(crate) settings: Settings,
-    pub(crate) context: Arc<BucketContext<L>>,
-    pub(crate) buckets: BucketMap<L>,
-    pub(crate) estimate: Box<dyn EstimateTokens>,
-    /// Hashes model names into bucket keys; seeded per process.
-    model_hasher: std::hash::RandomState,
 }
 
 impl Limits {
@@ -253,46 +158,6 @@ impl<C, L: Limiter> Limits<C, L> {
                 && snapshot.group == *bucket.group
                 && snapshot.model.as_deref() == bucket.model.as_deref()
         })
-    }
-}
-
-impl<C, L: Limiter> Inner<C, L> {
-    /// The class of a request, and the key of its bucket; `None` if the class is not limited.
-    pub(crate) fn bucket_key<B>(&self, request: &Request<B>) -> Option<(EndpointClass, BucketKey)>
-    where
-        C: Classify,
-    {
-        let class = self.classifier.classify(request);
-        Some((class, self.bucket_key_for(class, request)?))
-    }
-
-    /// The key of the bucket of a request of `class`; `None` if the class is not limited.
-    pub(crate) fn bucket_key_for<B>(
-        &self,
-        class: EndpointClass,
-        request: &Request<B>,
-    ) -> Option<BucketKey>
-    where
-        C: Classify,
-    {
-        let group = self.table.group_id(class)?;
-        let model = if self.table.group(group).per_model() {
-            request
-                .extensions()
-                .get::<RequestMeta>()
-                .and_then(|meta| meta.model.as_deref())
-                .map_or(0, |model| self.model_hasher.hash_one(model).max(1))
-        } else {
-            0
-        };
-        let key = BucketKey {
-            key: self
-                .key_hasher
-                .fingerprint_request(&self.classifier, request),
-            group,
-            model,
-        };
-        Some(key)
     }
 }
 

@@ -65,39 +65,27 @@
 //! # }
 //! ```
 
-mod adapt;
-mod admit;
+mod admission;
 mod backend;
-mod body;
 mod bucket;
 pub mod error;
-mod feedback;
+mod estimate;
 pub mod future;
-mod gcra;
 pub(crate) mod jobs;
 mod layer;
+mod learn;
 mod limits;
-mod map;
-mod queue;
 mod service;
-mod wait;
 
-use std::time::Duration;
-
-pub use self::adapt::{Adaptation, Mode};
+pub use self::admission::MaxWait;
 pub use self::backend::{
     BucketSpec, Cost, Decision, Limiter, LocalBucket, LocalLimiter, Pace, Rates,
 };
+pub use self::estimate::{DefaultTokenEstimate, EstimateTokens, TokenRequest};
 pub use self::layer::RateLimitLayer;
-pub use self::limits::{
-    BucketSnapshot, DefaultTokenEstimate, EstimateTokens, Limits, LimitsBuilder, TokenRequest,
-};
+pub use self::learn::adapt::{Adaptation, Mode};
+pub use self::limits::{BucketSnapshot, Limits, LimitsBuilder};
 pub use self::service::RateLimit;
-
-/// A request extension that sets how long this request may wait for its turn, overriding the
-/// limits' `max_wait`. `MaxWait(Duration::ZERO)` means "send now or fail".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MaxWait(pub Duration);
 
 #[cfg(test)]
 mod tests;

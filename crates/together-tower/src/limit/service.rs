@@ -5,7 +5,7 @@ use http::{Request, Response};
 use tower::BoxError;
 use tower_service::Service;
 
-use super::admit::Admission;
+use super::admission::admit::Admission;
 use super::backend::{Limiter, LocalLimiter};
 use super::future::{ResponseBody, ResponseFuture};
 use super::limits::Limits;

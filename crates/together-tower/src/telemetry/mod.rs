@@ -40,6 +40,27 @@ pub(crate) enum RateChange {
     Cut,
 }
 
+/// Why a job slot went back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SlotRelease {
+    /// An answer showed the job ended.
+    Ended,
+    /// Its time passed without news.
+    Expired,
+    /// A list showed no running job for it.
+    NotListed,
+}
+
+impl SlotRelease {
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            SlotRelease::Ended => "ended",
+            SlotRelease::Expired => "expired",
+            SlotRelease::NotListed => "not_listed",
+        }
+    }
+}
+
 /// A request the limiter refused itself.
 pub(crate) fn refused(class: EndpointClass, reason: &'static str, error: &dyn std::fmt::Display) {
     tracing::debug!(target: "together_tower", class = %class, reason, %error, "refused before sending");
@@ -247,7 +268,7 @@ pub(crate) fn job_slot_held(key: ApiKeyId, group: &str, held: usize) {
 }
 
 /// A job's slot went back.
-pub(crate) fn job_slot_released(key: ApiKeyId, group: &str, why: crate::limit::jobs::Release) {
+pub(crate) fn job_slot_released(key: ApiKeyId, group: &str, why: SlotRelease) {
     let reason = why.as_str();
     tracing::debug!(target: "together_tower", key = %key, group, reason, "job slot released");
     #[cfg(feature = "metrics")]

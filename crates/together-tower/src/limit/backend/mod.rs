@@ -5,14 +5,18 @@
 //! said, and the rate in force. A backend only keeps the GCRA state and answers "may this cost
 //! go now, and if not, how long until it may".
 
-use std::future::{Future, Ready, ready};
-use std::sync::{Mutex, PoisonError};
+use std::future::Future;
 use std::time::Duration;
 
 use tower::BoxError;
 
-use super::gcra::{Gcra, nanos};
 use crate::key::ApiKeyId;
+
+pub(crate) mod gcra;
+mod local;
+
+use self::gcra::nanos;
+pub use self::local::{LocalBucket, LocalLimiter};
 
 /// What a [`Limiter`] says about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,15 +84,15 @@ impl Pace {
         1.0 / self.interval.as_secs_f64()
     }
 
-    pub(crate) fn from_gcra(pace: super::gcra::Pace) -> Self {
+    pub(crate) fn from_gcra(pace: gcra::Pace) -> Self {
         Self::new(
             Duration::from_nanos(pace.interval),
             Duration::from_nanos(pace.tau),
         )
     }
 
-    fn to_gcra(self) -> super::gcra::Pace {
-        super::gcra::Pace {
+    pub(crate) fn to_gcra(self) -> gcra::Pace {
+        gcra::Pace {
             interval: nanos(self.interval).max(1),
             tau: nanos(self.tau),
         }
@@ -174,141 +178,4 @@ pub trait Limiter: Send + Sync + 'static {
     /// How long until the bucket is full again, so that forgetting it loses nothing. Zero for a
     /// backend whose state lives elsewhere.
     fn until_rest(&self, bucket: &Self::Bucket, now: Duration) -> Duration;
-}
-
-/// The in-process backend: the GCRA state of each bucket in memory, decided under a lock
-/// that only requests of the same bucket share.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LocalLimiter;
-
-impl LocalLimiter {
-    /// The in-process backend.
-    pub fn new() -> Self {
-        Self
-    }
-}
-
-/// One bucket of [`LocalLimiter`]: a request GCRA and a token GCRA.
-#[derive(Debug)]
-pub struct LocalBucket {
-    state: Mutex<LocalState>,
-}
-
-#[derive(Debug)]
-struct LocalState {
-    requests: Option<Gcra>,
-    tokens: Option<Gcra>,
-}
-
-impl LocalBucket {
-    fn lock(&self) -> std::sync::MutexGuard<'_, LocalState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl LocalState {
-    fn decide(&mut self, cost: Cost, now: u64) -> Decision {
-        let wait = |gcra: &Option<Gcra>, units| {
-            gcra.as_ref().map_or(Some(0), |gcra| gcra.wait(units, now))
-        };
-        let (Some(requests), Some(tokens)) = (
-            wait(&self.requests, cost.requests),
-            wait(&self.tokens, cost.tokens),
-        ) else {
-            return Decision::TooLarge;
-        };
-        if tokens > requests {
-            return Decision::WaitForTokens {
-                request: Duration::from_nanos(requests),
-                tokens: Duration::from_nanos(tokens),
-            };
-        }
-        if requests > 0 {
-            return Decision::Wait(Duration::from_nanos(requests));
-        }
-        // Both fit: take both, under the one lock, so neither is spent while the other waits.
-        if let Some(gcra) = &mut self.requests {
-            gcra.take(cost.requests, now);
-        }
-        if let Some(gcra) = &mut self.tokens {
-            gcra.take(cost.tokens, now);
-        }
-        Decision::Allow
-    }
-}
-
-impl Limiter for LocalLimiter {
-    type Bucket = LocalBucket;
-
-    fn bucket(&self, spec: BucketSpec<'_>) -> LocalBucket {
-        LocalBucket {
-            state: Mutex::new(LocalState {
-                requests: spec.rates.requests.map(|pace| Gcra::new(pace.to_gcra())),
-                tokens: spec.rates.tokens.map(|pace| Gcra::new(pace.to_gcra())),
-            }),
-        }
-    }
-
-    fn try_acquire(&self, bucket: &LocalBucket, cost: Cost, now: Duration) -> Option<Decision> {
-        Some(bucket.lock().decide(cost, nanos(now)))
-    }
-
-    #[allow(refining_impl_trait)]
-    fn acquire(
-        &self,
-        bucket: &LocalBucket,
-        cost: Cost,
-        now: Duration,
-        _max_wait: Duration,
-    ) -> Ready<Result<Decision, BoxError>> {
-        // Asking again costs a lock, not a round trip: no need to reserve.
-        ready(Ok(bucket.lock().decide(cost, nanos(now))))
-    }
-
-    fn release(&self, bucket: &LocalBucket, cost: Cost, now: Duration) {
-        let now = nanos(now);
-        let mut state = bucket.lock();
-        if let Some(gcra) = &mut state.requests {
-            gcra.give_back(cost.requests, now);
-        }
-        if let Some(gcra) = &mut state.tokens {
-            gcra.give_back(cost.tokens, now);
-        }
-    }
-
-    fn correct_tokens(&self, bucket: &LocalBucket, charged: u64, used: u64, now: Duration) {
-        let now = nanos(now);
-        if let Some(gcra) = &mut bucket.lock().tokens {
-            if used < charged {
-                gcra.give_back(charged - used, now);
-            } else {
-                gcra.charge(used - charged, now);
-            }
-        }
-    }
-
-    fn set_rates(&self, bucket: &LocalBucket, rates: Rates, now: Duration) {
-        let now = nanos(now);
-        let mut state = bucket.lock();
-        let LocalState { requests, tokens } = &mut *state;
-        for (gcra, pace) in [(requests, rates.requests), (tokens, rates.tokens)] {
-            match (gcra.as_mut(), pace) {
-                (Some(gcra), Some(pace)) => gcra.set_pace(pace.to_gcra(), now),
-                (None, Some(pace)) => *gcra = Some(Gcra::new(pace.to_gcra())),
-                (_, None) => *gcra = None,
-            }
-        }
-    }
-
-    fn until_rest(&self, bucket: &LocalBucket, now: Duration) -> Duration {
-        let now = nanos(now);
-        let state = bucket.lock();
-        let until = [state.requests, state.tokens]
-            .iter()
-            .flatten()
-            .map(|gcra| gcra.until_rest(now))
-            .max()
-            .unwrap_or(0);
-        Duration::from_nanos(until)
-    }
 }

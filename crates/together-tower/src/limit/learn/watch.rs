@@ -1,4 +1,4 @@
-//! The response body of [`RateLimit`](super::RateLimit).
+//! The response body of [`RateLimit`](crate::limit::RateLimit): the watcher of answers.
 //!
 //! Some bodies are watched as they stream past; every other body passes through untouched.
 //!
@@ -9,7 +9,7 @@
 //!   believed). A body dropped before its end, or without `usage`, keeps the estimate.
 //! - For a job create that succeeded, and a read of jobs (one job, a cancel, the list), the
 //!   body is kept (up to [`MAX_JOB_BODY`]) and read for job ids and states when it ends (see
-//!   [`jobs`](super::jobs)). A body dropped before its end, or larger, teaches nothing.
+//!   [`jobs`](crate::limit::jobs)). A body dropped before its end, or larger, teaches nothing.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,8 +20,8 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde::Deserialize;
 
-use super::feedback::Feedback;
-use super::jobs::{self, Slots};
+use super::Feedback;
+use crate::limit::jobs::{self, Slots};
 
 /// How much of a body's end is kept to find its `usage`.
 const TAIL: usize = 8 * 1024;
@@ -290,11 +290,11 @@ mod tests {
                 _: http::StatusCode,
                 _: &HeaderMap,
                 _: u64,
-                _: super::super::backend::Cost,
+                _: crate::limit::backend::Cost,
             ) {
             }
             fn correct_tokens(&self, _: u64, _: u64) {}
-            fn slots(&self) -> Option<&Arc<super::super::jobs::Slots>> {
+            fn slots(&self) -> Option<&Arc<crate::limit::jobs::Slots>> {
                 None
             }
         }

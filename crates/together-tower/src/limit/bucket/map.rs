@@ -20,9 +20,9 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use super::backend::Limiter;
-use super::bucket::{Bucket, BucketKey};
+use super::{Bucket, BucketKey};
 use crate::clock::TokioClock;
+use crate::limit::backend::Limiter;
 
 /// Hashes [`BucketKey`]s for the map: one folded multiply with per-process random seeds.
 ///

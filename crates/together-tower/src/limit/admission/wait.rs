@@ -19,11 +19,11 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::time::Sleep;
 use tower::BoxError;
 
-use super::backend::{Cost, Decision, Limiter};
-use super::bucket::Bucket;
-use super::error::{RateLimited, SlotsBusy, TooManyTokens};
-use super::queue::{Place, Position};
 use crate::classify::EndpointClass;
+use crate::limit::backend::{Cost, Decision, Limiter};
+use crate::limit::bucket::Bucket;
+use crate::limit::bucket::queue::{Place, Position};
+use crate::limit::error::{RateLimited, SlotsBusy, TooManyTokens};
 use crate::telemetry;
 
 /// A wait for a turn, with the bucket's types erased so the response future does not name them.

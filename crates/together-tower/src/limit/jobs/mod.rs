@@ -22,14 +22,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use http::Method;
-use serde::Deserialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::gcra::nanos;
 use crate::clock::TokioClock;
 use crate::key::ApiKeyId;
-use crate::telemetry;
+use crate::limit::backend::gcra::nanos;
+use crate::telemetry::{self, SlotRelease};
+
+mod read;
+
+pub(crate) use self::read::{JobSeen, created_id, read_jobs, reads_jobs};
 
 /// How long job slots are held without news of their job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,34 +81,6 @@ struct HeldJob {
     id: Option<Box<str>>,
     expires: Duration,
     _permit: OwnedSemaphorePermit,
-}
-
-/// What an answer said about one job.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct JobSeen {
-    pub(crate) id: String,
-    pub(crate) ended: bool,
-}
-
-/// Why a slot went back.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Release {
-    /// An answer showed the job ended.
-    Ended,
-    /// Its time passed without news.
-    Expired,
-    /// A list showed no running job for it.
-    NotListed,
-}
-
-impl Release {
-    pub(crate) const fn as_str(self) -> &'static str {
-        match self {
-            Release::Ended => "ended",
-            Release::Expired => "expired",
-            Release::NotListed => "not_listed",
-        }
-    }
 }
 
 impl Slots {
@@ -173,7 +147,7 @@ impl Slots {
         let before = held.jobs.len();
         held.jobs.retain(|job| job.expires > now);
         for _ in held.jobs.len()..before {
-            telemetry::job_slot_released(self.key, &self.group, Release::Expired);
+            telemetry::job_slot_released(self.key, &self.group, SlotRelease::Expired);
         }
         self.note_expiry(&held);
     }
@@ -266,7 +240,7 @@ impl Slots {
             match (at, seen.ended) {
                 (Some(at), true) => {
                     held.jobs.swap_remove(at);
-                    telemetry::job_slot_released(self.key, &self.group, Release::Ended);
+                    telemetry::job_slot_released(self.key, &self.group, SlotRelease::Ended);
                 }
                 (Some(at), false) => {
                     // Seen running: its time to live counts from now, not from its create.
@@ -305,7 +279,7 @@ impl Slots {
             held.jobs
                 .retain(|job| job.id.is_some() || running_matched.contains(&job.serial));
             for _ in held.jobs.len()..before {
-                telemetry::job_slot_released(self.key, &self.group, Release::NotListed);
+                telemetry::job_slot_released(self.key, &self.group, SlotRelease::NotListed);
             }
         }
         self.note_expiry(&held);
@@ -321,153 +295,14 @@ impl std::fmt::Debug for Slots {
     }
 }
 
-/// Whether a job status is final. Fine-tunes say `completed`, `cancelled`, `error`, `failed`;
-/// batches the same in capitals, and `EXPIRED`.
-fn ended(status: &str) -> bool {
-    [
-        "completed",
-        "cancelled",
-        "canceled",
-        "error",
-        "failed",
-        "expired",
-        "user_error",
-    ]
-    .iter()
-    .any(|end| status.eq_ignore_ascii_case(end))
-}
-
-/// One job in an answer: `{"id": ..., "status": ...}`, or the same inside `"job"` (as batch
-/// creates answer).
-#[derive(Deserialize)]
-struct JobJson {
-    id: Option<String>,
-    status: Option<String>,
-    job: Option<Box<JobJson>>,
-}
-
-impl JobJson {
-    fn seen(self) -> Option<JobSeen> {
-        if let Some(job) = self.job {
-            return job.seen();
-        }
-        Some(JobSeen {
-            ended: self.status.as_deref().is_some_and(ended),
-            id: self.id?,
-        })
-    }
-}
-
-#[derive(Deserialize)]
-struct ListJson {
-    data: Vec<JobJson>,
-}
-
-/// Whether a request under `/fine-tunes` or `/batches` is answered with jobs: the list
-/// (`GET`), one job (`GET .../{id}`), or a cancel (`POST .../{id}/cancel`). Events and
-/// deletes are not.
-pub(crate) fn reads_jobs(method: &Method, path: &str) -> bool {
-    let mut segments = path.split('/').filter(|segment| !segment.is_empty());
-    if !segments.any(|segment| segment == "fine-tunes" || segment == "batches") {
-        return false;
-    }
-    let rest: Vec<&str> = segments.take(3).collect();
-    match rest.as_slice() {
-        [] | [_] => method == Method::GET,
-        [_, "cancel"] => method == Method::POST,
-        _ => false,
-    }
-}
-
-/// The id of the job a create answer describes.
-pub(crate) fn created_id(body: &[u8]) -> Option<String> {
-    let job: JobJson = serde_json::from_slice(body).ok()?;
-    job.seen().map(|seen| seen.id)
-}
-
-/// The jobs a read answer describes, and whether it was a whole list. Entries without an id
-/// or a status (events, say) are skipped.
-pub(crate) fn read_jobs(body: &[u8]) -> Option<(Vec<JobSeen>, bool)> {
-    if let Ok(list) = serde_json::from_slice::<ListJson>(body) {
-        let jobs = list
-            .data
-            .into_iter()
-            .filter(|job| job.status.is_some())
-            .filter_map(JobJson::seen)
-            .collect();
-        return Some((jobs, true));
-    }
-    let job: JobJson = serde_json::from_slice(body).ok()?;
-    job.status.as_ref()?;
-    Some((vec![job.seen()?], false))
-}
-
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
     use super::*;
-
-    proptest! {
-        #[test]
-        fn job_answers_of_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = created_id(&bytes);
-            let _ = read_jobs(&bytes);
-        }
-
-        #[test]
-        fn any_path_is_judged_without_panic(path in "\\PC{0,64}") {
-            let _ = reads_jobs(&Method::GET, &path);
-        }
-    }
 
     fn seen(id: &str, ended: bool) -> JobSeen {
         JobSeen {
             id: id.into(),
             ended,
-        }
-    }
-
-    #[test]
-    fn reads_of_jobs_are_told_from_other_calls() {
-        assert!(reads_jobs(&Method::GET, "/v1/fine-tunes"));
-        assert!(reads_jobs(&Method::GET, "/v1/fine-tunes/ft-1"));
-        assert!(reads_jobs(&Method::POST, "/v1/fine-tunes/ft-1/cancel"));
-        assert!(reads_jobs(&Method::GET, "/together/v1/batches/b-1/"));
-        assert!(!reads_jobs(&Method::POST, "/v1/fine-tunes"));
-        assert!(!reads_jobs(&Method::GET, "/v1/fine-tunes/ft-1/events"));
-        assert!(!reads_jobs(&Method::DELETE, "/v1/fine-tunes/ft-1"));
-        assert!(!reads_jobs(&Method::GET, "/v1/chat/completions"));
-    }
-
-    #[test]
-    fn answers_are_read_for_their_jobs() {
-        assert_eq!(
-            created_id(br#"{"id":"ft-1","status":"pending"}"#),
-            Some("ft-1".into())
-        );
-        assert_eq!(
-            created_id(br#"{"job":{"id":"batch-1","status":"VALIDATING"},"warning":null}"#),
-            Some("batch-1".into())
-        );
-        assert_eq!(created_id(b"not json"), None);
-        assert_eq!(
-            read_jobs(br#"{"id":"ft-1","status":"completed"}"#),
-            Some((vec![seen("ft-1", true)], false))
-        );
-        assert_eq!(
-            read_jobs(br#"{"id":"b","status":"IN_PROGRESS"}"#),
-            Some((vec![seen("b", false)], false))
-        );
-        let list = br#"{"object":"list","data":[{"id":"a","status":"running"},{"id":"b","status":"CANCELLED"},{"message":"an event"}]}"#;
-        assert_eq!(
-            read_jobs(list),
-            Some((vec![seen("a", false), seen("b", true)], true))
-        );
-        // An answer without a status says nothing about a job's state.
-        assert_eq!(read_jobs(br#"{"id":"ft-1","deleted":true}"#), None);
-        for garbage in [&b""[..], b"[1,2]", b"{\"data\":7}", b"\xff\xfe"] {
-            assert_eq!(read_jobs(garbage), None);
         }
     }
 

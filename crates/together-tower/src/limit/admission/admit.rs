@@ -10,17 +10,17 @@ use http::header::CONTENT_LENGTH;
 use tokio::sync::OwnedSemaphorePermit;
 use tower::BoxError;
 
-use super::MaxWait;
-use super::backend::{Cost, Decision, Limiter};
-use super::bucket::{Bucket, BucketKey};
-use super::error::{QueueFull, RateLimited, SlotsBusy, TooManyBuckets, TooManyTokens};
-use super::feedback::Ticket;
-use super::jobs::{self, Slots};
-use super::limits::{Inner, TokenRequest};
-use super::queue::{Lane, Place};
 use super::wait::{Turn, WaitTurn};
+use super::{Inner, MaxWait};
 use crate::body::RequestMeta;
 use crate::classify::{Classify, EndpointClass};
+use crate::limit::backend::{Cost, Decision, Limiter};
+use crate::limit::bucket::queue::{Lane, Place};
+use crate::limit::bucket::{Bucket, BucketKey};
+use crate::limit::error::{QueueFull, RateLimited, SlotsBusy, TooManyBuckets, TooManyTokens};
+use crate::limit::estimate::TokenRequest;
+use crate::limit::jobs::{self, Slots};
+use crate::limit::learn::Ticket;
 use crate::retry::Attempt;
 use crate::telemetry;
 

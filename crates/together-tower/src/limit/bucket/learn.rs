@@ -6,7 +6,7 @@
 //!   bucket's own pace would send the next request anyway.
 //! - In adaptive mode, a stated limit (`x-ratelimit-limit`, `x-tokenlimit-limit`, and their
 //!   `-dynamic` forms) moves the target, and a 429 or 503 that the bucket's own pace did not
-//!   expect cuts the rate (see [`adapt`](super::adapt)). A refusal is expected when the request
+//!   expect cuts the rate (see [`adapt`](crate::limit::learn::adapt)). A refusal is expected when the request
 //!   was sent before the bucket's last cut or closure: the bucket already acted on it.
 //! - A token charge is corrected from the answer's `usage` once its body has been read, and
 //!   given back whole when the server did not serve the request.
@@ -15,34 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode};
-use tokio::sync::OwnedSemaphorePermit;
 
-use super::adapt::Mode;
-use super::backend::{Cost, Limiter};
-use super::body::{JobAnswer, Watch};
-use super::bucket::Bucket;
-use super::jobs::Slots;
-use crate::classify::EndpointClass;
+use super::Bucket;
 use crate::headers;
+use crate::limit::backend::{Cost, Limiter};
+use crate::limit::jobs::Slots;
+use crate::limit::learn::Feedback;
+use crate::limit::learn::adapt::Mode;
 use crate::telemetry::{self, Closure, RateChange};
-
-/// A bucket learning from answers, with its types erased so futures do not name them.
-pub(crate) trait Feedback: Send + Sync {
-    /// Counts cuts and closures; see [`Bucket::epoch`].
-    fn epoch(&self) -> u64;
-
-    /// The bucket's model, for groups limited per model.
-    fn model(&self) -> Option<&str>;
-
-    /// Reads an answer to a request sent in `sent_epoch` that cost `cost`.
-    fn learn(&self, status: StatusCode, headers: &HeaderMap, sent_epoch: u64, cost: Cost);
-
-    /// `charged` tokens were taken for a request that used `used`.
-    fn correct_tokens(&self, charged: u64, used: u64);
-
-    /// The bucket's concurrency slots, if its group has them.
-    fn slots(&self) -> Option<&Arc<Slots>>;
-}
 
 impl<L: Limiter> Bucket<L> {
     /// Closes the bucket for `pause` from `now`, on the server's word, and says so.
@@ -196,81 +176,5 @@ impl<L: Limiter> Feedback for Bucket<L> {
         self.context
             .limiter
             .correct_tokens(&self.state, charged, used, now);
-    }
-}
-
-/// What a request carries from its admission to its answer: its bucket, its cost, and when it
-/// was sent.
-pub(crate) struct Ticket {
-    bucket: Arc<dyn Feedback>,
-    cost: Cost,
-    epoch: u64,
-    class: EndpointClass,
-}
-
-impl Ticket {
-    pub(crate) fn new<L: Limiter>(
-        bucket: Arc<Bucket<L>>,
-        cost: Cost,
-        class: EndpointClass,
-    ) -> Self {
-        let epoch = bucket.epoch();
-        Self {
-            bucket,
-            cost,
-            epoch,
-            class,
-        }
-    }
-
-    /// The request goes now (after a wait): what the bucket learns later is measured from here.
-    pub(crate) fn sending(&mut self) {
-        self.epoch = self.bucket.epoch();
-    }
-
-    /// Reads the answer; returns what its body must be watched for, if anything. `permit` is
-    /// the request's concurrency slot: a job create that succeeded keeps it until the job
-    /// ends, and a 409 on create says the server's slots are all in use.
-    pub(crate) fn learn(
-        self,
-        status: StatusCode,
-        headers: &HeaderMap,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> Option<Box<Watch>> {
-        telemetry::answered(self.class, self.bucket.model(), Some(status));
-        self.bucket.learn(status, headers, self.epoch, self.cost);
-        if self.class.creates_job() {
-            if let Some(slots) = self.bucket.slots() {
-                match permit {
-                    Some(permit) if status.is_success() => {
-                        let serial = slots.hold(permit);
-                        return Some(Watch::jobs(Arc::clone(slots), JobAnswer::Created(serial)));
-                    }
-                    permit if status == StatusCode::CONFLICT => slots.refused(permit),
-                    // Any other answer: no job, and the slot goes back.
-                    _ => {}
-                }
-            }
-            return None;
-        }
-        (self.cost.tokens > 0 && status.is_success())
-            .then(|| Watch::tokens(self.bucket, self.cost.tokens))
-    }
-
-    /// The call failed without an answer: the tokens come back. (The request's turn does not:
-    /// the request may have reached the server.)
-    pub(crate) fn failed(self) {
-        telemetry::answered(self.class, self.bucket.model(), None);
-        if self.cost.tokens > 0 {
-            self.bucket.correct_tokens(self.cost.tokens, 0);
-        }
-    }
-}
-
-impl std::fmt::Debug for Ticket {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ticket")
-            .field("cost", &self.cost)
-            .finish_non_exhaustive()
     }
 }

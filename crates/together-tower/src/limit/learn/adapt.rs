@@ -386,7 +386,7 @@ impl Controller {
             u64::MAX
         } else {
             now.saturating_add(secs(climb))
-                .saturating_add(super::gcra::nanos(self.settings.hold))
+                .saturating_add(crate::limit::backend::gcra::nanos(self.settings.hold))
         };
         self.recovery = Some(Recovery {
             at: now,

@@ -7,14 +7,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use super::adapt::{Adaptation, Controller};
-use super::backend::{BucketSpec, Cost, Limiter, Pace, Rates};
-use super::gcra::{self, nanos};
-use super::jobs::{JobTimes, Slots};
-use super::queue::{HasQueue, Queue};
+use self::queue::{HasQueue, Queue};
 use crate::clock::TokioClock;
 use crate::key::ApiKeyId;
+use crate::limit::backend::gcra::{self, nanos};
+use crate::limit::backend::{BucketSpec, Cost, Limiter, Pace, Rates};
+use crate::limit::jobs::{JobTimes, Slots};
+use crate::limit::learn::adapt::{Adaptation, Controller};
 use crate::quota::{Group, GroupId, Rate};
+
+mod learn;
+pub(crate) mod map;
+pub(crate) mod queue;
 
 /// Which bucket a request belongs to: the key's fingerprint, the group, and a hash of the
 /// model for groups limited per model (0 for none).

@@ -1,0 +1,84 @@
+//! The ticket a request carries from its admission to its answer.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, StatusCode};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::Feedback;
+use super::watch::{JobAnswer, Watch};
+use crate::classify::EndpointClass;
+use crate::limit::backend::Cost;
+use crate::telemetry;
+
+/// What a request carries from its admission to its answer: its bucket, its cost, and when it
+/// was sent.
+pub(crate) struct Ticket {
+    bucket: Arc<dyn Feedback>,
+    cost: Cost,
+    epoch: u64,
+    class: EndpointClass,
+}
+
+impl Ticket {
+    pub(crate) fn new(bucket: Arc<dyn Feedback>, cost: Cost, class: EndpointClass) -> Self {
+        let epoch = bucket.epoch();
+        Self {
+            bucket,
+            cost,
+            epoch,
+            class,
+        }
+    }
+
+    /// The request goes now (after a wait): what the bucket learns later is measured from here.
+    pub(crate) fn sending(&mut self) {
+        self.epoch = self.bucket.epoch();
+    }
+
+    /// Reads the answer; returns what its body must be watched for, if anything. `permit` is
+    /// the request's concurrency slot: a job create that succeeded keeps it until the job
+    /// ends, and a 409 on create says the server's slots are all in use.
+    pub(crate) fn learn(
+        self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Option<Box<Watch>> {
+        telemetry::answered(self.class, self.bucket.model(), Some(status));
+        self.bucket.learn(status, headers, self.epoch, self.cost);
+        if self.class.creates_job() {
+            if let Some(slots) = self.bucket.slots() {
+                match permit {
+                    Some(permit) if status.is_success() => {
+                        let serial = slots.hold(permit);
+                        return Some(Watch::jobs(Arc::clone(slots), JobAnswer::Created(serial)));
+                    }
+                    permit if status == StatusCode::CONFLICT => slots.refused(permit),
+                    // Any other answer: no job, and the slot goes back.
+                    _ => {}
+                }
+            }
+            return None;
+        }
+        (self.cost.tokens > 0 && status.is_success())
+            .then(|| Watch::tokens(self.bucket, self.cost.tokens))
+    }
+
+    /// The call failed without an answer: the tokens come back. (The request's turn does not:
+    /// the request may have reached the server.)
+    pub(crate) fn failed(self) {
+        telemetry::answered(self.class, self.bucket.model(), None);
+        if self.cost.tokens > 0 {
+            self.bucket.correct_tokens(self.cost.tokens, 0);
+        }
+    }
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("cost", &self.cost)
+            .finish_non_exhaustive()
+    }
+}
