@@ -239,23 +239,45 @@ impl fmt::Display for TooManyBuckets {
 
 impl std::error::Error for TooManyBuckets {}
 
-/// How long a refusal says to wait before trying again, if waiting would help.
-fn retry_after(error: &(dyn std::error::Error + 'static)) -> Option<Duration> {
-    (error
-        .downcast_ref::<RateLimited>()
-        .map(RateLimited::retry_after))
-    .or_else(|| {
-        error
-            .downcast_ref::<QueueFull>()
-            .map(QueueFull::retry_after)
-    })
-    .or_else(|| {
-        error
-            .downcast_ref::<TooManyBuckets>()
-            .map(TooManyBuckets::retry_after)
-    })
-    // A job slot frees when a job ends: no telling when. Suggest what it waited.
-    .or_else(|| error.downcast_ref::<SlotsBusy>().map(SlotsBusy::waited))
+/// What kind of refusal of this layer an error is: the one place that tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    /// Its label in events and metrics.
+    pub(crate) reason: &'static str,
+    /// How long to wait before trying again; `None` when waiting would not help.
+    pub(crate) retry_after: Option<Duration>,
+}
+
+impl Refusal {
+    /// The refusal `error` is, if it is one of this layer's.
+    pub(crate) fn of(error: &(dyn std::error::Error + 'static)) -> Option<Self> {
+        let refusal = |reason, retry_after| {
+            Some(Self {
+                reason,
+                retry_after,
+            })
+        };
+        if let Some(error) = error.downcast_ref::<RateLimited>() {
+            refusal("rate_limited", Some(error.retry_after()))
+        } else if let Some(error) = error.downcast_ref::<QueueFull>() {
+            refusal("queue_full", Some(error.retry_after()))
+        } else if let Some(error) = error.downcast_ref::<TooManyBuckets>() {
+            refusal("too_many_buckets", Some(error.retry_after()))
+        } else if let Some(error) = error.downcast_ref::<SlotsBusy>() {
+            // A job slot frees when a job ends: no telling when. Suggest what it waited.
+            refusal("slots_busy", Some(error.waited()))
+        } else if error.is::<TooManyTokens>() {
+            refusal("too_many_tokens", None)
+        } else {
+            None
+        }
+    }
+
+    /// The label of any error the limiter returns: a refusal's, or `backend` for a backend's
+    /// own error.
+    pub(crate) fn reason(error: &(dyn std::error::Error + 'static)) -> &'static str {
+        Self::of(error).map_or("backend", |refusal| refusal.reason)
+    }
 }
 
 /// A refusal of this layer as the HTTP answer a gateway gives its own callers; `None` for any
@@ -305,12 +327,10 @@ fn retry_after(error: &(dyn std::error::Error + 'static)) -> Option<Duration> {
 pub fn refusal_response(
     error: &(dyn std::error::Error + Send + Sync + 'static),
 ) -> Option<http::Response<String>> {
-    let (status, kind) = if error.is::<TooManyTokens>() {
-        (http::StatusCode::BAD_REQUEST, "invalid_request_error")
-    } else if retry_after(error).is_some() {
-        (http::StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded")
-    } else {
-        return None;
+    let wait = Refusal::of(error)?.retry_after;
+    let (status, kind) = match wait {
+        Some(_) => (http::StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded"),
+        None => (http::StatusCode::BAD_REQUEST, "invalid_request_error"),
     };
     let body = serde_json::json!({
         "error": {"message": error.to_string(), "type": kind, "param": null, "code": null}
@@ -322,8 +342,7 @@ pub fn refusal_response(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
-    if let Some(wait) = retry_after(error).filter(|_| status == http::StatusCode::TOO_MANY_REQUESTS)
-    {
+    if let Some(wait) = wait {
         let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
         headers.insert(
@@ -361,16 +380,15 @@ pub fn refusal_response(
 /// `retry-after` (whole seconds, rounded up).
 #[cfg(feature = "tonic")]
 pub fn into_status(error: tower::BoxError) -> tower::BoxError {
-    let wait = retry_after(&*error);
-    let code = if error.is::<TooManyTokens>() {
-        tonic::Code::InvalidArgument
-    } else if wait.is_some() {
-        tonic::Code::ResourceExhausted
-    } else {
+    let Some(refusal) = Refusal::of(&*error) else {
         return error;
     };
+    let code = match refusal.retry_after {
+        Some(_) => tonic::Code::ResourceExhausted,
+        None => tonic::Code::InvalidArgument,
+    };
     let mut status = tonic::Status::new(code, error.to_string());
-    if let Some(wait) = wait.filter(|_| code == tonic::Code::ResourceExhausted) {
+    if let Some(wait) = refusal.retry_after {
         let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         let metadata = status.metadata_mut();

@@ -17,7 +17,7 @@ use crate::classify::{Classify, EndpointClass};
 use crate::limit::backend::{Cost, Decision, Limiter};
 use crate::limit::bucket::queue::{Lane, Place};
 use crate::limit::bucket::{Bucket, BucketKey};
-use crate::limit::error::{QueueFull, RateLimited, SlotsBusy, TooManyBuckets, TooManyTokens};
+use crate::limit::error::{QueueFull, RateLimited, Refusal, TooManyBuckets, TooManyTokens};
 use crate::limit::estimate::TokenRequest;
 use crate::limit::jobs::{self, Slots};
 use crate::limit::learn::Ticket;
@@ -106,7 +106,7 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
                 };
             }
             FastPath::Refuse(error) => {
-                telemetry::refused(class, reason(&error), &error);
+                telemetry::refused(class, Refusal::reason(&*error), &error);
                 return Admission::Refuse(error);
             }
             FastPath::Wait => {}
@@ -230,25 +230,8 @@ where
     E: std::error::Error + Send + Sync + 'static,
 {
     let error: BoxError = error.into();
-    telemetry::refused(class, reason(&error), &error);
+    telemetry::refused(class, Refusal::reason(&*error), &error);
     Admission::Refuse(error)
-}
-
-/// The label of a refusal, for events and metrics.
-pub(crate) fn reason(error: &BoxError) -> &'static str {
-    if error.is::<RateLimited>() {
-        "rate_limited"
-    } else if error.is::<QueueFull>() {
-        "queue_full"
-    } else if error.is::<TooManyTokens>() {
-        "too_many_tokens"
-    } else if error.is::<TooManyBuckets>() {
-        "too_many_buckets"
-    } else if error.is::<SlotsBusy>() {
-        "slots_busy"
-    } else {
-        "backend"
-    }
 }
 
 /// What the fast path decided.

@@ -23,7 +23,7 @@ use crate::classify::EndpointClass;
 use crate::limit::backend::{Cost, Decision, Limiter};
 use crate::limit::bucket::Bucket;
 use crate::limit::bucket::queue::{Place, Position};
-use crate::limit::error::{RateLimited, SlotsBusy, TooManyTokens};
+use crate::limit::error::{RateLimited, Refusal, SlotsBusy, TooManyTokens};
 use crate::telemetry;
 
 /// A wait for a turn, with the bucket's types erased so the response future does not name them.
@@ -383,7 +383,7 @@ impl<L: Limiter> WaitTurn for Turn<L> {
     fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         let result = ready!(self.poll_turn_inner(cx));
         if let Err(error) = &result {
-            telemetry::refused(self.class, super::admit::reason(error), error);
+            telemetry::refused(self.class, Refusal::reason(&**error), error);
         }
         Poll::Ready(result)
     }
