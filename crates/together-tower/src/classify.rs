@@ -26,7 +26,7 @@ use std::str::FromStr;
 
 use http::{HeaderMap, Method, Request};
 
-use crate::key;
+use crate::key::{self, ApiKeyId, KeyHasher};
 
 /// The kind of Together endpoint a request calls.
 ///
@@ -178,7 +178,7 @@ pub trait Classify {
     fn classify<B>(&self, request: &Request<B>) -> EndpointClass;
 
     /// The secret that identifies the caller, if any; requests without one share one anonymous
-    /// bucket. The bytes are hashed by [`KeyHasher`](crate::key::KeyHasher) at once and never
+    /// bucket. The bytes are hashed by [`KeyHasher`] at once and never
     /// stored. The default reads `Authorization: Bearer`.
     fn credential<'r, B>(&self, request: &'r Request<B>) -> Option<&'r [u8]> {
         key::bearer_token(request.headers())
@@ -205,6 +205,21 @@ pub struct TogetherClassifier;
 impl Classify for TogetherClassifier {
     fn classify<B>(&self, request: &Request<B>) -> EndpointClass {
         classify_path(request.method(), request.uri().path())
+    }
+}
+
+// A request's fingerprint needs the classifier to find its credential. It is defined here, not
+// beside `KeyHasher`, so that the key module, which classifying uses, needs nothing of it.
+impl KeyHasher {
+    /// The fingerprint of a request's credential, as found by `classifier`.
+    pub fn fingerprint_request<C: Classify, B>(
+        &self,
+        classifier: &C,
+        request: &Request<B>,
+    ) -> ApiKeyId {
+        classifier
+            .credential(request)
+            .map_or(ApiKeyId::ANONYMOUS, |key| self.fingerprint(key))
     }
 }
 

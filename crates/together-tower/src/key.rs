@@ -23,11 +23,11 @@
 
 use std::fmt;
 
+use http::HeaderMap;
+#[cfg(test)]
+use http::Request;
 use http::header::{AUTHORIZATION, COOKIE, HeaderName, PROXY_AUTHORIZATION};
-use http::{HeaderMap, Request};
 use siphasher::sip::SipHasher13;
-
-use crate::classify::Classify;
 
 /// The headers that carry credentials in the clients this crate sits under: `Authorization`
 /// (Together's bearer token), `Proxy-Authorization`, `Cookie`, and the `X-Api-Key` and
@@ -136,17 +136,6 @@ impl KeyHasher {
         }
         // Zero is reserved for the anonymous id; a real key hashing to it moves by one.
         ApiKeyId(self.hasher.hash(key).max(1))
-    }
-
-    /// The fingerprint of a request's credential, as found by `classifier`.
-    pub fn fingerprint_request<C: Classify, B>(
-        &self,
-        classifier: &C,
-        request: &Request<B>,
-    ) -> ApiKeyId {
-        classifier
-            .credential(request)
-            .map_or(ApiKeyId::ANONYMOUS, |key| self.fingerprint(key))
     }
 }
 

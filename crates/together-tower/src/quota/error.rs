@@ -1,7 +1,6 @@
 use std::fmt;
+use std::time::Duration;
 
-use super::Rate;
-use super::table::MAX_GROUPS;
 use crate::classify::EndpointClass;
 
 /// A quota table that cannot be used, and what to fix.
@@ -18,13 +17,26 @@ pub struct QuotaError {
 pub(super) enum Problem {
     ZeroRate,
     ZeroBurst,
-    BurstExceedsRate(Rate),
-    RateTooFine(Rate),
-    ToleranceTooLarge(Rate),
+    BurstExceedsRate {
+        burst: u32,
+        amount: u32,
+        period: Duration,
+    },
+    RateTooFine {
+        amount: u32,
+        period: Duration,
+    },
+    ToleranceTooLarge {
+        tolerance: Duration,
+        interval: Duration,
+    },
     ZeroConcurrency,
     NoLimit,
     UnknownGroup(EndpointClass),
-    TooManyGroups(usize),
+    TooManyGroups {
+        count: usize,
+        max: usize,
+    },
     #[cfg_attr(not(feature = "toml"), allow(dead_code))]
     TooLarge {
         bytes: usize,
@@ -76,25 +88,24 @@ impl fmt::Display for QuotaError {
                 "group {group:?}: the rate allows no requests; give it at least 1 request per non-zero period"
             ),
             Problem::ZeroBurst => write!(f, "group {group:?}: burst is 0; it must be at least 1"),
-            Problem::BurstExceedsRate(rate) => write!(
+            Problem::BurstExceedsRate {
+                burst,
+                amount,
+                period,
+            } => write!(
                 f,
-                "group {group:?}: burst {} is more than the {} requests allowed per {:?}; lower the burst to at most {}",
-                rate.burst(),
-                rate.amount(),
-                rate.period(),
-                rate.amount()
+                "group {group:?}: burst {burst} is more than the {amount} requests allowed per {period:?}; lower the burst to at most {amount}"
             ),
-            Problem::RateTooFine(rate) => write!(
+            Problem::RateTooFine { amount, period } => write!(
                 f,
-                "group {group:?}: {} requests per {:?} is more than one per nanosecond; use a lower rate",
-                rate.amount(),
-                rate.period()
+                "group {group:?}: {amount} requests per {period:?} is more than one per nanosecond; use a lower rate"
             ),
-            Problem::ToleranceTooLarge(rate) => write!(
+            Problem::ToleranceTooLarge {
+                tolerance,
+                interval,
+            } => write!(
                 f,
-                "group {group:?}: a tolerance of {:?} is not below one interval ({:?}); lower it, or raise the burst for whole requests",
-                rate.tolerance(),
-                rate.interval()
+                "group {group:?}: a tolerance of {tolerance:?} is not below one interval ({interval:?}); lower it, or raise the burst for whole requests"
             ),
             Problem::ZeroConcurrency => write!(
                 f,
@@ -108,10 +119,9 @@ impl fmt::Display for QuotaError {
                 f,
                 "class {class} is put in group {group:?}, which is not defined; define the group or fix its name"
             ),
-            Problem::TooManyGroups(count) => write!(
-                f,
-                "{count} groups is more than the {MAX_GROUPS} a table may hold"
-            ),
+            Problem::TooManyGroups { count, max } => {
+                write!(f, "{count} groups is more than the {max} a table may hold")
+            }
             Problem::TooLarge { bytes, max } => write!(
                 f,
                 "the quota file is {bytes} bytes, more than the {max} a quota file may be"

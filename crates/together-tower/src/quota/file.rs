@@ -15,7 +15,39 @@ const MAX_FILE_BYTES: usize = 1 << 20;
 /// which may be enormous.
 const MAX_MESSAGE_CHARS: usize = 400;
 
-pub(super) fn load(text: &str) -> Result<QuotaTable, QuotaError> {
+// Loading a table from TOML is this file's concern, so the method is here: the table itself
+// needs nothing of the file format.
+impl QuotaTable {
+    /// Loads a table from TOML.
+    ///
+    /// ```toml
+    /// # Optional: start from Together's defaults at a chat tier (free, tier-1 ... tier-5).
+    /// preset = "tier-2"
+    ///
+    /// [groups.chat]          # adds a group, or replaces the preset's group of that name
+    /// rate = "1800/min"      # requests per s, min or h
+    /// burst = 5              # optional, default 1
+    /// tokens = "250000/min"  # optional token budget (prompt plus completion)
+    /// token_burst = 8000     # optional, default one second's worth
+    /// per_model = true       # optional: each model has buckets of its own (default false)
+    ///
+    /// [groups.fine-tune-create]
+    /// concurrency = 3
+    ///
+    /// [classes]              # endpoint class = group name
+    /// chat = "chat"
+    /// completions = "chat"
+    /// ```
+    ///
+    /// A file larger than 1 MiB, or with more than [`MAX_GROUPS`] groups, is refused before
+    /// any group is built.
+    #[cfg(feature = "toml")]
+    pub fn from_toml(text: &str) -> Result<Self, QuotaError> {
+        load(text)
+    }
+}
+
+fn load(text: &str) -> Result<QuotaTable, QuotaError> {
     if text.len() > MAX_FILE_BYTES {
         return Err(QuotaError::new(
             "",
@@ -67,7 +99,10 @@ impl QuotaFile {
         if self.groups.len() > MAX_GROUPS {
             return Err(QuotaError::new(
                 "",
-                Problem::TooManyGroups(self.groups.len()),
+                Problem::TooManyGroups {
+                    count: self.groups.len(),
+                    max: MAX_GROUPS,
+                },
             ));
         }
         let mut builder = match self.preset {

@@ -145,16 +145,26 @@ impl Rate {
             return Err(error(Problem::ZeroBurst));
         }
         if self.burst > self.amount {
-            return Err(error(Problem::BurstExceedsRate(*self)));
+            return Err(error(Problem::BurstExceedsRate {
+                burst: self.burst,
+                amount: self.amount,
+                period: self.period,
+            }));
         }
         if self
             .tolerance
             .is_some_and(|tolerance| tolerance >= self.interval())
         {
-            return Err(error(Problem::ToleranceTooLarge(*self)));
+            return Err(error(Problem::ToleranceTooLarge {
+                tolerance: self.tolerance(),
+                interval: self.interval(),
+            }));
         }
         if self.interval().is_zero() {
-            return Err(error(Problem::RateTooFine(*self)));
+            return Err(error(Problem::RateTooFine {
+                amount: self.amount,
+                period: self.period,
+            }));
         }
         Ok(())
     }

@@ -235,34 +235,6 @@ impl QuotaTable {
     pub(crate) fn group(&self, id: GroupId) -> &Group {
         &self.groups[usize::from(id.0)]
     }
-
-    /// Loads a table from TOML.
-    ///
-    /// ```toml
-    /// # Optional: start from Together's defaults at a chat tier (free, tier-1 ... tier-5).
-    /// preset = "tier-2"
-    ///
-    /// [groups.chat]          # adds a group, or replaces the preset's group of that name
-    /// rate = "1800/min"      # requests per s, min or h
-    /// burst = 5              # optional, default 1
-    /// tokens = "250000/min"  # optional token budget (prompt plus completion)
-    /// token_burst = 8000     # optional, default one second's worth
-    /// per_model = true       # optional: each model has buckets of its own (default false)
-    ///
-    /// [groups.fine-tune-create]
-    /// concurrency = 3
-    ///
-    /// [classes]              # endpoint class = group name
-    /// chat = "chat"
-    /// completions = "chat"
-    /// ```
-    ///
-    /// A file larger than 1 MiB, or with more than [`MAX_GROUPS`] groups, is refused before
-    /// any group is built.
-    #[cfg(feature = "toml")]
-    pub fn from_toml(text: &str) -> Result<Self, QuotaError> {
-        super::file::load(text)
-    }
 }
 
 impl Default for QuotaTable {
@@ -313,7 +285,10 @@ impl QuotaTableBuilder {
         if self.groups.len() > MAX_GROUPS {
             return Err(QuotaError::new(
                 "",
-                Problem::TooManyGroups(self.groups.len()),
+                Problem::TooManyGroups {
+                    count: self.groups.len(),
+                    max: MAX_GROUPS,
+                },
             ));
         }
         let mut groups = Vec::with_capacity(self.groups.len());

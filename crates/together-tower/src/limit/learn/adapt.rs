@@ -31,7 +31,7 @@ use std::time::Duration;
 /// | the server answers | `Static` | `Adaptive` |
 /// |---|---|---|
 /// | 429 with a hint (`retry-after-ms`, `x-ratelimit-reset`, `Retry-After`) | closes the bucket for the hint | the same; if the bucket's own pace did not expect it, also cuts the rate |
-/// | 429 without a hint | closes the bucket for [`default_pause`](super::LimitsBuilder::default_pause) | cuts the rate, if unexpected; no pause |
+/// | 429 without a hint | closes the bucket for [`default_pause`](crate::limit::LimitsBuilder::default_pause) | cuts the rate, if unexpected; no pause |
 /// | 503 | nothing | cuts the rate, if unexpected |
 /// | `x-ratelimit-remaining: 0` | closes the bucket until the reset, when that is later than its next turn | the same |
 /// | `x-ratelimit-limit` (and tokens) | nothing | sets the rate, within floor and ceiling |
@@ -40,10 +40,10 @@ use std::time::Duration;
 /// by the same hint (a 429, a 503 unless it created a job), or hands it back when the hint is
 /// longer than it will wait or the retries are spent. The limiter's own refusals are the same
 /// in both modes, typed errors sent before anything reaches the server:
-/// [`RateLimited`](super::error::RateLimited) (the wait would exceed `max_wait`),
-/// [`QueueFull`](super::error::QueueFull), [`TooManyTokens`](super::error::TooManyTokens),
-/// [`TooManyBuckets`](super::error::TooManyBuckets) and
-/// [`SlotsBusy`](super::error::SlotsBusy).
+/// [`RateLimited`](crate::limit::error::RateLimited) (the wait would exceed `max_wait`),
+/// [`QueueFull`](crate::limit::error::QueueFull), [`TooManyTokens`](crate::limit::error::TooManyTokens),
+/// [`TooManyBuckets`](crate::limit::error::TooManyBuckets) and
+/// [`SlotsBusy`](crate::limit::error::SlotsBusy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Mode {
