@@ -35,6 +35,24 @@
 //! The wait happens inside the response future, because the bucket is only known once the
 //! request is: `poll_ready` forwards to the inner service.
 //!
+//! # Layout
+//!
+//! The outer files are tower's: `layer`, `service`, `future` (the response future and body),
+//! `error` (each refusal, and the one place that tells them apart), and `limits` (the shared
+//! handle and its builder), with `estimate` for token estimates. Below them, one folder per
+//! concern, each importing only the folders after it in this list:
+//!
+//! | folder | owns |
+//! |---|---|
+//! | `admission/` | a request's arrival: its bucket, its cost, the fast path, and the wait for its turn; the state every clone of [`Limits`] shares |
+//! | `bucket/` | one bucket (its rates, closure, epoch) and what an answer teaches it; its queue of waiters; the bounded map of live buckets |
+//! | `learn/` | what answers teach, without naming a bucket: the ticket a request carries to its answer, the rate controller ([`Adaptation`]), and the response body watcher, all through one small `Feedback` trait the bucket implements |
+//! | `jobs/` | job slots held until a job ends, and reading job answers |
+//! | `backend/` | the [`Limiter`] trait, the in-process [`LocalLimiter`], and the GCRA that reads no clock |
+//!
+//! `error` and `estimate` import no folder. `tests/rooms.rs` fails if a folder imports one
+//! before it, which any circle between folders would need.
+//!
 //! # Example
 //!
 //! ```
