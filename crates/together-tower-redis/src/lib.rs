@@ -125,7 +125,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::Script;
-use together_tower::limit::{BucketSpec, Cost, Decision, Limiter, LocalLimiter, Pace, Rates};
+use together_tower::limit::{
+    BucketSpec, Cost, Decision, Immediate, Limiter, LocalLimiter, Pace, Rates,
+};
 use tokio::time::Instant;
 use tower::BoxError;
 
@@ -418,7 +420,7 @@ impl RedisLimiter {
     /// Decides in this process. The first decision of an outage finds the bucket's request
     /// burst spent: what Redis granted just before is not known here, and a burst from every
     /// process at once is what a strict server answers with 429s.
-    fn decide_here(&self, bucket: &RedisBucket, cost: Cost, now: Duration) -> Decision {
+    fn decide_here(&self, bucket: &RedisBucket, cost: Cost, now: Duration) -> Immediate {
         let outage = self.outages.load(Ordering::Acquire);
         if bucket.outage_seen.swap(outage, Ordering::AcqRel) != outage {
             let one_turn = Cost {
@@ -427,7 +429,8 @@ impl RedisLimiter {
             };
             let capacity = bucket.burst();
             for _ in 0..capacity {
-                if LocalLimiter.try_acquire(&bucket.local, one_turn, now) != Some(Decision::Allow) {
+                if LocalLimiter.try_acquire(&bucket.local, one_turn, now) != Some(Immediate::Allow)
+                {
                     break;
                 }
             }
@@ -435,8 +438,8 @@ impl RedisLimiter {
         telemetry::decided(Outcome::Here, None);
         let decision = LocalLimiter
             .try_acquire(&bucket.local, cost, now)
-            .unwrap_or(Decision::Wait(Duration::from_millis(1)));
-        bucket.set_last_turn((decision == Decision::Allow).then_some(LastTurn::Here));
+            .unwrap_or(Immediate::Wait(Duration::from_millis(1)));
+        bucket.set_last_turn((decision == Immediate::Allow).then_some(LastTurn::Here));
         decision
     }
 
@@ -779,7 +782,7 @@ impl Limiter for RedisLimiter {
         }
     }
 
-    fn try_acquire(&self, bucket: &RedisBucket, cost: Cost, now: Duration) -> Option<Decision> {
+    fn try_acquire(&self, bucket: &RedisBucket, cost: Cost, now: Duration) -> Option<Immediate> {
         // Redis decides, on the waiting path; while it is unreachable, this process does.
         if self.falls_back() && self.bucket_falls_back(bucket) {
             return Some(self.decide_here(bucket, cost, now));
@@ -798,7 +801,7 @@ impl Limiter for RedisLimiter {
         bucket.set_last_turn(None);
         let fall_back = self.falls_back();
         if fall_back && self.bucket_falls_back(bucket) {
-            return Ok(self.decide_here(bucket, cost, now));
+            return Ok(self.decide_here(bucket, cost, now).into());
         }
         match self.decide(bucket, cost, max_wait).await {
             Ok(decision) => {
@@ -813,7 +816,7 @@ impl Limiter for RedisLimiter {
             Err(error) => {
                 self.mark_down(bucket, &error);
                 if fall_back {
-                    Ok(self.decide_here(bucket, cost, now))
+                    Ok(self.decide_here(bucket, cost, now).into())
                 } else {
                     Err(error.into())
                 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::RedisServer;
 use together_tower::key::ApiKeyId;
-use together_tower::limit::{BucketSpec, Cost, Decision, Limiter, Pace, Rates};
+use together_tower::limit::{BucketSpec, Cost, Decision, Immediate, Limiter, Pace, Rates};
 use together_tower_redis::{RedisLimiter, RedisLimiterError, RedisSettings, Unreachable};
 
 fn ten_a_second() -> Rates {
@@ -109,10 +109,13 @@ async fn a_dead_redis_falls_back_within_the_timeout_and_a_restarted_one_is_used_
     assert_eq!(first, Decision::Wait(Duration::from_millis(200)));
     assert!(limiter.is_falling_back());
     let at = Duration::from_millis(200);
-    assert_eq!(limiter.try_acquire(&bucket, ONE, at), Some(Decision::Allow));
     assert_eq!(
         limiter.try_acquire(&bucket, ONE, at),
-        Some(Decision::Wait(Duration::from_millis(200)))
+        Some(Immediate::Allow)
+    );
+    assert_eq!(
+        limiter.try_acquire(&bucket, ONE, at),
+        Some(Immediate::Wait(Duration::from_millis(200)))
     );
 
     // Redis is back: after `retry_after`, decisions go to it again.
@@ -460,12 +463,12 @@ async fn a_turn_taken_in_this_process_goes_back_here_never_to_redis() {
     // later, it goes), and not used.
     assert!(matches!(
         limiter.try_acquire(&bucket, ONE, Duration::from_secs(20)),
-        Some(Decision::Wait(_))
+        Some(Immediate::Wait(_))
     ));
     let later = Duration::from_secs(40);
     assert_eq!(
         limiter.try_acquire(&bucket, ONE, later),
-        Some(Decision::Allow)
+        Some(Immediate::Allow)
     );
     sleeper.await.unwrap();
     // Redis answers again (the other bucket's decisions go there).

@@ -97,7 +97,7 @@ mod service;
 
 pub use self::admission::MaxWait;
 pub use self::backend::{
-    BucketSpec, Cost, Decision, Limiter, LocalBucket, LocalLimiter, Pace, Rates,
+    BucketSpec, Cost, Decision, Immediate, Limiter, LocalBucket, LocalLimiter, Pace, Rates,
 };
 pub use self::estimate::{DefaultTokenEstimate, EstimateTokens, TokenRequest};
 pub use self::layer::RateLimitLayer;

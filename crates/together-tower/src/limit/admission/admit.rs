@@ -14,7 +14,7 @@ use super::wait::{Turn, WaitTurn};
 use super::{Inner, MaxWait};
 use crate::body::RequestMeta;
 use crate::classify::{Classify, EndpointClass};
-use crate::limit::backend::{Cost, Decision, Limiter};
+use crate::limit::backend::{Cost, Immediate, Limiter};
 use crate::limit::bucket::queue::{Lane, Place};
 use crate::limit::bucket::{Bucket, BucketKey};
 use crate::limit::error::{QueueFull, RateLimited, Refusal, TooManyBuckets, TooManyTokens};
@@ -202,8 +202,8 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
         let now = clock.elapsed();
         bucket.refresh(now);
         match self.context.limiter.try_acquire(&bucket.state, cost, now) {
-            Some(Decision::Allow) => FastPath::Go(permit),
-            Some(Decision::Wait(wait) | Decision::WaitForTokens { tokens: wait, .. }) => {
+            Some(Immediate::Allow) => FastPath::Go(permit),
+            Some(Immediate::Wait(wait) | Immediate::WaitForTokens { tokens: wait, .. }) => {
                 bucket.next_turn_at(now.saturating_add(wait));
                 if wait > max_wait {
                     // Known to be too long already: answer now rather than queue.
@@ -211,12 +211,7 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
                 }
                 FastPath::Wait
             }
-            Some(Decision::Reserved(_)) => {
-                // Not an answer of `try_acquire`: give it back and take the waiting path.
-                self.context.limiter.release(&bucket.state, cost, now);
-                FastPath::Wait
-            }
-            Some(Decision::TooLarge) => FastPath::Refuse(
+            Some(Immediate::TooLarge) => FastPath::Refuse(
                 TooManyTokens::new(cost.tokens, bucket.token_capacity().unwrap_or(0), class).into(),
             ),
             None => FastPath::Wait,

@@ -20,7 +20,7 @@ use tokio::time::Sleep;
 use tower::BoxError;
 
 use crate::classify::EndpointClass;
-use crate::limit::backend::{Cost, Decision, Limiter};
+use crate::limit::backend::{Cost, Decision, Immediate, Limiter};
 use crate::limit::bucket::Bucket;
 use crate::limit::bucket::queue::{Place, Position};
 use crate::limit::error::{RateLimited, Refusal, SlotsBusy, TooManyTokens};
@@ -312,24 +312,22 @@ impl<L: Limiter> Turn<L> {
         let (limiter, state, own) = (&bucket.context.limiter, &bucket.state, self.cost);
         let mut passed = false;
         while place.grant_next(|cost| {
-            if !matches!(limiter.try_acquire(state, cost, now), Some(Decision::Allow)) {
+            if !matches!(
+                limiter.try_acquire(state, cost, now),
+                Some(Immediate::Allow)
+            ) {
                 return false;
             }
             // Would this request still go by its deadline after the other one?
             let keeps_deadline = match limiter.try_acquire(state, own, now) {
-                Some(Decision::Allow) => {
+                Some(Immediate::Allow) => {
                     limiter.release(state, own, now);
                     true
                 }
-                Some(Decision::Wait(wait) | Decision::WaitForTokens { tokens: wait, .. }) => {
+                Some(Immediate::Wait(wait) | Immediate::WaitForTokens { tokens: wait, .. }) => {
                     now.saturating_add(wait) <= deadline
                 }
-                Some(Decision::Reserved(wait)) => {
-                    // Not an answer of `try_acquire`; give it back all the same.
-                    limiter.release(state, own, now);
-                    now.saturating_add(wait) <= deadline
-                }
-                Some(Decision::TooLarge) | None => false,
+                Some(Immediate::TooLarge) | None => false,
             };
             if !keeps_deadline {
                 limiter.release(state, cost, now);
@@ -360,7 +358,7 @@ impl<L: Limiter> Turn<L> {
                     .limiter
                     .try_acquire(&bucket.state, self.cost, now)
             {
-                return Poll::Ready(Ok(decision));
+                return Poll::Ready(Ok(decision.into()));
             }
             let (bucket, cost) = (Arc::clone(bucket), self.cost);
             let max_wait = self.deadline.saturating_sub(now);

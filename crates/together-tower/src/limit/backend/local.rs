@@ -7,7 +7,7 @@ use std::time::Duration;
 use tower::BoxError;
 
 use super::gcra::{Gcra, nanos};
-use super::{BucketSpec, Cost, Decision, Limiter, Rates};
+use super::{BucketSpec, Cost, Decision, Immediate, Limiter, Rates};
 
 /// The in-process backend: the GCRA state of each bucket in memory, decided under a lock
 /// that only requests of the same bucket share.
@@ -40,7 +40,7 @@ impl LocalBucket {
 }
 
 impl LocalState {
-    fn decide(&mut self, cost: Cost, now: u64) -> Decision {
+    fn decide(&mut self, cost: Cost, now: u64) -> Immediate {
         let wait = |gcra: &Option<Gcra>, units| {
             gcra.as_ref().map_or(Some(0), |gcra| gcra.wait(units, now))
         };
@@ -48,16 +48,16 @@ impl LocalState {
             wait(&self.requests, cost.requests),
             wait(&self.tokens, cost.tokens),
         ) else {
-            return Decision::TooLarge;
+            return Immediate::TooLarge;
         };
         if tokens > requests {
-            return Decision::WaitForTokens {
+            return Immediate::WaitForTokens {
                 request: Duration::from_nanos(requests),
                 tokens: Duration::from_nanos(tokens),
             };
         }
         if requests > 0 {
-            return Decision::Wait(Duration::from_nanos(requests));
+            return Immediate::Wait(Duration::from_nanos(requests));
         }
         // Both fit: take both, under the one lock, so neither is spent while the other waits.
         if let Some(gcra) = &mut self.requests {
@@ -66,7 +66,7 @@ impl LocalState {
         if let Some(gcra) = &mut self.tokens {
             gcra.take(cost.tokens, now);
         }
-        Decision::Allow
+        Immediate::Allow
     }
 }
 
@@ -82,7 +82,7 @@ impl Limiter for LocalLimiter {
         }
     }
 
-    fn try_acquire(&self, bucket: &LocalBucket, cost: Cost, now: Duration) -> Option<Decision> {
+    fn try_acquire(&self, bucket: &LocalBucket, cost: Cost, now: Duration) -> Option<Immediate> {
         Some(bucket.lock().decide(cost, nanos(now)))
     }
 
@@ -95,7 +95,7 @@ impl Limiter for LocalLimiter {
         _max_wait: Duration,
     ) -> Ready<Result<Decision, BoxError>> {
         // Asking again costs a lock, not a round trip: no need to reserve.
-        ready(Ok(bucket.lock().decide(cost, nanos(now))))
+        ready(Ok(bucket.lock().decide(cost, nanos(now)).into()))
     }
 
     fn release(&self, bucket: &LocalBucket, cost: Cost, now: Duration) {

@@ -44,6 +44,39 @@ pub enum Decision {
     Reserved(Duration),
 }
 
+/// What a [`Limiter`] decides at once, without I/O ([`Limiter::try_acquire`]): a
+/// [`Decision`] that cannot be a reservation, since only a backend that must ask far away
+/// reserves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Immediate {
+    /// The request may go now; its cost was taken.
+    Allow,
+    /// Not for this long. Nothing was taken.
+    Wait(Duration),
+    /// The tokens hold it back longer than its request turn; see [`Decision::WaitForTokens`].
+    WaitForTokens {
+        /// Until the request turn is due (zero: it is free now).
+        request: Duration,
+        /// Until the tokens are there: how long the request must wait.
+        tokens: Duration,
+    },
+    /// The cost is more than the bucket can ever hold. Nothing was taken.
+    TooLarge,
+}
+
+impl From<Immediate> for Decision {
+    fn from(immediate: Immediate) -> Self {
+        match immediate {
+            Immediate::Allow => Decision::Allow,
+            Immediate::Wait(wait) => Decision::Wait(wait),
+            Immediate::WaitForTokens { request, tokens } => {
+                Decision::WaitForTokens { request, tokens }
+            }
+            Immediate::TooLarge => Decision::TooLarge,
+        }
+    }
+}
+
 /// What one request costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Cost {
@@ -148,8 +181,8 @@ pub trait Limiter: Send + Sync + 'static {
     fn bucket(&self, spec: BucketSpec<'_>) -> Self::Bucket;
 
     /// Decides at once if that needs no I/O; `None` sends the request down the waiting path,
-    /// which calls [`Limiter::acquire`]. Never answers [`Decision::Reserved`].
-    fn try_acquire(&self, bucket: &Self::Bucket, cost: Cost, now: Duration) -> Option<Decision>;
+    /// which calls [`Limiter::acquire`].
+    fn try_acquire(&self, bucket: &Self::Bucket, cost: Cost, now: Duration) -> Option<Immediate>;
 
     /// Decides, with I/O if the backend needs it. An error fails the request that asked.
     ///

@@ -18,8 +18,8 @@ use tower_test::mock;
 
 use super::error::{QueueFull, RateLimited, SlotsBusy, TooManyBuckets};
 use super::{
-    Adaptation, BucketSpec, Cost, Decision, Limiter, Limits, LimitsBuilder, LocalLimiter, MaxWait,
-    RateLimit, RateLimitLayer, Rates,
+    Adaptation, BucketSpec, Cost, Decision, Immediate, Limiter, Limits, LimitsBuilder,
+    LocalLimiter, MaxWait, RateLimit, RateLimitLayer, Rates,
 };
 use crate::classify::EndpointClass;
 use crate::quota::{GroupQuota, QuotaTable, Rate};
@@ -549,7 +549,7 @@ impl Limiter for RemoteLimiter {
         self.inner.bucket(spec)
     }
 
-    fn try_acquire(&self, _: &Self::Bucket, _: Cost, _: Duration) -> Option<Decision> {
+    fn try_acquire(&self, _: &Self::Bucket, _: Cost, _: Duration) -> Option<Immediate> {
         None
     }
 
@@ -570,7 +570,7 @@ impl Limiter for RemoteLimiter {
                 // Deciding at the turn's time takes the turn for then.
                 let at = now + wait;
                 match self.inner.try_acquire(bucket, cost, at) {
-                    Some(Decision::Allow) => Ok(Decision::Reserved(wait)),
+                    Some(Immediate::Allow) => Ok(Decision::Reserved(wait)),
                     other => Err(format!("no turn at the time promised: {other:?}").into()),
                 }
             }
