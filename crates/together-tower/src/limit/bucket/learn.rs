@@ -18,6 +18,7 @@ use http::{HeaderMap, StatusCode};
 
 use super::Bucket;
 use crate::headers;
+use crate::limit::backend::gcra::nanos;
 use crate::limit::backend::{Cost, Limiter};
 use crate::limit::jobs::Slots;
 use crate::limit::learn::Feedback;
@@ -57,6 +58,100 @@ impl<L: Limiter> Bucket<L> {
         }
         used
     }
+
+    /// Closes the bucket when the server said to stop: a 429 for its hint (in static mode, for
+    /// the default pause without one), or a used-up limit until its reset. Returns whether it
+    /// closed.
+    fn close_on_the_servers_word(
+        &self,
+        refused: bool,
+        headers: &HeaderMap,
+        found: &headers::RateLimitHeaders<'_>,
+        now: Duration,
+    ) -> bool {
+        let context = &self.context;
+        if refused {
+            let pause = match headers::retry_hint(headers, SystemTime::now()) {
+                Some(hint) => Some(hint),
+                None if context.adaptation.mode() == Mode::Adaptive => None,
+                None => Some(context.default_pause),
+            };
+            let Some(pause) = pause else {
+                return false;
+            };
+            self.close_for(now, pause.min(context.max_pause), Closure::Refused);
+            return true;
+        }
+        // A used-up limit says something the bucket's own pacing does not know only when it
+        // resets later than the bucket's next turn may come: another client shares the key, or
+        // a window is full. A reset before then is our own pacing, seen from the server.
+        if found.remaining() != Some(0) {
+            return false;
+        }
+        match found.reset(SystemTime::now()) {
+            Some(reset) if reset > self.earliest_next() => {
+                self.close_for(now, reset.min(context.max_pause), Closure::UsedUp);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Moves the rates by what an answer says: a stated limit moves the target, and
+    /// `trouble` (a refusal the pace did not expect: `Some(true)` for a 429, `Some(false)` for
+    /// a 503) cuts. Returns whether it cut.
+    fn adapt(
+        &self,
+        found: &headers::RateLimitHeaders<'_>,
+        trouble: Option<bool>,
+        now: Duration,
+    ) -> bool {
+        let stated_requests = found.request_limit();
+        let stated_tokens = found.token_limit();
+        if stated_requests.is_none() && stated_tokens.is_none() && trouble.is_none() {
+            return false;
+        }
+        let mut rating = self.rating();
+        let mut changed = false;
+        if let (Some(limit), Some(controller)) = (stated_requests, rating.requests()) {
+            changed |= controller.stated_limit(limit as f64);
+        }
+        if let (Some(limit), Some(controller)) = (stated_tokens, rating.tokens()) {
+            changed |= controller.stated_limit(limit as f64);
+        }
+        let cut = trouble.is_some_and(|refused| {
+            // A 429 that says the tokens ran out, and not the requests, is about tokens.
+            let tokens_out =
+                refused && found.token_remaining() == Some(0) && found.remaining() != Some(0);
+            let controller = if tokens_out {
+                rating.tokens()
+            } else {
+                rating.requests()
+            };
+            controller.is_some_and(|controller| controller.trouble(nanos(now)))
+        });
+        if changed || cut {
+            let before = self.interval();
+            self.apply(&mut rating, now);
+            let after = self.interval();
+            if before != after && !after.is_zero() && !before.is_zero() {
+                let why = if cut {
+                    RateChange::Cut
+                } else {
+                    RateChange::Stated
+                };
+                telemetry::rate_changed(
+                    self.key,
+                    &self.group,
+                    self.model.as_deref(),
+                    1.0 / before.as_secs_f64(),
+                    1.0 / after.as_secs_f64(),
+                    why,
+                );
+            }
+        }
+        cut
+    }
 }
 
 impl<L: Limiter> Feedback for Bucket<L> {
@@ -69,13 +164,8 @@ impl<L: Limiter> Feedback for Bucket<L> {
     }
 
     fn learn(&self, status: StatusCode, headers: &HeaderMap, sent_epoch: u64, cost: Cost) {
-        let context = &self.context;
-        let adaptive = context.adaptation.mode() == Mode::Adaptive;
-        // Sent before the last cut or closure: the bucket already acted on what this says.
-        let expected = sent_epoch != self.epoch();
         let refused = status == StatusCode::TOO_MANY_REQUESTS;
         let slow_down = status == StatusCode::SERVICE_UNAVAILABLE;
-
         if cost.tokens > 0 && !status.is_success() {
             // Not served: the tokens were not spent.
             Feedback::correct_tokens(self, cost.tokens, 0);
@@ -85,81 +175,13 @@ impl<L: Limiter> Feedback for Bucket<L> {
         if !refused && !slow_down && !found.any() {
             return;
         }
-        let now = context.clock.elapsed();
-        let mut closed = false;
-        if refused {
-            let pause = match headers::retry_hint(headers, SystemTime::now()) {
-                Some(hint) => Some(hint),
-                None if adaptive => None,
-                None => Some(context.default_pause),
-            };
-            if let Some(pause) = pause {
-                self.close_for(now, pause.min(context.max_pause), Closure::Refused);
-                closed = true;
-            }
-        } else if found.remaining() == Some(0) {
-            // A used-up limit says something the bucket's own pacing does not know only when it
-            // resets later than the bucket's next turn may come: another client shares the key,
-            // or a window is full. A reset before then is our own pacing, seen from the server.
-            if let Some(reset) = found.reset(SystemTime::now()) {
-                if reset > self.earliest_next() {
-                    self.close_for(now, reset.min(context.max_pause), Closure::UsedUp);
-                    closed = true;
-                }
-            }
-        }
-
-        let mut changed = false;
-        if adaptive {
-            let stated_requests = found.request_limit();
-            let stated_tokens = found.token_limit();
+        let now = self.context.clock.elapsed();
+        let mut closed = self.close_on_the_servers_word(refused, headers, &found, now);
+        if self.context.adaptation.mode() == Mode::Adaptive {
+            // Sent before the last cut or closure: the bucket already acted on what this says.
+            let expected = sent_epoch != self.epoch();
             let trouble = (refused || slow_down) && !expected;
-            if stated_requests.is_some() || stated_tokens.is_some() || trouble {
-                let mut rating = self.rating();
-                if let (Some(limit), Some(controller)) = (stated_requests, rating.requests()) {
-                    changed |= controller.stated_limit(limit as f64);
-                }
-                if let (Some(limit), Some(controller)) = (stated_tokens, rating.tokens()) {
-                    changed |= controller.stated_limit(limit as f64);
-                }
-                let mut cut = false;
-                if trouble {
-                    let nanos = super::gcra::nanos(now);
-                    // A 429 that says the tokens ran out, and not the requests, is about tokens.
-                    let tokens_out = refused
-                        && found.token_remaining() == Some(0)
-                        && found.remaining() != Some(0);
-                    let controller = if tokens_out {
-                        rating.tokens()
-                    } else {
-                        rating.requests()
-                    };
-                    if let Some(controller) = controller {
-                        cut = controller.trouble(nanos);
-                    }
-                }
-                if changed || cut {
-                    let before = self.interval();
-                    self.apply(&mut rating, now);
-                    let after = self.interval();
-                    if before != after && !after.is_zero() && !before.is_zero() {
-                        let why = if cut {
-                            RateChange::Cut
-                        } else {
-                            RateChange::Stated
-                        };
-                        telemetry::rate_changed(
-                            self.key,
-                            &self.group,
-                            self.model.as_deref(),
-                            1.0 / before.as_secs_f64(),
-                            1.0 / after.as_secs_f64(),
-                            why,
-                        );
-                    }
-                }
-                closed |= cut;
-            }
+            closed |= self.adapt(&found, trouble.then_some(refused), now);
         }
         if closed {
             self.next_epoch();
