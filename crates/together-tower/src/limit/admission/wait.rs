@@ -42,6 +42,16 @@ type Acquiring = Pin<Box<dyn Future<Output = Result<Decision, BoxError>> + Send>
 type SlotAcquiring =
     Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>>;
 
+/// What the head of a queue does after asking the backend.
+enum Next {
+    /// Its turn is taken: go.
+    Go,
+    /// A turn was reserved for it; it sleeps until then.
+    Reserved,
+    /// Look again after this long.
+    Wait(Duration),
+}
+
 /// The wait of one request in one bucket.
 pub(crate) struct Turn<L: Limiter> {
     place: Option<Place<Bucket<L>>>,
@@ -212,25 +222,10 @@ impl<L: Limiter> Turn<L> {
             if self.taken {
                 return Poll::Ready(Ok(()));
             }
-            let place = self
-                .place
-                .as_ref()
-                .expect("the place is held until the request goes");
-            match place.poll_position(cx) {
-                Poll::Ready(Position::Head) => {}
-                Poll::Ready(Position::Granted) => {
-                    // The head took this request's turn for it.
-                    self.taken = true;
-                    continue;
-                }
-                Poll::Pending => {
-                    if self.poll_deadline(cx).is_ready() {
-                        let now = self.bucket().context.clock.elapsed();
-                        let estimate = self.bucket().estimated_wait(now);
-                        return Poll::Ready(Err(self.too_long(estimate)));
-                    }
-                    return Poll::Pending;
-                }
+            if !ready!(self.poll_head(cx))? {
+                // The head took this request's turn for it.
+                self.taken = true;
+                continue;
             }
             let bucket = Arc::clone(self.bucket());
             let now = bucket.context.clock.elapsed();
@@ -241,48 +236,17 @@ impl<L: Limiter> Turn<L> {
                     self.taken = true;
                     continue;
                 }
-                None => match ready!(self.poll_decision(cx, now))? {
-                    Decision::Allow => {
-                        self.taken = true;
-                        continue;
-                    }
-                    Decision::Wait(wait) => wait,
-                    Decision::WaitForTokens { request, tokens } => {
-                        let deadline = *self
-                            .patience_until
-                            .get_or_insert_with(|| now.saturating_add(tokens.saturating_mul(2)));
-                        if request.is_zero() {
-                            self.let_small_ones_pass(&bucket, now, tokens, deadline)
-                        } else {
-                            // Others need a request turn too: look again when it is due.
-                            request
+                None => {
+                    let decision = ready!(self.poll_decision(cx, now))?;
+                    match self.follow(&bucket, decision, now)? {
+                        Next::Go => {
+                            self.taken = true;
+                            continue;
                         }
+                        Next::Reserved => continue,
+                        Next::Wait(wait) => wait,
                     }
-                    Decision::Reserved(wait) => {
-                        // Taken for a turn `wait` from now: sleep once, then go.
-                        self.taken = true;
-                        let until = now.saturating_add(wait);
-                        bucket.next_turn_at(until);
-                        if until > self.deadline {
-                            // Farther than it was allowed to reserve: not this request's turn.
-                            self.give_back();
-                            return Poll::Ready(Err(self.too_long(wait)));
-                        }
-                        self.reserved = true;
-                        let at = bucket.context.clock.instant_at(until);
-                        self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
-                        continue;
-                    }
-                    Decision::TooLarge => {
-                        let capacity = bucket.token_capacity().unwrap_or(0);
-                        return Poll::Ready(Err(TooManyTokens::new(
-                            self.cost.tokens,
-                            capacity,
-                            self.class,
-                        )
-                        .into()));
-                    }
-                },
+                }
             };
             let until = now.saturating_add(wait);
             bucket.next_turn_at(until);
@@ -292,6 +256,70 @@ impl<L: Limiter> Turn<L> {
             let at = bucket.context.clock.instant_at(until);
             self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
         }
+    }
+
+    /// Waits to be the head of the queue: `true` once it is, `false` if the head took this
+    /// request's turn for it, an error once its deadline passes.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, BoxError>> {
+        let place = self
+            .place
+            .as_ref()
+            .expect("the place is held until the request goes");
+        match place.poll_position(cx) {
+            Poll::Ready(Position::Head) => Poll::Ready(Ok(true)),
+            Poll::Ready(Position::Granted) => Poll::Ready(Ok(false)),
+            Poll::Pending => {
+                if self.poll_deadline(cx).is_ready() {
+                    let now = self.bucket().context.clock.elapsed();
+                    let estimate = self.bucket().estimated_wait(now);
+                    return Poll::Ready(Err(self.too_long(estimate)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// What the head does with the backend's decision.
+    fn follow(
+        &mut self,
+        bucket: &Arc<Bucket<L>>,
+        decision: Decision,
+        now: Duration,
+    ) -> Result<Next, BoxError> {
+        Ok(match decision {
+            Decision::Allow => Next::Go,
+            Decision::Wait(wait) => Next::Wait(wait),
+            Decision::WaitForTokens { request, tokens } => {
+                let deadline = *self
+                    .patience_until
+                    .get_or_insert_with(|| now.saturating_add(tokens.saturating_mul(2)));
+                if request.is_zero() {
+                    Next::Wait(self.let_small_ones_pass(bucket, now, tokens, deadline))
+                } else {
+                    // Others need a request turn too: look again when it is due.
+                    Next::Wait(request)
+                }
+            }
+            Decision::Reserved(wait) => {
+                // Taken for a turn `wait` from now: sleep once, then go.
+                self.taken = true;
+                let until = now.saturating_add(wait);
+                bucket.next_turn_at(until);
+                if until > self.deadline {
+                    // Farther than it was allowed to reserve: not this request's turn.
+                    self.give_back();
+                    return Err(self.too_long(wait));
+                }
+                self.reserved = true;
+                let at = bucket.context.clock.instant_at(until);
+                self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+                Next::Reserved
+            }
+            Decision::TooLarge => {
+                let capacity = bucket.token_capacity().unwrap_or(0);
+                return Err(TooManyTokens::new(self.cost.tokens, capacity, self.class).into());
+            }
+        })
     }
 
     /// Held back by tokens only: grants turns to the requests behind it, in order, while their
