@@ -54,41 +54,17 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
                 reads_jobs,
             };
         };
-        let group = self.table.group(key.group);
-        let clock = &self.context.clock;
         let meta = request.extensions().get::<RequestMeta>();
-        let made = self.buckets.get_or_insert_with(key, clock, || {
-            let model = meta
-                .filter(|_| key.model != 0)
-                .and_then(|meta| meta.model.as_ref())
-                .map(crate::model_name::bounded);
-            Bucket::new(&self.context, key.key, group, model)
-        });
-        let bucket = match made {
+        let bucket = match self.bucket_for(key, meta) {
             Ok(bucket) => bucket,
             Err(retry_after) => {
                 let full = TooManyBuckets::new(self.settings.max_buckets, retry_after, class);
                 return refuse(class, full);
             }
         };
-        let cost = Cost {
-            requests: u64::from(group.rate().is_some()),
-            tokens: match bucket.token_capacity() {
-                Some(capacity) => {
-                    let tokens = self.estimate.estimate(&TokenRequest {
-                        class,
-                        meta,
-                        body_bytes: body_bytes(request, meta),
-                    });
-                    if tokens > capacity {
-                        return Admission::Refuse(
-                            TooManyTokens::new(tokens, capacity, class).into(),
-                        );
-                    }
-                    tokens
-                }
-                None => 0,
-            },
+        let cost = match self.cost_of(&bucket, key, class, request, meta) {
+            Ok(cost) => cost,
+            Err(too_large) => return Admission::Refuse(too_large.into()),
         };
         let max_wait = request
             .extensions()
@@ -99,28 +75,90 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
             FastPath::Go(permit) => {
                 telemetry::admitted(class, bucket.model.as_deref());
                 let ticket = Ticket::new(bucket, cost, class);
-                return Admission::Go {
+                Admission::Go {
                     permit,
                     ticket: Some(ticket),
                     reads_jobs,
-                };
+                }
             }
             FastPath::Refuse(error) => {
                 telemetry::refused(class, Refusal::reason(&*error), &error);
-                return Admission::Refuse(error);
+                Admission::Refuse(error)
             }
-            FastPath::Wait => {}
+            FastPath::Wait => {
+                let lane = match request.extensions().get::<Attempt>() {
+                    Some(attempt) if attempt.0 > 0 => Lane::Retry,
+                    _ => Lane::New,
+                };
+                self.queue(bucket, cost, class, lane, max_wait, reads_jobs)
+            }
         }
+    }
 
-        let now = clock.elapsed();
+    /// The live bucket of `key`, made if it is not; `Err(retry_after)` when the map is full of
+    /// buckets in use.
+    fn bucket_for(
+        &self,
+        key: BucketKey,
+        meta: Option<&RequestMeta>,
+    ) -> Result<Arc<Bucket<L>>, Duration> {
+        let group = self.table.group(key.group);
+        self.buckets
+            .get_or_insert_with(key, &self.context.clock, || {
+                let model = meta
+                    .filter(|_| key.model != 0)
+                    .and_then(|meta| meta.model.as_ref())
+                    .map(crate::model_name::bounded);
+                Bucket::new(&self.context, key.key, group, model)
+            })
+    }
+
+    /// What the request costs: a request turn if its group has a rate, and its estimated
+    /// tokens if it has a token budget. Refused when the tokens are more than the whole burst.
+    fn cost_of<B>(
+        &self,
+        bucket: &Bucket<L>,
+        key: BucketKey,
+        class: EndpointClass,
+        request: &Request<B>,
+        meta: Option<&RequestMeta>,
+    ) -> Result<Cost, TooManyTokens> {
+        let tokens = match bucket.token_capacity() {
+            Some(capacity) => {
+                let tokens = self.estimate.estimate(&TokenRequest {
+                    class,
+                    meta,
+                    body_bytes: body_bytes(request, meta),
+                });
+                if tokens > capacity {
+                    return Err(TooManyTokens::new(tokens, capacity, class));
+                }
+                tokens
+            }
+            None => 0,
+        };
+        Ok(Cost {
+            requests: u64::from(self.table.group(key.group).rate().is_some()),
+            tokens,
+        })
+    }
+
+    /// Takes a place in the bucket's queue, unless the wait is already known to be too long or
+    /// the queue is full.
+    fn queue(
+        &self,
+        bucket: Arc<Bucket<L>>,
+        cost: Cost,
+        class: EndpointClass,
+        lane: Lane,
+        max_wait: Duration,
+        reads_jobs: Option<Arc<Slots>>,
+    ) -> Admission {
+        let now = self.context.clock.elapsed();
         let estimate = bucket.estimated_wait(now);
         if estimate > max_wait {
             return refuse(class, RateLimited::new(estimate, class));
         }
-        let lane = match request.extensions().get::<Attempt>() {
-            Some(attempt) if attempt.0 > 0 => Lane::Retry,
-            _ => Lane::New,
-        };
         let ahead = bucket.queue_len();
         let Some(place) = Place::take(&bucket, lane, self.settings.max_queue, cost) else {
             return refuse(
