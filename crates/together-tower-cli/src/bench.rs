@@ -14,9 +14,9 @@ use together_sim::{Algorithm, Hints};
 use tower::ServiceExt;
 
 use crate::CliError;
-use crate::client::{Endpoint, Mode, stack};
+use crate::client::{Endpoint, Mode, Stack, stack};
 use crate::observe::{Attempt, Observations};
-use crate::target::{SimLimits, Target, TargetArgs, json_request};
+use crate::target::{ApiKey, SimLimits, Target, TargetArgs, json_request};
 
 /// Flags of `together-tower bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -182,69 +182,111 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
         &observations,
         args.target.redis().await?,
     )?;
-    let key = args.target.key_or("together-tower-bench");
-    let model = args
-        .model
-        .clone()
-        .unwrap_or_else(|| args.endpoint.default_model().to_owned());
-    let url = format!("{}{}", target.base_url, args.endpoint.path());
-
-    let progress = progress_bar(args.requests);
-    let next = Arc::new(AtomicU64::new(0));
-    let ok = Arc::new(AtomicU64::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.requests as usize)));
+    let workload = Workload {
+        service,
+        url: format!("{}{}", target.base_url, args.endpoint.path()),
+        key: args.target.key_or("together-tower-bench"),
+        model: args
+            .model
+            .clone()
+            .unwrap_or_else(|| args.endpoint.default_model().to_owned()),
+        endpoint: args.endpoint,
+        total: args.requests,
+    };
     let started = Instant::now();
     let rates = Arc::new(Mutex::new(Vec::new()));
     let sampler = limits
         .clone()
         .map(|limits| tokio::spawn(sample_rates(limits, started, Arc::clone(&rates))));
-    let workers: Vec<_> = (0..args.concurrency.min(args.requests))
-        .map(|_| {
-            let (service, next, ok, latencies) = (
-                service.clone(),
-                Arc::clone(&next),
-                Arc::clone(&ok),
-                Arc::clone(&latencies),
-            );
-            let (progress, observations) = (progress.clone(), Arc::clone(&observations));
-            let (url, model, key, endpoint, total) = (
-                url.clone(),
-                model.clone(),
-                key.clone(),
-                args.endpoint,
-                args.requests,
-            );
-            tokio::spawn(async move {
-                loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= total {
-                        break;
-                    }
-                    let body = endpoint.body(&model, index).to_string();
-                    let request = json_request(&url, &key, body);
-                    let sent = Instant::now();
-                    if let Ok(response) = service.clone().oneshot(request).await {
-                        let success = response.status().is_success();
-                        // Read the body, so the connection goes back to the pool.
-                        let _ = response.into_body().collect().await;
-                        if success {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    latencies
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(sent.elapsed());
-                    progress.inc(1);
-                    let attempts = observations.attempts.load(Ordering::Relaxed);
-                    let done = progress.position();
-                    progress.set_message(format!(
-                        "sent {attempts}, 429s {}, retries {}",
-                        observations.server_429.load(Ordering::Relaxed),
-                        attempts.saturating_sub(done)
-                    ));
-                }
+    let driven = drive(workload, args.concurrency, &observations).await?;
+    if let Some(sampler) = sampler {
+        sampler.abort();
+    }
+    let embedded = target.sim.is_some();
+    if let Some(sim) = target.sim {
+        sim.shutdown().await;
+    }
+    // The simulator started a little before the run: measure its allowance over the run.
+    let server = embedded.then(|| ServerView {
+        limits: sim_limits,
+        offset: started.saturating_duration_since(sim_started),
+    });
+    let report = report(
+        args,
+        &driven,
+        &observations,
+        limits.as_ref(),
+        server.as_ref(),
+    );
+    let timeline = Timeline {
+        attempts: observations.attempts_log(),
+        rates: std::mem::take(&mut *rates.lock().unwrap_or_else(PoisonError::into_inner)),
+        server_rates: server.map_or_else(Vec::new, |server| server.rates(driven.elapsed)),
+    };
+    Ok((report, timeline))
+}
+
+/// What the workers send: `total` requests of `endpoint` through `service`.
+struct Workload {
+    service: Stack,
+    url: String,
+    key: ApiKey,
+    model: String,
+    endpoint: Endpoint,
+    total: u64,
+}
+
+/// What a run did: the answers that succeeded, each request's latency (sorted), and how long
+/// it took.
+struct Driven {
+    ok: u64,
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+}
+
+/// The embedded simulator's limits, and when the run began on its clock.
+struct ServerView {
+    limits: SimLimits,
+    offset: Duration,
+}
+
+impl ServerView {
+    /// What the server allowed each [`SAMPLE_EVERY`] of a run `elapsed` long, per second.
+    fn rates(&self, elapsed: Duration) -> Vec<(Duration, f64)> {
+        let steps = (elapsed.as_millis() / SAMPLE_EVERY.as_millis()) as u32 + 1;
+        (0..=steps)
+            .map(|step| {
+                let at = SAMPLE_EVERY * step;
+                (at, f64::from(self.limits.rpm_at(self.offset + at)) / 60.0)
             })
+            .collect()
+    }
+}
+
+/// Sends the workload from `concurrency` workers, each taking the next request when its last
+/// is answered.
+async fn drive(
+    workload: Workload,
+    concurrency: u64,
+    observations: &Arc<Observations>,
+) -> Result<Driven, CliError> {
+    let progress = progress_bar(workload.total);
+    let next = Arc::new(AtomicU64::new(0));
+    let ok = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(workload.total as usize)));
+    let workload = Arc::new(workload);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency.min(workload.total))
+        .map(|_| {
+            let worker = Worker {
+                workload: Arc::clone(&workload),
+                next: Arc::clone(&next),
+                ok: Arc::clone(&ok),
+                latencies: Arc::clone(&latencies),
+                progress: progress.clone(),
+                observations: Arc::clone(observations),
+            };
+            tokio::spawn(worker.run())
         })
         .collect();
     for worker in workers {
@@ -254,23 +296,75 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
     }
     let elapsed = started.elapsed();
     progress.finish_and_clear();
-    if let Some(sampler) = sampler {
-        sampler.abort();
-    }
-    let rates = std::mem::take(&mut *rates.lock().unwrap_or_else(PoisonError::into_inner));
-
     let mut latencies =
         std::mem::take(&mut *latencies.lock().unwrap_or_else(PoisonError::into_inner));
     latencies.sort();
-    let ok = ok.load(Ordering::Relaxed);
+    Ok(Driven {
+        ok: ok.load(Ordering::Relaxed),
+        latencies,
+        elapsed,
+    })
+}
+
+/// One worker of [`drive`], and what it shares with the others.
+struct Worker {
+    workload: Arc<Workload>,
+    next: Arc<AtomicU64>,
+    ok: Arc<AtomicU64>,
+    latencies: Arc<Mutex<Vec<Duration>>>,
+    progress: ProgressBar,
+    observations: Arc<Observations>,
+}
+
+impl Worker {
+    async fn run(self) {
+        let workload = &*self.workload;
+        loop {
+            let index = self.next.fetch_add(1, Ordering::Relaxed);
+            if index >= workload.total {
+                break;
+            }
+            let body = workload.endpoint.body(&workload.model, index).to_string();
+            let request = json_request(&workload.url, &workload.key, body);
+            let sent = Instant::now();
+            if let Ok(response) = workload.service.clone().oneshot(request).await {
+                let success = response.status().is_success();
+                // Read the body, so the connection goes back to the pool.
+                let _ = response.into_body().collect().await;
+                if success {
+                    self.ok.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.latencies
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(sent.elapsed());
+            self.progress.inc(1);
+            let attempts = self.observations.attempts.load(Ordering::Relaxed);
+            let done = self.progress.position();
+            self.progress.set_message(format!(
+                "sent {attempts}, 429s {}, retries {}",
+                self.observations.server_429.load(Ordering::Relaxed),
+                attempts.saturating_sub(done)
+            ));
+        }
+    }
+}
+
+/// The report of a run.
+fn report(
+    args: &BenchArgs,
+    driven: &Driven,
+    observations: &Observations,
+    limits: Option<&Snapshots>,
+    server: Option<&ServerView>,
+) -> BenchReport {
+    let ok = driven.ok;
     let attempts = observations.attempts.load(Ordering::Relaxed);
-    let seconds = elapsed.as_secs_f64().max(f64::EPSILON);
+    let seconds = driven.elapsed.as_secs_f64().max(f64::EPSILON);
     let allowed = f64::from(args.burst) + f64::from(args.rpm) / 60.0 * seconds;
-    let embedded = target.sim.is_some();
-    // The simulator started a little before the run: measure its allowance over the run.
-    let offset = started.saturating_duration_since(sim_started);
-    let server_allowed = 1.0 + sim_limits.allowed_between(offset, offset + elapsed);
-    let report = BenchReport {
+    let end = |server: &ServerView| server.offset + driven.elapsed;
+    BenchReport {
         requests: args.requests,
         ok,
         failed: args.requests - ok,
@@ -281,39 +375,18 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
         achieved_rpm: ok as f64 / seconds * 60.0,
         quota_rpm: args.rpm,
         quota_share: ok as f64 / allowed,
-        p50_ms: percentile(&latencies, 50.0),
-        p99_ms: percentile(&latencies, 99.0),
+        p50_ms: percentile(&driven.latencies, 50.0),
+        p99_ms: percentile(&driven.latencies, 99.0),
         mode: args.mode,
         endpoint: args.endpoint,
-        sim_algorithm: target.sim.as_ref().map(|_| args.sim_algorithm),
+        sim_algorithm: server.map(|_| args.sim_algorithm),
         concurrency: args.concurrency,
-        final_rate_rpm: limits
-            .as_ref()
-            .and_then(rate_in_force)
-            .map(|rate| rate * 60.0),
-        server_rate_rpm: embedded.then(|| sim_limits.rpm_at(offset + elapsed)),
-        server_share: embedded.then(|| ok as f64 / server_allowed),
-    };
-    if let Some(sim) = target.sim {
-        sim.shutdown().await;
+        final_rate_rpm: limits.and_then(rate_in_force).map(|rate| rate * 60.0),
+        server_rate_rpm: server.map(|server| server.limits.rpm_at(end(server))),
+        server_share: server.map(|server| {
+            ok as f64 / (1.0 + server.limits.allowed_between(server.offset, end(server)))
+        }),
     }
-    let server_rates = if embedded {
-        let steps = (elapsed.as_millis() / SAMPLE_EVERY.as_millis()) as u32 + 1;
-        (0..=steps)
-            .map(|step| {
-                let at = SAMPLE_EVERY * step;
-                (at, f64::from(sim_limits.rpm_at(offset + at)) / 60.0)
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let timeline = Timeline {
-        attempts: observations.attempts_log(),
-        rates,
-        server_rates,
-    };
-    Ok((report, timeline))
 }
 
 /// The request rate in force of the run's one bucket, per second.
