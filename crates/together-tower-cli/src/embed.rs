@@ -16,9 +16,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::CliError;
-use crate::client::{Endpoint, Mode, stack};
+use crate::client::{Endpoint, Mode, Stack, stack};
 use crate::observe::Observations;
-use crate::target::{SimLimits, Target, TargetArgs, json_request};
+use crate::target::{ApiKey, SimLimits, Target, TargetArgs, json_request};
 
 /// Flags of `together-tower embed`.
 #[derive(Debug, Clone, clap::Args)]
@@ -101,7 +101,7 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
     )?;
     let key = args.target.key_or("together-tower-embed");
     let url = format!("{}{}", target.base_url, Endpoint::Embeddings.path());
-    let mut output = tokio::fs::OpenOptions::new()
+    let output = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&args.output)
@@ -110,80 +110,139 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
 
     let progress = crate::bench::progress_bar((inputs.len() - done) as u64);
     let inputs = Arc::new(inputs);
-    let (results, mut finished) =
-        mpsc::channel::<(Range<usize>, Result<Vec<Vec<f32>>, ChunkError>)>(64);
-    let launcher = {
-        let slots = Arc::new(Semaphore::new(args.concurrency as usize));
-        let (inputs, batch, model) = (Arc::clone(&inputs), args.batch as usize, args.model.clone());
-        tokio::spawn(async move {
-            for range in chunks(inputs.len() - done, batch) {
-                let range = range.start + done..range.end + done;
-                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                    break;
-                };
-                let body = request_body(&model, &inputs[range.clone()]);
-                let request = json_request(&url, &key, body);
-                let (service, results) = (service.clone(), results.clone());
-                tokio::spawn(async move {
-                    let embedded = embed_chunk(service, request, range.len()).await;
-                    let _ = results.send((range, embedded)).await;
-                    drop(slot);
-                });
-            }
-        })
+    let (results, finished) = mpsc::channel::<Batch>(64);
+    let batches = Batches {
+        service,
+        url,
+        key,
+        model: args.model.clone(),
+        inputs: Arc::clone(&inputs),
+        from: done,
+        batch: args.batch as usize,
     };
-
-    // Batches finish out of order; write each once every batch before it is written.
-    let mut in_order = InOrder::starting_at(done);
-    let mut written = done;
-    let outcome = loop {
-        let received = tokio::select! {
-            received = finished.recv() => received,
-            _ = tokio::signal::ctrl_c() => break Err(format!("interrupted: {} holds inputs 0 to {}; run again to resume", args.output.display(), written.saturating_sub(1))),
-        };
-        let Some((range, embedded)) = received else {
-            break Ok(());
-        };
-        let ready = match embedded {
-            Ok(vectors) => in_order.push(range.start, vectors),
-            Err(error) => {
-                break Err(format!(
-                    "the batch of inputs {} to {} failed ({error}); {} holds inputs before {written}; run again to resume",
-                    range.start,
-                    range.end - 1,
-                    args.output.display()
-                ));
-            }
-        };
-        if !ready.is_empty() {
-            let lines: String = ready
-                .iter()
-                .map(|(index, vector)| output_line(*index, vector))
-                .collect();
-            output.write_all(lines.as_bytes()).await.map_err(|error| {
-                CliError::Io(format!("cannot write {}: {error}", args.output.display()))
-            })?;
-            output.sync_data().await.map_err(|error| {
-                CliError::Io(format!("cannot write {}: {error}", args.output.display()))
-            })?;
-            progress.inc(ready.len() as u64);
-            written = in_order.next();
-        }
-        if written == inputs.len() {
-            break Ok(());
-        }
+    let launcher = tokio::spawn(batches.launch(args.concurrency as usize, results));
+    let mut writer = Writer {
+        output,
+        path: &args.output,
+        in_order: InOrder::starting_at(done),
+        written: done,
+        progress: &progress,
     };
+    let outcome = writer.write_all(finished, inputs.len()).await;
+    let written = writer.written;
     launcher.abort();
     progress.finish_and_clear();
     if let Some(sim) = target.sim {
         sim.shutdown().await;
     }
-    outcome.map_err(CliError::Failed)?;
+    outcome?;
     Ok(EmbedReport {
         inputs: inputs.len(),
         resumed_from: done,
         embedded: written - done,
     })
+}
+
+/// One batch's inputs and what became of them.
+type Batch = (Range<usize>, Result<Vec<Vec<f32>>, ChunkError>);
+
+/// The batches to send: the inputs from `from` on, `batch` at a time.
+struct Batches {
+    service: Stack,
+    url: String,
+    key: ApiKey,
+    model: String,
+    inputs: Arc<Vec<String>>,
+    from: usize,
+    batch: usize,
+}
+
+impl Batches {
+    /// Sends the batches, at most `concurrency` at once, each result to `results`.
+    async fn launch(self, concurrency: usize, results: mpsc::Sender<Batch>) {
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let done = self.from;
+        for range in chunks(self.inputs.len() - done, self.batch) {
+            let range = range.start + done..range.end + done;
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                break;
+            };
+            let body = request_body(&self.model, &self.inputs[range.clone()]);
+            let request = json_request(&self.url, &self.key, body);
+            let (service, results) = (self.service.clone(), results.clone());
+            tokio::spawn(async move {
+                let embedded = embed_chunk(service, request, range.len()).await;
+                let _ = results.send((range, embedded)).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// Writes batches to the output in input order, as they finish in any order.
+struct Writer<'a> {
+    output: tokio::fs::File,
+    path: &'a Path,
+    in_order: InOrder<Vec<f32>>,
+    /// Inputs `0..written` are in the output.
+    written: usize,
+    progress: &'a indicatif::ProgressBar,
+}
+
+impl Writer<'_> {
+    /// Writes each batch once every batch before it is written, until all `total` are, a
+    /// batch fails, or the user interrupts.
+    async fn write_all(
+        &mut self,
+        mut finished: mpsc::Receiver<Batch>,
+        total: usize,
+    ) -> Result<(), CliError> {
+        while self.written < total {
+            let received = tokio::select! {
+                received = finished.recv() => received,
+                _ = tokio::signal::ctrl_c() => return Err(CliError::Failed(format!(
+                    "interrupted: {} holds inputs 0 to {}; run again to resume",
+                    self.path.display(),
+                    self.written.saturating_sub(1)
+                ))),
+            };
+            let Some((range, embedded)) = received else {
+                break;
+            };
+            let vectors = embedded.map_err(|error| {
+                CliError::Failed(format!(
+                    "the batch of inputs {} to {} failed ({error}); {} holds inputs before {}; run again to resume",
+                    range.start,
+                    range.end - 1,
+                    self.path.display(),
+                    self.written
+                ))
+            })?;
+            let ready = self.in_order.push(range.start, vectors);
+            self.write(&ready).await?;
+        }
+        Ok(())
+    }
+
+    /// Appends `ready` lines and syncs them, so an interrupted run resumes after them.
+    async fn write(&mut self, ready: &[(usize, Vec<f32>)]) -> Result<(), CliError> {
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let lines: String = ready
+            .iter()
+            .map(|(index, vector)| output_line(*index, vector))
+            .collect();
+        let failed = |error| CliError::Io(format!("cannot write {}: {error}", self.path.display()));
+        self.output
+            .write_all(lines.as_bytes())
+            .await
+            .map_err(failed)?;
+        self.output.sync_data().await.map_err(failed)?;
+        self.progress.inc(ready.len() as u64);
+        self.written = self.in_order.next();
+        Ok(())
+    }
 }
 
 /// Checks an existing output and cuts off a torn last line of our own; returns how many
