@@ -2,31 +2,20 @@
 //! limit, with the rate in force and the refusals marked.
 
 use std::path::Path;
-use std::time::Duration;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::CliError;
 use crate::bench::Timeline;
 
+/// The chart drawn on: seconds across, a rate per second up.
+type Chart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
 /// Draws the run, in one-second bins, to an SVG file.
 pub fn draw(path: &Path, timeline: &Timeline, quota_rpm: u32) -> Result<(), CliError> {
-    let attempts = &timeline.attempts;
-    let seconds = attempts
-        .iter()
-        .map(|attempt| attempt.at.as_secs() as usize + 1)
-        .max()
-        .unwrap_or(1);
-    let mut ok = vec![0u32; seconds];
-    let mut refused = vec![0u32; seconds];
-    for attempt in attempts {
-        let second = attempt.at.as_secs() as usize;
-        match attempt.status {
-            Some(200..=299) => ok[second] += 1,
-            Some(429 | 503) => refused[second] += 1,
-            _ => {}
-        }
-    }
+    let (ok, refused) = per_second(timeline);
+    let seconds = ok.len();
     let quota = f64::from(quota_rpm) / 60.0;
     let highest_rate = timeline
         .rates
@@ -39,8 +28,6 @@ pub fn draw(path: &Path, timeline: &Timeline, quota_rpm: u32) -> Result<(), CliE
     let failed = |error: &dyn std::fmt::Display| {
         CliError::Io(format!("cannot draw {}: {error}", path.display()))
     };
-    let secs = |at: &Duration| at.as_secs_f64();
-
     let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|error| failed(&error))?;
     let mut chart = ChartBuilder::on(&root)
@@ -62,61 +49,46 @@ pub fn draw(path: &Path, timeline: &Timeline, quota_rpm: u32) -> Result<(), CliE
         .y_desc("per second")
         .draw()
         .map_err(|error| failed(&error))?;
-    chart
-        .draw_series(LineSeries::new(
-            vec![(0.0, quota), (seconds as f64, quota)],
-            GREEN.stroke_width(3),
-        ))
-        .map_err(|error| failed(&error))?
-        .label(format!("quota ({quota_rpm}/min)"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], GREEN.stroke_width(3)));
+    let quota_line = vec![(0.0, quota), (seconds as f64, quota)];
+    line(
+        &mut chart,
+        quota_line,
+        GREEN.stroke_width(3),
+        format!("quota ({quota_rpm}/min)"),
+    )
+    .map_err(|error| failed(&error))?;
     if !timeline.server_rates.is_empty() {
-        // Drawn as steps, since the server's limit changes at an instant.
-        let mut steps = Vec::new();
-        let mut previous: Option<f64> = None;
-        for (at, rate) in &timeline.server_rates {
-            if let Some(previous) = previous {
-                steps.push((secs(at), previous));
-            }
-            steps.push((secs(at), *rate));
-            previous = Some(*rate);
-        }
-        chart
-            .draw_series(LineSeries::new(steps, BLACK.stroke_width(2)))
-            .map_err(|error| failed(&error))?
-            .label("server's limit")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.stroke_width(2)));
+        line(
+            &mut chart,
+            server_steps(timeline),
+            BLACK.stroke_width(2),
+            "server's limit".into(),
+        )
+        .map_err(|error| failed(&error))?;
     }
     if !timeline.rates.is_empty() {
-        let rates = timeline.rates.iter().map(|(at, rate)| (secs(at), *rate));
-        chart
-            .draw_series(LineSeries::new(rates, MAGENTA.stroke_width(2)))
-            .map_err(|error| failed(&error))?
-            .label("rate in force")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], MAGENTA.stroke_width(2)));
-    }
-    let per_second = |counts: &[u32]| -> Vec<(f64, f64)> {
-        counts
+        let rates = timeline
+            .rates
             .iter()
-            .enumerate()
-            .map(|(i, &n)| (i as f64 + 0.5, f64::from(n)))
-            .collect()
-    };
-    chart
-        .draw_series(LineSeries::new(per_second(&ok), BLUE.stroke_width(2)))
-        .map_err(|error| failed(&error))?
-        .label("2xx per second")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
-    let marks: Vec<(f64, f64)> = per_second(&refused)
-        .into_iter()
-        .filter(|&(_, n)| n > 0.0)
-        .collect();
-    chart
-        .draw_series(
-            marks
-                .into_iter()
-                .map(|point| Circle::new(point, 4, RED.filled())),
+            .map(|(at, rate)| (at.as_secs_f64(), *rate));
+        line(
+            &mut chart,
+            rates.collect(),
+            MAGENTA.stroke_width(2),
+            "rate in force".into(),
         )
+        .map_err(|error| failed(&error))?;
+    }
+    line(
+        &mut chart,
+        centred(&ok),
+        BLUE.stroke_width(2),
+        "2xx per second".into(),
+    )
+    .map_err(|error| failed(&error))?;
+    let marks = centred(&refused).into_iter().filter(|&(_, n)| n > 0.0);
+    chart
+        .draw_series(marks.map(|point| Circle::new(point, 4, RED.filled())))
         .map_err(|error| failed(&error))?
         .label("429s and 503s per second")
         .legend(|(x, y)| Circle::new((x + 8, y), 4, RED.filled()));
@@ -127,5 +99,63 @@ pub fn draw(path: &Path, timeline: &Timeline, quota_rpm: u32) -> Result<(), CliE
         .draw()
         .map_err(|error| failed(&error))?;
     root.present().map_err(|error| failed(&error))?;
+    Ok(())
+}
+
+/// The 2xx answers and the refusals (429 and 503) of each second of the run.
+fn per_second(timeline: &Timeline) -> (Vec<u32>, Vec<u32>) {
+    let attempts = &timeline.attempts;
+    let seconds = attempts
+        .iter()
+        .map(|attempt| attempt.at.as_secs() as usize + 1)
+        .max()
+        .unwrap_or(1);
+    let mut ok = vec![0u32; seconds];
+    let mut refused = vec![0u32; seconds];
+    for attempt in attempts {
+        let second = attempt.at.as_secs() as usize;
+        match attempt.status {
+            Some(200..=299) => ok[second] += 1,
+            Some(429 | 503) => refused[second] += 1,
+            _ => {}
+        }
+    }
+    (ok, refused)
+}
+
+/// Counts per second, each at the middle of its second.
+fn centred(counts: &[u32]) -> Vec<(f64, f64)> {
+    counts
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (i as f64 + 0.5, f64::from(n)))
+        .collect()
+}
+
+/// The server's limit as steps, since it changes at an instant.
+fn server_steps(timeline: &Timeline) -> Vec<(f64, f64)> {
+    let mut steps = Vec::new();
+    let mut previous: Option<f64> = None;
+    for (at, rate) in &timeline.server_rates {
+        if let Some(previous) = previous {
+            steps.push((at.as_secs_f64(), previous));
+        }
+        steps.push((at.as_secs_f64(), *rate));
+        previous = Some(*rate);
+    }
+    steps
+}
+
+/// Draws a labelled line.
+fn line(
+    chart: &mut Chart<'_>,
+    points: Vec<(f64, f64)>,
+    style: ShapeStyle,
+    label: String,
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+    chart
+        .draw_series(LineSeries::new(points, style))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], style));
     Ok(())
 }
