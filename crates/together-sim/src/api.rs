@@ -504,142 +504,34 @@ struct Work<'a> {
 
 /// Does the work of a request that passed every check.
 fn serve(shared: &Shared, state: &mut State, work: &Work<'_>) -> Answer {
-    let &Work {
-        key,
-        route,
-        json,
-        now,
-        prompt,
-        completion,
-    } = work;
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let model = json["model"].clone();
-    let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
-    // The reply, cut to the completion tokens it is charged for.
-    let reply = || {
-        reply_text(json)
-            .split_whitespace()
-            .take(completion as usize)
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let mut answer = match &route.endpoint {
-        Endpoint::Chat => {
-            let id = state.new_id("chatcmpl");
-            Answer::ok(json!({
-                "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply()}, "finish_reason": "stop"}],
-                "usage": usage,
-            }))
-        }
-        Endpoint::Completions => {
-            let id = state.new_id("cmpl");
-            Answer::ok(json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": reply(), "finish_reason": "stop"}],
-                "usage": usage,
-            }))
-        }
-        Endpoint::Embeddings => {
-            let inputs: Vec<&str> = match &json["input"] {
-                Value::String(text) => vec![text.as_str()],
-                Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
-                _ => Vec::new(),
-            };
-            if inputs.is_empty() {
-                return Answer::error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    "`input` must be a string or a list of strings.",
-                );
-            }
-            let data: Vec<Value> = inputs
-                .iter()
-                .enumerate()
-                .map(|(index, text)| json!({"object": "embedding", "index": index, "embedding": embedding(text, shared.config.embedding_dimensions)}))
-                .collect();
-            Answer::ok(json!({"object": "list", "model": model, "data": data, "usage": usage}))
-        }
-        Endpoint::Images => {
-            let id = state.new_id("img");
-            let image = if json["response_format"] == "b64_json" {
-                json!({"index": 0, "b64_json": ONE_PIXEL_PNG})
-            } else {
-                json!({"index": 0, "url": format!("https://images.sim.invalid/{id}.png")})
-            };
-            Answer::ok(json!({"id": id, "model": model, "object": "list", "data": [image]}))
-        }
-        Endpoint::Rerank => {
-            let query: Vec<String> = json["query"]
-                .as_str()
-                .unwrap_or("")
-                .split_whitespace()
-                .map(str::to_lowercase)
-                .collect();
-            let documents: Vec<&str> = json["documents"]
-                .as_array()
-                .map(|docs| docs.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            let mut results: Vec<(usize, f64)> = documents
-                .iter()
-                .enumerate()
-                .map(|(index, document)| {
-                    let document = document.to_lowercase();
-                    let hits = query
-                        .iter()
-                        .filter(|word| document.contains(word.as_str()))
-                        .count();
-                    (index, hits as f64 / query.len().max(1) as f64)
-                })
-                .collect();
-            results.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            results.truncate(
-                json["top_n"]
-                    .as_u64()
-                    .map_or(usize::MAX, |top| top as usize),
-            );
-            let results: Vec<Value> = results
-                .into_iter()
-                .map(|(index, score)| json!({"index": index, "relevance_score": score}))
-                .collect();
-            let id = state.new_id("rerank");
-            Answer::ok(
-                json!({"id": id, "object": "rerank", "model": model, "results": results, "usage": usage}),
-            )
-        }
+    let mut answer = match &work.route.endpoint {
+        Endpoint::Chat | Endpoint::Completions => completion(state, work),
+        Endpoint::Embeddings => embeddings(shared, work),
+        Endpoint::Images => image(state, work),
+        Endpoint::Rerank => rerank(state, work),
         Endpoint::Models => {
             let data: Vec<Value> = shared.config.models.iter().map(|id| json!({"id": id, "object": "model", "created": 0, "organization": "simulated"})).collect();
             Answer::ok(Value::Array(data))
         }
-        Endpoint::CreateJob => create_job(shared, state, key, route.class, json, now),
+        Endpoint::CreateJob => create_job(
+            shared,
+            state,
+            work.key,
+            work.route.class,
+            work.json,
+            work.now,
+        ),
         Endpoint::ListJobs => {
             let data: Vec<Value> = state
                 .jobs
                 .iter()
-                .filter(|job| job.key == key && job.class == route.class)
-                .map(|job| job_json(job, now))
+                .filter(|job| job.key == work.key && job.class == work.route.class)
+                .map(|job| job_json(job, work.now))
                 .collect();
             Answer::ok(json!({"object": "list", "data": data}))
         }
-        Endpoint::GetJob(id) | Endpoint::CancelJob(id) => {
-            let cancel = matches!(route.endpoint, Endpoint::CancelJob(_));
-            match state
-                .jobs
-                .iter_mut()
-                .find(|job| job.key == key && job.class == route.class && job.id == *id)
-            {
-                Some(job) => {
-                    if cancel && job.status(now) == JobStatus::Running {
-                        job.cancelled = true;
-                    }
-                    Answer::ok(job_json(job, now))
-                }
-                None => Answer::error(StatusCode::NOT_FOUND, "not_found", format!("No job {id}.")),
-            }
-        }
+        Endpoint::GetJob(id) => one_job(state, work, id, false),
+        Endpoint::CancelJob(id) => one_job(state, work, id, true),
         Endpoint::Files => Answer::ok(json!({"object": "list", "data": []})),
         Endpoint::NotFound => Answer::error(
             StatusCode::NOT_FOUND,
@@ -647,8 +539,145 @@ fn serve(shared: &Shared, state: &mut State, work: &Work<'_>) -> Answer {
             "The simulator does not know this endpoint.",
         ),
     };
-    answer.tokens = prompt + completion;
+    answer.tokens = work.prompt + work.completion;
     answer
+}
+
+impl Work<'_> {
+    /// The answer's `usage`.
+    fn usage(&self) -> Value {
+        json!({"prompt_tokens": self.prompt, "completion_tokens": self.completion, "total_tokens": self.prompt + self.completion})
+    }
+
+    /// The reply, cut to the completion tokens it is charged for.
+    fn reply(&self) -> String {
+        reply_text(self.json)
+            .split_whitespace()
+            .take(self.completion as usize)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Seconds since the epoch, as OpenAI's `created`.
+fn created() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// A chat completion or a text completion.
+fn completion(state: &mut State, work: &Work<'_>) -> Answer {
+    let model = &work.json["model"];
+    if matches!(work.route.endpoint, Endpoint::Chat) {
+        let id = state.new_id("chatcmpl");
+        return Answer::ok(json!({
+            "id": id, "object": "chat.completion", "created": created(), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": work.reply()}, "finish_reason": "stop"}],
+            "usage": work.usage(),
+        }));
+    }
+    let id = state.new_id("cmpl");
+    Answer::ok(json!({
+        "id": id, "object": "text_completion", "created": created(), "model": model,
+        "choices": [{"index": 0, "text": work.reply(), "finish_reason": "stop"}],
+        "usage": work.usage(),
+    }))
+}
+
+/// One embedding per input, in input order.
+fn embeddings(shared: &Shared, work: &Work<'_>) -> Answer {
+    let inputs: Vec<&str> = match &work.json["input"] {
+        Value::String(text) => vec![text.as_str()],
+        Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    if inputs.is_empty() {
+        return Answer::error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "`input` must be a string or a list of strings.",
+        );
+    }
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| json!({"object": "embedding", "index": index, "embedding": embedding(text, shared.config.embedding_dimensions)}))
+        .collect();
+    Answer::ok(
+        json!({"object": "list", "model": work.json["model"], "data": data, "usage": work.usage()}),
+    )
+}
+
+/// One generated image: a URL, or a pixel in base64.
+fn image(state: &mut State, work: &Work<'_>) -> Answer {
+    let id = state.new_id("img");
+    let image = if work.json["response_format"] == "b64_json" {
+        json!({"index": 0, "b64_json": ONE_PIXEL_PNG})
+    } else {
+        json!({"index": 0, "url": format!("https://images.sim.invalid/{id}.png")})
+    };
+    Answer::ok(json!({"id": id, "model": work.json["model"], "object": "list", "data": [image]}))
+}
+
+/// The documents ranked by the share of the query's words each holds.
+fn rerank(state: &mut State, work: &Work<'_>) -> Answer {
+    let json = work.json;
+    let query: Vec<String> = json["query"]
+        .as_str()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(str::to_lowercase)
+        .collect();
+    let documents: Vec<&str> = json["documents"]
+        .as_array()
+        .map(|docs| docs.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut results: Vec<(usize, f64)> = documents
+        .iter()
+        .enumerate()
+        .map(|(index, document)| {
+            let document = document.to_lowercase();
+            let hits = query
+                .iter()
+                .filter(|word| document.contains(word.as_str()))
+                .count();
+            (index, hits as f64 / query.len().max(1) as f64)
+        })
+        .collect();
+    results.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    results.truncate(
+        json["top_n"]
+            .as_u64()
+            .map_or(usize::MAX, |top| top as usize),
+    );
+    let results: Vec<Value> = results
+        .into_iter()
+        .map(|(index, score)| json!({"index": index, "relevance_score": score}))
+        .collect();
+    let id = state.new_id("rerank");
+    Answer::ok(
+        json!({"id": id, "object": "rerank", "model": json["model"], "results": results, "usage": work.usage()}),
+    )
+}
+
+/// One job of the caller's, read or (`cancel`) cancelled.
+fn one_job(state: &mut State, work: &Work<'_>, id: &str, cancel: bool) -> Answer {
+    let now = work.now;
+    let job = state
+        .jobs
+        .iter_mut()
+        .find(|job| job.key == work.key && job.class == work.route.class && job.id == *id);
+    match job {
+        Some(job) => {
+            if cancel && job.status(now) == JobStatus::Running {
+                job.cancelled = true;
+            }
+            Answer::ok(job_json(job, now))
+        }
+        None => Answer::error(StatusCode::NOT_FOUND, "not_found", format!("No job {id}.")),
+    }
 }
 
 fn create_job(
