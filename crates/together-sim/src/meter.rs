@@ -130,91 +130,11 @@ impl Meter {
 
     /// Spends `cost` units at `now` if the limit allows; says what is left either way.
     pub fn check(&mut self, now: Duration, cost: u64) -> Verdict {
-        let limit = self.limit;
+        let limit = &self.limit;
         match &mut self.state {
-            State::Gcra { tat } => {
-                let interval = limit.interval();
-                // The bucket holds `burst` intervals; a request adds `cost` of them.
-                let capacity =
-                    interval.saturating_mul(u32::try_from(limit.burst).unwrap_or(u32::MAX));
-                let start = (*tat).max(now);
-                let new_tat = start.saturating_add(
-                    interval.saturating_mul(u32::try_from(cost).unwrap_or(u32::MAX)),
-                );
-                let fill = new_tat - now;
-                let allowed = fill <= capacity.saturating_add(limit.tolerance);
-                if allowed {
-                    *tat = new_tat;
-                }
-                let held = (*tat).max(now) - now;
-                let remaining =
-                    capacity.saturating_sub(held).as_nanos() / interval.as_nanos().max(1);
-                // When one more unit would fit: the bucket must drain to `capacity + tolerance`
-                // less one interval.
-                let room = capacity.saturating_add(limit.tolerance);
-                let reset = if allowed {
-                    held.saturating_add(interval).saturating_sub(room)
-                } else {
-                    fill - room
-                };
-                Verdict {
-                    allowed,
-                    limit: limit.amount,
-                    remaining: remaining as u64,
-                    reset,
-                }
-            }
-            State::Fixed { index, used } => {
-                let current = now.as_nanos() / limit.window.as_nanos().max(1);
-                if current != *index {
-                    *index = current;
-                    *used = 0;
-                }
-                let allowed = used.saturating_add(cost) <= limit.amount;
-                if allowed {
-                    *used += cost;
-                }
-                let window_end = limit.window.as_nanos() * (current + 1);
-                let reset = Duration::from_nanos((window_end - now.as_nanos()) as u64);
-                Verdict {
-                    allowed,
-                    limit: limit.amount,
-                    remaining: limit.amount.saturating_sub(*used),
-                    reset,
-                }
-            }
-            State::Sliding { log, used } => {
-                while let Some(&(at, spent)) = log.front() {
-                    if at.saturating_add(limit.window) > now {
-                        break;
-                    }
-                    log.pop_front();
-                    *used -= spent;
-                }
-                let allowed = used.saturating_add(cost) <= limit.amount;
-                if allowed {
-                    log.push_back((now, cost));
-                    *used += cost;
-                }
-                // Until enough of the oldest spending leaves the window to fit `cost` (or, when
-                // granted, one more unit; zero while some remain).
-                let cost = if allowed { 1 } else { cost };
-                let mut need = used.saturating_add(cost).saturating_sub(limit.amount);
-                let mut reset = Duration::ZERO;
-                for &(at, spent) in log.iter() {
-                    if need == 0 {
-                        break;
-                    }
-                    reset = at.saturating_add(limit.window).saturating_sub(now);
-                    need = need.saturating_sub(spent);
-                }
-                Verdict {
-                    allowed,
-                    limit: limit.amount,
-                    remaining: limit.amount.saturating_sub(*used),
-                    reset,
-                }
-            }
+            State::Gcra { tat } => gcra(limit, tat, now, cost),
+            State::Fixed { index, used } => fixed_window(limit, index, used, now, cost),
+            State::Sliding { log, used } => sliding_window(limit, log, used, now, cost),
         }
     }
 
@@ -229,6 +149,104 @@ impl Meter {
                 .back()
                 .is_none_or(|&(at, _)| at.saturating_add(self.limit.window) <= now),
         }
+    }
+}
+
+/// GCRA: the theoretical arrival time `tat` moves by one interval a unit.
+fn gcra(limit: &Limit, tat: &mut Duration, now: Duration, cost: u64) -> Verdict {
+    let interval = limit.interval();
+    // The bucket holds `burst` intervals; a request adds `cost` of them.
+    let capacity = interval.saturating_mul(u32::try_from(limit.burst).unwrap_or(u32::MAX));
+    let start = (*tat).max(now);
+    let new_tat =
+        start.saturating_add(interval.saturating_mul(u32::try_from(cost).unwrap_or(u32::MAX)));
+    let fill = new_tat - now;
+    let allowed = fill <= capacity.saturating_add(limit.tolerance);
+    if allowed {
+        *tat = new_tat;
+    }
+    let held = (*tat).max(now) - now;
+    let remaining = capacity.saturating_sub(held).as_nanos() / interval.as_nanos().max(1);
+    // When one more unit would fit: the bucket must drain to `capacity + tolerance` less one
+    // interval.
+    let room = capacity.saturating_add(limit.tolerance);
+    let reset = if allowed {
+        held.saturating_add(interval).saturating_sub(room)
+    } else {
+        fill - room
+    };
+    Verdict {
+        allowed,
+        limit: limit.amount,
+        remaining: remaining as u64,
+        reset,
+    }
+}
+
+/// A fixed window: `used` units in the window numbered `index`.
+fn fixed_window(
+    limit: &Limit,
+    index: &mut u128,
+    used: &mut u64,
+    now: Duration,
+    cost: u64,
+) -> Verdict {
+    let current = now.as_nanos() / limit.window.as_nanos().max(1);
+    if current != *index {
+        *index = current;
+        *used = 0;
+    }
+    let allowed = used.saturating_add(cost) <= limit.amount;
+    if allowed {
+        *used += cost;
+    }
+    let window_end = limit.window.as_nanos() * (current + 1);
+    let reset = Duration::from_nanos((window_end - now.as_nanos()) as u64);
+    Verdict {
+        allowed,
+        limit: limit.amount,
+        remaining: limit.amount.saturating_sub(*used),
+        reset,
+    }
+}
+
+/// A sliding window: an exact `log` of what was spent in the last window, `used` in all.
+fn sliding_window(
+    limit: &Limit,
+    log: &mut VecDeque<(Duration, u64)>,
+    used: &mut u64,
+    now: Duration,
+    cost: u64,
+) -> Verdict {
+    while let Some(&(at, spent)) = log.front() {
+        if at.saturating_add(limit.window) > now {
+            break;
+        }
+        log.pop_front();
+        *used -= spent;
+    }
+    let allowed = used.saturating_add(cost) <= limit.amount;
+    if allowed {
+        log.push_back((now, cost));
+        *used += cost;
+    }
+    // Until enough of the oldest spending leaves the window to fit `cost` (or, when granted,
+    // one more unit; zero while some remain).
+    let cost = if allowed { 1 } else { cost };
+    let mut need = used.saturating_add(cost).saturating_sub(limit.amount);
+    let mut reset = Duration::ZERO;
+    for &(at, spent) in log.iter() {
+        if need == 0 {
+            break;
+        }
+        reset = at.saturating_add(limit.window).saturating_sub(now);
+        need = need.saturating_sub(spent);
+    }
+    Verdict {
+        allowed,
+        limit: limit.amount,
+        remaining: limit.amount.saturating_sub(*used),
+        reset,
     }
 }
 
