@@ -20,6 +20,7 @@ use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use together_sim::{Class, JobSettings, Sim, SimConfig};
 use together_tower::body::BufferedBody;
@@ -27,12 +28,37 @@ use together_tower::embeddings::EmbedInputs;
 use together_tower::models::ModelNotFound;
 use together_tower::quota::QuotaTable;
 use together_tower::retry::{ModelFallback, RetryPolicy};
-use together_tower::{Limits, TogetherLayer};
+use together_tower::{Limits, TogetherLayer, TogetherService};
 use together_tower_examples::CHAT_MODEL;
 use tower::{BoxError, Layer, ServiceExt};
 
 const SMALL_MODEL: &str = "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo";
 const KEY: &str = "Bearer example-key";
+
+/// The stack under test, on hyper-util's client.
+type Together = TogetherService<Client<HttpConnector, BufferedBody<Full<Bytes>>>>;
+
+/// The stack and the simulator's address.
+struct Stage {
+    together: Together,
+    base: String,
+}
+
+impl Stage {
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: String,
+    ) -> http::Result<Request<Full<Bytes>>> {
+        Request::builder()
+            .method(method)
+            .uri(format!("{}/v1/{path}", self.base))
+            .header("authorization", KEY)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
@@ -46,29 +72,55 @@ async fn main() -> Result<(), BoxError> {
     })
     .await?;
     let client = Client::builder(TokioExecutor::new()).build_http::<BufferedBody<Full<Bytes>>>();
-    let together = TogetherLayer::new(Limits::new(QuotaTable::together_defaults()))
-        .with_retry(RetryPolicy::new().with_fallback(CHAT_MODEL, SMALL_MODEL))
-        .layer(client);
-    let url = |path: &str| format!("{}/v1/{path}", sim.url());
-    let request = |method: Method, path: &str, body: String| {
-        Request::builder()
-            .method(method)
-            .uri(url(path))
-            .header("authorization", KEY)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
+    let stage = Stage {
+        together: TogetherLayer::new(Limits::new(QuotaTable::together_defaults()))
+            .with_retry(RetryPolicy::new().with_fallback(CHAT_MODEL, SMALL_MODEL))
+            .layer(client),
+        base: sim.url(),
     };
 
-    // 409: five creates, three slots.
     let started = Instant::now();
+    let created = five_creates(&stage).await?;
+    let fine_tunes = sim.stats().class(Class::FineTunes);
+    println!(
+        "fine-tunes: {created} of 5 created in {:.1} s, three slots; the server answered {} 409s",
+        started.elapsed().as_secs_f64(),
+        fine_tunes.conflict
+    );
+    let fallback = overloaded_model(&stage).await?;
+    let missing = misspelt_model(&stage).await?;
+    let embeddings_before = sim.stats().class(Class::Embeddings).requests;
+    let (vectors, failed) = long_embeddings_list(&stage).await;
+    let requests = sim.stats().class(Class::Embeddings).requests - embeddings_before;
+    println!(
+        "embeddings: {vectors} of 95 vectors in input order from {requests} requests, {failed} chunks failed"
+    );
+
+    sim.shutdown().await;
+    if created != 5
+        || fine_tunes.conflict != 0
+        || fallback.is_none_or(|fallback| fallback.answered_by != SMALL_MODEL)
+        || missing.is_none_or(|missing| {
+            missing.closest().first().map(String::as_str) != Some(SMALL_MODEL)
+        })
+        || vectors != 95
+        || requests != 5
+    {
+        return Err("the stack did not handle the error table".into());
+    }
+    Ok(())
+}
+
+/// 409: five fine-tune creates at once, three slots. Returns how many were created.
+async fn five_creates(stage: &Stage) -> Result<usize, BoxError> {
     let creates: Vec<_> = (0..5)
         .map(|_| {
-            let create = request(
+            let create = stage.request(
                 Method::POST,
                 "fine-tunes",
                 format!(r#"{{"model":"{SMALL_MODEL}","training_file":"file-1"}}"#),
             );
-            let together = together.clone();
+            let together = stage.together.clone();
             tokio::spawn(async move {
                 let response = together.oneshot(create?).await?;
                 let status = response.status();
@@ -80,8 +132,8 @@ async fn main() -> Result<(), BoxError> {
     // The jobs' owner looks at them now and then, as such code does; each list shows the
     // stack which jobs ended.
     let watcher = {
-        let together = together.clone();
-        let list = request(Method::GET, "fine-tunes", String::new())?;
+        let together = stage.together.clone();
+        let list = stage.request(Method::GET, "fine-tunes", String::new())?;
         let (parts, body) = list.into_parts();
         tokio::spawn(async move {
             loop {
@@ -98,20 +150,18 @@ async fn main() -> Result<(), BoxError> {
         created += usize::from(create.await??.is_success());
     }
     watcher.abort();
-    let fine_tunes = sim.stats().class(Class::FineTunes);
-    println!(
-        "fine-tunes: {created} of 5 created in {:.1} s, three slots; the server answered {} 409s",
-        started.elapsed().as_secs_f64(),
-        fine_tunes.conflict
-    );
+    Ok(created)
+}
 
-    // 503: the overloaded model falls back.
+/// 503: the overloaded model falls back to the small one, and the answer says so.
+async fn overloaded_model(stage: &Stage) -> Result<Option<ModelFallback>, BoxError> {
     let chat = format!(
         r#"{{"model":"{CHAT_MODEL}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":8}}"#
     );
-    let response = together
+    let response = stage
+        .together
         .clone()
-        .oneshot(request(Method::POST, "chat/completions", chat)?)
+        .oneshot(stage.request(Method::POST, "chat/completions", chat)?)
         .await?;
     let fallback = response.extensions().get::<ModelFallback>().cloned();
     println!(
@@ -121,30 +171,41 @@ async fn main() -> Result<(), BoxError> {
             .as_ref()
             .map_or("the same model", |fallback| fallback.answered_by.as_str())
     );
+    Ok(fallback)
+}
 
-    // 404: a misspelt model.
+/// 404: a misspelt model becomes `ModelNotFound`, naming the closest models.
+async fn misspelt_model(stage: &Stage) -> Result<Option<ModelNotFound>, BoxError> {
     let typo = r#"{"model":"meta-llama/Meta-Llama-3.1-8B-Instruct","messages":[]}"#.to_owned();
-    let error = together
+    let error = stage
+        .together
         .clone()
-        .oneshot(request(Method::POST, "chat/completions", typo)?)
+        .oneshot(stage.request(Method::POST, "chat/completions", typo)?)
         .await
         .err();
     let missing = error
         .as_ref()
-        .and_then(|error| error.downcast_ref::<ModelNotFound>());
+        .and_then(|error| error.downcast_ref::<ModelNotFound>())
+        .cloned();
     println!(
         "404: {}",
-        missing.map_or("no typed error".to_owned(), ToString::to_string)
+        missing
+            .as_ref()
+            .map_or("no typed error".to_owned(), ToString::to_string)
     );
+    Ok(missing)
+}
 
-    // Embeddings: 95 inputs, at most 20 a request.
+/// Embeddings: 95 inputs, at most 20 a request. Returns how many vectors came back, and how
+/// many chunks failed.
+async fn long_embeddings_list(stage: &Stage) -> (usize, usize) {
     let texts: Vec<String> = (0..95).map(|i| format!("text {i}")).collect();
-    let embeddings_before = sim.stats().class(Class::Embeddings).requests;
+    let url = format!("{}/v1/embeddings", stage.base);
     let embedded = EmbedInputs::new("BAAI/bge-large-en-v1.5")
         .embed(
-            together.clone(),
+            stage.together.clone(),
             |body| {
-                Request::post(url("embeddings"))
+                Request::post(&url)
                     .header("authorization", KEY)
                     .body(Full::new(body))
                     .expect("a valid request")
@@ -152,24 +213,6 @@ async fn main() -> Result<(), BoxError> {
             &texts,
         )
         .await;
-    let requests = sim.stats().class(Class::Embeddings).requests - embeddings_before;
     let vectors = embedded.vectors().iter().flatten().count();
-    println!(
-        "embeddings: {vectors} of 95 vectors in input order from {requests} requests, {} chunks failed",
-        embedded.failures().len()
-    );
-
-    sim.shutdown().await;
-    if created != 5
-        || fine_tunes.conflict != 0
-        || fallback.is_none_or(|fallback| fallback.answered_by != SMALL_MODEL)
-        || missing.is_none_or(|missing| {
-            missing.closest().first().map(String::as_str) != Some(SMALL_MODEL)
-        })
-        || vectors != 95
-        || requests != 5
-    {
-        return Err("the stack did not handle the error table".into());
-    }
-    Ok(())
+    (vectors, embedded.failures().len())
 }
