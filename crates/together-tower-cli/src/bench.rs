@@ -13,10 +13,10 @@ use serde::Serialize;
 use together_sim::{Algorithm, Hints};
 use tower::ServiceExt;
 
-use crate::CliError;
 use crate::client::{Endpoint, Mode, Stack, stack};
 use crate::observe::{Attempt, Observations};
 use crate::target::{ApiKey, SimLimits, Target, TargetArgs, json_request};
+use crate::{CliError, flag_word};
 
 /// Flags of `together-tower bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -443,16 +443,16 @@ pub fn table(report: &BenchReport) -> String {
     let target = report
         .sim_algorithm
         .map_or("the given base URL".to_owned(), |algorithm| {
-            format!("the embedded simulator ({algorithm:?})")
+            format!("the embedded simulator ({})", flag_word(&algorithm))
         });
     format!(
-        "bench: {} requests to {:?} through the {:?} stack, {} at a time, against {target}\n\
+        "bench: {} requests to {} through the {} stack, {} at a time, against {target}\n\
          \n\
          {:<14} {:>10}\n{:<14} {:>10}\n{:<14} {:>10}\n{:<14} {:>10}\n{:<14} {:>10}\n\
          {:<14} {:>10.2}\n{:<14} {:>10.1}\n{:<14} {:>10}\n{:<14} {:>9.1}%\n{:<14} {:>10.1}\n{:<14} {:>10.1}\n",
         report.requests,
-        report.endpoint,
-        report.mode,
+        flag_word(&report.endpoint),
+        flag_word(&report.mode),
         report.concurrency,
         "ok",
         report.ok,

@@ -49,3 +49,10 @@ impl fmt::Display for CliError {
 }
 
 impl std::error::Error for CliError {}
+
+/// A flag's value as the user types it (`chat`, `gcra`, `retry-only`), not its Rust name.
+pub fn flag_word<T: clap::ValueEnum>(value: &T) -> String {
+    value
+        .to_possible_value()
+        .map_or_else(String::new, |value| value.get_name().to_owned())
+}

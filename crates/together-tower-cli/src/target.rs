@@ -212,11 +212,11 @@ impl Target {
                     CliError::Setup(format!("cannot start the embedded simulator: {error}"))
                 })?;
                 eprintln!(
-                    "no --base-url or TOGETHER_BASE_URL: started the embedded simulator at {} ({} {} requests/min, {:?})",
+                    "no --base-url or TOGETHER_BASE_URL: started the embedded simulator at {} ({} {} requests/min, {})",
                     sim.url(),
                     limits.class,
                     limits.rpm,
-                    limits.algorithm
+                    crate::flag_word(&limits.algorithm)
                 );
                 Ok(Self {
                     base_url: sim.url(),

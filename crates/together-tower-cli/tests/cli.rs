@@ -48,6 +48,12 @@ async fn limited_bench_uses_the_quota_without_a_429() {
     );
     assert_eq!(timeline.attempts.len(), 40);
     assert!(report.quota_share > 0.9, "{report:?}");
+    // The table speaks the flags' words, not Rust's names.
+    let table = bench::table(&report);
+    assert!(
+        table.contains("to chat through the adaptive stack") && table.contains("(gcra)"),
+        "{table}"
+    );
     assert!(report.p50_ms <= report.p99_ms);
 }
 
