@@ -193,6 +193,52 @@ pub trait Classify {
     }
 }
 
+/// The class one of this crate's layers found for a request, carried in the request's
+/// extensions so that the layers below it neither classify the request again nor hide its
+/// credentials again.
+///
+/// The first layer of this crate that classifies a request (the retry layer, in the whole
+/// stack) marks its credentials sensitive, classifies it, and records this; the rate limit
+/// layer below uses it as it is. Only this crate's layers make one, so a request that carries
+/// one always had its credentials hidden.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classified {
+    class: EndpointClass,
+}
+
+impl Classified {
+    /// The class recorded.
+    pub fn class(&self) -> EndpointClass {
+        self.class
+    }
+
+    /// The class a layer above recorded, if any.
+    pub(crate) fn of<B>(request: &Request<B>) -> Option<EndpointClass> {
+        request
+            .extensions()
+            .get::<Classified>()
+            .map(Classified::class)
+    }
+
+    /// The request's class: the one recorded above, or else `classifier`'s, once the request's
+    /// credentials are hidden. With `record`, a new class is kept for the layers below.
+    pub(crate) fn ensure<C: Classify, B>(
+        classifier: &C,
+        request: &mut Request<B>,
+        record: bool,
+    ) -> EndpointClass {
+        if let Some(class) = Self::of(request) {
+            return class;
+        }
+        classifier.hide_credentials(request.headers_mut());
+        let class = classifier.classify(request);
+        if record {
+            request.extensions_mut().insert(Classified { class });
+        }
+        class
+    }
+}
+
 /// The classifier for Together's own API paths.
 ///
 /// It matches on the method and on the path after its `v1` segment, so a base URL with a

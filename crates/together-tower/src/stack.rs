@@ -343,4 +343,41 @@ mod tests {
         let boxed = tower::util::BoxCloneSyncService::new(service);
         let _clone = boxed.clone();
     }
+
+    /// A classifier that counts its calls.
+    #[derive(Clone, Default)]
+    struct Counting(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl crate::classify::Classify for Counting {
+        fn classify<B>(&self, request: &Request<B>) -> EndpointClass {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            crate::classify::classify_path(request.method(), request.uri().path())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stack_classifies_a_request_once_whatever_its_attempts() {
+        let counting = Counting::default();
+        let limits = Limits::builder(QuotaTable::together_defaults())
+            .classifier(counting.clone())
+            .build();
+        // A 503 first, then a 200: one retry.
+        let (inner, log) = client(|call| {
+            if call == 0 {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            }
+        });
+        let stack = TogetherLayer::new(limits).layer(inner);
+        let request = Request::post("http://together.test/v1/chat/completions")
+            .header("authorization", "Bearer k")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let answer = stack.oneshot(request).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(log.lock().unwrap().len(), 2);
+        // Once as it entered the retry layer; the rate limit and the policy read that.
+        assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 }

@@ -10,7 +10,7 @@ use super::backend::{Limiter, LocalLimiter};
 use super::future::{ResponseBody, ResponseFuture};
 use super::limits::Limits;
 use crate::body::RequestMeta;
-use crate::classify::{Classify, TogetherClassifier};
+use crate::classify::{Classified, Classify, TogetherClassifier};
 use crate::retry::Attempt;
 
 /// Makes each request wait its turn in its bucket before it is sent.
@@ -89,12 +89,13 @@ where
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let inner = &self.limits.inner;
-        inner.classifier.hide_credentials(request.headers_mut());
+        // The last of this crate's layers: nothing below needs the class recorded.
+        let class = Classified::ensure(&inner.classifier, &mut request, false);
         // One span per attempt; its fields are worked out only if a subscriber wants it.
         let span = tracing::debug_span!(
             target: "together_tower",
             "together_tower",
-            class = %inner.classifier.classify(&request),
+            class = %class,
             model = request
                 .extensions()
                 .get::<RequestMeta>()
@@ -105,7 +106,7 @@ where
         );
         // Entered by guard rather than `in_scope`: a closure would move the request once more.
         let entered = span.enter();
-        let admission = inner.admit(&request);
+        let admission = inner.admit(&request, class);
         match admission {
             // The inner service is ready (our `poll_ready` is its own), so call it now.
             Admission::Go {

@@ -151,7 +151,8 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        self.classifier.hide_credentials(request.headers_mut());
+        // Classified once, for the policy's decisions and for the rate limit below.
+        crate::classify::Classified::ensure(&self.classifier, &mut request, true);
         self.budget.deposit();
         request
             .extensions_mut()

@@ -344,7 +344,8 @@ impl<C: Classify> RetryPolicy<C> {
         request: &mut Request<B>,
         result: &Result<Response<ResBody>, BoxError>,
     ) -> Option<Sleep> {
-        let class = self.classifier.classify(request);
+        let class = crate::classify::Classified::of(request)
+            .unwrap_or_else(|| self.classifier.classify(request));
         let verdict = match result {
             Ok(response) => self.judge_response(class, response.status(), response.headers()),
             Err(error) => self.judge_error(class, error),
@@ -483,9 +484,10 @@ where
         *clone.method_mut() = request.method().clone();
         *clone.uri_mut() = request.uri().clone();
         *clone.version_mut() = request.version();
+        // The copy lives in the retry future, which tower prints with `Debug`: its headers
+        // were marked sensitive when the request entered the retry layer, and the marks are
+        // copied with them.
         *clone.headers_mut() = request.headers().clone();
-        // The copy lives in the retry future, which tower prints with `Debug`.
-        self.classifier.hide_credentials(clone.headers_mut());
         *clone.extensions_mut() = request.extensions().clone();
         Some(clone)
     }

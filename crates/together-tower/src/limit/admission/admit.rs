@@ -44,8 +44,7 @@ pub(crate) enum Admission {
 }
 
 impl<C: Classify, L: Limiter> Inner<C, L> {
-    pub(crate) fn admit<B>(&self, request: &Request<B>) -> Admission {
-        let class = self.classifier.classify(request);
+    pub(crate) fn admit<B>(&self, request: &Request<B>, class: EndpointClass) -> Admission {
         let reads_jobs = self.job_slots_read_by(class, request);
         let Some(key) = self.bucket_key_for(class, request) else {
             return Admission::Go {
