@@ -23,11 +23,11 @@ use hyper_util::rt::TokioExecutor;
 use together_sim::{Class, SimConfig};
 use together_tower::body::BufferedBody;
 use together_tower::classify::TogetherClassifier;
-use together_tower::limit::{Limiter, LocalLimiter};
+use together_tower::limit::{Backend, LocalBackend};
 use together_tower::quota::QuotaTable;
 use together_tower::{Limits, TogetherLayer, TogetherService};
 use together_tower_examples::{chat_body, send_chat_requests, simulator};
-use together_tower_redis::{RedisLimiter, RedisSettings, Unreachable};
+use together_tower_redis::{RedisBackend, RedisSettings, Unreachable};
 use tower::{BoxError, ServiceBuilder};
 
 const REPLICAS: u32 = 3;
@@ -75,9 +75,9 @@ async fn redis() -> Result<(String, Option<OwnRedis>), BoxError> {
 }
 
 /// Each replica's stack: its own `Limits` on `limiter`, told the whole quota.
-fn stack<L: Limiter>(limiter: L) -> TogetherService<Http, TogetherClassifier, L> {
+fn stack<L: Backend>(limiter: L) -> TogetherService<Http, TogetherClassifier, L> {
     let limits = Limits::builder(QuotaTable::together_defaults())
-        .limiter(limiter)
+        .backend(limiter)
         .build();
     let client = Client::builder(TokioExecutor::new()).build_http();
     ServiceBuilder::new()
@@ -87,7 +87,7 @@ fn stack<L: Limiter>(limiter: L) -> TogetherService<Http, TogetherClassifier, L>
 
 /// Every replica sends its requests at once, against a simulator of its own run; returns the
 /// requests the callers got answered, and the server's 429s.
-async fn run<L: Limiter>(label: &str, replicas: Vec<L>) -> Result<(usize, u64), BoxError> {
+async fn run<L: Backend>(label: &str, replicas: Vec<L>) -> Result<(usize, u64), BoxError> {
     let sim = simulator(600, SimConfig::default()).await?;
     println!("{label}:");
     let runs: Vec<_> = replicas
@@ -135,10 +135,10 @@ async fn main() -> Result<(), BoxError> {
             unreachable: Unreachable::FallBack { replicas: REPLICAS },
             ..RedisSettings::default()
         };
-        on_redis.push(RedisLimiter::connect(&url, settings).await?);
+        on_redis.push(RedisBackend::connect(&url, settings).await?);
     }
     let (shared_ok, shared_429s) = run("one quota in Redis", on_redis).await?;
-    let alone = (0..REPLICAS).map(|_| LocalLimiter).collect();
+    let alone = (0..REPLICAS).map(|_| LocalBackend).collect();
     let (_, alone_429s) = run("each replica with a limiter of its own", alone).await?;
 
     if shared_ok != REPLICAS as usize * REQUESTS_EACH || shared_429s >= alone_429s {

@@ -16,7 +16,7 @@ use together_sim::Class;
 use together_tower::TogetherLayer;
 use together_tower::body::{BufferBodyLayer, BufferedBody};
 use together_tower::classify::EndpointClass;
-use together_tower::limit::{Adaptation, BucketSnapshot, Limiter, Limits};
+use together_tower::limit::{Adaptation, Backend, BucketSnapshot, Limits};
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
 use together_tower::retry::{RetryLayer, RetryPolicy};
 use tower::retry::budget::TpsBudget;
@@ -154,7 +154,7 @@ pub fn stack(
     burst: u32,
     max_retries: u32,
     observations: &Arc<Observations>,
-    redis: Option<together_tower_redis::RedisLimiter>,
+    redis: Option<together_tower_redis::RedisBackend>,
 ) -> Result<(Stack, Option<Snapshots>), CliError> {
     let client: Observed = BoxCloneSyncService::new(
         ServiceBuilder::new()
@@ -192,13 +192,13 @@ pub fn stack(
         .max_wait(Duration::from_secs(600))
         .max_queue(1 << 20);
     Ok(match redis {
-        Some(redis) => limited(builder.limiter(redis).build(), retry, client),
+        Some(redis) => limited(builder.backend(redis).build(), retry, client),
         None => limited(builder.build(), retry, client),
     })
 }
 
 /// The whole stack around `client`, waiting in `limits`.
-fn limited<L: Limiter>(
+fn limited<L: Backend>(
     limits: Limits<together_tower::classify::TogetherClassifier, L>,
     retry: RetryPolicy,
     client: Observed,

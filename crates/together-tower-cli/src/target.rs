@@ -39,7 +39,7 @@ pub struct TargetArgs {
 
 impl TargetArgs {
     /// The Redis backend, connected, if `--redis-url` was given.
-    pub async fn redis(&self) -> Result<Option<together_tower_redis::RedisLimiter>, CliError> {
+    pub async fn redis(&self) -> Result<Option<together_tower_redis::RedisBackend>, CliError> {
         let Some(url) = &self.redis_url else {
             return Ok(None);
         };
@@ -50,9 +50,9 @@ impl TargetArgs {
             ..together_tower_redis::RedisSettings::default()
         };
         let connected = if self.redis_cluster {
-            together_tower_redis::RedisLimiter::connect_cluster([url], settings).await
+            together_tower_redis::RedisBackend::connect_cluster([url], settings).await
         } else {
-            together_tower_redis::RedisLimiter::connect(url, settings).await
+            together_tower_redis::RedisBackend::connect(url, settings).await
         };
         connected.map(Some).map_err(|error| {
             let message = format!("--redis-url: {error}");

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use together_tower::key::ApiKeyId;
-use together_tower::limit::{BucketSpec, Cost, Limiter, Pace, Rates};
-use together_tower_redis::{RedisLimiter, RedisSettings, Unreachable};
+use together_tower::limit::{Backend, BucketSpec, Cost, Pace, Rates};
+use together_tower_redis::{RedisBackend, RedisSettings, Unreachable};
 
 const RUN: Duration = Duration::from_secs(5);
 
@@ -25,7 +25,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         unreachable: Unreachable::Fail,
         ..RedisSettings::default()
     };
-    let limiter = RedisLimiter::connect(&url, settings).await?;
+    let limiter = RedisBackend::connect(&url, settings).await?;
     // A quota that never binds: every decision is a full script run that allows.
     let rates = Rates {
         requests: Some(Pace::new(

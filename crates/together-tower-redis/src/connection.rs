@@ -11,7 +11,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::RedisSettings;
-use crate::error::RedisLimiterError;
+use crate::error::RedisBackendError;
 
 /// A connection to one Redis, or to a cluster.
 #[derive(Clone)]
@@ -34,8 +34,8 @@ impl Connection {
     pub(crate) async fn single(
         url: &str,
         settings: &RedisSettings,
-    ) -> Result<Self, RedisLimiterError> {
-        let client = redis::Client::open(url).map_err(RedisLimiterError::from_redis)?;
+    ) -> Result<Self, RedisBackendError> {
+        let client = redis::Client::open(url).map_err(RedisBackendError::from_redis)?;
         // Reconnecting backs off no longer than `retry_after`, so that once Redis is back
         // every process returns to it within about that long.
         let config = ConnectionManagerConfig::new()
@@ -52,8 +52,8 @@ impl Connection {
         )
         .await?;
         if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
-            return Err(RedisLimiterError::Misconfigured(format!(
-                "{} is a Redis Cluster node: connect to the cluster (RedisLimiter::connect_cluster, or the CLI's --redis-cluster)",
+            return Err(RedisBackendError::Misconfigured(format!(
+                "{} is a Redis Cluster node: connect to the cluster (RedisBackend::connect_cluster, or the CLI's --redis-cluster)",
                 redacted(url)
             )));
         }
@@ -64,7 +64,7 @@ impl Connection {
     pub(crate) async fn cluster(
         nodes: &[&str],
         settings: &RedisSettings,
-    ) -> Result<Self, RedisLimiterError> {
+    ) -> Result<Self, RedisBackendError> {
         let client = ClusterClient::builder(nodes.iter().copied())
             .connection_timeout(settings.call_timeout)
             .response_timeout(settings.call_timeout)
@@ -74,7 +74,7 @@ impl Connection {
             .min_retry_wait(10)
             .max_retry_wait(u64::try_from(settings.retry_after.as_millis()).unwrap_or(u64::MAX))
             .build()
-            .map_err(RedisLimiterError::from_redis)?;
+            .map_err(RedisBackendError::from_redis)?;
         let connection = within(settings, client.get_async_connection()).await?;
         Ok(Connection::Cluster(connection))
     }
@@ -84,11 +84,11 @@ impl Connection {
 async fn within<T>(
     settings: &RedisSettings,
     call: impl Future<Output = redis::RedisResult<T>>,
-) -> Result<T, RedisLimiterError> {
+) -> Result<T, RedisBackendError> {
     tokio::time::timeout(settings.call_timeout, call)
         .await
-        .map_err(|_| RedisLimiterError::Timeout(settings.call_timeout))?
-        .map_err(RedisLimiterError::from_redis)
+        .map_err(|_| RedisBackendError::Timeout(settings.call_timeout))?
+        .map_err(RedisBackendError::from_redis)
 }
 
 /// A URL without its password, for an error message.

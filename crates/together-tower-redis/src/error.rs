@@ -9,7 +9,7 @@ use redis::{ErrorKind, RedisError, ServerErrorKind};
 /// Why Redis could not decide.
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum RedisLimiterError {
+pub enum RedisBackendError {
     /// Redis answered with an error, or the connection failed.
     Redis(RedisError),
     /// Redis did not answer within the call timeout.
@@ -23,7 +23,7 @@ pub enum RedisLimiterError {
     Misconfigured(String),
 }
 
-impl RedisLimiterError {
+impl RedisBackendError {
     /// A redis-rs error from one Redis, typed by what it means for the limiter.
     pub(crate) fn from_redis(error: RedisError) -> Self {
         Self::typed(error, false)
@@ -39,15 +39,15 @@ impl RedisLimiterError {
             ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::Ask)
         );
         if configured_wrong(&error) && !(cluster && redirected) {
-            RedisLimiterError::Misconfigured(error.to_string())
+            RedisBackendError::Misconfigured(error.to_string())
         } else {
-            RedisLimiterError::Redis(error)
+            RedisBackendError::Redis(error)
         }
     }
 
-    /// Whether this is [`RedisLimiterError::Misconfigured`].
+    /// Whether this is [`RedisBackendError::Misconfigured`].
     pub fn is_misconfigured(&self) -> bool {
-        matches!(self, RedisLimiterError::Misconfigured(_))
+        matches!(self, RedisBackendError::Misconfigured(_))
     }
 }
 
@@ -71,25 +71,25 @@ fn configured_wrong(error: &RedisError) -> bool {
     by_kind || by_code
 }
 
-impl fmt::Display for RedisLimiterError {
+impl fmt::Display for RedisBackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RedisLimiterError::Redis(error) => write!(f, "redis: {error}"),
-            RedisLimiterError::Timeout(after) => {
+            RedisBackendError::Redis(error) => write!(f, "redis: {error}"),
+            RedisBackendError::Timeout(after) => {
                 write!(f, "redis did not answer within {after:?}")
             }
-            RedisLimiterError::Misconfigured(why) => {
+            RedisBackendError::Misconfigured(why) => {
                 write!(f, "redis is configured wrong for the limiter: {why}")
             }
         }
     }
 }
 
-impl std::error::Error for RedisLimiterError {
+impl std::error::Error for RedisBackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            RedisLimiterError::Redis(error) => Some(error),
-            RedisLimiterError::Timeout(_) | RedisLimiterError::Misconfigured(_) => None,
+            RedisBackendError::Redis(error) => Some(error),
+            RedisBackendError::Timeout(_) | RedisBackendError::Misconfigured(_) => None,
         }
     }
 }

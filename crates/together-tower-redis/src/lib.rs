@@ -1,7 +1,7 @@
 //! A Redis backend for together-tower's rate limiter: every process that uses the same Redis
 //! and namespace shares one quota per (API key, quota group, model).
 //!
-//! [`RedisLimiter`] keeps each bucket's GCRA state in Redis: one Lua script per decision,
+//! [`RedisBackend`] keeps each bucket's GCRA state in Redis: one Lua script per decision,
 //! on Redis's own clock (`TIME`, microseconds), so every process shares one clock as well as
 //! one state. Keys are named by the key's fingerprint (never the key) under a `{hash tag}`, so
 //! both keys of a bucket live on one Redis Cluster slot, and expire (`PX`) once the bucket is
@@ -45,14 +45,14 @@
 //! Every call has a timeout ([`RedisSettings::call_timeout`]). [`Unreachable`] says what
 //! happens then: decide in this process at a share of the quota (the default, logged at
 //! `warn` when it starts and at `info` when Redis answers again), or fail the request with
-//! [`RedisLimiterError`]. Redis is asked again after [`RedisSettings::retry_after`]. The first
+//! [`RedisBackendError`]. Redis is asked again after [`RedisSettings::retry_after`]. The first
 //! decision of an outage finds the bucket's burst spent, since what Redis granted just before
 //! is not known here. While some processes decide alone and others in Redis (for up to
 //! `retry_after` after Redis is back), they may together exceed the quota by a little.
 //!
 //! ## Redis Cluster
 //!
-//! [`RedisLimiter::connect_cluster`] takes any node of a cluster (Redis or Valkey) and finds
+//! [`RedisBackend::connect_cluster`] takes any node of a cluster (Redis or Valkey) and finds
 //! the rest. Every key of a bucket shares one hash tag, so each decision is one script call
 //! to the node that owns the bucket's slot, and the cluster client follows `MOVED` and `ASK`
 //! while slots move. A node that does not answer is an outage for its buckets only: they are
@@ -61,8 +61,8 @@
 //! each of its buckets may let one turn through early.
 //!
 //! An answer that says the limiter is configured wrong is never taken for an outage:
-//! [`RedisLimiter::connect`] to a cluster node fails at once with
-//! [`RedisLimiterError::Misconfigured`] (its keys on other nodes would only ever answer
+//! [`RedisBackend::connect`] to a cluster node fails at once with
+//! [`RedisBackendError::Misconfigured`] (its keys on other nodes would only ever answer
 //! `MOVED`), and so does a wrong password; at run time such an answer (`CROSSSLOT`, `NOAUTH`,
 //! `WRONGPASS`, `NOPERM`, or `MOVED` on a single connection) fails the request and is logged
 //! at `error`, whatever the fallback policy. Deciding in this process instead would quietly
@@ -105,11 +105,11 @@
 //! ```no_run
 //! use together_tower::Limits;
 //! use together_tower::quota::QuotaTable;
-//! use together_tower_redis::{RedisLimiter, RedisSettings};
+//! use together_tower_redis::{RedisBackend, RedisSettings};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let redis = RedisLimiter::connect("redis://127.0.0.1:6379/", RedisSettings::default()).await?;
-//! let limits = Limits::builder(QuotaTable::together_defaults()).limiter(redis).build();
+//! let redis = RedisBackend::connect("redis://127.0.0.1:6379/", RedisSettings::default()).await?;
+//! let limits = Limits::builder(QuotaTable::together_defaults()).backend(redis).build();
 //! # let _ = limits;
 //! # Ok(())
 //! # }
@@ -126,13 +126,22 @@ use std::time::Duration;
 
 use redis::Script;
 use together_tower::limit::{
-    BucketSpec, Cost, Decision, Immediate, Limiter, LocalLimiter, Pace, Rates,
+    Backend, BucketSpec, Cost, Decision, Immediate, LocalBackend, Pace, Rates,
 };
 use tokio::time::Instant;
 use tower::BoxError;
 
 use crate::connection::Connection;
-pub use crate::error::RedisLimiterError;
+pub use crate::error::RedisBackendError;
+
+/// The Redis backend's former name.
+#[deprecated(note = "renamed `RedisBackend`, after the `Backend` trait it implements")]
+pub type RedisLimiter = RedisBackend;
+
+/// The Redis backend's error's former name.
+#[deprecated(note = "renamed `RedisBackendError`")]
+pub type RedisLimiterError = RedisBackendError;
+
 use crate::telemetry::Outcome;
 
 /// GCRA over a request rate and a token rate at once: both go, or neither. Time is Redis's
@@ -258,7 +267,7 @@ redis.call('PEXPIRE', KEYS[1], math.floor(ttl / 1000) + 1)
 return 1
 ";
 
-/// What a [`RedisLimiter`] does when Redis does not answer within the call timeout.
+/// What a [`RedisBackend`] does when Redis does not answer within the call timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unreachable {
     /// Decides in this process, at the quota divided by `replicas` (the processes that share
@@ -267,11 +276,11 @@ pub enum Unreachable {
         /// How many processes share the quota.
         replicas: u32,
     },
-    /// Fails the request with [`RedisLimiterError`].
+    /// Fails the request with [`RedisBackendError`].
     Fail,
 }
 
-/// How a [`RedisLimiter`] talks to Redis.
+/// How a [`RedisBackend`] talks to Redis.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     /// Prefixes every key, so deployments can share a Redis.
@@ -304,9 +313,9 @@ impl Default for RedisSettings {
     }
 }
 
-/// A [`Limiter`] whose buckets live in Redis.
+/// A [`Backend`] whose buckets live in Redis.
 #[derive(Clone)]
-pub struct RedisLimiter {
+pub struct RedisBackend {
     connection: Connection,
     script: Arc<Script>,
     give_back: Arc<Script>,
@@ -320,18 +329,18 @@ pub struct RedisLimiter {
     outages: Arc<AtomicU64>,
 }
 
-impl fmt::Debug for RedisLimiter {
+impl fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisLimiter")
+        f.debug_struct("RedisBackend")
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
 }
 
-impl RedisLimiter {
+impl RedisBackend {
     /// Connects to the Redis at `url` (`redis://host:port/db`). A Redis Cluster node is a
-    /// [`RedisLimiterError::Misconfigured`]: use [`RedisLimiter::connect_cluster`].
-    pub async fn connect(url: &str, settings: RedisSettings) -> Result<Self, RedisLimiterError> {
+    /// [`RedisBackendError::Misconfigured`]: use [`RedisBackend::connect_cluster`].
+    pub async fn connect(url: &str, settings: RedisSettings) -> Result<Self, RedisBackendError> {
         let connection = Connection::single(url, &settings).await?;
         Ok(Self::with_connection(connection, settings))
     }
@@ -343,7 +352,7 @@ impl RedisLimiter {
     pub async fn connect_cluster<I, U>(
         nodes: I,
         settings: RedisSettings,
-    ) -> Result<Self, RedisLimiterError>
+    ) -> Result<Self, RedisBackendError>
     where
         I: IntoIterator<Item = U>,
         U: AsRef<str>,
@@ -392,7 +401,7 @@ impl RedisLimiter {
     /// `retry_after`. On a cluster, the other nodes' buckets stay in Redis: a process that
     /// decided them here, at its share, while the others still decide them in Redis, would
     /// let the two together past the quota.
-    fn mark_down(&self, bucket: &RedisBucket, error: &RedisLimiterError) {
+    fn mark_down(&self, bucket: &RedisBucket, error: &RedisBackendError) {
         let now = Instant::now();
         if self.connection.is_cluster() {
             let mut down = bucket.down.lock().unwrap_or_else(PoisonError::into_inner);
@@ -429,14 +438,14 @@ impl RedisLimiter {
             };
             let capacity = bucket.burst();
             for _ in 0..capacity {
-                if LocalLimiter.try_acquire(&bucket.local, one_turn, now) != Some(Immediate::Allow)
+                if LocalBackend.try_acquire(&bucket.local, one_turn, now) != Some(Immediate::Allow)
                 {
                     break;
                 }
             }
         }
         telemetry::decided(Outcome::Here, None);
-        let decision = LocalLimiter
+        let decision = LocalBackend
             .try_acquire(&bucket.local, cost, now)
             .unwrap_or(Immediate::Wait(Duration::from_millis(1)));
         bucket.set_last_turn((decision == Immediate::Allow).then_some(LastTurn::Here));
@@ -469,7 +478,7 @@ impl RedisLimiter {
         bucket: &RedisBucket,
         cost: Cost,
         max_wait: Duration,
-    ) -> Result<Decision, RedisLimiterError> {
+    ) -> Result<Decision, RedisBackendError> {
         let rates = bucket.rates();
         // An adapted rate is published again before the others forget it.
         self.publish_rates(bucket, rates);
@@ -493,9 +502,9 @@ impl RedisLimiter {
         let answer: Result<(u8, u64, u64, u64, u64), _> =
             tokio::time::timeout(timeout, invocation.invoke_async(&mut connection))
                 .await
-                .map_err(|_| RedisLimiterError::Timeout(timeout))
+                .map_err(|_| RedisBackendError::Timeout(timeout))
                 .and_then(|answer| {
-                    answer.map_err(|error| RedisLimiterError::typed(error, connection.is_cluster()))
+                    answer.map_err(|error| RedisBackendError::typed(error, connection.is_cluster()))
                 });
         let call = Some(started.elapsed());
         let answer = answer.inspect_err(|_| telemetry::decided(Outcome::Error, call))?;
@@ -634,7 +643,7 @@ pub struct RedisBucket {
     outage_seen: AtomicU64,
     /// On a cluster: set while the node that owns this bucket does not answer.
     down: Mutex<Option<Down>>,
-    local: <LocalLimiter as Limiter>::Bucket,
+    local: <LocalBackend as Backend>::Bucket,
     replicas: u32,
 }
 
@@ -751,7 +760,7 @@ fn pace_args(pace: Option<Pace>, cost: u64) -> [u64; 3] {
     }
 }
 
-impl Limiter for RedisLimiter {
+impl Backend for RedisBackend {
     type Bucket = RedisBucket;
 
     fn bucket(&self, spec: BucketSpec<'_>) -> RedisBucket {
@@ -777,7 +786,7 @@ impl Limiter for RedisLimiter {
             last_turn: Mutex::new(None),
             outage_seen: AtomicU64::new(0),
             down: Mutex::new(None),
-            local: LocalLimiter.bucket(local_spec),
+            local: LocalBackend.bucket(local_spec),
             replicas,
         }
     }
@@ -836,13 +845,13 @@ impl Limiter for RedisLimiter {
                     .map(|units| i64::try_from(units).unwrap_or(i64::MAX));
                 self.give_back(bucket, units, arrival_times);
             }
-            Some(LastTurn::Here) => LocalLimiter.release(&bucket.local, cost, now),
+            Some(LastTurn::Here) => LocalBackend.release(&bucket.local, cost, now),
             None => {}
         }
     }
 
     fn correct_tokens(&self, bucket: &RedisBucket, charged: u64, used: u64, now: Duration) {
-        LocalLimiter.correct_tokens(&bucket.local, charged, used, now);
+        LocalBackend.correct_tokens(&bucket.local, charged, used, now);
         let signed = |units: u64| i64::try_from(units).unwrap_or(i64::MAX);
         let unused = signed(charged).saturating_sub(signed(used));
         self.give_back(bucket, [0, unused], [0, 0]);
@@ -850,7 +859,7 @@ impl Limiter for RedisLimiter {
 
     fn set_rates(&self, bucket: &RedisBucket, rates: Rates, now: Duration) {
         *bucket.rates.lock().unwrap_or_else(PoisonError::into_inner) = rates;
-        LocalLimiter.set_rates(&bucket.local, share(rates, bucket.replicas), now);
+        LocalBackend.set_rates(&bucket.local, share(rates, bucket.replicas), now);
         self.publish_rates(bucket, rates);
     }
 

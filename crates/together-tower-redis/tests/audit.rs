@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::RedisServer;
 use together_tower::key::ApiKeyId;
-use together_tower::limit::{BucketSpec, Cost, Decision, Limiter, Pace, Rates};
-use together_tower_redis::{RedisLimiter, RedisSettings, Unreachable};
+use together_tower::limit::{Backend, BucketSpec, Cost, Decision, Pace, Rates};
+use together_tower_redis::{RedisBackend, RedisSettings, Unreachable};
 
 const ONE: Cost = Cost {
     requests: 1,
@@ -34,7 +34,7 @@ type Sent = (u64, u64);
 
 /// One process: asks for turns, gives some up before their time, and now and then moves its
 /// rate between 50 and 40 ms intervals, as a controller cutting and recovering does.
-async fn process(limiter: RedisLimiter, seed: u64, sent: Arc<Mutex<Vec<Sent>>>) {
+async fn process(limiter: RedisBackend, seed: u64, sent: Arc<Mutex<Vec<Sent>>>) {
     let mut random = fastrand::Rng::with_seed(seed);
     let bucket = limiter.bucket(BucketSpec::new(
         ApiKeyId::ANONYMOUS,
@@ -85,7 +85,7 @@ async fn no_two_turns_that_went_are_closer_than_the_faster_interval() {
             unreachable: Unreachable::Fail,
             ..RedisSettings::default()
         };
-        let limiter = RedisLimiter::connect(&redis.url(), settings).await.unwrap();
+        let limiter = RedisBackend::connect(&redis.url(), settings).await.unwrap();
         processes.push(tokio::spawn(process(limiter, seed, Arc::clone(&sent))));
     }
     for process in processes {

@@ -17,9 +17,9 @@ use hyper_util::rt::TokioExecutor;
 use together_sim::{Class, ClassLimits, Hints, Sim, SimConfig, SimHandle};
 use together_tower::ServiceBuilderExt;
 use together_tower::body::BufferedBody;
-use together_tower::limit::{Adaptation, Limiter, Limits};
+use together_tower::limit::{Adaptation, Backend, Limits};
 use together_tower::quota::QuotaTable;
-use together_tower_redis::{RedisLimiter, RedisLimiterError, RedisSettings, Unreachable};
+use together_tower_redis::{RedisBackend, RedisBackendError, RedisSettings, Unreachable};
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
 type Http = Client<hyper_util::client::legacy::connect::HttpConnector, BufferedBody<Full<Bytes>>>;
@@ -47,13 +47,13 @@ async fn simulator() -> SimHandle {
     .unwrap()
 }
 
-fn stack<L: Limiter>(
+fn stack<L: Backend>(
     limiter: L,
 ) -> together_tower::TogetherService<Http, together_tower::classify::TogetherClassifier, L> {
     let limits = Limits::builder(QuotaTable::together_defaults())
         .adaptation(Adaptation::fixed())
         .max_wait(MAX_WAIT)
-        .limiter(limiter)
+        .backend(limiter)
         .build();
     ServiceBuilder::new()
         .together(limits)
@@ -69,10 +69,10 @@ fn chat(sim: &SimHandle, key: usize) -> Request<Full<Bytes>> {
 }
 
 /// Two processes' limiters on the cluster, each connected through a different node.
-async fn two_processes(cluster: &RedisCluster, settings: RedisSettings) -> [RedisLimiter; 2] {
+async fn two_processes(cluster: &RedisCluster, settings: RedisSettings) -> [RedisBackend; 2] {
     let urls = cluster.urls();
-    let first = RedisLimiter::connect_cluster([&urls[0]], settings.clone());
-    let second = RedisLimiter::connect_cluster([&urls[2]], settings);
+    let first = RedisBackend::connect_cluster([&urls[0]], settings.clone());
+    let second = RedisBackend::connect_cluster([&urls[2]], settings);
     [first.await.unwrap(), second.await.unwrap()]
 }
 
@@ -115,11 +115,11 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_connection_to_a_cluster_node_is_a_typed_error_at_start_up() {
     let cluster = RedisCluster::start().await;
-    let error = RedisLimiter::connect(&cluster.urls()[0], RedisSettings::default())
+    let error = RedisBackend::connect(&cluster.urls()[0], RedisSettings::default())
         .await
         .unwrap_err();
     assert!(
-        matches!(error, RedisLimiterError::Misconfigured(_)),
+        matches!(error, RedisBackendError::Misconfigured(_)),
         "{error}"
     );
     assert!(error.to_string().contains("connect_cluster"), "{error}");
@@ -128,7 +128,7 @@ async fn a_single_connection_to_a_cluster_node_is_a_typed_error_at_start_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_client_on_a_lone_redis_is_an_error_at_start_up() {
     let redis = RedisServer::start().await;
-    let connected = RedisLimiter::connect_cluster([redis.url()], RedisSettings::default()).await;
+    let connected = RedisBackend::connect_cluster([redis.url()], RedisSettings::default()).await;
     assert!(connected.is_err(), "a lone Redis is no cluster");
 }
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use common::RedisServer;
 use together_tower::key::ApiKeyId;
-use together_tower::limit::{BucketSpec, Cost, Decision, Immediate, Limiter, Pace, Rates};
-use together_tower_redis::{RedisLimiter, RedisLimiterError, RedisSettings, Unreachable};
+use together_tower::limit::{Backend, BucketSpec, Cost, Decision, Immediate, Pace, Rates};
+use together_tower_redis::{RedisBackend, RedisBackendError, RedisSettings, Unreachable};
 
 fn ten_a_second() -> Rates {
     Rates {
@@ -19,10 +19,10 @@ fn ten_a_second() -> Rates {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_limiters_on_one_redis_share_one_bucket() {
     let redis = RedisServer::start().await;
-    let first = RedisLimiter::connect(&redis.url(), RedisSettings::default())
+    let first = RedisBackend::connect(&redis.url(), RedisSettings::default())
         .await
         .unwrap();
-    let second = RedisLimiter::connect(&redis.url(), RedisSettings::default())
+    let second = RedisBackend::connect(&redis.url(), RedisSettings::default())
         .await
         .unwrap();
     let spec = || BucketSpec::new(ApiKeyId::ANONYMOUS, "chat", None, ten_a_second());
@@ -57,15 +57,15 @@ const ONE: Cost = Cost {
     tokens: 0,
 };
 
-type Bucket = <RedisLimiter as Limiter>::Bucket;
+type Bucket = <RedisBackend as Backend>::Bucket;
 
 /// One request's decision, reserving nothing.
-async fn decide(limiter: &RedisLimiter, bucket: &Bucket) -> Decision {
+async fn decide(limiter: &RedisBackend, bucket: &Bucket) -> Decision {
     reserve(limiter, bucket, Duration::ZERO).await
 }
 
 /// One request's decision, reserving a turn up to `max_wait` ahead.
-async fn reserve(limiter: &RedisLimiter, bucket: &Bucket, max_wait: Duration) -> Decision {
+async fn reserve(limiter: &RedisBackend, bucket: &Bucket, max_wait: Duration) -> Decision {
     limiter
         .acquire(bucket, ONE, Duration::ZERO, max_wait)
         .await
@@ -82,8 +82,8 @@ fn settings(unreachable: Unreachable) -> RedisSettings {
 }
 
 /// A limiter on `redis` with `settings`, and the anonymous key's chat bucket at 10 a second.
-async fn chat_bucket(redis: &RedisServer, settings: RedisSettings) -> (RedisLimiter, Bucket) {
-    let limiter = RedisLimiter::connect(&redis.url(), settings).await.unwrap();
+async fn chat_bucket(redis: &RedisServer, settings: RedisSettings) -> (RedisBackend, Bucket) {
+    let limiter = RedisBackend::connect(&redis.url(), settings).await.unwrap();
     let spec = BucketSpec::new(ApiKeyId::ANONYMOUS, "chat", None, ten_a_second());
     let bucket = limiter.bucket(spec);
     (limiter, bucket)
@@ -145,7 +145,7 @@ async fn with_the_fail_policy_a_dead_redis_is_a_typed_error() {
         .acquire(&bucket, ONE, Duration::ZERO, Duration::ZERO)
         .await
         .unwrap_err();
-    assert!(error.is::<RedisLimiterError>(), "{error}");
+    assert!(error.is::<RedisBackendError>(), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,14 +190,14 @@ async fn a_slow_redis_meets_the_call_timeout() {
         started.elapsed()
     );
     // The connection's response timeout, or ours: either way, within the call timeout.
-    assert!(error.is::<RedisLimiterError>(), "{error}");
+    assert!(error.is::<RedisBackendError>(), "{error}");
     sleeper.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_name_the_fingerprint_never_the_key() {
     let redis = RedisServer::start().await;
-    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
+    let limiter = RedisBackend::connect(&redis.url(), settings(Unreachable::Fail))
         .await
         .unwrap();
     let key = together_tower::key::KeyHasher::new().fingerprint(b"tgp_v1_SecretKeyPart123");
@@ -323,7 +323,7 @@ async fn a_rate_one_process_cut_paces_every_process_until_it_is_withdrawn_or_exp
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_change_keeps_the_used_share_and_hands_out_no_burst() {
     let redis = RedisServer::start().await;
-    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
+    let limiter = RedisBackend::connect(&redis.url(), settings(Unreachable::Fail))
         .await
         .unwrap();
     // 10 a second with a burst of 5.
@@ -354,7 +354,7 @@ async fn a_rate_change_keeps_the_used_share_and_hands_out_no_burst() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_not_used_come_back_and_tokens_used_beyond_the_estimate_are_charged() {
     let redis = RedisServer::start().await;
-    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
+    let limiter = RedisBackend::connect(&redis.url(), settings(Unreachable::Fail))
         .await
         .unwrap();
     // 1,000 tokens a second, 100 at once; no request rate.
@@ -400,7 +400,7 @@ async fn a_faster_rate_never_puts_a_turn_closer_to_a_reserved_one_than_its_inter
         requests: Some(Pace::new(Duration::from_millis(200), Duration::ZERO)),
         tokens: None,
     };
-    let limiter = RedisLimiter::connect(&redis.url(), settings(Unreachable::Fail))
+    let limiter = RedisBackend::connect(&redis.url(), settings(Unreachable::Fail))
         .await
         .unwrap();
     let bucket = limiter.bucket(BucketSpec::new(ApiKeyId::ANONYMOUS, "chat", None, slow));
@@ -422,7 +422,7 @@ async fn a_faster_rate_never_puts_a_turn_closer_to_a_reserved_one_than_its_inter
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_taken_in_this_process_goes_back_here_never_to_redis() {
     let redis = RedisServer::start().await;
-    let limiter = RedisLimiter::connect(
+    let limiter = RedisBackend::connect(
         &redis.url(),
         settings(Unreachable::FallBack { replicas: 2 }),
     )

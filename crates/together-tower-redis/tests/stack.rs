@@ -13,10 +13,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use together_sim::{Class, ClassLimits, Hints, Sim, SimConfig, SimHandle};
 use together_tower::body::BufferedBody;
-use together_tower::limit::{Adaptation, Limiter, Limits, LocalLimiter};
+use together_tower::limit::{Adaptation, Backend, Limits, LocalBackend};
 use together_tower::quota::QuotaTable;
 use together_tower::{ServiceBuilderExt, TogetherService};
-use together_tower_redis::{RedisLimiter, RedisSettings};
+use together_tower_redis::{RedisBackend, RedisSettings};
 use tower::{ServiceBuilder, ServiceExt};
 
 type Http = Client<hyper_util::client::legacy::connect::HttpConnector, BufferedBody<Full<Bytes>>>;
@@ -39,19 +39,19 @@ async fn simulator_at(rpm: u64, hints: Hints) -> SimHandle {
     .unwrap()
 }
 
-fn stack<L: Limiter>(
+fn stack<L: Backend>(
     limiter: L,
 ) -> TogetherService<Http, together_tower::classify::TogetherClassifier, L> {
     stack_adapting(limiter, Adaptation::fixed())
 }
 
-fn stack_adapting<L: Limiter>(
+fn stack_adapting<L: Backend>(
     limiter: L,
     adaptation: Adaptation,
 ) -> TogetherService<Http, together_tower::classify::TogetherClassifier, L> {
     let limits = Limits::builder(QuotaTable::together_defaults())
         .adaptation(adaptation)
-        .limiter(limiter)
+        .backend(limiter)
         .build();
     ServiceBuilder::new()
         .together(limits)
@@ -71,12 +71,12 @@ async fn two_processes_on_one_redis_share_one_quota_and_meet_no_429() {
     let redis = RedisServer::start().await;
     let sim = simulator().await;
     let first = stack(
-        RedisLimiter::connect(&redis.url(), RedisSettings::default())
+        RedisBackend::connect(&redis.url(), RedisSettings::default())
             .await
             .unwrap(),
     );
     let second = stack(
-        RedisLimiter::connect(&redis.url(), RedisSettings::default())
+        RedisBackend::connect(&redis.url(), RedisSettings::default())
             .await
             .unwrap(),
     );
@@ -96,8 +96,8 @@ async fn two_processes_on_one_redis_share_one_quota_and_meet_no_429() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_two_processes_without_redis_meet_429s() {
     let sim = simulator().await;
-    let first = stack(LocalLimiter);
-    let second = stack(LocalLimiter);
+    let first = stack(LocalBackend);
+    let second = stack(LocalBackend);
     let mut calls = Vec::new();
     for _ in 0..10 {
         calls.push(tokio::spawn(first.clone().oneshot(chat(&sim))));
@@ -136,7 +136,7 @@ async fn what_one_process_learned(share: bool) -> u64 {
         ..RedisSettings::default()
     };
     let url = redis.url();
-    let connect = |settings| RedisLimiter::connect(&url, settings);
+    let connect = |settings| RedisBackend::connect(&url, settings);
     let (learner, other) = if share {
         (namespace("one"), namespace("one"))
     } else {
@@ -193,7 +193,7 @@ async fn tokens_ttl_after_usage(redis: &RedisServer, reported: u64) -> i64 {
     use together_tower::quota::{GroupQuota, Rate};
     use tower::Layer;
 
-    let limiter = RedisLimiter::connect(&redis.url(), RedisSettings::default())
+    let limiter = RedisBackend::connect(&redis.url(), RedisSettings::default())
         .await
         .unwrap();
     // 1,000 tokens a second, a burst of 1,000: a burst of debt is one second.
@@ -208,7 +208,7 @@ async fn tokens_ttl_after_usage(redis: &RedisServer, reported: u64) -> i64 {
         .unwrap();
     let limits = Limits::builder(table)
         .adaptation(Adaptation::fixed())
-        .limiter(limiter)
+        .backend(limiter)
         .token_estimate(|_: &TokenRequest<'_>| 10)
         .build();
     let absurd = tower::service_fn(move |_: Request<String>| async move {

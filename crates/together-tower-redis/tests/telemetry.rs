@@ -12,8 +12,8 @@ use std::time::Duration;
 use common::RedisServer;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use together_tower::key::KeyHasher;
-use together_tower::limit::{BucketSpec, Cost, Limiter, Pace, Rates};
-use together_tower_redis::{RedisLimiter, RedisSettings, Unreachable};
+use together_tower::limit::{Backend, BucketSpec, Cost, Pace, Rates};
+use together_tower_redis::{RedisBackend, RedisSettings, Unreachable};
 
 const SECRET: &str = "RedisCanary7Kq3Zp9Wx";
 
@@ -46,7 +46,7 @@ async fn redis_goes_away_and_comes_back() {
         unreachable: Unreachable::FallBack { replicas: 2 },
         ..RedisSettings::default()
     };
-    let limiter = RedisLimiter::connect(&redis.url(), settings).await.unwrap();
+    let limiter = RedisBackend::connect(&redis.url(), settings).await.unwrap();
     let key = KeyHasher::new().fingerprint(SECRET.as_bytes());
     let rates = Rates {
         requests: Some(Pace::new(Duration::from_millis(10), Duration::ZERO)),

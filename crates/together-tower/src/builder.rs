@@ -4,7 +4,7 @@ use tower::ServiceBuilder;
 use tower_layer::Stack;
 
 use crate::body::BufferBodyLayer;
-use crate::limit::{Limiter, Limits, RateLimitLayer};
+use crate::limit::{Backend, Limits, RateLimitLayer};
 use crate::retry::{RetryLayer, RetryPolicy};
 use crate::stack::TogetherLayer;
 
@@ -12,13 +12,13 @@ use crate::stack::TogetherLayer;
 pub trait ServiceBuilderExt<L>: sealed::Sealed {
     /// The whole stack around `limits`: buffer, retry, rate limit (see [`TogetherLayer`]).
     /// Stacks built from clones of one [`Limits`] share its quota.
-    fn together<C: Clone, B: Limiter>(
+    fn together<C: Clone, B: Backend>(
         self,
         limits: Limits<C, B>,
     ) -> ServiceBuilder<Stack<TogetherLayer<C, B>, L>>;
 
     /// Makes requests wait their turn in `limits` (see [`RateLimitLayer`]).
-    fn together_rate_limit<C, B: Limiter>(
+    fn together_rate_limit<C, B: Backend>(
         self,
         limits: Limits<C, B>,
     ) -> ServiceBuilder<Stack<RateLimitLayer<C, B>, L>>;
@@ -31,14 +31,14 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed {
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
-    fn together<C: Clone, B: Limiter>(
+    fn together<C: Clone, B: Backend>(
         self,
         limits: Limits<C, B>,
     ) -> ServiceBuilder<Stack<TogetherLayer<C, B>, L>> {
         self.layer(TogetherLayer::new(limits))
     }
 
-    fn together_rate_limit<C, B: Limiter>(
+    fn together_rate_limit<C, B: Backend>(
         self,
         limits: Limits<C, B>,
     ) -> ServiceBuilder<Stack<RateLimitLayer<C, B>, L>> {

@@ -128,11 +128,11 @@ pub mod retry;
 pub mod test_util;
 
 mod builder;
+#[cfg(test)]
+mod harness;
 mod model_name;
 mod stack;
 mod telemetry;
-#[cfg(test)]
-mod test_support;
 
 pub use self::builder::ServiceBuilderExt;
 pub use self::limit::Limits;

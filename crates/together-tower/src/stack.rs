@@ -4,12 +4,12 @@ use tower_layer::Layer;
 
 use crate::body::{BufferBody, BufferBodyLayer};
 use crate::classify::TogetherClassifier;
-use crate::limit::{Limiter, Limits, LocalLimiter, RateLimit, RateLimitLayer};
+use crate::limit::{Backend, Limits, LocalBackend, RateLimit, RateLimitLayer};
 use crate::models::{ModelCheck, ModelCheckLayer};
 use crate::retry::{Retry, RetryLayer, RetryPolicy};
 
 /// The service [`TogetherLayer`] builds around a client `S`.
-pub type TogetherService<S, C = TogetherClassifier, L = LocalLimiter> =
+pub type TogetherService<S, C = TogetherClassifier, L = LocalBackend> =
     BufferBody<ModelCheck<Retry<RateLimit<S, C, L>, C>>>;
 
 /// BufferBody, then the model check, then retry, then rate limit, around any HTTP client:
@@ -72,9 +72,9 @@ pub type TogetherService<S, C = TogetherClassifier, L = LocalLimiter> =
 /// ```
 #[derive(Debug, Clone)]
 #[must_use]
-pub struct TogetherLayer<C = TogetherClassifier, L = LocalLimiter>
+pub struct TogetherLayer<C = TogetherClassifier, L = LocalBackend>
 where
-    L: Limiter,
+    L: Backend,
 {
     buffer: BufferBodyLayer,
     models: ModelCheckLayer,
@@ -82,7 +82,7 @@ where
     limit: RateLimitLayer<C, L>,
 }
 
-impl<C: Clone, L: Limiter> TogetherLayer<C, L> {
+impl<C: Clone, L: Backend> TogetherLayer<C, L> {
     /// The stack around `limits`, with the default retry policy (using the limits'
     /// classifier) and the default buffer. Stacks built from clones of one `Limits` share
     /// its quota.
@@ -97,7 +97,7 @@ impl<C: Clone, L: Limiter> TogetherLayer<C, L> {
     }
 }
 
-impl<C, L: Limiter> TogetherLayer<C, L> {
+impl<C, L: Backend> TogetherLayer<C, L> {
     /// Buffers bodies with this layer (to change the size limit).
     pub fn with_buffer(mut self, buffer: BufferBodyLayer) -> Self {
         self.buffer = buffer;
@@ -122,7 +122,7 @@ impl<C, L: Limiter> TogetherLayer<C, L> {
     }
 }
 
-impl<S: Clone, C: Clone, L: Limiter> Layer<S> for TogetherLayer<C, L> {
+impl<S: Clone, C: Clone, L: Backend> Layer<S> for TogetherLayer<C, L> {
     type Service = TogetherService<S, C, L>;
 
     fn layer(&self, client: S) -> Self::Service {

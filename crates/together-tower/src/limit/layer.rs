@@ -2,7 +2,7 @@ use std::fmt;
 
 use tower_layer::Layer;
 
-use super::backend::{Limiter, LocalLimiter};
+use super::backend::{Backend, LocalBackend};
 use super::limits::Limits;
 use super::service::RateLimit;
 use crate::classify::TogetherClassifier;
@@ -13,14 +13,14 @@ use crate::classify::TogetherClassifier;
 /// Every service built from one [`Limits`] shares its buckets: build the `Limits` once and
 /// give each layer a clone.
 #[must_use]
-pub struct RateLimitLayer<C = TogetherClassifier, L = LocalLimiter>
+pub struct RateLimitLayer<C = TogetherClassifier, L = LocalBackend>
 where
-    L: Limiter,
+    L: Backend,
 {
     limits: Limits<C, L>,
 }
 
-impl<C, L: Limiter> RateLimitLayer<C, L> {
+impl<C, L: Backend> RateLimitLayer<C, L> {
     /// A layer that waits in `limits`' buckets.
     pub fn new(limits: Limits<C, L>) -> Self {
         Self { limits }
@@ -32,7 +32,7 @@ impl<C, L: Limiter> RateLimitLayer<C, L> {
     }
 }
 
-impl<S, C, L: Limiter> Layer<S> for RateLimitLayer<C, L> {
+impl<S, C, L: Backend> Layer<S> for RateLimitLayer<C, L> {
     type Service = RateLimit<S, C, L>;
 
     fn layer(&self, inner: S) -> Self::Service {
@@ -40,7 +40,7 @@ impl<S, C, L: Limiter> Layer<S> for RateLimitLayer<C, L> {
     }
 }
 
-impl<C, L: Limiter> Clone for RateLimitLayer<C, L> {
+impl<C, L: Backend> Clone for RateLimitLayer<C, L> {
     fn clone(&self) -> Self {
         Self {
             limits: self.limits.clone(),
@@ -48,7 +48,7 @@ impl<C, L: Limiter> Clone for RateLimitLayer<C, L> {
     }
 }
 
-impl<C: fmt::Debug, L: Limiter + fmt::Debug> fmt::Debug for RateLimitLayer<C, L> {
+impl<C: fmt::Debug, L: Backend + fmt::Debug> fmt::Debug for RateLimitLayer<C, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
             .field("limits", &self.limits)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::Request;
 
 use super::admission::{Inner, Settings};
-use super::backend::{Limiter, LocalLimiter};
+use super::backend::{Backend, LocalBackend};
 use super::bucket::BucketContext;
 use super::bucket::map::BucketMap;
 use super::estimate::{DefaultTokenEstimate, EstimateTokens};
@@ -59,9 +59,9 @@ use crate::quota::QuotaTable;
 /// # Ok(())
 /// # }
 /// ```
-pub struct Limits<C = TogetherClassifier, L = LocalLimiter>
+pub struct Limits<C = TogetherClassifier, L = LocalBackend>
 where
-    L: Limiter,
+    L: Backend,
 {
     pub(crate) inner: Arc<Inner<C, L>>,
 }
@@ -77,7 +77,7 @@ impl Limits {
         LimitsBuilder {
             table,
             classifier: TogetherClassifier,
-            limiter: LocalLimiter,
+            backend: LocalBackend,
             key_hasher: KeyHasher::new(),
             settings: Settings::default(),
             max_pause: Duration::from_secs(60),
@@ -95,7 +95,7 @@ impl Default for Limits {
     }
 }
 
-impl<C, L: Limiter> Limits<C, L> {
+impl<C, L: Backend> Limits<C, L> {
     /// The classifier.
     pub fn classifier(&self) -> &C {
         &self.inner.classifier
@@ -185,7 +185,7 @@ pub struct BucketSnapshot {
     pub held_jobs: usize,
 }
 
-impl<C, L: Limiter> Clone for Limits<C, L> {
+impl<C, L: Backend> Clone for Limits<C, L> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
@@ -193,11 +193,11 @@ impl<C, L: Limiter> Clone for Limits<C, L> {
     }
 }
 
-impl<C: fmt::Debug, L: Limiter + fmt::Debug> fmt::Debug for Limits<C, L> {
+impl<C: fmt::Debug, L: Backend + fmt::Debug> fmt::Debug for Limits<C, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Limits")
             .field("classifier", &self.inner.classifier)
-            .field("limiter", &self.inner.context.limiter)
+            .field("backend", &self.inner.context.backend)
             .field("table", &self.inner.table)
             .field("settings", &self.inner.settings)
             .field("adaptation", &self.inner.context.adaptation)
@@ -222,12 +222,12 @@ impl<C: fmt::Debug, L: Limiter + fmt::Debug> fmt::Debug for Limits<C, L> {
 /// | [`token_estimate`](Self::token_estimate) | [`DefaultTokenEstimate`] | what a request is charged against a token budget before it is sent |
 /// | [`key_hasher`](Self::key_hasher) | [`KeyHasher::new`] | how API keys become fingerprints |
 /// | [`classifier`](Self::classifier) | [`TogetherClassifier`] | which class a request is, and where its key is |
-/// | [`limiter`](Self::limiter) | [`LocalLimiter`] | where the buckets' state lives |
+/// | [`backend`](Self::backend) | [`LocalBackend`] | where the buckets' state lives |
 #[must_use]
-pub struct LimitsBuilder<C = TogetherClassifier, L = LocalLimiter> {
+pub struct LimitsBuilder<C = TogetherClassifier, L = LocalBackend> {
     table: QuotaTable,
     classifier: C,
-    limiter: L,
+    backend: L,
     key_hasher: KeyHasher,
     settings: Settings,
     max_pause: Duration,
@@ -316,7 +316,7 @@ impl<C, L> LimitsBuilder<C, L> {
         LimitsBuilder {
             table: self.table,
             classifier,
-            limiter: self.limiter,
+            backend: self.backend,
             key_hasher: self.key_hasher,
             settings: self.settings,
             max_pause: self.max_pause,
@@ -327,11 +327,17 @@ impl<C, L> LimitsBuilder<C, L> {
     }
 
     /// Keeps the buckets' state in another backend, such as Redis.
-    pub fn limiter<L2: Limiter>(self, limiter: L2) -> LimitsBuilder<C, L2> {
+    #[deprecated(note = "renamed `backend`")]
+    pub fn limiter<L2: Backend>(self, backend: L2) -> LimitsBuilder<C, L2> {
+        self.backend(backend)
+    }
+
+    /// Keeps the buckets' state in another backend, such as Redis.
+    pub fn backend<L2: Backend>(self, backend: L2) -> LimitsBuilder<C, L2> {
         LimitsBuilder {
             table: self.table,
             classifier: self.classifier,
-            limiter,
+            backend,
             key_hasher: self.key_hasher,
             settings: self.settings,
             max_pause: self.max_pause,
@@ -344,11 +350,11 @@ impl<C, L> LimitsBuilder<C, L> {
     /// The limits, with empty buckets.
     pub fn build(self) -> Limits<C, L>
     where
-        L: Limiter,
+        L: Backend,
     {
         let sweep_every = sweep_every(&self.table, self.settings.idle_timeout);
         let context = Arc::new(BucketContext {
-            limiter: self.limiter,
+            backend: self.backend,
             clock: TokioClock::new(),
             max_pause: self.max_pause,
             default_pause: self.default_pause,
@@ -375,7 +381,7 @@ impl<C: fmt::Debug, L: fmt::Debug> fmt::Debug for LimitsBuilder<C, L> {
         f.debug_struct("LimitsBuilder")
             .field("table", &self.table)
             .field("classifier", &self.classifier)
-            .field("limiter", &self.limiter)
+            .field("backend", &self.backend)
             .field("settings", &self.settings)
             .field("adaptation", &self.adaptation)
             .finish_non_exhaustive()

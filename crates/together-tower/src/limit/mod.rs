@@ -48,7 +48,7 @@
 //! | `bucket/` | one bucket (its rates, closure, epoch) and what an answer teaches it; its queue of waiters; the bounded map of live buckets |
 //! | `learn/` | what answers teach, without naming a bucket: the ticket a request carries to its answer, the rate controller ([`Adaptation`]), and the response body watcher, all through one small `Feedback` trait the bucket implements |
 //! | `jobs/` | job slots held until a job ends, and reading job answers |
-//! | `backend/` | the [`Limiter`] trait, the in-process [`LocalLimiter`], and the GCRA that reads no clock |
+//! | `backend/` | the [`Backend`] trait, the in-process [`LocalBackend`], and the GCRA that reads no clock |
 //!
 //! `error` and `estimate` import no folder. `tests/rooms.rs` fails if a folder imports one
 //! before it, which any circle between folders would need.
@@ -97,13 +97,17 @@ mod service;
 
 pub use self::admission::MaxWait;
 pub use self::backend::{
-    BucketSpec, Cost, Decision, Immediate, Limiter, LocalBucket, LocalLimiter, Pace, Rates,
+    Backend, BucketSpec, Cost, Decision, Immediate, LocalBackend, LocalBucket, Pace, Rates,
 };
 pub use self::estimate::{DefaultTokenEstimate, EstimateTokens, TokenRequest};
 pub use self::layer::RateLimitLayer;
 pub use self::learn::adapt::{Adaptation, Mode};
 pub use self::limits::{BucketSnapshot, Limits, LimitsBuilder};
 pub use self::service::RateLimit;
+
+/// The in-process backend's former name.
+#[deprecated(note = "renamed `LocalBackend`: the trait it implements is `Backend`")]
+pub type LocalLimiter = LocalBackend;
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::admission::admit::Admission;
-use super::backend::{Limiter, LocalLimiter};
+use super::backend::{Backend, LocalBackend};
 use super::future::{ResponseBody, ResponseFuture};
 use super::limits::Limits;
 use crate::body::RequestMeta;
@@ -17,15 +17,15 @@ use crate::retry::Attempt;
 ///
 /// Built by [`RateLimitLayer`](super::RateLimitLayer); it waits in the buckets of the
 /// [`Limits`] the layer was built from. See the [module docs](super) for how it decides.
-pub struct RateLimit<S, C = TogetherClassifier, L = LocalLimiter>
+pub struct RateLimit<S, C = TogetherClassifier, L = LocalBackend>
 where
-    L: Limiter,
+    L: Backend,
 {
     inner: S,
     limits: Limits<C, L>,
 }
 
-impl<S, C, L: Limiter> RateLimit<S, C, L> {
+impl<S, C, L: Backend> RateLimit<S, C, L> {
     /// Waits in `limits`' buckets, then calls `inner`.
     pub fn new(inner: S, limits: Limits<C, L>) -> Self {
         Self { inner, limits }
@@ -52,7 +52,7 @@ impl<S, C, L: Limiter> RateLimit<S, C, L> {
     }
 }
 
-impl<S: Clone, C, L: Limiter> Clone for RateLimit<S, C, L> {
+impl<S: Clone, C, L: Backend> Clone for RateLimit<S, C, L> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -61,7 +61,7 @@ impl<S: Clone, C, L: Limiter> Clone for RateLimit<S, C, L> {
     }
 }
 
-impl<S: fmt::Debug, C: fmt::Debug, L: Limiter + fmt::Debug> fmt::Debug for RateLimit<S, C, L> {
+impl<S: fmt::Debug, C: fmt::Debug, L: Backend + fmt::Debug> fmt::Debug for RateLimit<S, C, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimit")
             .field("inner", &self.inner)
@@ -75,7 +75,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
     C: Classify,
-    L: Limiter,
+    L: Backend,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = BoxError;

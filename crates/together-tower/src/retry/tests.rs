@@ -98,7 +98,7 @@ where
     let requests = (0..count)
         .map(|_| Request::post(CHAT).body(String::new()).unwrap())
         .collect();
-    let results = crate::test_support::send_all(service, requests).await;
+    let results = crate::harness::send_all(service, requests).await;
     results
         .into_iter()
         .map(|result| result.unwrap().status())

@@ -14,7 +14,7 @@ use super::wait::{Turn, WaitTurn};
 use super::{Inner, MaxWait};
 use crate::body::RequestMeta;
 use crate::classify::{Classify, EndpointClass};
-use crate::limit::backend::{Cost, Immediate, Limiter};
+use crate::limit::backend::{Backend, Cost, Immediate};
 use crate::limit::bucket::queue::{Lane, Place};
 use crate::limit::bucket::{Bucket, BucketKey};
 use crate::limit::error::{QueueFull, RateLimited, Refusal, TooManyBuckets, TooManyTokens};
@@ -43,7 +43,7 @@ pub(crate) enum Admission {
     Refuse(BoxError),
 }
 
-impl<C: Classify, L: Limiter> Inner<C, L> {
+impl<C: Classify, L: Backend> Inner<C, L> {
     pub(crate) fn admit<B>(&self, request: &Request<B>, class: EndpointClass) -> Admission {
         let reads_jobs = self.job_slots_read_by(class, request);
         let Some(key) = self.bucket_key_for(class, request) else {
@@ -238,7 +238,7 @@ impl<C: Classify, L: Limiter> Inner<C, L> {
         }
         let now = clock.elapsed();
         bucket.refresh(now);
-        match self.context.limiter.try_acquire(&bucket.state, cost, now) {
+        match self.context.backend.try_acquire(&bucket.state, cost, now) {
             Some(Immediate::Allow) => FastPath::Go(permit),
             Some(Immediate::Wait(wait) | Immediate::WaitForTokens { tokens: wait, .. }) => {
                 bucket.next_turn_at(now.saturating_add(wait));

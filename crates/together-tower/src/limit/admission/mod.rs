@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::Request;
 
-use super::backend::Limiter;
+use super::backend::Backend;
 use super::bucket::map::BucketMap;
 use super::bucket::{BucketContext, BucketKey};
 use super::estimate::EstimateTokens;
@@ -51,7 +51,7 @@ impl Default for Settings {
 }
 
 /// What the clones of one [`Limits`] share.
-pub(crate) struct Inner<C, L: Limiter> {
+pub(crate) struct Inner<C, L: Backend> {
     pub(crate) classifier: C,
     pub(crate) table: QuotaTable,
     pub(crate) key_hasher: KeyHasher,
@@ -63,7 +63,7 @@ pub(crate) struct Inner<C, L: Limiter> {
     pub(crate) model_hasher: std::hash::RandomState,
 }
 
-impl<C, L: Limiter> Inner<C, L> {
+impl<C, L: Backend> Inner<C, L> {
     /// The class of a request, and the key of its bucket; `None` if the class is not limited.
     pub(crate) fn bucket_key<B>(&self, request: &Request<B>) -> Option<(EndpointClass, BucketKey)>
     where

@@ -20,7 +20,7 @@ use tokio::time::Sleep;
 use tower::BoxError;
 
 use crate::classify::EndpointClass;
-use crate::limit::backend::{Cost, Decision, Immediate, Limiter};
+use crate::limit::backend::{Backend, Cost, Decision, Immediate};
 use crate::limit::bucket::Bucket;
 use crate::limit::bucket::queue::{Place, Position};
 use crate::limit::error::{RateLimited, Refusal, SlotsBusy, TooManyTokens};
@@ -53,7 +53,7 @@ enum Next {
 }
 
 /// The wait of one request in one bucket.
-pub(crate) struct Turn<L: Limiter> {
+pub(crate) struct Turn<L: Backend> {
     place: Option<Place<Bucket<L>>>,
     cost: Cost,
     class: EndpointClass,
@@ -84,7 +84,7 @@ enum Slot {
     Held(OwnedSemaphorePermit),
 }
 
-impl<L: Limiter> Turn<L> {
+impl<L: Backend> Turn<L> {
     pub(crate) fn new(
         place: Place<Bucket<L>>,
         cost: Cost,
@@ -337,7 +337,7 @@ impl<L: Limiter> Turn<L> {
             .place
             .as_ref()
             .expect("the place is held until the request goes");
-        let (limiter, state, own) = (&bucket.context.limiter, &bucket.state, self.cost);
+        let (limiter, state, own) = (&bucket.context.backend, &bucket.state, self.cost);
         let mut passed = false;
         while place.grant_next(|cost| {
             if !matches!(
@@ -383,7 +383,7 @@ impl<L: Limiter> Turn<L> {
             if let Some(decision) =
                 bucket
                     .context
-                    .limiter
+                    .backend
                     .try_acquire(&bucket.state, self.cost, now)
             {
                 return Poll::Ready(Ok(decision.into()));
@@ -393,7 +393,7 @@ impl<L: Limiter> Turn<L> {
             self.acquiring = Some(Box::pin(async move {
                 bucket
                     .context
-                    .limiter
+                    .backend
                     .acquire(&bucket.state, cost, now, max_wait)
                     .await
             }));
@@ -405,7 +405,7 @@ impl<L: Limiter> Turn<L> {
     }
 }
 
-impl<L: Limiter> WaitTurn for Turn<L> {
+impl<L: Backend> WaitTurn for Turn<L> {
     fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         let result = ready!(self.poll_turn_inner(cx));
         if let Err(error) = &result {
@@ -420,7 +420,7 @@ impl<L: Limiter> WaitTurn for Turn<L> {
             let now = bucket.context.clock.elapsed();
             bucket
                 .context
-                .limiter
+                .backend
                 .release(&bucket.state, self.cost, now);
             // A turn the head granted it: the place waits again, and may be granted again.
             if let Some(place) = &self.place {
@@ -441,7 +441,7 @@ impl<L: Limiter> WaitTurn for Turn<L> {
     }
 }
 
-impl<L: Limiter> Drop for Turn<L> {
+impl<L: Backend> Drop for Turn<L> {
     fn drop(&mut self) {
         // Dropped while still in the queue (given up, refused, or between taking the turn and
         // sending): whatever was taken was never used.

@@ -15,14 +15,14 @@ use crate::quota::Rate;
 
 /// A rate as GCRA uses it: the cost of one unit and the tolerance, in nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Pace {
+pub(crate) struct Params {
     /// Nanoseconds per unit.
     pub(crate) interval: u64,
     /// Nanoseconds the bucket holds beyond one unit.
     pub(crate) tau: u64,
 }
 
-impl Pace {
+impl Params {
     /// The pace of a configured rate: its interval, and its burst less one plus its tolerance.
     pub(crate) fn of(rate: &Rate) -> Self {
         let interval = nanos(rate.interval()).max(1);
@@ -60,12 +60,12 @@ pub(crate) fn nanos(duration: Duration) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Gcra {
     tat: u64,
-    pace: Pace,
+    pace: Params,
 }
 
 impl Gcra {
     /// A full bucket.
-    pub(crate) fn new(pace: Pace) -> Self {
+    pub(crate) fn new(pace: Params) -> Self {
         Self { tat: 0, pace }
     }
 
@@ -108,7 +108,7 @@ impl Gcra {
 
     /// Changes the rate of a live bucket. What it holds is kept as a share of the bucket, so a
     /// drained bucket stays drained and no change hands out a fresh burst.
-    pub(crate) fn set_pace(&mut self, pace: Pace, now: u64) {
+    pub(crate) fn set_pace(&mut self, pace: Params, now: u64) {
         let debt = self.tat.saturating_sub(now);
         if debt > 0 && pace.interval != self.pace.interval {
             let scaled =
@@ -151,8 +151,8 @@ mod tests {
         }
     }
 
-    fn pace(per_second: u32, burst: u32) -> Pace {
-        Pace::of(
+    fn pace(per_second: u32, burst: u32) -> Params {
+        Params::of(
             &Rate::per_second(per_second)
                 .with_burst(burst)
                 .with_tolerance(Duration::ZERO),
@@ -172,7 +172,7 @@ mod tests {
             let quota = Quota::per_second(NonZeroU32::new(per_second).unwrap())
                 .allow_burst(NonZeroU32::new(burst).unwrap());
             let governor = RateLimiter::direct_with_clock(quota, clock.clone());
-            let mut ours = Gcra::new(Pace::of(&Rate::from_quota(quota).with_tolerance(Duration::ZERO)));
+            let mut ours = Gcra::new(Params::of(&Rate::from_quota(quota).with_tolerance(Duration::ZERO)));
             let mut now = 0;
             for (gap, cost) in steps {
                 now += gap;
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn costs_beyond_the_bucket_never_fit_and_corrections_move_the_bucket() {
-        let mut tokens = Gcra::new(Pace::of(
+        let mut tokens = Gcra::new(Params::of(
             &Rate::per_second(1_000)
                 .with_burst(1_000)
                 .with_tolerance(Duration::ZERO),

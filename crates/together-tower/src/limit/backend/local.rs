@@ -7,21 +7,21 @@ use std::time::Duration;
 use tower::BoxError;
 
 use super::gcra::{Gcra, nanos};
-use super::{BucketSpec, Cost, Decision, Immediate, Limiter, Rates};
+use super::{Backend, BucketSpec, Cost, Decision, Immediate, Rates};
 
 /// The in-process backend: the GCRA state of each bucket in memory, decided under a lock
 /// that only requests of the same bucket share.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct LocalLimiter;
+pub struct LocalBackend;
 
-impl LocalLimiter {
+impl LocalBackend {
     /// The in-process backend.
     pub fn new() -> Self {
         Self
     }
 }
 
-/// One bucket of [`LocalLimiter`]: a request GCRA and a token GCRA.
+/// One bucket of [`LocalBackend`]: a request GCRA and a token GCRA.
 #[derive(Debug)]
 pub struct LocalBucket {
     state: Mutex<LocalState>,
@@ -70,7 +70,7 @@ impl LocalState {
     }
 }
 
-impl Limiter for LocalLimiter {
+impl Backend for LocalBackend {
     type Bucket = LocalBucket;
 
     fn bucket(&self, spec: BucketSpec<'_>) -> LocalBucket {

@@ -1,5 +1,5 @@
-//! Where a bucket's rate state lives: in this process ([`LocalLimiter`]), or in a backend that
-//! many processes share (`RedisLimiter` of the `together-tower-redis` crate).
+//! Where a bucket's rate state lives: in this process ([`LocalBackend`]), or in a backend that
+//! many processes share (`RedisBackend` of the `together-tower-redis` crate).
 //!
 //! The layer keeps everything else: the queue and its fairness, the waiting, what the server
 //! said, and the rate in force. A backend only keeps the GCRA state and answers "may this cost
@@ -16,9 +16,9 @@ pub(crate) mod gcra;
 mod local;
 
 use self::gcra::nanos;
-pub use self::local::{LocalBucket, LocalLimiter};
+pub use self::local::{LocalBackend, LocalBucket};
 
-/// What a [`Limiter`] says about one request.
+/// What a [`Backend`] says about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// The request may go now; its cost was taken.
@@ -38,13 +38,13 @@ pub enum Decision {
     /// no wait would help. Nothing was taken.
     TooLarge,
     /// The cost was taken for a turn this long from now: the request sleeps until then and
-    /// goes without asking again. Only [`Limiter::acquire`] reserves, and never farther ahead
+    /// goes without asking again. Only [`Backend::acquire`] reserves, and never farther ahead
     /// than the `max_wait` it was given; a reservation not used is given back by
-    /// [`Limiter::release`], like an [`Decision::Allow`].
+    /// [`Backend::release`], like an [`Decision::Allow`].
     Reserved(Duration),
 }
 
-/// What a [`Limiter`] decides at once, without I/O ([`Limiter::try_acquire`]): a
+/// What a [`Backend`] decides at once, without I/O ([`Backend::try_acquire`]): a
 /// [`Decision`] that cannot be a reservation, since only a backend that must ask far away
 /// reserves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,15 +117,15 @@ impl Pace {
         1.0 / self.interval.as_secs_f64()
     }
 
-    pub(crate) fn from_gcra(pace: gcra::Pace) -> Self {
+    pub(crate) fn from_gcra(pace: gcra::Params) -> Self {
         Self::new(
             Duration::from_nanos(pace.interval),
             Duration::from_nanos(pace.tau),
         )
     }
 
-    pub(crate) fn to_gcra(self) -> gcra::Pace {
-        gcra::Pace {
+    pub(crate) fn to_gcra(self) -> gcra::Params {
+        gcra::Params {
             interval: nanos(self.interval).max(1),
             tau: nanos(self.tau),
         }
@@ -141,7 +141,7 @@ pub struct Rates {
     pub tokens: Option<Pace>,
 }
 
-/// What a [`Limiter`] is told about a bucket when the layer first needs it.
+/// What a [`Backend`] is told about a bucket when the layer first needs it.
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub struct BucketSpec<'a> {
@@ -173,7 +173,7 @@ impl<'a> BucketSpec<'a> {
 /// Times (`now`) are readings of the layer's clock; a backend with a clock of its own (Redis's
 /// `TIME`) may ignore them. Decisions take the request and token parts of a [`Cost`]
 /// together: both go, or neither.
-pub trait Limiter: Send + Sync + 'static {
+pub trait Backend: Send + Sync + 'static {
     /// The backend's state for one bucket, kept by the layer while the bucket is live.
     type Bucket: Send + Sync + 'static;
 
@@ -181,7 +181,7 @@ pub trait Limiter: Send + Sync + 'static {
     fn bucket(&self, spec: BucketSpec<'_>) -> Self::Bucket;
 
     /// Decides at once if that needs no I/O; `None` sends the request down the waiting path,
-    /// which calls [`Limiter::acquire`].
+    /// which calls [`Backend::acquire`].
     fn try_acquire(&self, bucket: &Self::Bucket, cost: Cost, now: Duration) -> Option<Immediate>;
 
     /// Decides, with I/O if the backend needs it. An error fails the request that asked.

@@ -19,13 +19,13 @@ use http::{HeaderMap, StatusCode};
 use super::Bucket;
 use crate::headers;
 use crate::limit::backend::gcra::nanos;
-use crate::limit::backend::{Cost, Limiter};
+use crate::limit::backend::{Backend, Cost};
 use crate::limit::jobs::Slots;
 use crate::limit::learn::Feedback;
 use crate::limit::learn::adapt::Mode;
 use crate::telemetry::{self, Closure, RateChange};
 
-impl<L: Limiter> Bucket<L> {
+impl<L: Backend> Bucket<L> {
     /// Closes the bucket for `pause` from `now`, on the server's word, and says so.
     fn close_for(&self, now: Duration, pause: Duration, why: Closure) {
         self.close_until(now.saturating_add(pause));
@@ -33,7 +33,7 @@ impl<L: Limiter> Bucket<L> {
     }
 }
 
-impl<L: Limiter> Bucket<L> {
+impl<L: Backend> Bucket<L> {
     /// The usage an answer reported, as far as it can be believed.
     ///
     /// No request larger than the token burst is admitted, so an answer that reports more
@@ -111,12 +111,12 @@ impl<L: Limiter> Bucket<L> {
         if stated_requests.is_none() && stated_tokens.is_none() && trouble.is_none() {
             return false;
         }
-        let mut rating = self.rating();
+        let mut controllers = self.controllers();
         let mut changed = false;
-        if let (Some(limit), Some(controller)) = (stated_requests, rating.requests()) {
+        if let (Some(limit), Some(controller)) = (stated_requests, controllers.requests()) {
             changed |= controller.stated_limit(limit as f64);
         }
-        if let (Some(limit), Some(controller)) = (stated_tokens, rating.tokens()) {
+        if let (Some(limit), Some(controller)) = (stated_tokens, controllers.tokens()) {
             changed |= controller.stated_limit(limit as f64);
         }
         let cut = trouble.is_some_and(|refused| {
@@ -124,15 +124,15 @@ impl<L: Limiter> Bucket<L> {
             let tokens_out =
                 refused && found.token_remaining() == Some(0) && found.remaining() != Some(0);
             let controller = if tokens_out {
-                rating.tokens()
+                controllers.tokens()
             } else {
-                rating.requests()
+                controllers.requests()
             };
             controller.is_some_and(|controller| controller.trouble(nanos(now)))
         });
         if changed || cut {
             let before = self.interval();
-            self.apply(&mut rating, now);
+            self.apply(&mut controllers, now);
             let after = self.interval();
             if before != after && !after.is_zero() && !before.is_zero() {
                 let why = if cut {
@@ -154,7 +154,7 @@ impl<L: Limiter> Bucket<L> {
     }
 }
 
-impl<L: Limiter> Feedback for Bucket<L> {
+impl<L: Backend> Feedback for Bucket<L> {
     fn epoch(&self) -> u64 {
         Bucket::epoch(self)
     }
@@ -196,7 +196,7 @@ impl<L: Limiter> Feedback for Bucket<L> {
         let now = self.context.clock.elapsed();
         let used = self.believable_usage(charged, used);
         self.context
-            .limiter
+            .backend
             .correct_tokens(&self.state, charged, used, now);
     }
 }

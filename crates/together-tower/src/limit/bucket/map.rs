@@ -22,13 +22,13 @@ use std::time::Duration;
 
 use super::{Bucket, BucketKey};
 use crate::clock::TokioClock;
-use crate::limit::backend::Limiter;
+use crate::limit::backend::Backend;
 
 /// Hashes [`BucketKey`]s for the map: one folded multiply with per-process random seeds.
 ///
 /// SipHash would cost more than the rest of the lookup. Fingerprints are already uniform, and
 /// the random seeds keep someone who can choose API keys (and compute fingerprints under the
-/// default, public secret) from steering many keys into one slot of the map.
+/// default, public secret) from steering many keys into one place in the map.
 #[derive(Clone, Copy)]
 pub(crate) struct SeededMix {
     seeds: [u64; 2],
@@ -70,7 +70,7 @@ impl Hasher for MixHasher {
     fn write_u64(&mut self, word: u64) {
         let product = u128::from(word ^ self.state ^ self.seeds[0]) * u128::from(self.seeds[1]);
         // Folding the high half into the low spreads every input bit over the low bits that
-        // pick the slot.
+        // pick the place.
         self.state = (product as u64) ^ ((product >> 64) as u64);
     }
 
@@ -89,9 +89,9 @@ impl Hasher for MixHasher {
 
 /// A [`BucketKey`] hashed as one word.
 #[derive(Clone, Copy, PartialEq, Eq)]
-struct Slot(BucketKey);
+struct MapKey(BucketKey);
 
-impl std::hash::Hash for Slot {
+impl std::hash::Hash for MapKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // One word: the fingerprint is already a keyed hash of the API key.
         state.write_u64(SeededMix::fold(&self.0));
@@ -99,14 +99,14 @@ impl std::hash::Hash for Slot {
 }
 
 /// The map.
-pub(crate) struct BucketMap<L: Limiter> {
+pub(crate) struct BucketMap<L: Backend> {
     shards: Box<[Mutex<Shard<L>>]>,
     shard_capacity: usize,
     sweep_every: Duration,
 }
 
-struct Shard<L: Limiter> {
-    map: HashMap<Slot, Arc<Bucket<L>>, SeededMix>,
+struct Shard<L: Backend> {
+    map: HashMap<MapKey, Arc<Bucket<L>>, SeededMix>,
     next_sweep: Duration,
     /// Full of buckets in use until then: refuse new keys without looking again.
     full_until: Duration,
@@ -115,7 +115,7 @@ struct Shard<L: Limiter> {
 /// When a full shard cannot tell when a bucket will be at rest, it looks again after this.
 const LOOK_AGAIN: Duration = Duration::from_millis(100);
 
-impl<L: Limiter> BucketMap<L> {
+impl<L: Backend> BucketMap<L> {
     pub(crate) fn new(max_buckets: usize, sweep_every: Duration) -> Self {
         let max_buckets = max_buckets.max(1);
         let shard_count = if max_buckets >= 1_024 { 16 } else { 1 };
@@ -145,7 +145,7 @@ impl<L: Limiter> BucketMap<L> {
 
     /// The live bucket for `key`, if there is one.
     pub(crate) fn get(&self, key: &BucketKey) -> Option<Arc<Bucket<L>>> {
-        self.shard(key).map.get(&Slot(*key)).cloned()
+        self.shard(key).map.get(&MapKey(*key)).cloned()
     }
 
     /// The bucket for `key`, made by `make` if it is not live. The clock is read only when a
@@ -157,7 +157,7 @@ impl<L: Limiter> BucketMap<L> {
         make: impl FnOnce() -> Bucket<L>,
     ) -> Result<Arc<Bucket<L>>, Duration> {
         let mut shard = self.shard(&key);
-        if let Some(bucket) = shard.map.get(&Slot(key)) {
+        if let Some(bucket) = shard.map.get(&MapKey(key)) {
             bucket.touch();
             return Ok(Arc::clone(bucket));
         }
@@ -178,7 +178,7 @@ impl<L: Limiter> BucketMap<L> {
             }
         }
         let bucket = Arc::new(make());
-        shard.map.insert(Slot(key), Arc::clone(&bucket));
+        shard.map.insert(MapKey(key), Arc::clone(&bucket));
         Ok(bucket)
     }
 
@@ -208,7 +208,7 @@ impl<L: Limiter> BucketMap<L> {
     }
 }
 
-impl<L: Limiter> Shard<L> {
+impl<L: Backend> Shard<L> {
     /// Drops the buckets idle for a whole sweep interval (see the module docs).
     fn drop_idle(&mut self, now: Duration) {
         // Under the shard lock, the map's reference is the only one unless a request holds it.
@@ -220,7 +220,7 @@ impl<L: Limiter> Shard<L> {
                 && bucket.closed_for(now).is_none()
                 && bucket
                     .context
-                    .limiter
+                    .backend
                     .until_rest(&bucket.state, now)
                     .is_zero();
             !idle
@@ -231,13 +231,13 @@ impl<L: Limiter> Shard<L> {
     /// sweep first. Returns how soon another bucket will be at rest, if known.
     fn drop_at_rest(&mut self, now: Duration, count: usize) -> Option<Duration> {
         let mut soonest: Option<Duration> = None;
-        let mut at_rest: Vec<(bool, Slot)> = Vec::new();
-        for (slot, bucket) in &self.map {
+        let mut at_rest: Vec<(bool, MapKey)> = Vec::new();
+        for (key, bucket) in &self.map {
             if Arc::strong_count(bucket) > 1 {
                 continue;
             }
             match bucket.until_rest(now) {
-                Some(until) if until.is_zero() => at_rest.push((bucket.recently_used(), *slot)),
+                Some(until) if until.is_zero() => at_rest.push((bucket.recently_used(), *key)),
                 Some(until) => soonest = Some(soonest.map_or(until, |soonest| soonest.min(until))),
                 None => {}
             }
@@ -247,8 +247,8 @@ impl<L: Limiter> Shard<L> {
             // `false` sorts first: the unused ones go before the recently used ones.
             at_rest.select_nth_unstable_by_key(count - 1, |(used, _)| *used);
         }
-        for (_, slot) in &at_rest[..count] {
-            self.map.remove(slot);
+        for (_, key) in &at_rest[..count] {
+            self.map.remove(key);
         }
         soonest
     }

@@ -11,7 +11,7 @@ use self::queue::{HasQueue, Queue};
 use crate::clock::TokioClock;
 use crate::key::ApiKeyId;
 use crate::limit::backend::gcra::{self, nanos};
-use crate::limit::backend::{BucketSpec, Cost, Limiter, Pace, Rates};
+use crate::limit::backend::{Backend, BucketSpec, Cost, Pace, Rates};
 use crate::limit::jobs::{JobTimes, Slots};
 use crate::limit::learn::adapt::{Adaptation, Controller};
 use crate::quota::{Group, GroupId, Rate};
@@ -50,9 +50,9 @@ impl Dimension {
         let configured = &self.configured;
         // The table's own rate keeps its exact interval; an adapted one is worked out.
         let pace = if rate == configured.per_second_f64() {
-            gcra::Pace::of(configured)
+            gcra::Params::of(configured)
         } else {
-            gcra::Pace::at_rate(rate, configured.burst(), configured.tolerance())
+            gcra::Params::at_rate(rate, configured.burst(), configured.tolerance())
         };
         Pace::from_gcra(pace)
     }
@@ -61,12 +61,12 @@ impl Dimension {
 /// What the bucket knows about its rates, behind one lock: only responses and rate changes
 /// take it.
 #[derive(Debug)]
-pub(crate) struct Rating {
+pub(crate) struct Controllers {
     requests: Option<Dimension>,
     tokens: Option<Dimension>,
 }
 
-impl Rating {
+impl Controllers {
     fn rates(&self, now: u64) -> Rates {
         Rates {
             requests: self.requests.as_ref().map(|dimension| dimension.pace(now)),
@@ -108,7 +108,7 @@ impl Rating {
 /// response without the handle.
 #[derive(Debug)]
 pub(crate) struct BucketContext<L> {
-    pub(crate) limiter: L,
+    pub(crate) backend: L,
     pub(crate) clock: TokioClock,
     pub(crate) max_pause: Duration,
     pub(crate) default_pause: Duration,
@@ -122,7 +122,7 @@ pub(crate) struct BucketContext<L> {
 /// the closure, the rate deadline, the usage mark, the backend's state) shares the first
 /// cache lines.
 #[repr(C)]
-pub(crate) struct Bucket<L: Limiter> {
+pub(crate) struct Bucket<L: Backend> {
     queue: Queue,
     /// Until when the server told us to stop sending (0: open).
     closed_until: AtomicU64,
@@ -134,7 +134,7 @@ pub(crate) struct Bucket<L: Limiter> {
     recently_used: AtomicBool,
     pub(crate) state: L::Bucket,
     pub(crate) context: Arc<BucketContext<L>>,
-    rating: Mutex<Rating>,
+    controllers: Mutex<Controllers>,
     /// Concurrent-call slots, if the group limits them; a job-creating call's slot is held
     /// until its job ends.
     slots: Option<Arc<Slots>>,
@@ -151,7 +151,7 @@ pub(crate) struct Bucket<L: Limiter> {
     pub(crate) model: Option<Arc<str>>,
 }
 
-impl<L: Limiter> Bucket<L> {
+impl<L: Backend> Bucket<L> {
     pub(crate) fn new(
         context: &Arc<BucketContext<L>>,
         key: ApiKeyId,
@@ -159,18 +159,18 @@ impl<L: Limiter> Bucket<L> {
         model: Option<Arc<str>>,
     ) -> Self {
         let adaptation = context.adaptation;
-        let rating = Rating {
+        let controllers = Controllers {
             requests: group.rate().map(|rate| Dimension::new(rate, adaptation)),
             tokens: group.tokens().map(|rate| Dimension::new(rate, adaptation)),
         };
-        let rates = rating.rates(0);
+        let rates = controllers.rates(0);
         let spec = BucketSpec {
             key,
             group: group.name(),
             model: model.as_deref(),
             rates,
         };
-        let state = context.limiter.bucket(spec);
+        let state = context.backend.bucket(spec);
         let interval = rates.requests.map_or(0, |pace| nanos(pace.interval()));
         let earliest_next = group.rate().map_or(Duration::ZERO, |rate| {
             rate.interval().saturating_sub(rate.tolerance())
@@ -183,7 +183,7 @@ impl<L: Limiter> Bucket<L> {
             recently_used: AtomicBool::new(true),
             state,
             context: Arc::clone(context),
-            rating: Mutex::new(rating),
+            controllers: Mutex::new(controllers),
             slots: group.concurrency().map(|slots| {
                 Arc::new(Slots::new(
                     slots,
@@ -245,40 +245,42 @@ impl<L: Limiter> Bucket<L> {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub(crate) fn rating(&self) -> MutexGuard<'_, Rating> {
-        self.rating.lock().unwrap_or_else(PoisonError::into_inner)
+    pub(crate) fn controllers(&self) -> MutexGuard<'_, Controllers> {
+        self.controllers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Works the rates out again if they are due to change, and gives them to the backend.
     /// One atomic read when they are not.
     pub(crate) fn refresh(&self, now: Duration) {
         if nanos(now) >= self.rates_due.load(Ordering::Acquire) {
-            let mut rating = self.rating();
-            self.apply(&mut rating, now);
+            let mut controllers = self.controllers();
+            self.apply(&mut controllers, now);
         }
     }
 
     /// Gives the rates in force to the backend and notes when they next change. Called with
-    /// the rating locked, after anything changed it.
-    pub(crate) fn apply(&self, rating: &mut Rating, now: Duration) {
+    /// the controllers locked, after anything changed it.
+    pub(crate) fn apply(&self, controllers: &mut Controllers, now: Duration) {
         let now_nanos = nanos(now);
-        let Rating { requests, tokens } = rating;
+        let Controllers { requests, tokens } = controllers;
         for dimension in [requests, tokens].into_iter().flatten() {
             dimension.controller.settle(now_nanos);
         }
-        let rates = rating.rates(now_nanos);
-        self.context.limiter.set_rates(&self.state, rates, now);
+        let rates = controllers.rates(now_nanos);
+        self.context.backend.set_rates(&self.state, rates, now);
         if let Some(pace) = rates.requests {
             self.interval
                 .store(nanos(pace.interval()), Ordering::Relaxed);
         }
         self.rates_due
-            .store(rating.next_change(now_nanos), Ordering::Release);
+            .store(controllers.next_change(now_nanos), Ordering::Release);
     }
 
     /// The rates in force now, for snapshots.
     pub(crate) fn rates_now(&self, now: Duration) -> Rates {
-        self.rating().rates(nanos(now))
+        self.controllers().rates(nanos(now))
     }
 
     /// Whether the server's word closes the bucket now. Reads the clock only if the bucket
@@ -350,21 +352,21 @@ impl<L: Limiter> Bucket<L> {
         if self.has_waiters()
             || self.closed_for(now).is_some()
             || self.slots.as_ref().is_some_and(|slots| slots.in_use())
-            || !self.rating().at_rest()
+            || !self.controllers().at_rest()
         {
             return None;
         }
-        Some(self.context.limiter.until_rest(&self.state, now))
+        Some(self.context.backend.until_rest(&self.state, now))
     }
 }
 
-impl<L: Limiter> HasQueue for Bucket<L> {
+impl<L: Backend> HasQueue for Bucket<L> {
     fn queue(&self) -> &Queue {
         &self.queue
     }
 
     fn give_back_grant(&self, cost: Cost) {
         let now = self.context.clock.elapsed();
-        self.context.limiter.release(&self.state, cost, now);
+        self.context.backend.release(&self.state, cost, now);
     }
 }

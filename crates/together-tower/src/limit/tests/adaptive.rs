@@ -12,9 +12,9 @@ use tower::{Layer, ServiceExt};
 use super::{Arrivals, CHAT, chat_requests, ok, recorder, request, table};
 use crate::body::RequestMeta;
 use crate::classify::EndpointClass;
+use crate::harness::send_all;
 use crate::limit::{Adaptation, Limits, RateLimitLayer};
 use crate::quota::{GroupQuota, QuotaTable, Rate};
-use crate::test_support::send_all;
 
 fn adaptive(table: QuotaTable, adaptation: Adaptation) -> Limits {
     Limits::builder(table).adaptation(adaptation).build()

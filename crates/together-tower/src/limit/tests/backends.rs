@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use tower::{BoxError, Layer, ServiceExt};
 
+use crate::harness::{send_all, send_one};
 use crate::limit::error::RateLimited;
 use crate::limit::{
-    BucketSpec, Cost, Decision, Immediate, Limiter, LocalLimiter, RateLimitLayer, Rates,
+    Backend, BucketSpec, Cost, Decision, Immediate, LocalBackend, RateLimitLayer, Rates,
 };
 use crate::quota::Rate;
-use crate::test_support::{send_all, send_one};
 
 use super::*;
 
@@ -19,15 +19,15 @@ use super::*;
 /// With `reserve`, it takes a turn up to the request's max wait ahead, as the Redis backend
 /// does.
 #[derive(Debug, Clone, Default)]
-struct RemoteLimiter {
-    inner: LocalLimiter,
+struct RemoteBackend {
+    inner: LocalBackend,
     fail: bool,
     reserve: bool,
     asked: Arc<AtomicUsize>,
 }
 
-impl Limiter for RemoteLimiter {
-    type Bucket = <LocalLimiter as Limiter>::Bucket;
+impl Backend for RemoteBackend {
+    type Bucket = <LocalBackend as Backend>::Bucket;
 
     fn bucket(&self, spec: BucketSpec<'_>) -> Self::Bucket {
         self.inner.bucket(spec)
@@ -84,7 +84,7 @@ async fn a_backend_that_needs_io_gives_the_same_schedule() {
     let arrivals = Arrivals::new();
     let layer = RateLimitLayer::new(
         static_limits(table(Rate::per_second(10)))
-            .limiter(RemoteLimiter::default())
+            .backend(RemoteBackend::default())
             .build(),
     );
     let service = layer.layer(recorder(arrivals.clone(), ok));
@@ -92,13 +92,13 @@ async fn a_backend_that_needs_io_gives_the_same_schedule() {
     assert_eq!(arrivals.times_ms(), [0, 100, 200, 300, 400]);
     assert_eq!(arrivals.labels(), ["0", "1", "2", "3", "4"]);
 
-    let failing = RemoteLimiter {
+    let failing = RemoteBackend {
         fail: true,
-        ..RemoteLimiter::default()
+        ..RemoteBackend::default()
     };
     let service = RateLimitLayer::new(
         static_limits(table(Rate::per_second(10)))
-            .limiter(failing)
+            .backend(failing)
             .build(),
     )
     .layer(recorder(arrivals.clone(), ok));
@@ -109,14 +109,14 @@ async fn a_backend_that_needs_io_gives_the_same_schedule() {
 #[tokio::test(start_paused = true)]
 async fn a_backend_that_reserves_asks_once_per_request_and_keeps_the_schedule() {
     let arrivals = Arrivals::new();
-    let limiter = RemoteLimiter {
+    let limiter = RemoteBackend {
         reserve: true,
-        ..RemoteLimiter::default()
+        ..RemoteBackend::default()
     };
     let asked = Arc::clone(&limiter.asked);
     let layer = RateLimitLayer::new(
         static_limits(table(Rate::per_second(10)))
-            .limiter(limiter)
+            .backend(limiter)
             .build(),
     );
     let service = layer.layer(recorder(arrivals.clone(), ok));
@@ -130,13 +130,13 @@ async fn a_backend_that_reserves_asks_once_per_request_and_keeps_the_schedule() 
 #[tokio::test(start_paused = true)]
 async fn a_reservation_dropped_before_its_time_gives_the_turn_back() {
     let arrivals = Arrivals::new();
-    let limiter = RemoteLimiter {
+    let limiter = RemoteBackend {
         reserve: true,
-        ..RemoteLimiter::default()
+        ..RemoteBackend::default()
     };
     let layer = RateLimitLayer::new(
         static_limits(table(Rate::per_second(1)))
-            .limiter(limiter)
+            .backend(limiter)
             .build(),
     );
     let service = layer.layer(recorder(arrivals.clone(), ok));
@@ -158,14 +158,14 @@ async fn a_reservation_dropped_before_its_time_gives_the_turn_back() {
 
 #[tokio::test(start_paused = true)]
 async fn a_reservation_farther_than_the_max_wait_is_not_made() {
-    let limiter = RemoteLimiter {
+    let limiter = RemoteBackend {
         reserve: true,
-        ..RemoteLimiter::default()
+        ..RemoteBackend::default()
     };
     let layer = RateLimitLayer::new(
         static_limits(table(Rate::per_second(1)))
             .max_wait(Duration::from_millis(300))
-            .limiter(limiter)
+            .backend(limiter)
             .build(),
     );
     let arrivals = Arrivals::new();

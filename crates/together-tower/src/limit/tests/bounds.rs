@@ -9,10 +9,10 @@ use tower::{Layer, ServiceExt};
 use tower_test::mock;
 
 use crate::classify::EndpointClass;
+use crate::harness::{send_all, send_one};
 use crate::limit::error::{QueueFull, RateLimited, SlotsBusy};
 use crate::limit::{MaxWait, RateLimitLayer};
 use crate::quota::Rate;
-use crate::test_support::{send_all, send_one};
 
 use super::*;
 

@@ -7,10 +7,10 @@ use http::{Response, StatusCode};
 use tokio::time::Instant;
 use tower::Layer;
 
+use crate::harness::{send_all, send_one};
 use crate::limit::RateLimitLayer;
 use crate::limit::error::RateLimited;
 use crate::quota::Rate;
-use crate::test_support::{send_all, send_one};
 
 use super::*;
 

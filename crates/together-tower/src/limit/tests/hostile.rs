@@ -10,10 +10,10 @@ use tower::Layer;
 use super::{Arrivals, CHAT, recorder, request};
 use crate::body::RequestMeta;
 use crate::classify::EndpointClass;
+use crate::harness::send_one;
 use crate::limit::error::TooManyBuckets;
 use crate::limit::{Limits, RateLimitLayer};
 use crate::quota::{GroupQuota, QuotaTable, Rate};
-use crate::test_support::send_one;
 
 /// Chat at 1,000 a second, one bucket per (key, model), adaptive (the default).
 fn per_model(max_buckets: usize) -> Limits {

@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use tower::Layer;
 
+use crate::harness::{send_all, send_one};
 use crate::limit::RateLimitLayer;
 use crate::limit::error::TooManyBuckets;
 use crate::quota::Rate;
-use crate::test_support::{send_all, send_one};
 
 use super::*;
 

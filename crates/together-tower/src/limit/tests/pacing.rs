@@ -9,9 +9,9 @@ use tower::{Layer, Service, ServiceExt};
 use tower_test::mock;
 
 use crate::classify::EndpointClass;
+use crate::harness::send_all;
 use crate::limit::{Limits, RateLimit, RateLimitLayer};
 use crate::quota::{GroupQuota, QuotaTable, Rate};
-use crate::test_support::send_all;
 
 use super::*;
 

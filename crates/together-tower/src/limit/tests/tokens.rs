@@ -9,10 +9,10 @@ use tower::{Layer, ServiceExt};
 use super::{Arrivals, CHAT, recorder, request};
 use crate::body::RequestMeta;
 use crate::classify::EndpointClass;
+use crate::harness::send_all;
 use crate::limit::error::TooManyTokens;
 use crate::limit::{Adaptation, Limits, RateLimitLayer, TokenRequest};
 use crate::quota::{GroupQuota, QuotaTable, Rate};
-use crate::test_support::send_all;
 
 /// Chat at `requests_per_second`, and 1,000 tokens a second with a burst of 1,000; a request
 /// costs exactly its `max_tokens`, so the tests can name every turn.
