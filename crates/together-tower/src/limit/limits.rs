@@ -103,7 +103,7 @@ impl<C, L: Backend> Limits<C, L> {
 
     /// The quota table.
     pub fn table(&self) -> &QuotaTable {
-        &self.inner.table
+        &self.inner.context.table
     }
 
     /// How the rates adapt.
@@ -198,7 +198,7 @@ impl<C: fmt::Debug, L: Backend + fmt::Debug> fmt::Debug for Limits<C, L> {
         f.debug_struct("Limits")
             .field("classifier", &self.inner.classifier)
             .field("backend", &self.inner.context.backend)
-            .field("table", &self.inner.table)
+            .field("table", &self.inner.context.table)
             .field("settings", &self.inner.settings)
             .field("adaptation", &self.inner.context.adaptation)
             .field("live_buckets", &self.inner.buckets.len())
@@ -360,12 +360,17 @@ impl<C, L> LimitsBuilder<C, L> {
             default_pause: self.default_pause,
             adaptation: self.adaptation,
             job_times: self.settings.job_times,
+            group_names: self
+                .table
+                .groups()
+                .map(|group| Arc::from(group.name()))
+                .collect(),
+            table: self.table,
         });
         Limits {
             inner: Arc::new(Inner {
                 classifier: self.classifier,
                 buckets: BucketMap::new(self.settings.max_buckets, sweep_every),
-                table: self.table,
                 key_hasher: self.key_hasher,
                 settings: self.settings,
                 context,

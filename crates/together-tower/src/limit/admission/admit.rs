@@ -101,14 +101,13 @@ impl<C: Classify, L: Backend> Inner<C, L> {
         key: BucketKey,
         meta: Option<&RequestMeta>,
     ) -> Result<Arc<Bucket<L>>, Duration> {
-        let group = self.table.group(key.group);
         self.buckets
             .get_or_insert_with(key, &self.context.clock, || {
                 let model = meta
                     .filter(|_| key.model != 0)
                     .and_then(|meta| meta.model.as_ref())
                     .map(crate::model_name::bounded);
-                Bucket::new(&self.context, key.key, group, model)
+                Bucket::new(&self.context, key.key, key.group, model)
             })
     }
 
@@ -137,7 +136,7 @@ impl<C: Classify, L: Backend> Inner<C, L> {
             None => 0,
         };
         Ok(Cost {
-            requests: u64::from(self.table.group(key.group).rate().is_some()),
+            requests: u64::from(self.context.table.group(key.group).rate().is_some()),
             tokens,
         })
     }
@@ -190,8 +189,8 @@ impl<C: Classify, L: Backend> Inner<C, L> {
         if !jobs::reads_jobs(request.method(), request.uri().path()) {
             return None;
         }
-        let group_id = self.table.group_id(creates)?;
-        let group = self.table.group(group_id);
+        let group_id = self.context.table.group_id(creates)?;
+        let group = self.context.table.group(group_id);
         group.concurrency()?;
         let key = BucketKey {
             key: self
@@ -203,7 +202,7 @@ impl<C: Classify, L: Backend> Inner<C, L> {
         let bucket = self
             .buckets
             .get_or_insert_with(key, &self.context.clock, || {
-                Bucket::new(&self.context, key.key, group, None)
+                Bucket::new(&self.context, key.key, key.group, None)
             })
             .ok()?;
         bucket.slots().cloned()

@@ -18,7 +18,6 @@ use super::jobs::JobTimes;
 use crate::body::RequestMeta;
 use crate::classify::{Classify, EndpointClass};
 use crate::key::KeyHasher;
-use crate::quota::QuotaTable;
 
 pub(crate) mod admit;
 pub(crate) mod wait;
@@ -53,7 +52,6 @@ impl Default for Settings {
 /// What the clones of one [`Limits`] share.
 pub(crate) struct Inner<C, L: Backend> {
     pub(crate) classifier: C,
-    pub(crate) table: QuotaTable,
     pub(crate) key_hasher: KeyHasher,
     pub(crate) settings: Settings,
     pub(crate) context: Arc<BucketContext<L>>,
@@ -82,8 +80,8 @@ impl<C, L: Backend> Inner<C, L> {
     where
         C: Classify,
     {
-        let group = self.table.group_id(class)?;
-        let model = if self.table.group(group).per_model() {
+        let group = self.context.table.group_id(class)?;
+        let model = if self.context.table.group(group).per_model() {
             request
                 .extensions()
                 .get::<RequestMeta>()

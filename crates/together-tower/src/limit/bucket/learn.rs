@@ -113,10 +113,16 @@ impl<L: Backend> Bucket<L> {
         }
         let mut controllers = self.controllers();
         let mut changed = false;
-        if let (Some(limit), Some(controller)) = (stated_requests, controllers.requests()) {
+        if let (Some(limit), Some(controller)) = (
+            stated_requests,
+            controllers.requests(self.group_quota(), self.context.adaptation),
+        ) {
             changed |= controller.stated_limit(limit as f64);
         }
-        if let (Some(limit), Some(controller)) = (stated_tokens, controllers.tokens()) {
+        if let (Some(limit), Some(controller)) = (
+            stated_tokens,
+            controllers.tokens(self.group_quota(), self.context.adaptation),
+        ) {
             changed |= controller.stated_limit(limit as f64);
         }
         let cut = trouble.is_some_and(|refused| {
@@ -124,9 +130,9 @@ impl<L: Backend> Bucket<L> {
             let tokens_out =
                 refused && found.token_remaining() == Some(0) && found.remaining() != Some(0);
             let controller = if tokens_out {
-                controllers.tokens()
+                controllers.tokens(self.group_quota(), self.context.adaptation)
             } else {
-                controllers.requests()
+                controllers.requests(self.group_quota(), self.context.adaptation)
             };
             controller.is_some_and(|controller| controller.trouble(nanos(now)))
         });

@@ -14,7 +14,7 @@ use crate::limit::backend::gcra::{self, nanos};
 use crate::limit::backend::{Backend, BucketSpec, Cost, Pace, Rates};
 use crate::limit::jobs::{JobTimes, Slots};
 use crate::limit::learn::adapt::{Adaptation, Controller};
-use crate::quota::{Group, GroupId, Rate};
+use crate::quota::{Group, GroupId, QuotaTable, Rate};
 
 mod learn;
 pub(crate) mod map;
@@ -29,79 +29,108 @@ pub(crate) struct BucketKey {
     pub(crate) model: u64,
 }
 
-/// How a dimension (requests or tokens) of a bucket is shaped: its controller, and the burst
-/// and tolerance each rate it sets keeps.
-#[derive(Debug)]
-struct Dimension {
-    controller: Controller,
-    configured: Rate,
+/// The pace of one dimension (requests or tokens) whose table rate is `configured`: the
+/// controller's rate if it has one, keeping the configured burst and tolerance.
+fn pace(
+    controller: Option<&Controller>,
+    configured: &Rate,
+    now: u64,
+    adaptation: Adaptation,
+) -> Pace {
+    let rate = match controller {
+        Some(controller) => controller.rate(now),
+        // What a controller without evidence would say.
+        None => Controller::new(adaptation, configured.per_second_f64()).rate(now),
+    };
+    // The table's own rate keeps its exact interval; an adapted one is worked out.
+    let pace = if rate == configured.per_second_f64() {
+        gcra::Params::of(configured)
+    } else {
+        gcra::Params::at_rate(rate, configured.burst(), configured.tolerance())
+    };
+    Pace::from_gcra(pace)
 }
 
-impl Dimension {
-    fn new(rate: Rate, adaptation: Adaptation) -> Self {
-        Self {
-            controller: Controller::new(adaptation, rate.per_second_f64()),
-            configured: rate,
-        }
-    }
-
-    fn pace(&self, now: u64) -> Pace {
-        let rate = self.controller.rate(now);
-        let configured = &self.configured;
-        // The table's own rate keeps its exact interval; an adapted one is worked out.
-        let pace = if rate == configured.per_second_f64() {
-            gcra::Params::of(configured)
-        } else {
-            gcra::Params::at_rate(rate, configured.burst(), configured.tolerance())
-        };
-        Pace::from_gcra(pace)
-    }
-}
-
-/// What the bucket knows about its rates, behind one lock: only responses and rate changes
+/// What the bucket learned about its rates, behind one lock: only responses and rate changes
 /// take it.
-#[derive(Debug)]
+///
+/// A dimension's controller is made on the first evidence about it. Until then the table's
+/// rate is in force and the bucket carries none: most buckets of a gateway with many keys
+/// never see a limit stated or a refusal, and a controller is bigger than the rest of a
+/// bucket. The rates themselves are the group's, read from the table.
+#[derive(Debug, Default)]
 pub(crate) struct Controllers {
-    requests: Option<Dimension>,
-    tokens: Option<Dimension>,
+    requests: Option<Box<Controller>>,
+    tokens: Option<Box<Controller>>,
 }
 
 impl Controllers {
-    fn rates(&self, now: u64) -> Rates {
+    fn rates(&self, now: u64, group: &Group, adaptation: Adaptation) -> Rates {
         Rates {
-            requests: self.requests.as_ref().map(|dimension| dimension.pace(now)),
-            tokens: self.tokens.as_ref().map(|dimension| dimension.pace(now)),
+            requests: group
+                .rate()
+                .map(|rate| pace(self.requests.as_deref(), &rate, now, adaptation)),
+            tokens: group
+                .tokens()
+                .map(|rate| pace(self.tokens.as_deref(), &rate, now, adaptation)),
         }
+    }
+
+    fn each(&self) -> impl Iterator<Item = &Controller> {
+        [&self.requests, &self.tokens]
+            .into_iter()
+            .filter_map(|controller| controller.as_deref())
     }
 
     /// When the rates next change by themselves.
     fn next_change(&self, now: u64) -> u64 {
-        [&self.requests, &self.tokens]
-            .into_iter()
-            .flatten()
-            .filter_map(|dimension| dimension.controller.next_change(now))
+        self.each()
+            .filter_map(|controller| controller.next_change(now))
             .min()
             .unwrap_or(u64::MAX)
     }
 
-    pub(crate) fn requests(&mut self) -> Option<&mut Controller> {
-        self.requests
-            .as_mut()
-            .map(|dimension| &mut dimension.controller)
+    /// The request rate's controller, made now if there was none; `None` if the group has no
+    /// request rate.
+    pub(crate) fn requests(
+        &mut self,
+        group: &Group,
+        adaptation: Adaptation,
+    ) -> Option<&mut Controller> {
+        let rate = group.rate()?;
+        Some(made(&mut self.requests, &rate, adaptation))
     }
 
-    pub(crate) fn tokens(&mut self) -> Option<&mut Controller> {
-        self.tokens
-            .as_mut()
-            .map(|dimension| &mut dimension.controller)
+    /// The token rate's controller, made now if there was none; `None` if the group has no
+    /// token budget.
+    pub(crate) fn tokens(
+        &mut self,
+        group: &Group,
+        adaptation: Adaptation,
+    ) -> Option<&mut Controller> {
+        let rate = group.tokens()?;
+        Some(made(&mut self.tokens, &rate, adaptation))
     }
 
     fn at_rest(&self) -> bool {
-        [&self.requests, &self.tokens]
-            .into_iter()
-            .flatten()
-            .all(|dimension| dimension.controller.at_rest())
+        self.each().all(Controller::at_rest)
     }
+
+    /// Lets each controller note what time alone changed.
+    fn settle(&mut self, now: u64) {
+        for controller in [&mut self.requests, &mut self.tokens].into_iter().flatten() {
+            controller.settle(now);
+        }
+    }
+}
+
+/// The controller in `slot`, made for `configured` if there is none.
+fn made<'a>(
+    slot: &'a mut Option<Box<Controller>>,
+    configured: &Rate,
+    adaptation: Adaptation,
+) -> &'a mut Controller {
+    slot.get_or_insert_with(|| Box::new(Controller::new(adaptation, configured.per_second_f64())))
 }
 
 /// What every bucket of one [`Limits`](super::Limits) shares, so a bucket can act on a
@@ -114,6 +143,10 @@ pub(crate) struct BucketContext<L> {
     pub(crate) default_pause: Duration,
     pub(crate) adaptation: Adaptation,
     pub(crate) job_times: JobTimes,
+    /// The quota table, for each bucket's group.
+    pub(crate) table: QuotaTable,
+    /// Each group's name, by its id, shared by its buckets.
+    pub(crate) group_names: Vec<Arc<str>>,
 }
 
 /// One bucket. Times are readings of the limiter's clock, in nanoseconds.
@@ -147,6 +180,7 @@ pub(crate) struct Bucket<L: Backend> {
     /// How soon after a request its own pacing may let the next one go.
     earliest_next: Duration,
     pub(crate) key: ApiKeyId,
+    group_id: GroupId,
     pub(crate) group: Arc<str>,
     pub(crate) model: Option<Arc<str>>,
 }
@@ -155,15 +189,12 @@ impl<L: Backend> Bucket<L> {
     pub(crate) fn new(
         context: &Arc<BucketContext<L>>,
         key: ApiKeyId,
-        group: &Group,
+        group_id: GroupId,
         model: Option<Arc<str>>,
     ) -> Self {
-        let adaptation = context.adaptation;
-        let controllers = Controllers {
-            requests: group.rate().map(|rate| Dimension::new(rate, adaptation)),
-            tokens: group.tokens().map(|rate| Dimension::new(rate, adaptation)),
-        };
-        let rates = controllers.rates(0);
+        let group = context.table.group(group_id);
+        let controllers = Controllers::default();
+        let rates = controllers.rates(0, group, context.adaptation);
         let spec = BucketSpec {
             key,
             group: group.name(),
@@ -190,7 +221,7 @@ impl<L: Backend> Bucket<L> {
                     context.clock,
                     context.job_times,
                     key,
-                    Arc::from(group.name()),
+                    Arc::clone(&context.group_names[usize::from(group_id.0)]),
                 ))
             }),
             next_turn: AtomicU64::new(0),
@@ -198,7 +229,8 @@ impl<L: Backend> Bucket<L> {
             token_capacity: group.tokens().map(|rate| u64::from(rate.burst())),
             earliest_next,
             key,
-            group: Arc::from(group.name()),
+            group_id,
+            group: Arc::clone(&context.group_names[usize::from(group_id.0)]),
             model,
         }
     }
@@ -245,6 +277,11 @@ impl<L: Backend> Bucket<L> {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// The bucket's group in the quota table.
+    pub(crate) fn group_quota(&self) -> &Group {
+        self.context.table.group(self.group_id)
+    }
+
     pub(crate) fn controllers(&self) -> MutexGuard<'_, Controllers> {
         self.controllers
             .lock()
@@ -264,11 +301,8 @@ impl<L: Backend> Bucket<L> {
     /// the controllers locked, after anything changed it.
     pub(crate) fn apply(&self, controllers: &mut Controllers, now: Duration) {
         let now_nanos = nanos(now);
-        let Controllers { requests, tokens } = controllers;
-        for dimension in [requests, tokens].into_iter().flatten() {
-            dimension.controller.settle(now_nanos);
-        }
-        let rates = controllers.rates(now_nanos);
+        controllers.settle(now_nanos);
+        let rates = controllers.rates(now_nanos, self.group_quota(), self.context.adaptation);
         self.context.backend.set_rates(&self.state, rates, now);
         if let Some(pace) = rates.requests {
             self.interval
@@ -280,7 +314,8 @@ impl<L: Backend> Bucket<L> {
 
     /// The rates in force now, for snapshots.
     pub(crate) fn rates_now(&self, now: Duration) -> Rates {
-        self.controllers().rates(nanos(now))
+        self.controllers()
+            .rates(nanos(now), self.group_quota(), self.context.adaptation)
     }
 
     /// Whether the server's word closes the bucket now. Reads the clock only if the bucket
@@ -368,5 +403,25 @@ impl<L: Backend> HasQueue for Bucket<L> {
     fn give_back_grant(&self, cost: Cost) {
         let now = self.context.clock.elapsed();
         self.context.backend.release(&self.state, cost, now);
+    }
+}
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use super::*;
+    use crate::limit::LocalBackend;
+
+    /// A gateway may hold tens of thousands of live buckets: a bucket that has learned nothing
+    /// carries no controller, and its group's name is shared with the other buckets of the
+    /// group.
+    #[test]
+    fn a_bucket_that_learned_nothing_stays_small() {
+        assert!(
+            size_of::<Bucket<LocalBackend>>() <= 300,
+            "a bucket is {} bytes",
+            size_of::<Bucket<LocalBackend>>()
+        );
+        assert_eq!(size_of::<Controllers>(), 2 * size_of::<usize>());
     }
 }
