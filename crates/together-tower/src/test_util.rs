@@ -204,9 +204,10 @@ impl FakeTogether {
         if let Some(per_second) = self.per_second {
             let now = Instant::now();
             let interval = Duration::from_secs(1) / per_second;
+            // By default, the stack's own pacing tolerance for this rate.
             let tolerance = self
                 .tolerance
-                .unwrap_or_else(|| Duration::from_millis(2).min(interval / 2));
+                .unwrap_or_else(|| crate::quota::Rate::per_second(per_second).tolerance());
             let next = *state.next.get(&key).unwrap_or(&now);
             if next > now + tolerance {
                 state.seen.rate_limited += 1;

@@ -6,8 +6,9 @@
 //!   bucket's own pace would send the next request anyway.
 //! - In adaptive mode, a stated limit (`x-ratelimit-limit`, `x-tokenlimit-limit`, and their
 //!   `-dynamic` forms) moves the target, and a 429 or 503 that the bucket's own pace did not
-//!   expect cuts the rate (see [`adapt`](crate::limit::learn::adapt)). A refusal is expected when the request
-//!   was sent before the bucket's last cut or closure: the bucket already acted on it.
+//!   expect cuts the rate (see [`adapt`](crate::limit::learn::adapt)). A refusal is expected
+//!   when the request was sent before the bucket's last cut or closure: the bucket already
+//!   acted on it.
 //! - A token charge is corrected from the answer's `usage` once its body has been read, and
 //!   given back whole when the server did not serve the request.
 
@@ -31,9 +32,7 @@ impl<L: Backend> Bucket<L> {
         self.close_until(now.saturating_add(pause));
         telemetry::closed(self.key, &self.group, self.model.as_deref(), pause, why);
     }
-}
 
-impl<L: Backend> Bucket<L> {
     /// The usage an answer reported, as far as it can be believed.
     ///
     /// No request larger than the token burst is admitted, so an answer that reports more
