@@ -7,6 +7,8 @@
 //! Each case runs on a runtime of its own with paused time, so the waits are exact and cost no
 //! real time. `PROPTEST_CASES` raises the number of cases.
 
+mod common;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,13 +29,7 @@ use tower::{BoxError, Layer, ServiceExt};
 const CASES: u32 = 256;
 
 fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|cases| cases.parse().ok())
-            .unwrap_or(CASES),
-        ..ProptestConfig::default()
-    }
+    common::config(CASES)
 }
 
 /// Runs `test` on a fresh current-thread runtime with paused time.

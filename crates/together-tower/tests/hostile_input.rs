@@ -6,6 +6,8 @@
 //! Property tests with a fixed number of cases each (`CASES`), so CI spends a bounded time here;
 //! raise `PROPTEST_CASES` to search longer.
 
+mod common;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderName, HeaderValue};
@@ -21,13 +23,7 @@ use together_tower::quota::{MAX_GROUPS, QuotaTable};
 const CASES: u32 = 2_000;
 
 fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|cases| cases.parse().ok())
-            .unwrap_or(CASES),
-        ..ProptestConfig::default()
-    }
+    common::config(CASES)
 }
 
 /// Header values as a server might send them: numbers, near-numbers, dates, garbage.
