@@ -67,24 +67,13 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
         .map_err(|error| CliError::Io(format!("cannot read {}: {error}", args.input.display())))?;
     let inputs: Vec<String> = text.lines().map(str::to_owned).collect();
     let done = verify_output(&args.output, inputs.len()).await?;
+    say_where_it_starts(&args.output, done, inputs.len());
     if done == inputs.len() {
-        eprintln!(
-            "{} already holds all {} embeddings",
-            args.output.display(),
-            inputs.len()
-        );
         return Ok(EmbedReport {
             inputs: inputs.len(),
             resumed_from: done,
             embedded: 0,
         });
-    }
-    if done > 0 {
-        eprintln!(
-            "resuming: {} holds inputs 0 to {}",
-            args.output.display(),
-            done - 1
-        );
     }
 
     let limits = SimLimits::new(Class::Embeddings, args.rpm, Algorithm::Gcra);
@@ -141,6 +130,19 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
         resumed_from: done,
         embedded: written - done,
     })
+}
+
+/// Says whether the output already holds every embedding, or the run resumes after `done`.
+fn say_where_it_starts(output: &Path, done: usize, total: usize) {
+    if done == total {
+        eprintln!("{} already holds all {total} embeddings", output.display());
+    } else if done > 0 {
+        eprintln!(
+            "resuming: {} holds inputs 0 to {}",
+            output.display(),
+            done - 1
+        );
+    }
 }
 
 /// One batch's inputs and what became of them.

@@ -10,7 +10,7 @@ use crate::CliError;
 use crate::bench::Timeline;
 
 /// The chart drawn on: seconds across, a rate per second up.
-type Chart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 /// Draws the run, in one-second bins, to an SVG file.
 pub fn draw(path: &Path, timeline: &Timeline, quota_rpm: u32) -> Result<(), CliError> {
@@ -30,25 +30,7 @@ pub fn draw(path: &Path, timeline: &Timeline, quota_rpm: u32) -> Result<(), CliE
     };
     let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|error| failed(&error))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Requests per second (2xx) against the limits; 429s and 503s in red",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(48)
-        .build_cartesian_2d(0f64..seconds as f64, 0f64..top)
-        .map_err(|error| failed(&error))?;
-    chart
-        .configure_mesh()
-        // Only the bold grid: the fine one, drawn by opacity, turns solid in some renderers.
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(BLACK.mix(0.15))
-        .x_desc("seconds")
-        .y_desc("per second")
-        .draw()
-        .map_err(|error| failed(&error))?;
+    let mut chart = frame(&root, seconds as f64, top).map_err(|error| failed(&error))?;
     let quota_line = vec![(0.0, quota), (seconds as f64, quota)];
     line(
         &mut chart,
@@ -102,6 +84,32 @@ pub fn draw(path: &Path, timeline: &Timeline, quota_rpm: u32) -> Result<(), CliE
     Ok(())
 }
 
+/// The chart's frame: caption, axes and grid, `seconds` across and `top` up.
+fn frame<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    seconds: f64,
+    top: f64,
+) -> Result<Chart<'a, 'b>, DrawingAreaErrorKind<std::io::Error>> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Requests per second (2xx) against the limits; 429s and 503s in red",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0f64..seconds, 0f64..top)?;
+    chart
+        .configure_mesh()
+        // Only the bold grid: the fine one, drawn by opacity, turns solid in some renderers.
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(BLACK.mix(0.15))
+        .x_desc("seconds")
+        .y_desc("per second")
+        .draw()?;
+    Ok(chart)
+}
+
 /// The 2xx answers and the refusals (429 and 503) of each second of the run.
 fn per_second(timeline: &Timeline) -> (Vec<u32>, Vec<u32>) {
     let attempts = &timeline.attempts;
@@ -148,7 +156,7 @@ fn server_steps(timeline: &Timeline) -> Vec<(f64, f64)> {
 
 /// Draws a labelled line.
 fn line(
-    chart: &mut Chart<'_>,
+    chart: &mut Chart<'_, '_>,
     points: Vec<(f64, f64)>,
     style: ShapeStyle,
     label: String,
