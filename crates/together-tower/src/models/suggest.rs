@@ -10,9 +10,10 @@ pub const MAX_NAME_CHARS: usize = 128;
 /// How many ids of the models list are scored for suggestions at most: the first ones.
 pub const MAX_CANDIDATES: usize = 1_000;
 
-/// How many cells of edit-distance tables one 404's suggestions may fill: about a quarter of
-/// a millisecond. A typo against Together's list needs a tenth of it, as hopeless candidates
-/// are abandoned early; a hostile name stops here with the best found so far.
+/// How many cells of edit-distance tables one 404's suggestions may fill. A hostile name stops
+/// here with the best found so far: on the project's 2-core VM, a 128-character name against
+/// 200 ids (which fills them all) took 0.37 ms per 404, and a typo 0.03 ms, as hopeless
+/// candidates are abandoned early (`cargo bench -p together-tower --bench model_check`).
 const MAX_CELLS: usize = 200_000;
 
 /// The known ids closest to `model`, closest first: by edit distance, ignoring case, to the
