@@ -80,17 +80,21 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
+    // Built in place by each constructor, never by a builder taking `self`: the future holds
+    // the inner one, and every move of it is a copy of a few hundred bytes.
+    #[inline]
     pub(crate) fn calling(
         future: S::Future,
         permit: Option<OwnedSemaphorePermit>,
         ticket: Option<Ticket>,
+        reads_jobs: Option<Arc<Slots>>,
         span: Span,
     ) -> Self {
         Self {
             state: State::Calling { future },
             permit,
             ticket,
-            reads_jobs: None,
+            reads_jobs,
             span,
         }
     }
@@ -100,6 +104,7 @@ where
         service: S,
         request: Request<B>,
         ticket: Ticket,
+        reads_jobs: Option<Arc<Slots>>,
         span: Span,
     ) -> Self {
         let waiting = Box::new(Waiting {
@@ -112,7 +117,7 @@ where
             state: State::Waiting { waiting },
             permit: None,
             ticket: Some(ticket),
-            reads_jobs: None,
+            reads_jobs,
             span,
         }
     }
@@ -126,12 +131,6 @@ where
             span,
         }
     }
-
-    /// The answer is about jobs: the key's job slots learn from it.
-    pub(crate) fn reading_jobs(mut self, slots: Option<Arc<Slots>>) -> Self {
-        self.reads_jobs = slots;
-        self
-    }
 }
 
 impl<S, B, ResBody> Future for ResponseFuture<S, B>
@@ -141,83 +140,107 @@ where
 {
     type Output = Result<Response<ResponseBody<ResBody>>, BoxError>;
 
+    // Small enough to inline into the caller's poll, so that the answer is built in place:
+    // the waiting steps, which only queued requests take, are a function of their own.
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let _entered = this.span.enter();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Refused { error } => {
-                    return Poll::Ready(Err(error.take().expect("polled after completion")));
-                }
-                StateProj::Waiting { waiting } => {
-                    let Waiting {
-                        turn,
-                        service,
-                        request,
-                        step,
-                    } = &mut **waiting;
-                    match step {
-                        Step::Turn => {
-                            ready!(turn.poll_turn(cx))?;
-                            *step = Step::Ready;
-                        }
-                        Step::Ready => match service.poll_ready(cx) {
-                            Poll::Ready(Ok(())) => {
-                                *this.permit = turn.leave();
-                                if let Some(ticket) = this.ticket.as_mut() {
-                                    ticket.sending();
-                                }
-                                let request = request.take().expect("polled after completion");
-                                let future = service.call(request);
-                                this.state.set(State::Calling { future });
-                            }
-                            Poll::Ready(Err(error)) => {
-                                turn.give_back();
-                                return Poll::Ready(Err(error.into()));
-                            }
-                            Poll::Pending => {
-                                // Busy below us: the turn goes back, the place in the queue stays.
-                                turn.give_back();
-                                *step = Step::Service;
-                                return Poll::Pending;
-                            }
-                        },
-                        Step::Service => {
-                            ready!(service.poll_ready(cx)).map_err(Into::into)?;
-                            // Ready now, and it stays ready until called: take the turn again.
-                            *step = Step::Turn;
-                        }
-                    }
-                }
                 StateProj::Calling { future } => {
                     let result = ready!(future.poll(cx));
-                    let permit = this.permit.take();
-                    let ticket = this.ticket.take();
-                    // Taken apart in place: responses can be large, and each move is a copy.
-                    let (head, body) = match result {
-                        Ok(response) => response.into_parts(),
-                        Err(error) => {
-                            if let Some(ticket) = ticket {
-                                ticket.failed();
-                            }
-                            return Poll::Ready(Err(error.into()));
-                        }
-                    };
-                    let mut watch =
-                        ticket.and_then(|ticket| ticket.learn(head.status, &head.headers, permit));
-                    if let Some(slots) = this.reads_jobs.take() {
-                        if head.status.is_success() {
-                            watch = Some(Watch::jobs(slots, JobAnswer::Read));
-                        }
-                    }
-                    return Poll::Ready(Ok(Response::from_parts(
-                        head,
-                        ResponseBody::new(body, watch),
-                    )));
+                    let (permit, ticket) = (this.permit.take(), this.ticket.take());
+                    return Poll::Ready(answer(result, permit, ticket, this.reads_jobs.take()));
+                }
+                StateProj::Waiting { waiting } => {
+                    let future = ready!(waiting.poll_call(cx, this.permit, this.ticket))?;
+                    this.state.set(State::Calling { future });
+                }
+                StateProj::Refused { error } => {
+                    return Poll::Ready(Err(error.take().expect("polled after completion")));
                 }
             }
         }
     }
+}
+
+impl<S, B> Waiting<S, B>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    /// Waits for the turn and then for the service, and calls it: ready with the inner
+    /// future once the request is sent.
+    #[inline(never)]
+    fn poll_call(
+        &mut self,
+        cx: &mut Context<'_>,
+        permit: &mut Option<OwnedSemaphorePermit>,
+        ticket: &mut Option<Ticket>,
+    ) -> Poll<Result<S::Future, BoxError>> {
+        loop {
+            match self.step {
+                Step::Turn => {
+                    ready!(self.turn.poll_turn(cx))?;
+                    self.step = Step::Ready;
+                }
+                Step::Ready => match self.service.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        *permit = self.turn.leave();
+                        if let Some(ticket) = ticket.as_mut() {
+                            ticket.sending();
+                        }
+                        let request = self.request.take().expect("polled after completion");
+                        return Poll::Ready(Ok(self.service.call(request)));
+                    }
+                    Poll::Ready(Err(error)) => {
+                        self.turn.give_back();
+                        return Poll::Ready(Err(error.into()));
+                    }
+                    Poll::Pending => {
+                        // Busy below us: the turn goes back, the place in the queue stays.
+                        self.turn.give_back();
+                        self.step = Step::Service;
+                        return Poll::Pending;
+                    }
+                },
+                Step::Service => {
+                    ready!(self.service.poll_ready(cx)).map_err(Into::into)?;
+                    // Ready now, and it stays ready until called: take the turn again.
+                    self.step = Step::Turn;
+                }
+            }
+        }
+    }
+}
+
+/// Hands the answer on, after its bucket learned from its head. The response is read in place
+/// and its body wrapped by `map`: responses can be large, and each move is a copy.
+#[inline]
+fn answer<ResBody, E: Into<BoxError>>(
+    result: Result<Response<ResBody>, E>,
+    permit: Option<OwnedSemaphorePermit>,
+    ticket: Option<Ticket>,
+    reads_jobs: Option<Arc<Slots>>,
+) -> Result<Response<ResponseBody<ResBody>>, BoxError> {
+    let response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            if let Some(ticket) = ticket {
+                ticket.failed();
+            }
+            return Err(error.into());
+        }
+    };
+    let mut watch =
+        ticket.and_then(|ticket| ticket.learn(response.status(), response.headers(), permit));
+    if let Some(slots) = reads_jobs {
+        if response.status().is_success() {
+            watch = Some(Watch::jobs(slots, JobAnswer::Read));
+        }
+    }
+    Ok(response.map(|body| ResponseBody::new(body, watch)))
 }
 
 impl<S, B> fmt::Debug for ResponseFuture<S, B>

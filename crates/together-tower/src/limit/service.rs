@@ -87,11 +87,44 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    // Small enough to inline into the caller, so that the request and the inner future are
+    // moved as few times as they can be: admission, which reads the request, is a function of
+    // its own.
+    #[inline]
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let (admission, span) = self.admit(&mut request);
+        match admission {
+            // The inner service is ready (our `poll_ready` is its own), so call it now.
+            Admission::Go {
+                permit,
+                ticket,
+                reads_jobs,
+            } => {
+                let future = span.in_scope(|| self.inner.call(request));
+                ResponseFuture::calling(future, permit, ticket, reads_jobs, span)
+            }
+            // A waiting request takes an unready clone, so that it holds none of the inner
+            // service's capacity while it waits; it drives `poll_ready` once its turn comes.
+            Admission::Wait {
+                turn,
+                ticket,
+                reads_jobs,
+            } => {
+                let service = self.inner.clone();
+                ResponseFuture::waiting(turn, service, request, ticket, reads_jobs, span)
+            }
+            Admission::Refuse(error) => ResponseFuture::refused(error, span),
+        }
+    }
+}
+
+impl<S, C: Classify, L: Backend> RateLimit<S, C, L> {
+    /// Classifies the request and decides on it, in its span: one span per attempt, whose
+    /// fields are worked out only if a subscriber wants it.
+    fn admit<B>(&self, request: &mut Request<B>) -> (Admission, tracing::Span) {
         let inner = &self.limits.inner;
         // The last of this crate's layers: nothing below needs the class recorded.
-        let class = Classified::ensure(&inner.classifier, &mut request, false);
-        // One span per attempt; its fields are worked out only if a subscriber wants it.
+        let class = Classified::ensure(&inner.classifier, request, false);
         let span = tracing::debug_span!(
             target: "together_tower",
             "together_tower",
@@ -104,35 +137,7 @@ where
                 .as_deref(),
             attempt = request.extensions().get::<Attempt>().map_or(0, |attempt| attempt.0),
         );
-        // Entered by guard rather than `in_scope`: a closure would move the request once more.
-        let entered = span.enter();
-        let admission = inner.admit(&request, class);
-        match admission {
-            // The inner service is ready (our `poll_ready` is its own), so call it now.
-            Admission::Go {
-                permit,
-                ticket,
-                reads_jobs,
-            } => {
-                let future = self.inner.call(request);
-                drop(entered);
-                ResponseFuture::calling(future, permit, ticket, span).reading_jobs(reads_jobs)
-            }
-            // A waiting request takes an unready clone, so that it holds none of the inner
-            // service's capacity while it waits; it drives `poll_ready` once its turn comes.
-            Admission::Wait {
-                turn,
-                ticket,
-                reads_jobs,
-            } => {
-                drop(entered);
-                ResponseFuture::waiting(turn, self.inner.clone(), request, ticket, span)
-                    .reading_jobs(reads_jobs)
-            }
-            Admission::Refuse(error) => {
-                drop(entered);
-                ResponseFuture::refused(error, span)
-            }
-        }
+        let admission = span.in_scope(|| inner.admit(request, class));
+        (admission, span)
     }
 }
