@@ -31,21 +31,36 @@ use together_tower::limit::{Adaptation, Limits};
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
 use tower::{Layer, Service};
 
-/// An inner client that answers at once with the request it was sent.
+/// An inner client that answers at once with the request it was sent, in an empty body.
 #[derive(Clone, Copy)]
 struct Echo;
 
-impl Service<Request<()>> for Echo {
-    type Response = Response<Request<()>>;
+/// An empty response body that carries the request back, so that nothing is allocated.
+struct Carried(Request<()>);
+
+impl http_body::Body for Carried {
+    type Data = Bytes;
     type Error = Infallible;
-    type Future = Ready<Result<Response<Request<()>>, Infallible>>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        Poll::Ready(None)
+    }
+}
+
+impl Service<Request<()>> for Echo {
+    type Response = Response<Carried>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<Carried>, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<()>) -> Self::Future {
-        ready(Ok(Response::new(request)))
+        ready(Ok(Response::new(Carried(request))))
     }
 }
 
@@ -54,15 +69,15 @@ trait Echoed {
     fn request(self) -> Request<()>;
 }
 
-impl Echoed for Request<()> {
+impl Echoed for Carried {
     fn request(self) -> Request<()> {
-        self
+        self.0
     }
 }
 
-impl Echoed for ResponseBody<Request<()>> {
+impl Echoed for ResponseBody<Carried> {
     fn request(self) -> Request<()> {
-        self.into_inner()
+        self.into_inner().0
     }
 }
 

@@ -73,6 +73,27 @@ pub fn retry_hint(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     }
 }
 
+/// The server's hint if it is precise: `retry-after-ms`, or a hint told to a fraction of a
+/// second (`x-ratelimit-reset: 0.35`, `Retry-After: 0.2`). A whole-second `Retry-After` (or
+/// reset) alone is `None`: proxies and gateways send one by rote (nginx: whatever its config
+/// says, typically 1) when their own bucket would take the next request a few milliseconds
+/// later, so it is an upper bound for the request it answers, not a measurement of the limit.
+pub fn precise_retry_hint(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    if let Some(ms) = retry_after_ms(headers) {
+        return Some(ms);
+    }
+    let fractional = |name: &HeaderName| {
+        headers
+            .get(name)
+            .and_then(|value| parse_decimal(value.as_bytes()))
+            .is_some_and(|seconds| seconds.fract() != 0.0)
+    };
+    if fractional(&X_RATELIMIT_RESET) || fractional(&RETRY_AFTER) {
+        return retry_hint(headers, now);
+    }
+    None
+}
+
 fn retry_after_ms(headers: &HeaderMap) -> Option<Duration> {
     headers
         .get(RETRY_AFTER_MS)

@@ -92,6 +92,7 @@
 //! | `together_tower_wait_seconds` | histogram | class | how long sent requests waited for their turn |
 //! | `together_tower_waiting` | gauge | class, model | requests waiting for a turn |
 //! | `together_tower_rate_per_second` | gauge | group, model | the request rate in force, after each change |
+//! | `together_tower_rate_changes_total` | counter | group, reason | changes of the request rate, by why: `stated limit`, `unexpected 429`, `503s above the noise`, `503s were noise` |
 //! | `together_tower_retries_total` | counter | class, reason | retries sent (`429`, `503`, `5xx`, `connection`, ...) |
 //! | `together_tower_retries_refused_total` | counter | class, reason | retries not sent (`budget`, `max_retries`, `max_elapsed`, `hint_too_long`) |
 //! | `together_tower_fallbacks_total` | counter | class, from, to | retries sent with a fallback model |

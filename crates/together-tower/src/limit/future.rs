@@ -1,11 +1,13 @@
 //! The response future of [`RateLimit`](super::RateLimit).
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use std::sync::Arc;
 
@@ -17,7 +19,7 @@ use tracing::Span;
 use super::admission::wait::WaitTurn;
 use super::jobs::Slots;
 pub use super::learn::ResponseBody;
-use super::learn::{JobAnswer, Ticket, Watch};
+use super::learn::{JobAnswer, Reading, Ticket, Watch};
 
 pin_project! {
     /// Waits for the request's turn, sends it, and reads the server's answer for its bucket.
@@ -53,6 +55,11 @@ pin_project! {
         Calling {
             #[pin]
             future: S::Future,
+        },
+        // A 429 whose body is read for the limit it says ran out: a `Reading` of the inner
+        // service's body type, which this enum cannot name.
+        Refusal {
+            reading: Option<Box<dyn Any + Send>>,
         },
     }
 }
@@ -137,6 +144,9 @@ impl<S, B, ResBody> Future for ResponseFuture<S, B>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Send,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, BoxError>;
 
@@ -151,7 +161,33 @@ where
                 StateProj::Calling { future } => {
                     let result = ready!(future.poll(cx));
                     let (permit, ticket) = (this.permit.take(), this.ticket.take());
-                    return Poll::Ready(answer(result, permit, ticket, this.reads_jobs.take()));
+                    match (result, ticket) {
+                        (Ok(response), Some(ticket))
+                            if response.status() == StatusCode::TOO_MANY_REQUESTS
+                                && ticket.reads_refusals() =>
+                        {
+                            let reading = read_refusal(response, permit, ticket);
+                            this.state.set(State::Refusal { reading });
+                        }
+                        (result, ticket) => {
+                            let reads_jobs = this.reads_jobs.take();
+                            return Poll::Ready(answer(result, permit, ticket, reads_jobs));
+                        }
+                    }
+                }
+                StateProj::Refusal { reading } => {
+                    let Some(read) = reading
+                        .as_mut()
+                        .and_then(|any| any.downcast_mut::<Reading<ResBody>>())
+                    else {
+                        panic!("polled after completion");
+                    };
+                    ready!(read.poll_read(cx));
+                    let reading = reading
+                        .take()
+                        .and_then(|any| any.downcast::<Reading<ResBody>>().ok());
+                    let response = reading.expect("just seen").finish();
+                    return Poll::Ready(Ok(response));
                 }
                 StateProj::Waiting { waiting } => {
                     let future = ready!(waiting.poll_call(cx, this.permit, this.ticket))?;
@@ -215,10 +251,25 @@ where
     }
 }
 
+/// A 429 to a bucket that reads refusals: held until its body says which limit ran out.
+#[cold]
+fn read_refusal<ResBody>(
+    response: Response<ResBody>,
+    permit: Option<OwnedSemaphorePermit>,
+    ticket: Ticket,
+) -> Option<Box<dyn Any + Send>>
+where
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Send,
+{
+    Some(Box::new(Reading::new(response, ticket, permit)))
+}
+
 /// Hands the answer on, after its bucket learned from its head. The response is read in place
 /// and its body wrapped by `map`: responses can be large, and each move is a copy.
 #[inline]
-fn answer<ResBody, E: Into<BoxError>>(
+fn answer<ResBody: Body, E: Into<BoxError>>(
     result: Result<Response<ResBody>, E>,
     permit: Option<OwnedSemaphorePermit>,
     ticket: Option<Ticket>,
@@ -234,7 +285,7 @@ fn answer<ResBody, E: Into<BoxError>>(
         }
     };
     let mut watch =
-        ticket.and_then(|ticket| ticket.learn(response.status(), response.headers(), permit));
+        ticket.and_then(|ticket| ticket.learn(response.status(), response.headers(), permit, None));
     if let Some(slots) = reads_jobs {
         if response.status().is_success() {
             watch = Some(Watch::jobs(slots, JobAnswer::Read));
@@ -255,6 +306,7 @@ where
                 Step::Ready | Step::Service => "waiting for the service",
             },
             State::Calling { .. } => "calling",
+            State::Refusal { .. } => "reading a refusal",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

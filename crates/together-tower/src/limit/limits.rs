@@ -11,7 +11,7 @@ use super::backend::{Backend, LocalBackend};
 use super::bucket::BucketContext;
 use super::bucket::map::BucketMap;
 use super::estimate::{DefaultTokenEstimate, EstimateTokens};
-use super::learn::adapt::Adaptation;
+use super::learn::adapt::{Adaptation, RateChanges};
 use crate::classify::{Classify, TogetherClassifier};
 use crate::clock::TokioClock;
 use crate::key::{ApiKeyId, KeyHasher};
@@ -140,6 +140,7 @@ impl<C, L: Backend> Limits<C, L> {
                         .slots()
                         .map(|slots| slots.semaphore().available_permits()),
                     held_jobs: bucket.slots().map_or(0, |slots| slots.held_jobs()),
+                    rate_changes: bucket.controllers().changes(),
                 }
             })
             .collect()
@@ -183,6 +184,9 @@ pub struct BucketSnapshot {
     pub free_slots: Option<usize>,
     /// Jobs (fine-tunes, batches) holding a slot of this bucket until they end.
     pub held_jobs: usize,
+    /// How often its rates changed, by the reason (adaptive mode; a bucket dropped while
+    /// idle forgets its count).
+    pub rate_changes: RateChanges,
 }
 
 impl<C, L: Backend> Clone for Limits<C, L> {

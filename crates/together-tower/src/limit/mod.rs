@@ -101,7 +101,7 @@ pub use self::backend::{
 };
 pub use self::estimate::{DefaultTokenEstimate, EstimateTokens, TokenRequest};
 pub use self::layer::RateLimitLayer;
-pub use self::learn::adapt::{Adaptation, Mode};
+pub use self::learn::adapt::{Adaptation, Mode, RateChanges};
 pub use self::limits::{BucketSnapshot, Limits, LimitsBuilder};
 pub use self::service::RateLimit;
 

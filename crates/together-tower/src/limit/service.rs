@@ -2,6 +2,7 @@ use std::fmt;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
+use http_body::Body;
 use tower::BoxError;
 use tower_service::Service;
 
@@ -76,6 +77,9 @@ where
     S::Error: Into<BoxError>,
     C: Classify,
     L: Backend,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Send,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = BoxError;

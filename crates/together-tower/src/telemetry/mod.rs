@@ -36,8 +36,24 @@ pub(crate) enum Closure {
 pub(crate) enum RateChange {
     /// The server stated a limit.
     Stated,
-    /// A 429 or 503 the pace did not expect.
-    Cut,
+    /// A 429 the pace did not expect.
+    Refused,
+    /// A share of 503s above the noise: a trial cut.
+    Unavailable,
+    /// A trial cut that did not make the 503s fall, undone.
+    Noise,
+}
+
+impl RateChange {
+    /// The reason, as logs and metrics name it.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            RateChange::Stated => "stated limit",
+            RateChange::Refused => "unexpected 429",
+            RateChange::Unavailable => "503s above the noise",
+            RateChange::Noise => "503s were noise",
+        }
+    }
 }
 
 /// Why a job slot went back.
@@ -209,10 +225,7 @@ pub(crate) fn rate_changed(
     to: f64,
     why: RateChange,
 ) {
-    let reason = match why {
-        RateChange::Stated => "stated limit",
-        RateChange::Cut => "unexpected refusal",
-    };
+    let reason = why.as_str();
     tracing::info!(
         target: "together_tower",
         key = %key,
@@ -224,8 +237,12 @@ pub(crate) fn rate_changed(
         "rate changed"
     );
     #[cfg(feature = "metrics")]
-    metrics::gauge!("together_tower_rate_per_second", "group" => group.to_owned(), "model" => model_label(model))
-        .set(to);
+    {
+        metrics::gauge!("together_tower_rate_per_second", "group" => group.to_owned(), "model" => model_label(model))
+            .set(to);
+        metrics::counter!("together_tower_rate_changes_total", "group" => group.to_owned(), "reason" => reason)
+            .increment(1);
+    }
 }
 
 /// The retry layer sends a request again, after `delay`; the shared budget had room for it,

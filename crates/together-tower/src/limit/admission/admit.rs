@@ -71,9 +71,9 @@ impl<C: Classify, L: Backend> Inner<C, L> {
             .map_or(self.settings.max_wait, |max_wait| max_wait.0);
 
         match self.fast_path(&bucket, cost, max_wait, class) {
-            FastPath::Go(permit) => {
+            FastPath::Go(permit, now) => {
                 telemetry::admitted(class, bucket.model.as_deref());
-                let ticket = Ticket::new(bucket, cost, class);
+                let ticket = Ticket::new(bucket, cost, class, now);
                 Admission::Go {
                     permit,
                     ticket: Some(ticket),
@@ -168,7 +168,7 @@ impl<C: Classify, L: Backend> Inner<C, L> {
         let turn = Turn::new(place, cost, class, now, max_wait);
         Admission::Wait {
             turn: Box::new(turn),
-            ticket: Ticket::new(bucket, cost, class),
+            ticket: Ticket::new(bucket, cost, class, now),
             reads_jobs,
         }
     }
@@ -233,12 +233,13 @@ impl<C: Classify, L: Backend> Inner<C, L> {
             None => None,
         };
         if !bucket.has_rate() {
-            return FastPath::Go(permit);
+            // No rate to adapt: when it was sent does not matter, so the clock is not read.
+            return FastPath::Go(permit, Duration::ZERO);
         }
         let now = clock.elapsed();
         bucket.refresh(now);
         match self.context.backend.try_acquire(&bucket.state, cost, now) {
-            Some(Immediate::Allow) => FastPath::Go(permit),
+            Some(Immediate::Allow) => FastPath::Go(permit, now),
             Some(Immediate::Wait(wait) | Immediate::WaitForTokens { tokens: wait, .. }) => {
                 bucket.next_turn_at(now.saturating_add(wait));
                 if wait > max_wait {
@@ -267,8 +268,8 @@ where
 
 /// What the fast path decided.
 enum FastPath {
-    /// Send now, holding this slot if the group has slots.
-    Go(Option<OwnedSemaphorePermit>),
+    /// Send now (at this clock reading), holding this slot if the group has slots.
+    Go(Option<OwnedSemaphorePermit>, Duration),
     /// Take the waiting path.
     Wait,
     /// Refuse at once.

@@ -1,29 +1,33 @@
 //! What an answer teaches its bucket.
 //!
-//! - A 429 closes the bucket for the server's hint (the precise one:
-//!   [`headers::retry_hint`]); without a hint, for the default pause in static mode.
+//! - A 429 closes the bucket for the server's hint: in static mode the most precise one
+//!   ([`headers::retry_hint`]), or the default pause without one; in adaptive mode only a
+//!   precise hint ([`headers::precise_retry_hint`]).
 //! - `x-ratelimit-remaining: 0` closes it until `x-ratelimit-reset`, when that is later than the
 //!   bucket's own pace would send the next request anyway.
 //! - In adaptive mode, a stated limit (`x-ratelimit-limit`, `x-tokenlimit-limit`, and their
-//!   `-dynamic` forms) moves the target, and a 429 or 503 that the bucket's own pace did not
-//!   expect cuts the rate (see [`adapt`](crate::limit::learn::adapt)). A refusal is expected
-//!   when the request was sent before the bucket's last cut or closure: the bucket already
-//!   acted on it.
+//!   `-dynamic` forms) moves the target, and a 429 that the bucket's own pace did not expect
+//!   cuts the rate of the limit that ran out (see [`adapt`](crate::limit::learn::adapt)). A
+//!   refusal is expected when the request was sent before the bucket's last cut or closure:
+//!   the bucket already acted on it. 503s are counted against the answers served, and move
+//!   the rate only when a trial shows they follow it (see
+//!   [`pressure`](crate::limit::learn::pressure)).
 //! - A token charge is corrected from the answer's `usage` once its body has been read, and
 //!   given back whole when the server did not serve the request.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode};
 
 use super::Bucket;
 use crate::headers;
+use crate::limit::backend::Backend;
 use crate::limit::backend::gcra::nanos;
-use crate::limit::backend::{Backend, Cost};
 use crate::limit::jobs::Slots;
-use crate::limit::learn::Feedback;
 use crate::limit::learn::adapt::Mode;
+use crate::limit::learn::{Answer, Dimension, Feedback, Sent};
 use crate::telemetry::{self, Closure, RateChange};
 
 impl<L: Backend> Bucket<L> {
@@ -58,9 +62,13 @@ impl<L: Backend> Bucket<L> {
         used
     }
 
-    /// Closes the bucket when the server said to stop: a 429 for its hint (in static mode, for
-    /// the default pause without one), or a used-up limit until its reset. Returns whether it
-    /// closed.
+    /// Closes the bucket when the server said to stop: a 429 for its hint (see below), or a
+    /// used-up limit until its reset. Returns whether it closed.
+    ///
+    /// In static mode a 429 closes the bucket for its hint, or the default pause without one.
+    /// In adaptive mode only a precise hint closes it ([`headers::precise_retry_hint`]): a
+    /// whole-second `Retry-After` is an upper bound for the request it answers, which the
+    /// retry layer waits out; the bucket as a whole is governed by the rate's cut.
     fn close_on_the_servers_word(
         &self,
         refused: bool,
@@ -70,10 +78,12 @@ impl<L: Backend> Bucket<L> {
     ) -> bool {
         let context = &self.context;
         if refused {
-            let pause = match headers::retry_hint(headers, SystemTime::now()) {
-                Some(hint) => Some(hint),
-                None if context.adaptation.mode() == Mode::Adaptive => None,
-                None => Some(context.default_pause),
+            let pause = match context.adaptation.mode() {
+                Mode::Adaptive => headers::precise_retry_hint(headers, SystemTime::now()),
+                Mode::Static => Some(
+                    headers::retry_hint(headers, SystemTime::now())
+                        .unwrap_or(context.default_pause),
+                ),
             };
             let Some(pause) = pause else {
                 return false;
@@ -96,97 +106,161 @@ impl<L: Backend> Bucket<L> {
         }
     }
 
-    /// Moves the rates by what an answer says: a stated limit moves the target, and
-    /// `trouble` (a refusal the pace did not expect: `Some(true)` for a 429, `Some(false)` for
-    /// a 503) cuts. Returns whether it cut.
+    /// Moves the rates by what an answer says: a stated limit moves the target, an unexpected
+    /// 429 cuts the dimension that ran out, and every answer counts for the 503 evidence while
+    /// it is watched. Returns whether it cut.
     fn adapt(
         &self,
         found: &headers::RateLimitHeaders<'_>,
-        trouble: Option<bool>,
+        evidence: Evidence,
         now: Duration,
     ) -> bool {
-        let stated_requests = found.request_limit();
-        let stated_tokens = found.token_limit();
-        if stated_requests.is_none() && stated_tokens.is_none() && trouble.is_none() {
-            return false;
-        }
+        let (group, adaptation) = (self.group_quota(), self.context.adaptation);
+        let now_nanos = nanos(now);
         let mut controllers = self.controllers();
-        let mut changed = false;
+        let mut why = None;
         if let (Some(limit), Some(controller)) = (
-            stated_requests,
-            controllers.requests(self.group_quota(), self.context.adaptation),
+            found.request_limit(),
+            controllers.requests(group, adaptation),
         ) {
-            changed |= controller.stated_limit(limit as f64);
+            why = why.or(controller
+                .stated_limit(limit as f64, now_nanos)
+                .then_some(RateChange::Stated));
         }
-        if let (Some(limit), Some(controller)) = (
-            stated_tokens,
-            controllers.tokens(self.group_quota(), self.context.adaptation),
-        ) {
-            changed |= controller.stated_limit(limit as f64);
+        if let (Some(limit), Some(controller)) =
+            (found.token_limit(), controllers.tokens(group, adaptation))
+        {
+            why = why.or(controller
+                .stated_limit(limit as f64, now_nanos)
+                .then_some(RateChange::Stated));
         }
-        let cut = trouble.is_some_and(|refused| {
-            // A 429 that says the tokens ran out, and not the requests, is about tokens.
-            let tokens_out =
-                refused && found.token_remaining() == Some(0) && found.remaining() != Some(0);
-            let controller = if tokens_out {
-                controllers.tokens(self.group_quota(), self.context.adaptation)
-            } else {
-                controllers.requests(self.group_quota(), self.context.adaptation)
+        if evidence.refused {
+            let controller = match evidence.ran_out(found) {
+                Dimension::Tokens => controllers.tokens(group, adaptation),
+                Dimension::Requests => controllers.requests(group, adaptation),
             };
-            controller.is_some_and(|controller| controller.trouble(nanos(now)))
-        });
-        if changed || cut {
-            let before = self.interval();
-            self.apply(&mut controllers, now);
-            let after = self.interval();
-            if before != after && !after.is_zero() && !before.is_zero() {
-                let why = if cut {
-                    RateChange::Cut
-                } else {
-                    RateChange::Stated
-                };
-                telemetry::rate_changed(
-                    self.key,
-                    &self.group,
-                    self.model.as_deref(),
-                    1.0 / before.as_secs_f64(),
-                    1.0 / after.as_secs_f64(),
-                    why,
-                );
+            if controller.is_some_and(|controller| controller.trouble(evidence.sent_at, now_nanos))
+            {
+                why = Some(RateChange::Refused);
             }
         }
-        cut
+        if evidence.counts_for_pressure() {
+            if let Some(controller) = controllers.requests(group, adaptation) {
+                let (sent_at, unavailable) = (evidence.sent_at, evidence.unavailable);
+                why = controller.answered(sent_at, unavailable, now_nanos).or(why);
+            }
+        }
+        self.watching
+            .store(controllers.watching(now_nanos), Ordering::Relaxed);
+        let Some(why) = why else {
+            return false;
+        };
+        let before = self.interval();
+        self.apply(&mut controllers, now);
+        let after = self.interval();
+        if before != after && !after.is_zero() && !before.is_zero() {
+            telemetry::rate_changed(
+                self.key,
+                &self.group,
+                self.model.as_deref(),
+                1.0 / before.as_secs_f64(),
+                1.0 / after.as_secs_f64(),
+                why,
+            );
+        }
+        matches!(why, RateChange::Refused | RateChange::Unavailable)
+    }
+}
+
+/// What one answer says to the rate controllers.
+#[derive(Debug, Clone, Copy)]
+struct Evidence {
+    /// A 429 the bucket's pace did not expect.
+    refused: bool,
+    /// A 429's body said which limit ran out.
+    ran_out: Option<Dimension>,
+    /// A 503.
+    unavailable: bool,
+    /// Served (2xx): counts against the 503s.
+    served: bool,
+    /// When the request was sent, on the bucket's clock.
+    sent_at: u64,
+}
+
+impl Evidence {
+    /// The limit a refusal is about: what its body said, else the tokens when the headers
+    /// say only they ran out, else the requests.
+    fn ran_out(&self, found: &headers::RateLimitHeaders<'_>) -> Dimension {
+        self.ran_out.unwrap_or(
+            if found.token_remaining() == Some(0) && found.remaining() != Some(0) {
+                Dimension::Tokens
+            } else {
+                Dimension::Requests
+            },
+        )
+    }
+
+    fn counts_for_pressure(&self) -> bool {
+        self.unavailable || self.served
     }
 }
 
 impl<L: Backend> Feedback for Bucket<L> {
-    fn epoch(&self) -> u64 {
-        Bucket::epoch(self)
+    fn sent_now(&self) -> Sent {
+        self.sent_at(self.context.clock.elapsed())
+    }
+
+    fn sent_at(&self, at: Duration) -> Sent {
+        Sent {
+            epoch: self.epoch(),
+            at,
+        }
     }
 
     fn model(&self) -> Option<&str> {
         self.model.as_deref()
     }
 
-    fn learn(&self, status: StatusCode, headers: &HeaderMap, sent_epoch: u64, cost: Cost) {
+    fn reads_refusals(&self) -> bool {
+        self.context.adaptation.mode() == Mode::Adaptive
+            && self.token_capacity().is_some()
+            && self.group_quota().rate().is_some()
+    }
+
+    fn learn(&self, answer: Answer<'_>) {
+        let Answer {
+            status,
+            headers,
+            sent,
+            cost,
+            ran_out,
+        } = answer;
         let refused = status == StatusCode::TOO_MANY_REQUESTS;
-        let slow_down = status == StatusCode::SERVICE_UNAVAILABLE;
+        let unavailable = status == StatusCode::SERVICE_UNAVAILABLE;
         if cost.tokens > 0 && !status.is_success() {
             // Not served: the tokens were not spent.
             Feedback::correct_tokens(self, cost.tokens, 0);
         }
         let found = headers::RateLimitHeaders::scan(headers);
-        // Most answers: a success that says nothing about the limits.
-        if !refused && !slow_down && !found.any() {
+        let adaptive = self.context.adaptation.mode() == Mode::Adaptive;
+        // Most answers: a success that says nothing about the limits, to a bucket that is not
+        // judging 503s.
+        let watched = adaptive && self.watching.load(Ordering::Relaxed);
+        if !refused && !unavailable && !found.any() && !watched {
             return;
         }
         let now = self.context.clock.elapsed();
         let mut closed = self.close_on_the_servers_word(refused, headers, &found, now);
-        if self.context.adaptation.mode() == Mode::Adaptive {
-            // Sent before the last cut or closure: the bucket already acted on what this says.
-            let expected = sent_epoch != self.epoch();
-            let trouble = (refused || slow_down) && !expected;
-            closed |= self.adapt(&found, trouble.then_some(refused), now);
+        if adaptive {
+            let evidence = Evidence {
+                // Sent before the last cut or closure: the bucket already acted on it.
+                refused: refused && sent.epoch == self.epoch(),
+                ran_out,
+                unavailable,
+                served: status.is_success(),
+                sent_at: nanos(sent.at),
+            };
+            closed |= self.adapt(&found, evidence, now);
         }
         if closed {
             self.next_epoch();

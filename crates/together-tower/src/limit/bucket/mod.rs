@@ -13,7 +13,7 @@ use crate::key::ApiKeyId;
 use crate::limit::backend::gcra::{self, nanos};
 use crate::limit::backend::{Backend, BucketSpec, Cost, Pace, Rates};
 use crate::limit::jobs::{JobTimes, Slots};
-use crate::limit::learn::adapt::{Adaptation, Controller};
+use crate::limit::learn::adapt::{Adaptation, Controller, RateChanges};
 use crate::quota::{Group, GroupId, QuotaTable, Rate};
 
 mod learn;
@@ -116,6 +116,18 @@ impl Controllers {
         self.each().all(Controller::at_rest)
     }
 
+    /// Whether every answer should be counted: while 503s are judged.
+    pub(crate) fn watching(&self, now: u64) -> bool {
+        self.each().any(|controller| controller.watching(now))
+    }
+
+    /// How often the rates changed, by the reason.
+    pub(crate) fn changes(&self) -> RateChanges {
+        self.each()
+            .map(Controller::changes)
+            .fold(RateChanges::default(), RateChanges::plus)
+    }
+
     /// Lets each controller note what time alone changed.
     fn settle(&mut self, now: u64) {
         for controller in [&mut self.requests, &mut self.tokens].into_iter().flatten() {
@@ -165,6 +177,8 @@ pub(crate) struct Bucket<L: Backend> {
     epoch: AtomicU64,
     /// Used since the last sweep of its shard: cheaper than a timestamp.
     recently_used: AtomicBool,
+    /// Every answer must be counted, not only those that say something: 503s are being judged.
+    pub(crate) watching: AtomicBool,
     pub(crate) state: L::Bucket,
     pub(crate) context: Arc<BucketContext<L>>,
     controllers: Mutex<Controllers>,
@@ -212,6 +226,7 @@ impl<L: Backend> Bucket<L> {
             rates_due: AtomicU64::new(u64::MAX),
             epoch: AtomicU64::new(0),
             recently_used: AtomicBool::new(true),
+            watching: AtomicBool::new(false),
             state,
             context: Arc::clone(context),
             controllers: Mutex::new(controllers),

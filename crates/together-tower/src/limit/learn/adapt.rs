@@ -6,11 +6,17 @@
 //! - **The server's word.** A limit header (`x-ratelimit-limit`, `x-tokenlimit-limit` and their
 //!   `-dynamic` forms, per second) sets the target, within the floor and the ceiling. One odd
 //!   reading never moves it: a new value counts once two readings in a row agree, or the
-//!   median of the last three moves.
-//! - **Trouble.** A 429 the bucket's own pace did not expect, or a 503 ("slow down" below the
-//!   limit), means the real limit is below the rate the request was sent at. The rate is cut
-//!   multiplicatively, at most once per window of evidence: an answer to a request sent
-//!   before the last cut says nothing about the rate since.
+//!   median of the last three moves. A learned limit that later answers stop repeating fades:
+//!   [`FADE_AFTER`] after the last reading that agreed with it, the target goes back to the
+//!   table's over [`FADE_OVER`], and a wrong reading cannot hold a bucket down for long.
+//! - **Refusals.** A 429 the bucket's own pace did not expect means the real limit is below
+//!   the rate the request was sent at. The rate is cut multiplicatively, at most once per
+//!   server window ([`Adaptation::with_window`], a second): a request sent before the last
+//!   cut, or within one window after it, met a server whose window still held traffic from
+//!   before the cut, so its refusal says nothing about the rate since.
+//! - **503s** are weaker evidence: most are the server's capacity, not the caller's rate. They
+//!   move the rate only when a trial shows that they follow it (see
+//!   [`pressure`](super::pressure)).
 //! - **Recovery.** After a cut the rate climbs back along a cubic (TCP CUBIC's shape, as in the
 //!   AWS SDK's adaptive mode): quickly at first, flattening as it nears a plateau just below
 //!   the rate where trouble began (the wall). It holds there, then probes above it, slowly at
@@ -23,6 +29,9 @@
 //! reads a clock, so tests give exact schedules.
 
 use std::time::Duration;
+
+use super::pressure::{Pressure, Verdict};
+use crate::telemetry::RateChange;
 
 /// Which kind of limiting a bucket does.
 ///
@@ -69,9 +78,11 @@ pub enum Mode {
 /// | `margin` | 0.02 | how far below the wall the rate settles after trouble |
 /// | `hold` | 2 s | how long the rate holds below the wall before it probes above it |
 /// | `growth` | 0.02 | how fast the rate climbs, as a share of the target per second cubed |
+/// | `window` | 1 s | the server's counting window: cuts are spaced by it, and 503s judged over it |
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Adaptation {
     pub(crate) mode: Mode,
+    pub(crate) window: Duration,
     pub(crate) floor: f64,
     pub(crate) ceiling: f64,
     pub(crate) cut: f64,
@@ -84,6 +95,7 @@ impl Default for Adaptation {
     fn default() -> Self {
         Self {
             mode: Mode::Adaptive,
+            window: Duration::from_secs(1),
             floor: 0.05,
             ceiling: 1.0,
             cut: 0.8,
@@ -149,6 +161,58 @@ impl Adaptation {
         self.hold = hold;
         self
     }
+
+    /// The server's counting window (clamped to 10 ms..=60 s): the time a cut takes to show
+    /// at the server. Servers count the last second; one that counts a minute would have its
+    /// answers cut the rate again and again before the first cut showed.
+    pub fn with_window(mut self, window: Duration) -> Self {
+        self.window = window.clamp(Duration::from_millis(10), Duration::from_secs(60));
+        self
+    }
+
+    /// The server's counting window.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+}
+
+/// How often a bucket's rates changed, by the reason, as [`Limits::snapshot`] shows them.
+///
+/// [`Limits::snapshot`]: crate::limit::Limits::snapshot
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct RateChanges {
+    /// The server stated a new limit (`x-ratelimit-limit`, `x-tokenlimit-limit`).
+    pub stated: u64,
+    /// A 429 that the bucket's own pace did not expect cut the rate.
+    pub refused: u64,
+    /// A share of 503s above the noise started a trial cut.
+    pub unavailable: u64,
+    /// A trial cut did not make the 503s fall: it was undone.
+    pub noise: u64,
+}
+
+impl RateChanges {
+    /// Counts one change.
+    pub(crate) fn count(&mut self, why: RateChange) {
+        let count = match why {
+            RateChange::Stated => &mut self.stated,
+            RateChange::Refused => &mut self.refused,
+            RateChange::Unavailable => &mut self.unavailable,
+            RateChange::Noise => &mut self.noise,
+        };
+        *count += 1;
+    }
+
+    /// Both counts together.
+    pub(crate) fn plus(self, other: Self) -> Self {
+        Self {
+            stated: self.stated + other.stated,
+            refused: self.refused + other.refused,
+            unavailable: self.unavailable + other.unavailable,
+            noise: self.noise + other.noise,
+        }
+    }
 }
 
 /// The share of the rate kept after trouble at a wall found before (within [`SAME_WALL`]).
@@ -160,9 +224,15 @@ const NOTHING_TO_GAIN: f64 = 0.03;
 const SAME_WALL: f64 = 0.05;
 /// Readings within this share of each other agree.
 const AGREE: f64 = 0.10;
-/// Trouble reported less than this after a cut does not cut again: answers that arrive together
-/// are one piece of evidence.
-const MIN_CUT_GAP: u64 = 10_000_000;
+/// How many times slower the probe grows above a capacity found by 503s than above a wall
+/// found by a 429.
+const SLOWER_PROBE: f64 = 8.0;
+/// How long a learned limit holds after the last reading that agreed with it.
+pub(crate) const FADE_AFTER: u64 = 10_000_000_000;
+/// How long it then takes to fade back to the table's rate.
+pub(crate) const FADE_OVER: u64 = 20_000_000_000;
+/// How often a fading target is worked out again.
+const FADE_STEP: u64 = 250_000_000;
 
 const NANOS: f64 = 1e9;
 
@@ -172,11 +242,32 @@ pub(crate) struct Controller {
     settings: Adaptation,
     /// The table's rate, per second.
     configured: f64,
-    /// The server's stated limit, per second, once readings agree.
-    learned: Option<f64>,
+    /// The server's stated limit, per second, once readings agree, and when a reading last
+    /// agreed with it.
+    learned: Option<(f64, u64)>,
     readings: Readings,
     recovery: Option<Recovery>,
     /// The last wall and how often trouble came back at it.
+    wall: Option<(f64, u32)>,
+    /// The 503 evidence, from the first 503 on.
+    unavailable: Option<Box<Unavailable>>,
+    changes: RateChanges,
+}
+
+/// What 503s taught, and what a trial cut would give back if it is undone.
+#[derive(Debug, Clone)]
+struct Unavailable {
+    pressure: Pressure,
+    /// The course of the rate before the trial under way.
+    before_trial: Option<BeforeTrial>,
+}
+
+/// What a trial cut would give back if it is undone.
+#[derive(Debug, Clone, Copy)]
+struct BeforeTrial {
+    /// When the trial began.
+    at: u64,
+    recovery: Option<Recovery>,
     wall: Option<(f64, u32)>,
 }
 
@@ -193,6 +284,8 @@ struct Recovery {
     climb: f64,
     /// When probing above the plateau begins.
     probe_from: u64,
+    /// How fast the probe grows, as a share of the target per second cubed.
+    probe_growth: f64,
 }
 
 /// The last three limit readings.
@@ -238,7 +331,18 @@ impl Controller {
             readings: Readings::default(),
             recovery: None,
             wall: None,
+            unavailable: None,
+            changes: RateChanges::default(),
         }
+    }
+
+    /// How often this controller changed the rate, by the reason.
+    pub(crate) fn changes(&self) -> RateChanges {
+        self.changes
+    }
+
+    fn window(&self) -> u64 {
+        crate::limit::backend::gcra::nanos(self.settings.window)
     }
 
     fn adaptive(&self) -> bool {
@@ -249,21 +353,32 @@ impl Controller {
         self.configured * self.settings.floor
     }
 
-    /// The most the rate may be: the server's stated limit if known, else the table's, within
-    /// the floor and the ceiling.
-    pub(crate) fn target(&self) -> f64 {
+    /// The most the rate may be at `now`: the server's stated limit if known (fading back to
+    /// the table's once no reading has agreed with it for [`FADE_AFTER`]), else the table's,
+    /// within the floor and the ceiling.
+    pub(crate) fn target(&self, now: u64) -> f64 {
         let ceiling = self.configured * self.settings.ceiling;
-        self.learned
-            .unwrap_or(self.configured)
-            .clamp(self.floor(), ceiling)
+        let limit = match self.learned {
+            None => self.configured,
+            Some((learned, confirmed)) => {
+                let fading = now.saturating_sub(confirmed.saturating_add(FADE_AFTER));
+                let faded = (fading as f64 / FADE_OVER as f64).min(1.0);
+                learned + (self.configured - learned) * faded
+            }
+        };
+        limit.clamp(self.floor(), ceiling)
     }
 
     /// The rate in force at `now`.
     pub(crate) fn rate(&self, now: u64) -> f64 {
-        let target = self.target();
+        let target = self.target(now);
         let Some(recovery) = self.recovery else {
             return target;
         };
+        if self.in_trial() {
+            // A trial holds its cut until it is judged.
+            return recovery.start.clamp(self.floor(), target);
+        }
         let since = now.saturating_sub(recovery.at) as f64 / NANOS;
         let rate = if since < recovery.climb {
             // Concave: fast at first, flat as it nears the plateau.
@@ -274,13 +389,29 @@ impl Controller {
         } else {
             // Convex: slow near the wall, faster as it gets away from it.
             let probing = (now - recovery.probe_from) as f64 / NANOS;
-            recovery.plateau + self.settings.growth * target * probing * probing * probing
+            recovery.plateau + recovery.probe_growth * target * probing * probing * probing
         };
         rate.clamp(self.floor(), target)
     }
 
     /// When the rate next changes by itself (`None`: it stays until new evidence).
     pub(crate) fn next_change(&self, now: u64) -> Option<u64> {
+        let fade = self.learned.map(|(_, confirmed)| {
+            let from = confirmed.saturating_add(FADE_AFTER);
+            if now < from {
+                from
+            } else {
+                now.saturating_add(FADE_STEP)
+            }
+        });
+        let course = self.next_change_of_course(now);
+        match (fade, course) {
+            (Some(fade), Some(course)) => Some(fade.min(course)),
+            (fade, course) => fade.or(course),
+        }
+    }
+
+    fn next_change_of_course(&self, now: u64) -> Option<u64> {
         let recovery = self.recovery?;
         let climb_end = recovery.at.saturating_add(secs(recovery.climb));
         Some(if now < climb_end {
@@ -293,9 +424,17 @@ impl Controller {
         })
     }
 
-    /// Forgets a recovery that has come back to the target, so the bucket can rest.
+    /// Forgets a recovery that has come back to the target, and a learned limit that has
+    /// faded, so the bucket can rest.
     pub(crate) fn settle(&mut self, now: u64) {
-        if self.recovery.is_some() && self.rate(now) >= self.target() {
+        if self
+            .learned
+            .is_some_and(|(_, confirmed)| now >= confirmed.saturating_add(FADE_AFTER + FADE_OVER))
+        {
+            self.learned = None;
+        }
+        let trial = self.in_trial();
+        if !trial && self.recovery.is_some() && self.rate(now) >= self.target(now) {
             self.recovery = None;
         }
         if let (Some((wall, _)), Some(recovery)) = (self.wall, self.recovery) {
@@ -314,12 +453,26 @@ impl Controller {
     /// its limits on every answer undroppable, so that a flood of new model names fills the
     /// map and locks new keys out.
     pub(crate) fn at_rest(&self) -> bool {
-        self.recovery.is_none()
+        self.recovery.is_none() && !self.in_trial()
     }
 
-    /// The server stated its limit: `per_second` units a second. Returns whether the target
-    /// changed.
-    pub(crate) fn stated_limit(&mut self, per_second: f64) -> bool {
+    fn in_trial(&self) -> bool {
+        self.unavailable
+            .as_ref()
+            .is_some_and(|unavailable| unavailable.pressure.in_trial())
+    }
+
+    /// Whether every answer should be counted ([`Controller::answered`]), not only those
+    /// that say something: while 503s are being judged.
+    pub(crate) fn watching(&self, now: u64) -> bool {
+        self.unavailable
+            .as_ref()
+            .is_some_and(|unavailable| unavailable.pressure.watching(now))
+    }
+
+    /// The server stated its limit at `now`: `per_second` units a second. Returns whether the
+    /// target changed.
+    pub(crate) fn stated_limit(&mut self, per_second: f64, now: u64) -> bool {
         if !self.adaptive() || !per_second.is_finite() || per_second <= 0.0 {
             return false;
         }
@@ -327,14 +480,18 @@ impl Controller {
         let Some(agreed) = self.readings.agreed() else {
             return false;
         };
-        if self.learned.is_some_and(|learned| {
-            agree(learned, agreed) && (learned - agreed).abs() <= 0.02 * learned
-        }) {
-            return false;
+        if let Some((learned, confirmed)) = &mut self.learned {
+            if agree(*learned, agreed) {
+                // Said again: it holds for another while.
+                *confirmed = now;
+                if (*learned - agreed).abs() <= 0.02 * *learned {
+                    return false;
+                }
+            }
         }
-        let before = self.target();
-        self.learned = Some(agreed);
-        let target = self.target();
+        let before = self.target(now);
+        self.learned = Some((agreed, now));
+        let target = self.target(now);
         if let Some(recovery) = &mut self.recovery {
             if target > before {
                 // The limit went up: what was learned about the old one no longer holds.
@@ -344,37 +501,61 @@ impl Controller {
                 recovery.plateau = recovery.plateau.min(target);
             }
         }
-        (target - before).abs() > f64::EPSILON
+        let changed = (target - before).abs() > f64::EPSILON;
+        if changed {
+            self.changes.count(RateChange::Stated);
+        }
+        changed
     }
 
-    /// A refusal (429) or a "slow down" (503) that the bucket's own pace did not expect (the
-    /// bucket checks that the request was sent since the last cut or closure). Returns
-    /// whether the rate was cut.
-    pub(crate) fn trouble(&mut self, now: u64) -> bool {
+    /// A refusal (429) that the bucket's own pace did not expect (the bucket checks that the
+    /// request was sent since its last closure), for a request sent at `sent_at`. Returns
+    /// whether the rate was cut: not for a request sent within one server window of the last
+    /// cut, whose server still counted traffic from before it.
+    pub(crate) fn trouble(&mut self, sent_at: u64, now: u64) -> bool {
         if !self.adaptive() {
             return false;
         }
         if self
             .recovery
-            .is_some_and(|recovery| now.saturating_sub(recovery.at) < MIN_CUT_GAP)
+            .is_some_and(|recovery| sent_at < recovery.at.saturating_add(self.window()))
         {
             return false;
         }
+        if let Some(unavailable) = &mut self.unavailable {
+            // A 429 is the stronger word: a trial's cut stays.
+            unavailable.pressure.end_trial(now);
+            unavailable.before_trial = None;
+        }
+        self.cut(now, None);
+        self.changes.count(RateChange::Refused);
+        true
+    }
+
+    /// Cuts the rate at `now`, keeping `keep` of it (`None`: the usual cut, gentler at a wall
+    /// found before). The rate in force is the wall: the climb back flattens just below it.
+    fn cut(&mut self, now: u64, keep: Option<f64>) {
         let wall = self.rate(now);
         let hits = match self.wall {
             Some((last, hits)) if (wall - last).abs() <= SAME_WALL * last => hits + 1,
             _ => 1,
         };
         self.wall = Some((wall, hits));
-        let target = self.target();
         // At a wall found before, a probe went a little over it: a gentle cut will do. A new
         // wall says nothing of how far over the rate is: cut hard, and cut again if needed.
-        let keep = if hits > 1 {
+        let keep = keep.unwrap_or(if hits > 1 {
             KNOWN_WALL_KEEP
         } else {
             self.settings.cut
-        };
-        let start = (wall * keep).max(self.floor());
+        });
+        self.recover(now, wall * keep, wall, self.settings.growth);
+    }
+
+    /// Sets the course of the rate from `start` at `now`: a climb that flattens just below
+    /// `wall`, a hold, then probing above it, growing by `probe_growth`.
+    fn recover(&mut self, now: u64, start: f64, wall: f64, probe_growth: f64) {
+        let target = self.target(now);
+        let start = start.max(self.floor());
         let plateau = (wall * (1.0 - self.settings.margin)).max(start);
         let climb = if plateau > start {
             ((plateau - start) / (self.settings.growth * target)).cbrt()
@@ -394,8 +575,74 @@ impl Controller {
             plateau,
             climb,
             probe_from,
+            probe_growth,
         });
-        true
+    }
+
+    /// Counts the answer to a request sent at `sent_at` for the 503 evidence: a 503 if
+    /// `unavailable`, else an answer the server served. Returns the change it made to the
+    /// rate, if any: a trial cut, or a trial undone.
+    pub(crate) fn answered(
+        &mut self,
+        sent_at: u64,
+        unavailable: bool,
+        now: u64,
+    ) -> Option<RateChange> {
+        if !self.adaptive() {
+            return None;
+        }
+        let (window, cut) = (self.window(), self.settings.cut);
+        // The rate before any verdict: a trial under way holds its own.
+        let rate = self.rate(now);
+        let evidence = match &mut self.unavailable {
+            Some(evidence) => evidence,
+            None if unavailable => self.unavailable.insert(Box::new(Unavailable {
+                pressure: Pressure::starting_at(sent_at),
+                before_trial: None,
+            })),
+            None => return None,
+        };
+        match evidence
+            .pressure
+            .answered(sent_at, unavailable, now, window, cut)
+        {
+            Verdict::Nothing => None,
+            Verdict::Trial { keep } => {
+                evidence.before_trial = Some(BeforeTrial {
+                    at: now,
+                    recovery: self.recovery,
+                    wall: self.wall,
+                });
+                self.recover(now, rate * keep, rate, self.settings.growth);
+                self.changes.count(RateChange::Unavailable);
+                Some(RateChange::Unavailable)
+            }
+            Verdict::Pressure { capacity } => {
+                // What the server served a second is its capacity: the rate climbs back to
+                // just below it, from the trial's.
+                evidence.before_trial = None;
+                // 503s are judged a window or two late, where a 429 answers at once: the
+                // probe above a capacity grows [`SLOWER_PROBE`] times slower.
+                let wall = capacity.max(rate);
+                self.wall = Some((wall, 1));
+                self.recover(now, rate, wall, self.settings.growth / SLOWER_PROBE);
+                None
+            }
+            Verdict::Noise => {
+                if let Some(before) = evidence.before_trial.take() {
+                    // The course resumes where the trial paused it.
+                    let paused = now.saturating_sub(before.at);
+                    self.recovery = before.recovery.map(|mut recovery| {
+                        recovery.at = recovery.at.saturating_add(paused);
+                        recovery.probe_from = recovery.probe_from.saturating_add(paused);
+                        recovery
+                    });
+                    self.wall = before.wall;
+                }
+                self.changes.count(RateChange::Noise);
+                Some(RateChange::Noise)
+            }
+        }
     }
 }
 
@@ -426,7 +673,7 @@ mod tests {
     #[test]
     fn trouble_at_the_target_cuts_then_settles_just_below_it_for_good() {
         let mut controller = adaptive();
-        assert!(controller.trouble(10 * S));
+        assert!(controller.trouble(10 * S, 10 * S));
         // Cut to 80% of 100.
         assert!((controller.rate(10 * S) - 80.0).abs() < 1e-9);
         // The climb: 18 units in cbrt(18 / 2) = 2.08 s, concave.
@@ -442,15 +689,15 @@ mod tests {
     #[test]
     fn below_the_target_the_rate_holds_then_probes_and_finds_a_raised_limit() {
         let mut controller = adaptive();
-        // Trouble at 100, then again just after the climb began: a second, lower wall.
-        controller.trouble(0);
-        let wall = controller.rate(500 * MS);
-        assert!(controller.trouble(500 * MS));
+        // Trouble at 100, then again on the climb, a server window later: a second, lower wall.
+        controller.trouble(0, 0);
+        let wall = controller.rate(1_250 * MS);
+        assert!(controller.trouble(1_200 * MS, 1_250 * MS));
         let recovery = controller.recovery.unwrap();
         assert!((recovery.plateau - wall * 0.98).abs() < 1e-9);
         // Held at the plateau for 2 s after the climb, then probing, faster and faster.
         let probe_from = recovery.probe_from;
-        assert_eq!(probe_from - 500 * MS - secs(recovery.climb), 2 * S);
+        assert_eq!(probe_from - 1_250 * MS - secs(recovery.climb), 2 * S);
         assert!((controller.rate(probe_from - MS) - recovery.plateau).abs() < 1e-6);
         let after = |seconds: u64| controller.rate(probe_from + seconds * S);
         assert!(after(1) < after(2) && after(2) - after(1) > after(1) - recovery.plateau);
@@ -462,25 +709,44 @@ mod tests {
     }
 
     #[test]
-    fn trouble_cuts_from_the_rate_in_force_but_not_twice_at_once() {
+    fn trouble_cuts_once_per_server_window_from_the_rate_in_force() {
         let mut controller = adaptive();
-        assert!(controller.trouble(S));
+        assert!(controller.trouble(S, S));
         // Answers that arrive together cut once.
-        assert!(!controller.trouble(S + MS));
-        // Later trouble cuts again, from the rate in force.
-        let before = controller.rate(S + 100 * MS);
-        assert!(before > 80.0 && before < 98.0, "{before}");
-        assert!(controller.trouble(S + 100 * MS));
-        assert!((controller.rate(S + 100 * MS) - 0.8 * before).abs() < 1e-9);
+        assert!(!controller.trouble(S + MS, S + MS));
+        // Requests sent within a window of the cut met a server that still counted the
+        // traffic from before it: their refusals do not cut again.
+        assert!(!controller.trouble(S + 900 * MS, S + 950 * MS));
+        // Trouble for a request sent later cuts again, from the rate in force: gently, as it
+        // is back near the same wall.
+        let before = controller.rate(2_150 * MS);
+        assert!(before > 95.0 && before < 98.0, "{before}");
+        assert!(controller.trouble(2_100 * MS, 2_150 * MS));
+        assert!((controller.rate(2_150 * MS) - 0.95 * before).abs() < 1e-9);
+        assert_eq!(controller.changes().refused, 2);
+    }
+
+    #[test]
+    fn a_server_with_a_longer_window_spaces_the_cuts_by_it() {
+        let mut controller = Controller::new(
+            Adaptation::default().with_window(Duration::from_secs(5)),
+            100.0,
+        );
+        assert!(controller.trouble(0, 0));
+        assert!(!controller.trouble(4 * S, 4 * S));
+        assert!(controller.trouble(5 * S, 5 * S));
     }
 
     #[test]
     fn a_storm_drives_the_rate_down_but_never_below_the_floor() {
-        let mut controller = Controller::new(Adaptation::default().with_floor(0.3), 100.0);
+        let adaptation = Adaptation::default()
+            .with_floor(0.3)
+            .with_window(Duration::from_millis(10));
+        let mut controller = Controller::new(adaptation, 100.0);
         let mut lowest = f64::MAX;
         for i in 0..40 {
             let now = S + i * 15 * MS;
-            controller.trouble(now);
+            controller.trouble(now, now);
             lowest = lowest.min(controller.rate(now));
         }
         assert_eq!(lowest, 30.0);
@@ -488,17 +754,19 @@ mod tests {
 
     #[test]
     fn a_probe_that_finds_the_same_wall_again_is_cut_gently() {
-        let mut controller = adaptive();
-        controller.trouble(0);
-        controller.trouble(500 * MS);
+        let adaptation = Adaptation::default().with_window(Duration::from_millis(100));
+        let mut controller = Controller::new(adaptation, 100.0);
+        controller.trouble(0, 0);
+        controller.trouble(500 * MS, 500 * MS);
         let wall = controller.wall.unwrap().0;
+        assert_eq!(controller.wall.unwrap().1, 1);
         // Probe until the rate is back at that wall, and be refused there again.
         let mut now = controller.recovery.unwrap().probe_from;
         while controller.rate(now) < wall {
             now += 10 * MS;
         }
         let at = controller.rate(now);
-        assert!(controller.trouble(now));
+        assert!(controller.trouble(now, now));
         assert!((controller.rate(now) - 0.95 * at).abs() < 1e-9);
         assert_eq!(controller.wall.unwrap().1, 2);
     }
@@ -506,30 +774,163 @@ mod tests {
     #[test]
     fn a_stated_limit_counts_once_readings_agree_and_never_for_one_odd_value() {
         let mut controller = adaptive();
-        assert!(!controller.stated_limit(50.0));
+        assert!(!controller.stated_limit(50.0, 0));
         assert_eq!(controller.rate(0), 100.0);
-        assert!(controller.stated_limit(50.0));
+        assert!(controller.stated_limit(50.0, 0));
         assert_eq!(controller.rate(0), 50.0);
         // One odd reading among steady ones moves nothing.
-        assert!(!controller.stated_limit(1.0));
-        assert!(!controller.stated_limit(50.0));
+        assert!(!controller.stated_limit(1.0, 0));
+        assert!(!controller.stated_limit(50.0, 0));
         assert_eq!(controller.rate(0), 50.0);
         // Doubled, and stated twice: the rate follows, up to the ceiling (the table's 100).
-        controller.stated_limit(200.0);
-        controller.stated_limit(200.0);
+        controller.stated_limit(200.0, 0);
+        controller.stated_limit(200.0, 0);
         assert_eq!(controller.rate(0), 100.0);
         let mut generous = Controller::new(Adaptation::default().with_ceiling(4.0), 100.0);
-        generous.stated_limit(200.0);
-        generous.stated_limit(200.0);
+        generous.stated_limit(200.0, 0);
+        generous.stated_limit(200.0, 0);
         assert_eq!(generous.rate(0), 200.0);
+    }
+
+    #[test]
+    fn a_stated_limit_that_is_not_repeated_fades_back_to_the_table() {
+        let mut controller = Controller::new(Adaptation::default(), 10.0);
+        controller.stated_limit(1.0, 0);
+        controller.stated_limit(1.0, 0);
+        assert_eq!(controller.rate(0), 1.0);
+        // Held while readings could still come...
+        assert_eq!(controller.rate(FADE_AFTER), 1.0);
+        assert_eq!(controller.next_change(S), Some(FADE_AFTER));
+        // ...then back towards the table, and there once the fade is over.
+        let halfway = controller.rate(FADE_AFTER + FADE_OVER / 2);
+        assert!((halfway - 5.5).abs() < 1e-9, "{halfway}");
+        assert_eq!(controller.rate(FADE_AFTER + FADE_OVER), 10.0);
+        controller.settle(FADE_AFTER + FADE_OVER);
+        assert!(controller.learned.is_none());
+        assert_eq!(controller.next_change(FADE_AFTER + FADE_OVER), None);
+    }
+
+    #[test]
+    fn a_stated_limit_said_again_holds() {
+        let mut controller = Controller::new(Adaptation::default(), 10.0);
+        controller.stated_limit(4.0, 0);
+        controller.stated_limit(4.0, 0);
+        // One reading that agrees, now and then, keeps it: it does not move the rate.
+        for second in (5..60).step_by(5) {
+            assert!(!controller.stated_limit(4.0, second * S));
+        }
+        assert_eq!(controller.rate(60 * S), 4.0);
+    }
+
+    /// A server that answers 503 to `noise` of the requests at random (every
+    /// `1 / noise`-th, spread evenly), and to those above `capacity` a second (a GCRA with a
+    /// burst of two).
+    struct Server {
+        capacity: f64,
+        noise: f64,
+        owed: f64,
+        ready_at: f64,
+    }
+
+    impl Server {
+        fn new(capacity: f64, noise: f64) -> Self {
+            Self {
+                capacity,
+                noise,
+                owed: 0.0,
+                ready_at: 0.0,
+            }
+        }
+
+        /// Whether a request arriving at `at` seconds is answered 503.
+        fn unavailable(&mut self, at: f64) -> bool {
+            let interval = 1.0 / self.capacity;
+            if at < self.ready_at - interval {
+                return true;
+            }
+            self.ready_at = self.ready_at.max(at) + interval;
+            self.owed += self.noise;
+            if self.owed >= 1.0 {
+                self.owed -= 1.0;
+                return true;
+            }
+            false
+        }
+    }
+
+    /// Sends back to back at the controller's rate for `seconds`, each answered 20 ms later;
+    /// returns the rate in force at each tenth of a second.
+    fn run(controller: &mut Controller, server: &mut Server, seconds: u64) -> Vec<f64> {
+        let mut rates = Vec::new();
+        let mut now = 0;
+        let mut next_sample = 0;
+        let mut in_flight = std::collections::VecDeque::new();
+        while now < seconds * S {
+            while in_flight
+                .front()
+                .is_some_and(|&(answer_at, _, _)| answer_at <= now)
+            {
+                let (answer_at, sent, unavailable) = in_flight.pop_front().unwrap();
+                controller.answered(sent, unavailable, answer_at);
+            }
+            let unavailable = server.unavailable(now as f64 / 1e9);
+            in_flight.push_back((now + 20 * MS, now, unavailable));
+            let rate = controller.rate(now);
+            while next_sample <= now {
+                rates.push(rate);
+                next_sample += 100 * MS;
+            }
+            now += (1e9 / rate) as u64;
+        }
+        rates
+    }
+
+    fn mean(rates: &[f64]) -> f64 {
+        rates.iter().sum::<f64>() / rates.len() as f64
+    }
+
+    #[test]
+    fn random_503s_leave_the_rate_where_it_was() {
+        let mut controller = adaptive();
+        let rates = run(&mut controller, &mut Server::new(1e9, 0.1), 60);
+        assert!(mean(&rates) >= 95.0, "{}", mean(&rates));
+        assert_eq!(*rates.last().unwrap(), 100.0);
+        // One trial, undone.
+        let changes = controller.changes();
+        assert_eq!((changes.unavailable, changes.noise), (1, 1), "{changes:?}");
+    }
+
+    #[test]
+    fn unavailable_answers_that_stop_below_a_capacity_move_the_rate_under_it() {
+        let mut controller = adaptive();
+        let rates = run(&mut controller, &mut Server::new(60.0, 0.0), 60);
+        let changes = controller.changes();
+        assert!(
+            changes.unavailable >= 1 && changes.noise == 0,
+            "{changes:?}"
+        );
+        let late = mean(&rates[100..]);
+        assert!((55.0..=64.0).contains(&late), "{late} {rates:?}");
+    }
+
+    #[test]
+    fn a_capacity_below_the_rate_is_found_through_random_503s_too() {
+        let mut controller = adaptive();
+        let rates = run(&mut controller, &mut Server::new(60.0, 0.05), 60);
+        let late = mean(&rates[100..]);
+        assert!(
+            (50.0..=66.0).contains(&late),
+            "{late} {:?}",
+            controller.changes()
+        );
     }
 
     #[test]
     fn static_mode_never_moves() {
         let mut controller = Controller::new(Adaptation::fixed(), 100.0);
-        assert!(!controller.trouble(S));
-        controller.stated_limit(10.0);
-        controller.stated_limit(10.0);
+        assert!(!controller.trouble(S, S));
+        controller.stated_limit(10.0, 0);
+        controller.stated_limit(10.0, 0);
         assert_eq!(controller.rate(2 * S), 100.0);
     }
 }

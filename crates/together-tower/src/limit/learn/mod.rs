@@ -6,6 +6,7 @@
 //! implements it (in `bucket/learn.rs`), so this folder imports nothing from the bucket.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 
@@ -13,23 +14,72 @@ use super::backend::Cost;
 use super::jobs::Slots;
 
 pub(crate) mod adapt;
+pub(crate) mod pressure;
+mod refusal;
 mod ticket;
 mod watch;
 
+pub(crate) use self::refusal::Reading;
 pub(crate) use self::ticket::Ticket;
 pub use self::watch::ResponseBody;
 pub(crate) use self::watch::{JobAnswer, Watch};
 
+/// When a request was sent, as its bucket counts time: the bucket's count of cuts and
+/// closures then (an answer to a request sent before the last of them was expected), and the
+/// clock reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sent {
+    pub(crate) epoch: u64,
+    pub(crate) at: Duration,
+}
+
+/// Which limit a refusal says ran out: a 429 body's `error.type`
+/// (`dynamic_request_limited`, `dynamic_token_limited`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dimension {
+    Requests,
+    Tokens,
+}
+
+impl Dimension {
+    /// The dimension a 429 body's error type names, if it names one.
+    pub(crate) fn of_error_type(kind: &str) -> Option<Self> {
+        match kind {
+            "dynamic_request_limited" | "request_limit_exceeded" => Some(Self::Requests),
+            "dynamic_token_limited" | "token_limit_exceeded" => Some(Self::Tokens),
+            _ => None,
+        }
+    }
+}
+
+/// An answer, as its bucket reads it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Answer<'a> {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) sent: Sent,
+    pub(crate) cost: Cost,
+    /// For a 429 whose body was read: the limit it says ran out.
+    pub(crate) ran_out: Option<Dimension>,
+}
+
 /// A bucket learning from answers, with its types erased so futures do not name them.
 pub(crate) trait Feedback: Send + Sync {
-    /// Counts cuts and closures; see [`Bucket::epoch`].
-    fn epoch(&self) -> u64;
+    /// A request goes now.
+    fn sent_now(&self) -> Sent;
+
+    /// A request that went at clock reading `at`.
+    fn sent_at(&self, at: Duration) -> Sent;
 
     /// The bucket's model, for groups limited per model.
     fn model(&self) -> Option<&str>;
 
-    /// Reads an answer to a request sent in `sent_epoch` that cost `cost`.
-    fn learn(&self, status: StatusCode, headers: &HeaderMap, sent_epoch: u64, cost: Cost);
+    /// Whether a 429's body should be read for the limit it says ran out: the bucket adapts
+    /// and has a token budget as well as a request rate.
+    fn reads_refusals(&self) -> bool;
+
+    /// Reads an answer.
+    fn learn(&self, answer: Answer<'_>);
 
     /// `charged` tokens were taken for a request that used `used`.
     fn correct_tokens(&self, charged: u64, used: u64);

@@ -1,12 +1,13 @@
 //! The ticket a request carries from its admission to its answer.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::Feedback;
 use super::watch::{JobAnswer, Watch};
+use super::{Answer, Dimension, Feedback, Sent};
 use crate::classify::EndpointClass;
 use crate::limit::backend::Cost;
 use crate::telemetry;
@@ -16,37 +17,57 @@ use crate::telemetry;
 pub(crate) struct Ticket {
     bucket: Arc<dyn Feedback>,
     cost: Cost,
-    epoch: u64,
+    sent: Sent,
     class: EndpointClass,
 }
 
 impl Ticket {
-    pub(crate) fn new(bucket: Arc<dyn Feedback>, cost: Cost, class: EndpointClass) -> Self {
-        let epoch = bucket.epoch();
+    /// The ticket of a request going at clock reading `now` (or queued, until
+    /// [`Ticket::sending`]).
+    pub(crate) fn new(
+        bucket: Arc<dyn Feedback>,
+        cost: Cost,
+        class: EndpointClass,
+        now: Duration,
+    ) -> Self {
+        let sent = bucket.sent_at(now);
         Self {
             bucket,
             cost,
-            epoch,
+            sent,
             class,
         }
     }
 
     /// The request goes now (after a wait): what the bucket learns later is measured from here.
     pub(crate) fn sending(&mut self) {
-        self.epoch = self.bucket.epoch();
+        self.sent = self.bucket.sent_now();
+    }
+
+    /// Whether a 429's body should be read for the limit it says ran out.
+    pub(crate) fn reads_refusals(&self) -> bool {
+        self.bucket.reads_refusals()
     }
 
     /// Reads the answer; returns what its body must be watched for, if anything. `permit` is
     /// the request's concurrency slot: a job create that succeeded keeps it until the job
     /// ends, and a 409 on create says the server's slots are all in use.
+    /// `ran_out` is what a 429's body said ran out, if it was read.
     pub(crate) fn learn(
         self,
         status: StatusCode,
         headers: &HeaderMap,
         permit: Option<OwnedSemaphorePermit>,
+        ran_out: Option<Dimension>,
     ) -> Option<Box<Watch>> {
         telemetry::answered(self.class, self.bucket.model(), Some(status));
-        self.bucket.learn(status, headers, self.epoch, self.cost);
+        self.bucket.learn(Answer {
+            status,
+            headers,
+            sent: self.sent,
+            cost: self.cost,
+            ran_out,
+        });
         if self.class.creates_job() {
             if let Some(slots) = self.bucket.slots() {
                 match permit {

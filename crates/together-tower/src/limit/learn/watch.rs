@@ -21,6 +21,7 @@ use pin_project_lite::pin_project;
 use serde::Deserialize;
 
 use super::Feedback;
+use super::refusal::Peeked;
 use crate::limit::jobs::{self, Slots};
 
 /// How much of a body's end is kept to find its `usage`.
@@ -31,10 +32,32 @@ const MAX_JOB_BODY: usize = 1024 * 1024;
 
 pin_project! {
     /// The inner body, read once on its way to the caller.
-    pub struct ResponseBody<B> {
+    pub struct ResponseBody<B>
+    where
+        B: Body,
+    {
         #[pin]
-        inner: B,
+        inner: Inner<B>,
         watch: Option<Box<Watch>>,
+    }
+}
+
+pin_project! {
+    #[project = InnerProj]
+    #[project_ref = InnerRef]
+    enum Inner<B>
+    where
+        B: Body,
+    {
+        // Most bodies: read in place.
+        Plain {
+            #[pin]
+            body: B,
+        },
+        // A refusal whose first frames were read for its error type.
+        Peeked {
+            body: Peeked<B>,
+        },
     }
 }
 
@@ -130,15 +153,36 @@ pub(crate) struct TokenCount {
     tail: Vec<u8>,
 }
 
-impl<B> ResponseBody<B> {
-    /// `inner`, watched for what `watch` says.
-    pub(crate) fn new(inner: B, watch: Option<Box<Watch>>) -> Self {
-        Self { inner, watch }
+impl<B: Body> ResponseBody<B> {
+    /// `body`, watched for what `watch` says.
+    pub(crate) fn new(body: B, watch: Option<Box<Watch>>) -> Self {
+        Self {
+            inner: Inner::Plain { body },
+            watch,
+        }
+    }
+
+    /// A body whose first frames were read ahead, watched for what `watch` says.
+    pub(crate) fn peeked(body: Peeked<B>, watch: Option<Box<Watch>>) -> Self {
+        Self {
+            inner: Inner::Peeked { body },
+            watch,
+        }
     }
 
     /// The inner body.
-    pub fn into_inner(self) -> B {
-        self.inner
+    ///
+    /// For an adaptive bucket with a token budget, a 429's first bytes (up to 4 KiB) were read
+    /// for its error type, and they are not in the inner body: read such a body through this
+    /// one to see them.
+    pub fn into_inner(self) -> B
+    where
+        B: Unpin,
+    {
+        match self.inner {
+            Inner::Plain { body } => body,
+            Inner::Peeked { body } => body.into_body(),
+        }
     }
 }
 
@@ -199,7 +243,10 @@ impl<B: Body> Body for ResponseBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let frame = ready!(match this.inner.project() {
+            InnerProj::Plain { body } => body.poll_frame(cx),
+            InnerProj::Peeked { body } => body.poll_frame(cx),
+        });
         if let Some(watch) = this.watch {
             match &frame {
                 // Only the first chunk of a segmented buffer is seen; `Bytes` has just one.
@@ -221,18 +268,29 @@ impl<B: Body> Body for ResponseBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Plain { body } => body.is_end_stream(),
+            Inner::Peeked { body } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Plain { body } => body.size_hint(),
+            Inner::Peeked { body } => body.size_hint(),
+        }
     }
 }
 
-impl<B: std::fmt::Debug> std::fmt::Debug for ResponseBody<B> {
+impl<B: Body + std::fmt::Debug> std::fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (inner, read_ahead): (&dyn std::fmt::Debug, bool) = match &self.inner {
+            Inner::Plain { body } => (body, false),
+            Inner::Peeked { body } => (body.inner(), true),
+        };
         f.debug_struct("ResponseBody")
-            .field("inner", &self.inner)
+            .field("inner", inner)
+            .field("read_ahead", &read_ahead)
             .field(
                 "watching",
                 &match self.watch.as_deref() {
@@ -247,7 +305,6 @@ impl<B: std::fmt::Debug> std::fmt::Debug for ResponseBody<B> {
 
 #[cfg(test)]
 mod tests {
-    use http::HeaderMap;
 
     use super::*;
 
@@ -279,20 +336,19 @@ mod tests {
     fn the_tail_keeps_the_last_bytes_however_they_arrive() {
         struct Nothing;
         impl Feedback for Nothing {
-            fn epoch(&self) -> u64 {
-                0
+            fn sent_now(&self) -> crate::limit::learn::Sent {
+                self.sent_at(std::time::Duration::ZERO)
+            }
+            fn sent_at(&self, at: std::time::Duration) -> crate::limit::learn::Sent {
+                crate::limit::learn::Sent { epoch: 0, at }
             }
             fn model(&self) -> Option<&str> {
                 None
             }
-            fn learn(
-                &self,
-                _: http::StatusCode,
-                _: &HeaderMap,
-                _: u64,
-                _: crate::limit::backend::Cost,
-            ) {
+            fn reads_refusals(&self) -> bool {
+                false
             }
+            fn learn(&self, _: crate::limit::learn::Answer<'_>) {}
             fn correct_tokens(&self, _: u64, _: u64) {}
             fn slots(&self) -> Option<&Arc<crate::limit::jobs::Slots>> {
                 None

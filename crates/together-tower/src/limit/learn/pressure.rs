@@ -1,0 +1,326 @@
+//! Telling 503 noise from 503 pressure.
+//!
+//! Together answers 503 for its own capacity, often at random and unrelated to the caller's
+//! rate: its docs say a 503 at or below your dynamic rate is "not due to your usage". Some 503
+//! storms do follow load (a model overloaded, a gateway that answers 503 above a capacity), and
+//! then slowing down helps. A cut costs quota now and, under earned limits, quota later, so a
+//! 503 moves the rate only when the evidence says the rate causes it.
+//!
+//! The evidence is a *tally*: the answers to requests sent since a given time, once it spans
+//! at least one server window ([`Adaptation::window`](super::adapt::Adaptation), a second by
+//! default: servers count the last second) and holds at least [`MIN_ANSWERS`] answers. Its
+//! share of 503s is compared with the share known to be noise:
+//!
+//! - **At or below the noise** (plus [`MARGIN`]), nothing moves: the retry layer sends those
+//!   requests again, and the server's capacity, not the caller's rate, decided their fate.
+//! - **Above it**, a *trial*: the rate is cut to what the share says the server served
+//!   (`1 - share` of it, at least as deep as the usual cut, never below half), and the next
+//!   tally, of requests sent one window after the cut (so that the server's window no longer
+//!   holds traffic from before it), judges the cut.
+//!   - **The share fell** (by half, or to the noise): the 503s followed the rate. The cut
+//!     stays, and the rate recovers from it as after a 429, towards a plateau below the rate
+//!     where the 503s began. Should they come back on the way up, another trial cuts again.
+//!   - **It did not**: the 503s are noise. The cut is undone at once, and the share is
+//!     remembered as this bucket's noise, so the same share does not start another trial.
+//!     Noise fades (half-life [`NOISE_HALF_LIFE`]), so that a change of conditions is seen.
+//!
+//! The failure modes it accepts:
+//!
+//! - **A trial on noise costs two windows at a lower rate** (the settling window and the
+//!   judged one): at 10% random 503s, one trial a minute or so, about 1% of the throughput.
+//! - **Noise that happens to fall during a trial** is taken for pressure: the cut stays, and
+//!   the rate climbs back to just below where it was within a few seconds.
+//! - **Pressure just above the noise** (a capacity a few percent below the rate) is not
+//!   acted on until the share rises [`MARGIN`] above the noise: those requests are retried,
+//!   and the server still serves all it can.
+//! - **Few answers** make no tally: a bucket sending a request a second waits
+//!   [`MIN_ANSWERS`] seconds for its evidence, and until then its 503s only cost retries.
+
+/// A tally needs this many answers to say anything.
+pub(crate) const MIN_ANSWERS: u32 = 30;
+/// A trial needs at least this many 503s in its tally, whatever the share.
+const MIN_UNAVAILABLE: u32 = 3;
+/// A share this far above the noise starts a trial.
+pub(crate) const MARGIN: f64 = 0.05;
+/// A trial's share at most this part of the share before it: the 503s followed the rate.
+const FELL: f64 = 0.5;
+/// The deepest trial cut: the rate kept at least.
+const DEEPEST: f64 = 0.5;
+/// Noise known for this long counts half as much.
+pub(crate) const NOISE_HALF_LIFE: u64 = 60_000_000_000;
+
+/// What a tally said.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Verdict {
+    /// Nothing to do yet, or nothing to do.
+    Nothing,
+    /// Start a trial: cut the rate, keeping this share of it.
+    Trial { keep: f64 },
+    /// The trial's cut made the 503s fall: keep it. The server served about `capacity`
+    /// answers a second.
+    Pressure { capacity: f64 },
+    /// The trial's cut did not: undo it.
+    Noise,
+}
+
+/// The 503 evidence of one bucket.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Pressure {
+    tally: Tally,
+    /// The share of 503s known not to follow the rate, and when it was learned.
+    noise: f64,
+    noise_at: u64,
+    /// The trial under way.
+    trial: Option<Trial>,
+    /// Every answer is being counted (the bucket asks [`Pressure::watching`] after each).
+    counting: bool,
+}
+
+/// What a tally read.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    /// The share of 503s.
+    share: f64,
+    /// Answers a second.
+    answers: f64,
+    /// Answers served a second.
+    served: f64,
+}
+
+/// A trial: what the tally before it read, and the share of the rate it kept.
+#[derive(Debug, Clone, Copy)]
+struct Trial {
+    before: Reading,
+    keep: f64,
+}
+
+/// Answers to requests sent since `from`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    from: u64,
+    served: u32,
+    unavailable: u32,
+}
+
+impl Pressure {
+    /// Starts counting with the answer to a request sent at `sent_at`.
+    pub(crate) fn starting_at(sent_at: u64) -> Self {
+        Self {
+            tally: Tally {
+                from: sent_at,
+                ..Tally::default()
+            },
+            counting: true,
+            ..Self::default()
+        }
+    }
+
+    /// The share of 503s known to be noise at `now`.
+    pub(crate) fn noise(&self, now: u64) -> f64 {
+        let age = now.saturating_sub(self.noise_at) as f64 / NOISE_HALF_LIFE as f64;
+        self.noise * 0.5f64.powf(age)
+    }
+
+    /// Whether a trial is under way.
+    pub(crate) fn in_trial(&self) -> bool {
+        self.trial.is_some()
+    }
+
+    /// Whether every answer should still be counted: a trial, 503s in the tally, or noise
+    /// that has not faded.
+    pub(crate) fn watching(&self, now: u64) -> bool {
+        self.trial.is_some() || self.tally.unavailable > 0 || self.noise(now) > 0.005
+    }
+
+    /// A 429 cut the rate during a trial: the trial ends, its cut kept.
+    pub(crate) fn end_trial(&mut self, now: u64) {
+        if self.trial.take().is_some() {
+            self.restart(now);
+        }
+    }
+
+    /// Counts the answer to a request sent at `sent_at` (a 503 if `unavailable`), and judges
+    /// the tally once it spans `window` and holds enough answers. `cut` is the share a usual
+    /// cut keeps.
+    pub(crate) fn answered(
+        &mut self,
+        sent_at: u64,
+        unavailable: bool,
+        now: u64,
+        window: u64,
+        cut: f64,
+    ) -> Verdict {
+        if unavailable && !self.counting {
+            // The first 503 since answers were last counted: a tally starts with it.
+            self.restart(sent_at);
+            self.counting = true;
+        }
+        if sent_at < self.tally.from {
+            // Sent before this tally began: under the rate of another.
+            return Verdict::Nothing;
+        }
+        if unavailable {
+            self.tally.unavailable += 1;
+        } else {
+            self.tally.served += 1;
+        }
+        let answers = self.tally.served + self.tally.unavailable;
+        if now < self.tally.from.saturating_add(window) || answers < MIN_ANSWERS {
+            return Verdict::Nothing;
+        }
+        let seconds = now.saturating_sub(self.tally.from).max(1) as f64 / 1e9;
+        let reading = Reading {
+            share: f64::from(self.tally.unavailable) / f64::from(answers),
+            answers: f64::from(answers) / seconds,
+            served: f64::from(self.tally.served) / seconds,
+        };
+        let noise = self.noise(now);
+        let verdict = self.judge(reading, noise, cut, now);
+        match verdict {
+            // The next tally counts requests sent once the server's window holds none from
+            // before the cut.
+            Verdict::Trial { .. } => self.restart(now.saturating_add(window)),
+            _ => self.restart(now),
+        }
+        self.counting = self.watching(now);
+        verdict
+    }
+
+    fn judge(&mut self, reading: Reading, noise: f64, cut: f64, now: u64) -> Verdict {
+        let share = reading.share;
+        if let Some(trial) = self.trial.take() {
+            return self.judge_trial(trial, reading, noise, now);
+        }
+        if self.tally.unavailable >= MIN_UNAVAILABLE && share > noise + MARGIN {
+            let keep = (1.0 - share + noise).clamp(DEEPEST, cut);
+            self.trial = Some(Trial {
+                before: reading,
+                keep,
+            });
+            return Verdict::Trial { keep };
+        }
+        if noise > 0.0 && share >= noise / 2.0 {
+            // The noise is still there: it stays known, as high as this share but never above
+            // what a trial showed, so that pressure growing slowly cannot pass for noise.
+            self.learn_noise(self.noise.min(share.max(noise)), now);
+        }
+        Verdict::Nothing
+    }
+
+    /// Judges a trial by the tally after its cut. Pressure, if fewer requests went (the cut
+    /// bound what the caller sent) and either the share of 503s fell, or the server served as
+    /// many a second as before: a server at its capacity serves the same at a lower rate,
+    /// where noise would have served less in proportion.
+    fn judge_trial(&mut self, trial: Trial, after: Reading, noise: f64, now: u64) -> Verdict {
+        let Trial { before, keep } = trial;
+        let halfway = (1.0 + keep) / 2.0;
+        let slowed = after.answers <= before.answers * halfway;
+        let fell = after.share <= before.share * FELL || after.share <= noise + MARGIN / 2.0;
+        let held = after.served >= before.served * halfway;
+        if slowed && (fell || held) {
+            return Verdict::Pressure {
+                capacity: before.served.max(after.served),
+            };
+        }
+        // Whatever the rate, about this share: noise.
+        self.learn_noise(noise.max(after.share.min(before.share)), now);
+        Verdict::Noise
+    }
+
+    fn learn_noise(&mut self, share: f64, now: u64) {
+        self.noise = share;
+        self.noise_at = now;
+    }
+
+    fn restart(&mut self, from: u64) {
+        self.tally = Tally {
+            from,
+            ..Tally::default()
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    const MS: u64 = 1_000_000;
+
+    /// Answers `count` requests sent evenly over one second from `start`, a share
+    /// `unavailable` of them 503s; returns the verdicts that were not `Nothing`.
+    fn second(pressure: &mut Pressure, start: u64, count: u64, unavailable: f64) -> Vec<Verdict> {
+        let mut owed = 0.0;
+        (0..count)
+            .filter_map(|i| {
+                let at = start + i * S / count;
+                owed += unavailable;
+                let is_503 = owed >= 1.0;
+                if is_503 {
+                    owed -= 1.0;
+                }
+                let verdict = pressure.answered(at, is_503, at + 20 * MS, S, 0.8);
+                (verdict != Verdict::Nothing).then_some(verdict)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_share_that_does_not_follow_the_rate_is_learned_as_noise() {
+        let mut pressure = Pressure::starting_at(0);
+        // One 503 in ten: a trial, keeping 80%.
+        assert_eq!(
+            second(&mut pressure, 0, 100, 0.1),
+            vec![Verdict::Trial { keep: 0.8 }]
+        );
+        // The settling second says nothing; the next one, at the lower rate, still one in ten.
+        assert!(second(&mut pressure, S, 80, 0.1).is_empty());
+        assert_eq!(second(&mut pressure, 2 * S, 80, 0.1), vec![Verdict::Noise]);
+        assert!((pressure.noise(3 * S) - 0.1).abs() < 0.02);
+        // The same share again starts nothing, and keeps the noise known.
+        for i in 3..200 {
+            let verdicts = second(&mut pressure, i * S, 100, 0.1);
+            assert!(verdicts.is_empty(), "{i} {verdicts:?} {pressure:?}");
+        }
+        assert!((pressure.noise(200 * S) - 0.1).abs() < 0.02);
+    }
+
+    #[test]
+    fn a_share_that_falls_with_the_rate_is_pressure() {
+        let mut pressure = Pressure::starting_at(0);
+        // Four in ten: the trial keeps 60%, what the server served.
+        let verdicts = second(&mut pressure, 0, 100, 0.4);
+        assert!(
+            matches!(verdicts[..], [Verdict::Trial { keep }] if (keep - 0.6).abs() < 0.01),
+            "{verdicts:?}"
+        );
+        assert!(second(&mut pressure, S, 60, 0.3).is_empty());
+        let verdicts = second(&mut pressure, 2 * S, 60, 0.02);
+        assert!(
+            matches!(verdicts[..], [Verdict::Pressure { capacity }] if (capacity - 60.0).abs() < 2.0),
+            "{verdicts:?}"
+        );
+    }
+
+    #[test]
+    fn a_share_below_the_margin_or_too_few_answers_start_nothing() {
+        let mut pressure = Pressure::starting_at(0);
+        assert!(second(&mut pressure, 0, 100, 0.04).is_empty());
+        // Ten answers a second: a tally waits for thirty.
+        let mut pressure = Pressure::starting_at(0);
+        assert!(second(&mut pressure, 0, 10, 0.5).is_empty());
+        assert!(second(&mut pressure, S, 10, 0.5).is_empty());
+        assert_eq!(second(&mut pressure, 2 * S, 10, 0.5).len(), 1);
+    }
+
+    #[test]
+    fn noise_fades() {
+        let mut pressure = Pressure {
+            noise: 0.1,
+            ..Pressure::default()
+        };
+        assert!((pressure.noise(NOISE_HALF_LIFE) - 0.05).abs() < 1e-9);
+        pressure.noise = 0.0;
+        assert!(!pressure.watching(0));
+    }
+}
