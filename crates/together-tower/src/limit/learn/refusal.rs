@@ -87,10 +87,7 @@ impl<B: Body> Peeked<B> {
     }
 
     /// The next frame for the caller: those read ahead first.
-    pub(crate) fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Polled<B>> {
+    pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Polled<B>> {
         if let Some(frame) = self.ahead.pop_front() {
             return Poll::Ready(Some(frame));
         }

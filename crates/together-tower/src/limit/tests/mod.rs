@@ -8,6 +8,7 @@ mod hostile;
 mod jobs;
 mod map;
 mod pacing;
+mod servers;
 mod tokens;
 
 use std::convert::Infallible;
