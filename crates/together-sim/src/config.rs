@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::earned::Earned;
 use crate::meter::Algorithm;
 
 /// The kinds of endpoint the simulator tells apart, and limits and counts by.
@@ -234,6 +235,9 @@ pub struct SimConfig {
     pub over_limit_status: u16,
     /// Changes of limits at given times of the run, in any order.
     pub schedule: Vec<LimitChange>,
+    /// Together's earned rate, on top of the limits: a key may send about twice its recent
+    /// successful rate, between a base and a cap (`[earned]` in a file).
+    pub earned: Option<Earned>,
 }
 
 impl Default for SimConfig {
@@ -280,6 +284,7 @@ impl Default for SimConfig {
             hints: Hints::All,
             over_limit_status: 429,
             schedule: Vec::new(),
+            earned: None,
         }
     }
 }
@@ -359,6 +364,9 @@ impl SimConfig {
         }
         if self.read_timeout_ms == 0 {
             return Err(ConfigError("read_timeout_ms must be at least 1".into()));
+        }
+        if let Some(earned) = &self.earned {
+            earned.validate().map_err(ConfigError)?;
         }
         if self.max_header_bytes < MIN_HEADER_BYTES {
             return Err(ConfigError(format!(
@@ -482,6 +490,13 @@ pub struct Args {
     /// 5000:chat=3000. Repeat for several.
     #[arg(long = "change", value_name = "AT_MS:CLASS=RPM[/TPM]")]
     pub changes: Vec<String>,
+    /// Together's earned rate: keys start at this many requests a minute and earn twice
+    /// their successful rate of the last ten seconds, up to --earned-cap-rpm.
+    #[arg(long, value_name = "RPM")]
+    pub earned_base_rpm: Option<u64>,
+    /// The most a key earns, requests a minute [default: 20 times the base].
+    #[arg(long, value_name = "RPM", requires = "earned_base_rpm")]
+    pub earned_cap_rpm: Option<u64>,
 }
 
 impl Args {
@@ -550,6 +565,10 @@ impl Args {
         config.embedding_dimensions = self
             .embedding_dimensions
             .unwrap_or(config.embedding_dimensions);
+        if let Some(base) = self.earned_base_rpm {
+            let cap = self.earned_cap_rpm.unwrap_or(base.saturating_mul(20));
+            config.earned = Some(Earned::new(base, cap));
+        }
         config.validate()
     }
 }

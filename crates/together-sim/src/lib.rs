@@ -29,10 +29,13 @@
 //! - 401 without a bearer key, 400 for a body that is not a JSON object, 404
 //!   `model_not_found` for an unknown model, 429 with `Retry-After` over a limit, and the
 //!   `x-ratelimit-*` / `x-tokenlimit-*` headers on every answer of a limited class.
+//! - With `earned` set, Together's dynamic limits: a key may send about twice its recent
+//!   successful rate, between a base and a cap ([`earned`]).
 //! - Control: `GET /sim/stats`, `POST /sim/reset`, `GET` and `POST /sim/limits` (change limits
 //!   at run time: `{"chat": {"rpm": 300, "tpm": 90000}}`).
 
 pub mod config;
+pub mod earned;
 pub mod meter;
 
 mod api;

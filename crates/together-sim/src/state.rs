@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Class, ClassLimits, LimitChange, SimConfig};
+use crate::earned::{Earned, Ledger};
 use crate::meter::{Algorithm, Limit, Meter, Verdict};
 
 /// A label for an API key in stats: a hash of it, never the key itself.
@@ -182,6 +183,9 @@ pub(crate) struct State {
     meters: HashMap<(String, Class, Option<String>), Meters>,
     /// Changes still to come, latest first.
     schedule: Vec<LimitChange>,
+    /// The earned-rate rule, and each meter's successes under it.
+    earned: Option<Earned>,
+    ledgers: HashMap<(String, Class, Option<String>), Ledger>,
     stats: Stats,
     pub(crate) jobs: Vec<Job>,
     next_id: u64,
@@ -200,6 +204,8 @@ impl State {
                 schedule.sort_by_key(|change| std::cmp::Reverse(change.at_ms));
                 schedule
             },
+            earned: config.earned,
+            ledgers: HashMap::new(),
             stats: Stats::default(),
             jobs: Vec::new(),
             next_id: 1,
@@ -226,13 +232,26 @@ impl State {
             None
         };
         let algorithm = self.algorithm;
-        let meters = self
-            .meters
-            .entry((key.to_owned(), class, model))
-            .or_insert_with(|| Meters {
-                requests: Meter::new(algorithm, request_limit),
-                tokens: token_limit.map(|limit| Meter::new(algorithm, limit)),
-            });
+        let id = (key.to_owned(), class, model);
+        let mut ledger = match &self.earned {
+            Some(rule) => {
+                let ledger = self.ledgers.entry(id.clone()).or_default();
+                let verdict = ledger.check(rule, now);
+                if !verdict.allowed {
+                    // Above what was earned: Together's `dynamic_request_limited`.
+                    return Some(LimitOutcome {
+                        requests: verdict,
+                        tokens: None,
+                    });
+                }
+                Some(ledger)
+            }
+            None => None,
+        };
+        let meters = self.meters.entry(id).or_insert_with(|| Meters {
+            requests: Meter::new(algorithm, request_limit),
+            tokens: token_limit.map(|limit| Meter::new(algorithm, limit)),
+        });
         // Try on copies and keep them only if both allow, so a refusal spends nothing.
         let mut requests = meters.requests.clone();
         let mut token_meter = meters.tokens.clone();
@@ -243,6 +262,9 @@ impl State {
         if outcome.allowed() {
             meters.requests = requests;
             meters.tokens = token_meter;
+            if let Some(ledger) = ledger.as_mut() {
+                ledger.served(now);
+            }
         }
         Some(outcome)
     }
@@ -331,6 +353,12 @@ impl State {
                     .as_ref()
                     .is_none_or(|meter| meter.is_full(now)))
         });
+        if let Some(rule) = &self.earned {
+            self.ledgers.retain(|_, ledger| {
+                ledger.earned(rule, now);
+                !ledger.is_empty()
+            });
+        }
     }
 
     pub(crate) fn running_jobs(&self, key: &str, class: Class, now: Duration) -> usize {

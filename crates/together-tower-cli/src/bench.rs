@@ -73,6 +73,21 @@ pub struct BenchArgs {
     /// 5000=3000. Repeat for several.
     #[arg(long = "sim-change", value_name = "AT_MS=RPM", value_parser = parse_change)]
     pub sim_changes: Vec<(u64, u32)>,
+    /// The share (0 to 1) of requests the embedded simulator answers 503 at random, whatever
+    /// the rate, as a shared platform does when it is out of capacity.
+    #[arg(long = "sim-503-share", default_value_t = 0.0, value_name = "SHARE", value_parser = parse_share)]
+    pub sim_503_share: f64,
+    /// Together's earned rate in the embedded simulator: keys start at this many requests a
+    /// minute and earn twice their successful rate of the last ten seconds, up to --sim-rpm.
+    #[arg(long, value_name = "RPM")]
+    pub sim_earned_base_rpm: Option<u32>,
+}
+
+fn parse_share(share: &str) -> Result<f64, String> {
+    match share.trim().parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err(format!("{share:?} is not a share between 0 and 1")),
+    }
 }
 
 fn parse_over_limit_status(status: &str) -> Result<u16, String> {
@@ -135,8 +150,52 @@ pub struct BenchReport {
     /// The embedded simulator's limit at the end of the run, a minute.
     pub server_rate_rpm: Option<u32>,
     /// 2xx answers over what the embedded simulator allowed in the time the run took: the
-    /// goodput, as a share of what the server would have accepted.
+    /// goodput, as a share of what the server would have accepted. Under an earned rate, the
+    /// time an ideal client would have taken over the time the run took.
     pub server_share: Option<f64>,
+    /// Under the embedded simulator's earned rate: seconds an ideal client would have taken.
+    pub ideal_s: Option<f64>,
+    /// How often the rate in force changed, by the reason (none in retry-only mode).
+    pub rate_changes: Option<RateChangeCounts>,
+}
+
+/// How often the rate in force changed, by the reason, summed over the run's buckets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RateChangeCounts {
+    /// The server stated a new limit.
+    pub stated: u64,
+    /// An unexpected 429 cut the rate.
+    pub refused_429: u64,
+    /// A share of 503s above the noise started a trial cut.
+    pub unavailable_503: u64,
+    /// A trial cut that did not make the 503s fall, undone.
+    pub noise_503: u64,
+}
+
+impl RateChangeCounts {
+    fn of(limits: &Snapshots) -> Self {
+        limits()
+            .iter()
+            .map(|bucket| bucket.rate_changes)
+            .fold(Self::default(), |sum, changes| Self {
+                stated: sum.stated + changes.stated,
+                refused_429: sum.refused_429 + changes.refused,
+                unavailable_503: sum.unavailable_503 + changes.unavailable,
+                noise_503: sum.noise_503 + changes.noise,
+            })
+    }
+
+    /// The reasons whose count grew since `before`.
+    fn grown_since(self, before: Self) -> impl Iterator<Item = &'static str> {
+        [
+            (self.stated > before.stated, "stated"),
+            (self.refused_429 > before.refused_429, "429"),
+            (self.unavailable_503 > before.unavailable_503, "503 trial"),
+            (self.noise_503 > before.noise_503, "503 noise"),
+        ]
+        .into_iter()
+        .filter_map(|(grown, reason)| grown.then_some(reason))
+    }
 }
 
 /// What a run saw, for the plot.
@@ -148,6 +207,8 @@ pub struct Timeline {
     pub rates: Vec<(Duration, f64)>,
     /// The server's limit over the run, per second (embedded simulator only).
     pub server_rates: Vec<(Duration, f64)>,
+    /// When the rate in force changed, and why.
+    pub rate_changes: Vec<(Duration, &'static str)>,
 }
 
 /// How often the rate in force is sampled for the plot.
@@ -164,6 +225,8 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
         hints: args.sim_hints,
         over_limit_status: args.sim_over_limit_status,
         changes: args.sim_changes.clone(),
+        unavailable_share: args.sim_503_share,
+        earned_base_rpm: args.sim_earned_base_rpm,
         ..SimLimits::new(
             args.endpoint.sim_class(),
             args.sim_rpm.unwrap_or(args.rpm),
@@ -194,10 +257,10 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
         total: args.requests,
     };
     let started = Instant::now();
-    let rates = Arc::new(Mutex::new(Vec::new()));
+    let samples = Arc::new(Mutex::new(Samples::default()));
     let sampler = limits
         .clone()
-        .map(|limits| tokio::spawn(sample_rates(limits, started, Arc::clone(&rates))));
+        .map(|limits| tokio::spawn(sample_rates(limits, started, Arc::clone(&samples))));
     let driven = drive(workload, args.concurrency, &observations).await?;
     if let Some(sampler) = sampler {
         sampler.abort();
@@ -218,10 +281,12 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
         limits.as_ref(),
         server.as_ref(),
     );
+    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(PoisonError::into_inner));
     let timeline = Timeline {
         attempts: observations.attempts_log(),
-        rates: std::mem::take(&mut *rates.lock().unwrap_or_else(PoisonError::into_inner)),
+        rates: samples.rates,
         server_rates: server.map_or_else(Vec::new, |server| server.rates(driven.elapsed)),
+        rate_changes: samples.changes,
     };
     Ok((report, timeline))
 }
@@ -364,6 +429,7 @@ fn report(
     let seconds = driven.elapsed.as_secs_f64().max(f64::EPSILON);
     let allowed = f64::from(args.burst) + f64::from(args.rpm) / 60.0 * seconds;
     let end = |server: &ServerView| server.offset + driven.elapsed;
+    let ideal = server.and_then(|server| server.limits.ideal_seconds(args.requests));
     BenchReport {
         requests: args.requests,
         ok,
@@ -383,9 +449,12 @@ fn report(
         concurrency: args.concurrency,
         final_rate_rpm: limits.and_then(rate_in_force).map(|rate| rate * 60.0),
         server_rate_rpm: server.map(|server| server.limits.rpm_at(end(server))),
-        server_share: server.map(|server| {
-            ok as f64 / (1.0 + server.limits.allowed_between(server.offset, end(server)))
+        server_share: server.map(|server| match ideal {
+            Some(ideal) => ideal / seconds,
+            None => ok as f64 / (1.0 + server.limits.allowed_between(server.offset, end(server))),
         }),
+        ideal_s: ideal,
+        rate_changes: limits.map(RateChangeCounts::of),
     }
 }
 
@@ -397,21 +466,30 @@ fn rate_in_force(limits: &Snapshots) -> Option<f64> {
         .reduce(f64::min)
 }
 
-/// Samples the rate in force into `samples` every [`SAMPLE_EVERY`], until aborted.
-async fn sample_rates(
-    limits: Snapshots,
-    started: Instant,
-    samples: Arc<Mutex<Vec<(Duration, f64)>>>,
-) {
+/// The rate in force over a run, and when and why it changed.
+#[derive(Debug, Default)]
+struct Samples {
+    rates: Vec<(Duration, f64)>,
+    changes: Vec<(Duration, &'static str)>,
+}
+
+/// Samples the rate in force and its changes into `samples` every [`SAMPLE_EVERY`], until
+/// aborted.
+async fn sample_rates(limits: Snapshots, started: Instant, samples: Arc<Mutex<Samples>>) {
     let mut every = tokio::time::interval(SAMPLE_EVERY);
+    let mut counted = RateChangeCounts::default();
     loop {
         every.tick().await;
+        let at = started.elapsed();
+        let changes = RateChangeCounts::of(&limits);
+        let mut samples = samples.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(rate) = rate_in_force(&limits) {
-            samples
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push((started.elapsed(), rate));
+            samples.rates.push((at, rate));
         }
+        samples
+            .changes
+            .extend(changes.grown_since(counted).map(|reason| (at, reason)));
+        counted = changes;
     }
 }
 
@@ -476,7 +554,32 @@ pub fn table(report: &BenchReport) -> String {
         report.p50_ms,
         "p99 ms",
         report.p99_ms,
-    )
+    ) + &extra_lines(report)
+}
+
+/// The lines only some runs have: 503s, the server's share, the rate changes.
+fn extra_lines(report: &BenchReport) -> String {
+    let mut lines = String::new();
+    if report.refused_503 > 0 {
+        lines += &format!("{:<14} {:>10}\n", "server 503s", report.refused_503);
+    }
+    if let Some(share) = report.server_share {
+        lines += &format!("{:<14} {:>9.1}%\n", "server share", share * 100.0);
+    }
+    if let Some(ideal) = report.ideal_s {
+        lines += &format!("{:<14} {:>10.1}\n", "ideal s", ideal);
+    }
+    if let Some(changes) = report.rate_changes {
+        lines += &format!(
+            "{:<14} {:>10}\n",
+            "rate changes",
+            format!(
+                "{} stated, {} on 429s, {} on 503s, {} undone",
+                changes.stated, changes.refused_429, changes.unavailable_503, changes.noise_503
+            )
+        );
+    }
+    lines
 }
 
 #[cfg(test)]

@@ -68,6 +68,7 @@ pub fn draw(path: &Path, timeline: &Timeline, quota_rpm: u32) -> Result<(), CliE
         "2xx per second".into(),
     )
     .map_err(|error| failed(&error))?;
+    rate_changes(&mut chart, timeline, top).map_err(|error| failed(&error))?;
     let marks = centred(&refused).into_iter().filter(|&(_, n)| n > 0.0);
     chart
         .draw_series(marks.map(|point| Circle::new(point, 4, RED.filled())))
@@ -81,6 +82,40 @@ pub fn draw(path: &Path, timeline: &Timeline, quota_rpm: u32) -> Result<(), CliE
         .draw()
         .map_err(|error| failed(&error))?;
     root.present().map_err(|error| failed(&error))?;
+    Ok(())
+}
+
+/// Marks each change of the rate in force along the top of the chart, by its reason.
+fn rate_changes(
+    chart: &mut Chart<'_, '_>,
+    timeline: &Timeline,
+    top: f64,
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+    let reasons: [(&str, RGBColor, f64); 4] = [
+        ("stated", BLACK, 0.96),
+        ("429", RED, 0.92),
+        ("503 trial", RGBColor(230, 120, 0), 0.88),
+        ("503 noise", CYAN, 0.84),
+    ];
+    for (reason, color, height) in reasons {
+        let marks: Vec<(f64, f64)> = timeline
+            .rate_changes
+            .iter()
+            .filter(|(_, why)| *why == reason)
+            .map(|(at, _)| (at.as_secs_f64(), top * height))
+            .collect();
+        if marks.is_empty() {
+            continue;
+        }
+        chart
+            .draw_series(
+                marks
+                    .into_iter()
+                    .map(|point| TriangleMarker::new(point, 5, color.filled())),
+            )?
+            .label(format!("rate change: {reason}"))
+            .legend(move |(x, y)| TriangleMarker::new((x + 8, y), 5, color.filled()));
+    }
     Ok(())
 }
 

@@ -3,7 +3,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use together_sim::{Algorithm, Class, ClassLimits, Hints, LimitChange, Sim, SimConfig, SimHandle};
+use together_sim::earned::Earned;
+use together_sim::{
+    Algorithm, Class, ClassLimits, Faults, Hints, LimitChange, Sim, SimConfig, SimHandle,
+};
 
 use crate::CliError;
 
@@ -134,6 +137,11 @@ pub struct SimLimits {
     pub over_limit_status: u16,
     /// Changes of its limit: (milliseconds after it starts, requests a minute).
     pub changes: Vec<(u64, u32)>,
+    /// The share of requests answered 503 at random, whatever the rate.
+    pub unavailable_share: f64,
+    /// Together's earned rate: keys start at this many requests a minute and earn up to
+    /// `rpm`.
+    pub earned_base_rpm: Option<u32>,
 }
 
 impl SimLimits {
@@ -146,7 +154,32 @@ impl SimLimits {
             hints: Hints::All,
             over_limit_status: 429,
             changes: Vec::new(),
+            unavailable_share: 0.0,
+            earned_base_rpm: None,
         }
+    }
+
+    /// How long a client that always sent exactly what the earned rate allowed would take to
+    /// have `requests` served; `None` without an earned rate. Worked out in steps of a
+    /// millisecond, by the simulator's rule: twice the successes of the last ten seconds,
+    /// between the base and the cap.
+    pub fn ideal_seconds(&self, requests: u64) -> Option<f64> {
+        let rule = Earned::new(u64::from(self.earned_base_rpm?), u64::from(self.rpm));
+        let base = rule.base_rpm as f64 / 60.0;
+        let cap = (rule.cap_rpm as f64 / 60.0).max(base);
+        let (window, factor) = (rule.window_ms as usize, rule.factor);
+        let step = 0.001;
+        let mut served_per_step = std::collections::VecDeque::from(vec![0.0; window]);
+        let (mut in_window, mut served, mut steps) = (0.0, 0.0, 0u64);
+        while served < requests as f64 && steps < 3_600_000 {
+            let rate = (factor * in_window / (window as f64 * step)).clamp(base, cap);
+            let now = rate * step;
+            served += now;
+            in_window += now - served_per_step.pop_front().unwrap_or(0.0);
+            served_per_step.push_back(now);
+            steps += 1;
+        }
+        Some(steps as f64 * step)
     }
 
     /// The limit in force at `at` after the simulator started, requests a minute.
@@ -206,6 +239,13 @@ impl Target {
                     hints: limits.hints,
                     over_limit_status: limits.over_limit_status,
                     schedule,
+                    faults: Faults {
+                        unavailable_rate: limits.unavailable_share,
+                        ..Faults::default()
+                    },
+                    earned: limits
+                        .earned_base_rpm
+                        .map(|base| Earned::new(u64::from(base), u64::from(limits.rpm.max(base)))),
                     ..SimConfig::default()
                 };
                 let sim = Sim::start(config).await.map_err(|error| {

@@ -591,7 +591,7 @@ impl Controller {
         if !self.adaptive() {
             return None;
         }
-        let (window, cut) = (self.window(), self.settings.cut);
+        let window = self.window();
         // The rate before any verdict: a trial under way holds its own.
         let rate = self.rate(now);
         let evidence = match &mut self.unavailable {
@@ -604,10 +604,11 @@ impl Controller {
         };
         match evidence
             .pressure
-            .answered(sent_at, unavailable, now, window, cut)
+            .answered(sent_at, unavailable, now, window)
         {
             Verdict::Nothing => None,
-            Verdict::Trial { keep } => {
+            Verdict::Trial { served } => {
+                let keep = Pressure::trial_keep(served, rate);
                 evidence.before_trial = Some(BeforeTrial {
                     at: now,
                     recovery: self.recovery,
@@ -623,9 +624,10 @@ impl Controller {
                 evidence.before_trial = None;
                 // 503s are judged a window or two late, where a 429 answers at once: the
                 // probe above a capacity grows [`SLOWER_PROBE`] times slower.
-                let wall = capacity.max(rate);
-                self.wall = Some((wall, 1));
-                self.recover(now, rate, wall, self.settings.growth / SLOWER_PROBE);
+                // If the trial's rate is still above it, the rate goes down to it.
+                self.wall = Some((capacity, 1));
+                let start = rate.min(capacity);
+                self.recover(now, start, capacity, self.settings.growth / SLOWER_PROBE);
                 None
             }
             Verdict::Noise => {

@@ -13,13 +13,16 @@
 //!
 //! - **At or below the noise** (plus [`MARGIN`]), nothing moves: the retry layer sends those
 //!   requests again, and the server's capacity, not the caller's rate, decided their fate.
-//! - **Above it**, a *trial*: the rate is cut to what the share says the server served
-//!   (`1 - share` of it, at least as deep as the usual cut, never below half), and the next
+//! - **Above it**, a *trial*: the rate is cut to what the server served a second over the
+//!   tally (by a tenth at least, and to half at most), and the next
 //!   tally, of requests sent one window after the cut (so that the server's window no longer
 //!   holds traffic from before it), judges the cut.
-//!   - **The share fell** (by half, or to the noise): the 503s followed the rate. The cut
-//!     stays, and the rate recovers from it as after a 429, towards a plateau below the rate
-//!     where the 503s began. Should they come back on the way up, another trial cuts again.
+//!   - **The share fell**, by more than chance between two tallies of their sizes (two
+//!     standard errors) and by a quarter at least: the 503s followed the rate. The cut
+//!     stays, the rate goes no higher than what the server served a second (its capacity),
+//!     and it probes above that slowly, eight times slower than above a 429's wall, since
+//!     503s are judged a window or two late. Should they come back, another trial cuts
+//!     again.
 //!   - **It did not**: the 503s are noise. The cut is undone at once, and the share is
 //!     remembered as this bucket's noise, so the same share does not start another trial.
 //!     Noise fades (half-life [`NOISE_HALF_LIFE`]), so that a change of conditions is seen.
@@ -28,8 +31,10 @@
 //!
 //! - **A trial on noise costs two windows at a lower rate** (the settling window and the
 //!   judged one): at 10% random 503s, one trial a minute or so, about 1% of the throughput.
-//! - **Noise that happens to fall during a trial** is taken for pressure: the cut stays, and
-//!   the rate climbs back to just below where it was within a few seconds.
+//! - **Noise that happens to fall during a trial** by more than two standard errors (about
+//!   one trial in forty) is taken for pressure: the rate stays at what the server served,
+//!   and probes back up over several seconds.
+//! - **A storm that ends on its own during a trial** looks the same, with the same cost.
 //! - **Pressure just above the noise** (a capacity a few percent below the rate) is not
 //!   acted on until the share rises [`MARGIN`] above the noise: those requests are retried,
 //!   and the server still serves all it can.
@@ -42,10 +47,13 @@ pub(crate) const MIN_ANSWERS: u32 = 30;
 const MIN_UNAVAILABLE: u32 = 3;
 /// A share this far above the noise starts a trial.
 pub(crate) const MARGIN: f64 = 0.05;
-/// A trial's share at most this part of the share before it: the 503s followed the rate.
-const FELL: f64 = 0.5;
+/// How many standard errors a fall of the share must be, to be more than chance.
+const SURE: f64 = 2.0;
 /// The deepest trial cut: the rate kept at least.
 const DEEPEST: f64 = 0.5;
+/// The shallowest trial cut: a smaller one could not be told from the noise in a second's
+/// answers.
+const SHALLOWEST: f64 = 0.9;
 /// Noise known for this long counts half as much.
 pub(crate) const NOISE_HALF_LIFE: u64 = 60_000_000_000;
 
@@ -54,8 +62,10 @@ pub(crate) const NOISE_HALF_LIFE: u64 = 60_000_000_000;
 pub(crate) enum Verdict {
     /// Nothing to do yet, or nothing to do.
     Nothing,
-    /// Start a trial: cut the rate, keeping this share of it.
-    Trial { keep: f64 },
+    /// Start a trial: cut the rate to about what the server served a second (less the noise
+    /// it would refuse at any rate), by a tenth at least and by half at most
+    /// ([`Pressure::trial_keep`]).
+    Trial { served: f64 },
     /// The trial's cut made the 503s fall: keep it. The server served about `capacity`
     /// answers a second.
     Pressure { capacity: f64 },
@@ -79,19 +89,18 @@ pub(crate) struct Pressure {
 /// What a tally read.
 #[derive(Debug, Clone, Copy)]
 struct Reading {
+    /// The answers counted.
+    answers: u32,
     /// The share of 503s.
     share: f64,
-    /// Answers a second.
-    answers: f64,
     /// Answers served a second.
     served: f64,
 }
 
-/// A trial: what the tally before it read, and the share of the rate it kept.
+/// A trial: what the tally before it read.
 #[derive(Debug, Clone, Copy)]
 struct Trial {
     before: Reading,
-    keep: f64,
 }
 
 /// Answers to requests sent since `from`.
@@ -121,6 +130,11 @@ impl Pressure {
         self.noise * 0.5f64.powf(age)
     }
 
+    /// The share of `rate` a trial keeps, to bring it to what the server `served` a second.
+    pub(crate) fn trial_keep(served: f64, rate: f64) -> f64 {
+        (served / rate).clamp(DEEPEST, SHALLOWEST)
+    }
+
     /// Whether a trial is under way.
     pub(crate) fn in_trial(&self) -> bool {
         self.trial.is_some()
@@ -140,15 +154,13 @@ impl Pressure {
     }
 
     /// Counts the answer to a request sent at `sent_at` (a 503 if `unavailable`), and judges
-    /// the tally once it spans `window` and holds enough answers. `cut` is the share a usual
-    /// cut keeps.
+    /// the tally once it spans `window` and holds enough answers.
     pub(crate) fn answered(
         &mut self,
         sent_at: u64,
         unavailable: bool,
         now: u64,
         window: u64,
-        cut: f64,
     ) -> Verdict {
         if unavailable && !self.counting {
             // The first 503 since answers were last counted: a tally starts with it.
@@ -170,12 +182,12 @@ impl Pressure {
         }
         let seconds = now.saturating_sub(self.tally.from).max(1) as f64 / 1e9;
         let reading = Reading {
+            answers,
             share: f64::from(self.tally.unavailable) / f64::from(answers),
-            answers: f64::from(answers) / seconds,
             served: f64::from(self.tally.served) / seconds,
         };
         let noise = self.noise(now);
-        let verdict = self.judge(reading, noise, cut, now);
+        let verdict = self.judge(reading, noise, now);
         match verdict {
             // The next tally counts requests sent once the server's window holds none from
             // before the cut.
@@ -186,18 +198,16 @@ impl Pressure {
         verdict
     }
 
-    fn judge(&mut self, reading: Reading, noise: f64, cut: f64, now: u64) -> Verdict {
+    fn judge(&mut self, reading: Reading, noise: f64, now: u64) -> Verdict {
         let share = reading.share;
         if let Some(trial) = self.trial.take() {
             return self.judge_trial(trial, reading, noise, now);
         }
         if self.tally.unavailable >= MIN_UNAVAILABLE && share > noise + MARGIN {
-            let keep = (1.0 - share + noise).clamp(DEEPEST, cut);
-            self.trial = Some(Trial {
-                before: reading,
-                keep,
-            });
-            return Verdict::Trial { keep };
+            self.trial = Some(Trial { before: reading });
+            return Verdict::Trial {
+                served: reading.served / (1.0 - noise),
+            };
         }
         if noise > 0.0 && share >= noise / 2.0 {
             // The noise is still there: it stays known, as high as this share but never above
@@ -207,17 +217,18 @@ impl Pressure {
         Verdict::Nothing
     }
 
-    /// Judges a trial by the tally after its cut. Pressure, if fewer requests went (the cut
-    /// bound what the caller sent) and either the share of 503s fell, or the server served as
-    /// many a second as before: a server at its capacity serves the same at a lower rate,
-    /// where noise would have served less in proportion.
+    /// Judges a trial by the tally after its cut: pressure if the share of 503s fell, by
+    /// more than chance would make it fall between two tallies of these sizes (a
+    /// two-proportion test, at [`SURE`] standard errors) and by a quarter at least. A cut to
+    /// what the server served leaves a server at its capacity with almost no 503s; noise
+    /// keeps its share whatever the rate.
     fn judge_trial(&mut self, trial: Trial, after: Reading, noise: f64, now: u64) -> Verdict {
-        let Trial { before, keep } = trial;
-        let halfway = (1.0 + keep) / 2.0;
-        let slowed = after.answers <= before.answers * halfway;
-        let fell = after.share <= before.share * FELL || after.share <= noise + MARGIN / 2.0;
-        let held = after.served >= before.served * halfway;
-        if slowed && (fell || held) {
+        let before = trial.before;
+        let (n1, n2) = (f64::from(before.answers), f64::from(after.answers));
+        let pooled = (before.share * n1 + after.share * n2) / (n1 + n2);
+        let error = (pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n2)).sqrt();
+        let fell = before.share - after.share > SURE * error && after.share <= before.share * 0.75;
+        if fell {
             return Verdict::Pressure {
                 capacity: before.served.max(after.served),
             };
@@ -259,7 +270,7 @@ mod tests {
                 if is_503 {
                     owed -= 1.0;
                 }
-                let verdict = pressure.answered(at, is_503, at + 20 * MS, S, 0.8);
+                let verdict = pressure.answered(at, is_503, at + 20 * MS, S);
                 (verdict != Verdict::Nothing).then_some(verdict)
             })
             .collect()
@@ -268,14 +279,15 @@ mod tests {
     #[test]
     fn a_share_that_does_not_follow_the_rate_is_learned_as_noise() {
         let mut pressure = Pressure::starting_at(0);
-        // One 503 in ten: a trial, keeping 80%.
-        assert_eq!(
-            second(&mut pressure, 0, 100, 0.1),
-            vec![Verdict::Trial { keep: 0.8 }]
+        // One 503 in ten: a trial, at about what was served.
+        let verdicts = second(&mut pressure, 0, 100, 0.1);
+        assert!(
+            matches!(verdicts[..], [Verdict::Trial { served }] if (served - 90.0).abs() < 2.0),
+            "{verdicts:?}"
         );
         // The settling second says nothing; the next one, at the lower rate, still one in ten.
-        assert!(second(&mut pressure, S, 80, 0.1).is_empty());
-        assert_eq!(second(&mut pressure, 2 * S, 80, 0.1), vec![Verdict::Noise]);
+        assert!(second(&mut pressure, S, 90, 0.1).is_empty());
+        assert_eq!(second(&mut pressure, 2 * S, 90, 0.1), vec![Verdict::Noise]);
         assert!((pressure.noise(3 * S) - 0.1).abs() < 0.02);
         // The same share again starts nothing, and keeps the noise known.
         for i in 3..200 {
@@ -288,10 +300,10 @@ mod tests {
     #[test]
     fn a_share_that_falls_with_the_rate_is_pressure() {
         let mut pressure = Pressure::starting_at(0);
-        // Four in ten: the trial keeps 60%, what the server served.
+        // Four in ten: the trial goes to what the server served, 60 a second.
         let verdicts = second(&mut pressure, 0, 100, 0.4);
         assert!(
-            matches!(verdicts[..], [Verdict::Trial { keep }] if (keep - 0.6).abs() < 0.01),
+            matches!(verdicts[..], [Verdict::Trial { served }] if (served - 60.0).abs() < 2.0),
             "{verdicts:?}"
         );
         assert!(second(&mut pressure, S, 60, 0.3).is_empty());
