@@ -17,7 +17,7 @@
 //!   tally (by a tenth at least, and to half at most), and the next
 //!   tally, of requests sent one window after the cut (so that the server's window no longer
 //!   holds traffic from before it), judges the cut.
-//!   - **The share fell**, by more than chance between two tallies of their sizes (two
+//!   - **The share fell**, by more than chance between two tallies of their sizes (three
 //!     standard errors) and by a quarter at least: the 503s followed the rate. The cut
 //!     stays, the rate goes no higher than what the server served a second (its capacity),
 //!     and it probes above that slowly, eight times slower than above a 429's wall, since
@@ -31,10 +31,13 @@
 //!
 //! - **A trial on noise costs two windows at a lower rate** (the settling window and the
 //!   judged one): at 10% random 503s, one trial a minute or so, about 1% of the throughput.
-//! - **Noise that happens to fall during a trial** by more than two standard errors (about
-//!   one trial in forty) is taken for pressure: the rate stays at what the server served,
+//! - **Noise that happens to fall during a trial** by more than three standard errors (about
+//!   one trial in a few hundred) is taken for pressure: the rate stays at what the server served,
 //!   and probes back up over several seconds.
 //! - **A storm that ends on its own during a trial** looks the same, with the same cost.
+//! - **Pressure that a trial's cut does not show clearly** (a small share, few answers) is
+//!   taken for noise: the share seen is remembered, and the rate goes on until the share
+//!   rises [`MARGIN`] above it, when the next trial shows it plainly.
 //! - **Pressure just above the noise** (a capacity a few percent below the rate) is not
 //!   acted on until the share rises [`MARGIN`] above the noise: those requests are retried,
 //!   and the server still serves all it can.
@@ -47,8 +50,10 @@ pub(crate) const MIN_ANSWERS: u32 = 30;
 const MIN_UNAVAILABLE: u32 = 3;
 /// A share this far above the noise starts a trial.
 pub(crate) const MARGIN: f64 = 0.05;
-/// How many standard errors a fall of the share must be, to be more than chance.
-const SURE: f64 = 2.0;
+/// How many standard errors a fall of the share must be, to be more than chance. Three, not
+/// two: a trial starts when its tally happened to read high, so the next one reads lower by
+/// chance alone more often than the test assumes.
+const SURE: f64 = 3.0;
 /// The deepest trial cut: the rate kept at least.
 const DEEPEST: f64 = 0.5;
 /// The shallowest trial cut: a smaller one could not be told from the noise in a second's

@@ -210,10 +210,8 @@ async fn unavailable_answers_above_a_capacity_move_the_rate_under_it() {
     let late = mean(&rates[rates.len() / 2..]);
     assert!((50.0..=64.0).contains(&late), "late rate {late}: {rates:?}");
     let changes = limits.snapshot()[0].rate_changes;
-    assert!(
-        changes.unavailable >= 1 && changes.noise == 0,
-        "{changes:?}"
-    );
+    // A trial whose fall is not plain is undone; at least one showed the pressure.
+    assert!(changes.unavailable > changes.noise, "{changes:?}");
 }
 
 #[tokio::test(start_paused = true)]
