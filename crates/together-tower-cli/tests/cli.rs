@@ -33,7 +33,49 @@ fn bench_args(requests: u64, rpm: u32, concurrency: u64, mode: Mode) -> BenchArg
         sim_hints: together_sim::Hints::All,
         sim_over_limit_status: 429,
         sim_changes: Vec::new(),
+        sim_503_share: 0.0,
+        sim_earned_base_rpm: None,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_503s_are_retried_and_the_rate_changes_are_reported_by_reason() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let args = BenchArgs {
+        sim_503_share: 0.1,
+        ..bench_args(200, 6_000, 16, Mode::Adaptive)
+    };
+    let (report, timeline) = bench::run(&args).await.unwrap();
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(report.refused_503 > 0, "{report:?}");
+    let changes = report
+        .rate_changes
+        .expect("the adaptive stack reports its changes");
+    // A trial can only be undone once it started; the plot marks each change.
+    assert!(changes.unavailable_503 >= changes.noise_503, "{changes:?}");
+    let marked = |reason: &str| {
+        timeline
+            .rate_changes
+            .iter()
+            .filter(|(_, why)| *why == reason)
+            .count() as u64
+    };
+    assert!(marked("503 trial") <= changes.unavailable_503);
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(json["rate_changes"]["noise_503"].is_u64(), "{json}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earned_rate_is_measured_against_an_ideal_client() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let args = BenchArgs {
+        sim_earned_base_rpm: Some(1_200),
+        ..bench_args(60, 2_400, 8, Mode::Adaptive)
+    };
+    let (report, _) = bench::run(&args).await.unwrap();
+    assert_eq!(report.failed, 0, "{report:?}");
+    let ideal = report.ideal_s.expect("an earned rate has an ideal client");
+    assert!(ideal > 1.0 && ideal < report.elapsed_s * 2.0, "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
