@@ -20,8 +20,10 @@
 //! - **Taught by the server.** A 429 closes its bucket for the server's hint, and a used-up
 //!   limit (`x-ratelimit-remaining: 0`) until its reset, so other waiters do not walk into the
 //!   same wall. In [`Mode::Adaptive`] (the default) the rate also follows the server's stated
-//!   limits and cuts itself on 429s and 503s its own pace did not expect, then recovers; see
-//!   [`Adaptation`]. [`Mode::Static`] keeps the table's rates.
+//!   limits, cuts itself on 429s its own pace did not expect (at most once per server
+//!   window), and on 503s only when a trial shows they follow the rate, then recovers; see
+//!   [`Adaptation`]. A whole-second `Retry-After` there holds the refused request, not the
+//!   bucket. [`Mode::Static`] keeps the table's rates and every closure the server asks for.
 //! - **Job slots last as long as the job.** In a group with concurrency slots (fine-tune
 //!   create: 3, batch create: 10), a create that succeeds keeps its slot until an answer the
 //!   layer passes on shows the job ended (a read of the job, a cancel, or the list), or until

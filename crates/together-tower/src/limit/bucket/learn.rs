@@ -37,6 +37,16 @@ impl<L: Backend> Bucket<L> {
         telemetry::closed(self.key, &self.group, self.model.as_deref(), pause, why);
     }
 
+    /// A refusal without a precise hint, in adaptive mode: the bucket holds back one turn at
+    /// the rate in force, added to any hold still running, up to one server window. A flood
+    /// of refusals (a rate far above the limit, while the cut waits a window to show) stops
+    /// the sending until it ends; a lone refusal costs one turn.
+    fn hold_a_turn(&self, now: Duration) {
+        let turn = self.interval();
+        let most = now.saturating_add(self.context.adaptation.window());
+        self.extend_closure(now, turn, most);
+    }
+
     /// The usage an answer reported, as far as it can be believed.
     ///
     /// No request larger than the token burst is admitted, so an answer that reports more
@@ -86,6 +96,7 @@ impl<L: Backend> Bucket<L> {
                 ),
             };
             let Some(pause) = pause else {
+                self.hold_a_turn(now);
                 return false;
             };
             self.close_for(now, pause.min(context.max_pause), Closure::Refused);

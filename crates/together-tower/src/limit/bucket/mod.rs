@@ -362,6 +362,17 @@ impl<L: Backend> Bucket<L> {
         self.closed_until.fetch_max(nanos(until), Ordering::AcqRel);
     }
 
+    /// Keeps the bucket closed `by` longer than it already is (from `now` if it is open), but
+    /// not past `most`.
+    pub(crate) fn extend_closure(&self, now: Duration, by: Duration, most: Duration) {
+        let (now, by, most) = (nanos(now), nanos(by), nanos(most));
+        let _ = self
+            .closed_until
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |until| {
+                Some(until.max(now).saturating_add(by).min(most.max(until)))
+            });
+    }
+
     pub(crate) fn has_waiters(&self) -> bool {
         !self.queue.is_empty()
     }

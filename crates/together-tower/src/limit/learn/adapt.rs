@@ -39,13 +39,16 @@ use crate::telemetry::RateChange;
 ///
 /// | the server answers | `Static` | `Adaptive` |
 /// |---|---|---|
-/// | 429 with a hint (`retry-after-ms`, `x-ratelimit-reset`, `Retry-After`) | closes the bucket for the hint | the same; if the bucket's own pace did not expect it, also cuts the rate |
+/// | 429 with a precise hint (`retry-after-ms`, a fractional `x-ratelimit-reset` or `Retry-After`) | closes the bucket for the hint | the same; if the bucket's own pace did not expect it, also cuts the rate of the limit that ran out |
+/// | 429 with a whole-second `Retry-After` only | closes the bucket for it (conservative: the server said a second) | no closure: proxies send a whole second by rote, and the refused request alone waits it (in the retry layer); an unexpected one cuts the rate |
 /// | 429 without a hint | closes the bucket for [`default_pause`](crate::limit::LimitsBuilder::default_pause) | cuts the rate, if unexpected; no pause |
-/// | 503 | nothing | cuts the rate, if unexpected |
+/// | 503 | nothing | counted against the answers served; moves the rate only when a trial shows the 503s follow it (see [`pressure`](super::pressure)) |
 /// | `x-ratelimit-remaining: 0` | closes the bucket until the reset, when that is later than its next turn | the same |
-/// | `x-ratelimit-limit` (and tokens) | nothing | sets the rate, within floor and ceiling |
+/// | `x-ratelimit-limit` (and tokens) | nothing | sets the rate, within floor and ceiling; fades back to the table when later answers stop saying it |
 ///
-/// In both modes the answer itself goes on to the retry layer, which sends the request again
+/// A cut is at most one per server window ([`Adaptation::with_window`]), and cuts the limit
+/// a 429's body names (`dynamic_token_limited`: the tokens; `dynamic_request_limited`: the
+/// requests). /// In both modes the answer itself goes on to the retry layer, which sends the request again
 /// by the same hint (a 429, a 503 unless it created a job), or hands it back when the hint is
 /// longer than it will wait or the retries are spent. The limiter's own refusals are the same
 /// in both modes, typed errors sent before anything reaches the server:
@@ -60,9 +63,10 @@ pub enum Mode {
     /// rate never changes. Best when the table is known to be right and no other client
     /// shares the key: no probing, so no 429 is ever spent on it.
     Static,
-    /// The table as the starting point, then the server's stated limits and the evidence of
-    /// 429s and 503s (the default). Converges on what the server allows when the table is
-    /// wrong; when it is right, it keeps the whole quota and sends no 429.
+    /// The table as the starting point, then the server's stated limits, its 429s, and 503s
+    /// shown to follow the rate (the default). Converges on what the server allows when the
+    /// table is wrong; when it is right, it keeps the whole quota and sends no 429. Random
+    /// 503s, the platform's capacity rather than the caller's rate, leave the rate alone.
     #[default]
     Adaptive,
 }
@@ -637,7 +641,13 @@ impl Controller {
                 };
                 self.recover(now, start, served, probe);
             }
-            _ => self.cut(now, None),
+            // Near it: the usual cut, from no higher than what the server served, so that
+            // the climb back flattens below the server's limit, not below the rate that met
+            // it.
+            served => {
+                let rate = self.rate(now);
+                self.cut(now, rate.min(served.unwrap_or(rate)), None);
+            }
         }
         self.served_since_cut = Some(Served::since(now));
         self.changes.count(RateChange::Refused);
@@ -654,10 +664,9 @@ impl Controller {
         served.last
     }
 
-    /// Cuts the rate at `now`, keeping `keep` of it (`None`: the usual cut, gentler at a wall
-    /// found before). The rate in force is the wall: the climb back flattens just below it.
-    fn cut(&mut self, now: u64, keep: Option<f64>) {
-        let wall = self.rate(now);
+    /// Cuts the rate at `now` from `wall`, keeping `keep` of it (`None`: the usual cut,
+    /// gentler at a wall found before). The climb back flattens just below the wall.
+    fn cut(&mut self, now: u64, wall: f64, keep: Option<f64>) {
         let hits = match self.wall {
             Some((last, hits)) if (wall - last).abs() <= SAME_WALL * last => hits + 1,
             _ => 1,

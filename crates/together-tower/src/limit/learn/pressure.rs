@@ -11,7 +11,8 @@
 //! default: servers count the last second) and holds at least [`MIN_ANSWERS`] answers. Its
 //! share of 503s is compared with the share known to be noise:
 //!
-//! - **At or below the noise** (plus [`MARGIN`]), nothing moves: the retry layer sends those
+//! - **At or below the noise** (plus [`MARGIN`], or plus what a tally of its size reads
+//!   above the noise by chance, at [`SURE`] standard errors, if that is more), nothing moves: the retry layer sends those
 //!   requests again, and the server's capacity, not the caller's rate, decided their fate.
 //! - **Above it**, a *trial*: the rate is cut to what the server served a second over the
 //!   tally (by a tenth at least, and to half at most), and the next
@@ -208,7 +209,10 @@ impl Pressure {
         if let Some(trial) = self.trial.take() {
             return self.judge_trial(trial, reading, noise, now);
         }
-        if self.tally.unavailable >= MIN_UNAVAILABLE && share > noise + MARGIN {
+        // Above the noise by the margin, and by more than a tally of this size reads above
+        // it by chance.
+        let chance = SURE * (noise * (1.0 - noise) / f64::from(reading.answers)).sqrt();
+        if self.tally.unavailable >= MIN_UNAVAILABLE && share > noise + MARGIN.max(chance) {
             self.trial = Some(Trial { before: reading });
             return Verdict::Trial {
                 served: reading.served / (1.0 - noise),
@@ -238,8 +242,15 @@ impl Pressure {
                 capacity: before.served.max(after.served),
             };
         }
-        // Whatever the rate, about this share: noise.
-        self.learn_noise(noise.max(after.share.min(before.share)), now);
+        // Whatever the rate, about this share: noise. Read from both tallies when they agree
+        // (within a standard error); else the lower, so that pressure a trial did not show
+        // plainly is not taken for more noise than it is.
+        let share = if (before.share - after.share).abs() <= error {
+            pooled
+        } else {
+            after.share.min(before.share)
+        };
+        self.learn_noise(noise.max(share), now);
         Verdict::Noise
     }
 
