@@ -37,12 +37,13 @@ impl<L: Backend> Bucket<L> {
         telemetry::closed(self.key, &self.group, self.model.as_deref(), pause, why);
     }
 
-    /// A refusal without a precise hint, in adaptive mode: the bucket holds back one turn at
+    /// A refusal without a precise hint, in adaptive mode: the bucket holds back two turns at
     /// the rate in force, added to any hold still running, up to one server window. A flood
-    /// of refusals (a rate far above the limit, while the cut waits a window to show) stops
-    /// the sending until it ends; a lone refusal costs one turn.
+    /// of refusals (a rate far above the limit, while the cut waits a window to show) comes
+    /// faster than its holds run out, and stops the sending until it ends; a lone refusal
+    /// costs two turns.
     fn hold_a_turn(&self, now: Duration) {
-        let turn = self.interval();
+        let turn = self.interval().saturating_mul(2);
         let most = now.saturating_add(self.context.adaptation.window());
         self.extend_closure(now, turn, most);
     }

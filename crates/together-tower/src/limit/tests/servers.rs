@@ -45,10 +45,10 @@ async fn a_whole_second_retry_after_does_not_idle_an_adaptive_bucket() {
         .layer(recorder(arrivals.clone(), whole_second_refusal(2)));
     send_all(&service, chat_requests(6, "k")).await;
     let times = arrivals.times_ms();
-    // The third is refused; the rest go on at the cut rate (80% of 10 a second), not a
-    // second later.
-    assert_eq!(times[..3], [0, 100, 200]);
-    assert!(times[3] <= 350 && times[5] <= 650, "{times:?}");
+    // The third is refused: the bucket holds back two turns (200 ms), and the rest go on at
+    // the cut rate (80% of 10 a second), not a second later.
+    assert_eq!(times[..4], [0, 100, 200, 400]);
+    assert!(times[5] <= 700, "{times:?}");
     assert_eq!(limits.snapshot()[0].rate_changes.refused, 1);
 }
 
