@@ -268,7 +268,7 @@ struct Served {
     from: u64,
     count: u32,
     refused: u32,
-    /// Served a second over the last whole window, once there was one.
+    /// Served a second over the last whole window, if it had refusals enough to say.
     last: Option<f64>,
 }
 
@@ -285,10 +285,14 @@ impl Served {
     /// Starts a new window at `now` once one has passed since `from`.
     fn roll(&mut self, now: u64, window: u64) {
         let span = now.saturating_sub(self.from);
-        if span >= window && self.count.saturating_add(self.refused) >= SERVED_EVIDENCE {
-            self.last = Some(f64::from(self.count) * NANOS / span as f64);
+        let answers = self.count.saturating_add(self.refused);
+        if span >= window && answers >= SERVED_EVIDENCE {
+            // Only a window with refusals enough measures the server's limit; in one with few,
+            // what was served is what was sent.
+            let limited = f64::from(self.refused) >= REFUSED_ENOUGH * f64::from(answers);
+            let last = limited.then(|| f64::from(self.count) * NANOS / span as f64);
             *self = Self {
-                last: self.last,
+                last,
                 ..Self::since(now)
             };
         }
@@ -297,6 +301,8 @@ impl Served {
 
 /// The answers since a cut it takes to say what the server served.
 const SERVED_EVIDENCE: u32 = 10;
+/// The share of refusals in a window that makes what was served a measure of the limit.
+const REFUSED_ENOUGH: f64 = 0.1;
 
 /// What 503s taught, and what a trial cut would give back if it is undone.
 #[derive(Debug, Clone)]
