@@ -42,7 +42,7 @@ use crate::telemetry::RateChange;
 /// | 429 with a precise hint (`retry-after-ms`, a fractional `x-ratelimit-reset` or `Retry-After`) | closes the bucket for the hint | the same; if the bucket's own pace did not expect it, also cuts the rate of the limit that ran out |
 /// | 429 with a whole-second `Retry-After` only | closes the bucket for it (conservative: the server said a second) | holds the bucket two turns (a flood of refusals holds it until the flood ends, up to a window): proxies send a whole second by rote, and the refused request alone waits it (in the retry layer); an unexpected one cuts the rate |
 /// | 429 without a hint | closes the bucket for [`default_pause`](crate::limit::LimitsBuilder::default_pause) | the same two turns; cuts the rate, if unexpected |
-/// | 503 | nothing | counted against the answers served; moves the rate only when a trial shows the 503s follow it (see [`pressure`](super::pressure)) |
+/// | 503 | nothing | counted against the answers served; moves the rate only when a trial shows the 503s follow it: the rate held at what the server served for two windows, kept if the share of 503s fell by more than chance, undone if not |
 /// | `x-ratelimit-remaining: 0` | closes the bucket until the reset, when that is later than its next turn | the same |
 /// | `x-ratelimit-limit` (and tokens) | nothing | sets the rate, within floor and ceiling; fades back to the table when later answers stop saying it |
 ///
