@@ -31,9 +31,12 @@
 //! The failure modes it accepts:
 //!
 //! - **A trial on noise costs two windows at a lower rate** (the settling window and the
-//!   judged one): at 10% random 503s, one trial a minute or so, about 1% of the throughput.
+//!   judged one), a tenth or more below the rate. Against a server answering 10% of requests 503
+//!   at random (`scripts/independent-servers`), runs of 1,500 requests made one or two trials,
+//!   at the start, while the noise was still unknown, and undid them.
 //! - **Noise that happens to fall during a trial** by more than three standard errors (about
-//!   one trial in a few hundred) is taken for pressure: the rate stays at what the server served,
+//!   a chance of about one in seven hundred on a single trial, by the normal approximation)
+//!   is taken for pressure: the rate stays at what the server served,
 //!   and probes back up over several seconds.
 //! - **A storm that ends on its own during a trial** looks the same, with the same cost.
 //! - **Pressure that a trial's cut does not show clearly** (a small share, few answers) is
