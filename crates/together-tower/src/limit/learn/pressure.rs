@@ -34,10 +34,10 @@
 //!   judged one), a tenth or more below the rate. Against a server answering 10% of requests 503
 //!   at random (`scripts/independent-servers`), runs of 1,500 requests made one or two trials,
 //!   at the start, while the noise was still unknown, and undid them.
-//! - **Noise that happens to fall during a trial** by more than three standard errors (about
-//!   a chance of about one in seven hundred on a single trial, by the normal approximation)
-//!   is taken for pressure: the rate stays at what the server served,
-//!   and probes back up over several seconds.
+//! - **Noise that happens to fall during a trial** by more than three standard errors (one
+//!   chance in about seven hundred by the normal approximation; more in practice, since a
+//!   trial starts when its tally happened to read high) is taken for pressure: the rate stays
+//!   at what the server served, and probes back up over several seconds.
 //! - **A storm that ends on its own during a trial** looks the same, with the same cost.
 //! - **Pressure that a trial's cut does not show clearly** (a small share, few answers) is
 //!   taken for noise: the share seen is remembered, and the rate goes on until the share
