@@ -30,6 +30,10 @@ use crate::limit::learn::adapt::Mode;
 use crate::limit::learn::{Answer, Dimension, Feedback, Sent};
 use crate::telemetry::{self, Closure, RateChange};
 
+/// Doubling a hold more often than this cannot matter: it is capped at a server window, and
+/// 2<sup>16</sup> turns are longer than any.
+const MOST_DOUBLINGS: u32 = 16;
+
 impl<L: Backend> Bucket<L> {
     /// Closes the bucket for `pause` from `now`, on the server's word, and says so.
     fn close_for(&self, now: Duration, pause: Duration, why: Closure) {
@@ -38,14 +42,25 @@ impl<L: Backend> Bucket<L> {
     }
 
     /// A refusal without a precise hint, in adaptive mode: the bucket holds back two turns at
-    /// the rate in force, added to any hold still running, up to one server window. A flood
-    /// of refusals (a rate far above the limit, while the cut waits a window to show) comes
-    /// faster than its holds run out, and stops the sending until it ends; a lone refusal
-    /// costs two turns.
+    /// the rate in force, twice as long for each refusal since an answer was last served,
+    /// added to any hold still running. A lone refusal costs two turns; a flood of them (a
+    /// rate far above the limit, while the cut waits a window to show) stops the sending
+    /// after a few, until one server window after the first: by then a server that counts
+    /// the last window counts none of what it refused for.
     fn hold_a_turn(&self, now: Duration) {
-        let turn = self.interval().saturating_mul(2);
-        let most = now.saturating_add(self.context.adaptation.window());
-        self.extend_closure(now, turn, most);
+        let in_a_row = self.refused_in_a_row.fetch_add(1, Ordering::Relaxed);
+        if in_a_row == 0 {
+            self.refused_from.store(nanos(now), Ordering::Relaxed);
+        }
+        let first = Duration::from_nanos(self.refused_from.load(Ordering::Relaxed));
+        let turns = 2u32 << in_a_row.min(MOST_DOUBLINGS);
+        let hold = self.interval().saturating_mul(turns);
+        let most = first.max(now.saturating_sub(self.context.adaptation.window()));
+        self.extend_closure(
+            now,
+            hold,
+            most.saturating_add(self.context.adaptation.window()),
+        );
     }
 
     /// The usage an answer reported, as far as it can be believed.
@@ -249,6 +264,9 @@ impl<L: Backend> Feedback for Bucket<L> {
         } = answer;
         let refused = status == StatusCode::TOO_MANY_REQUESTS;
         let unavailable = status == StatusCode::SERVICE_UNAVAILABLE;
+        if status.is_success() && self.refused_in_a_row.load(Ordering::Relaxed) != 0 {
+            self.refused_in_a_row.store(0, Ordering::Relaxed);
+        }
         if cost.tokens > 0 && !status.is_success() {
             // Not served: the tokens were not spent.
             Feedback::correct_tokens(self, cost.tokens, 0);

@@ -3,7 +3,7 @@
 //! It holds the queue of requests waiting for it, whether the server closed it, the backend's
 //! GCRA state, the rate controllers, and the concurrency slots of job-creating groups.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -179,6 +179,11 @@ pub(crate) struct Bucket<L: Backend> {
     recently_used: AtomicBool,
     /// Every answer must be counted, not only those that say something: 503s are being judged.
     pub(crate) watching: AtomicBool,
+    /// Refusals without a precise hint since the last answer served: each holds the bucket
+    /// twice as long as the one before.
+    pub(crate) refused_in_a_row: AtomicU32,
+    /// When the first of those refusals came: the holds end a window after it at the latest.
+    pub(crate) refused_from: AtomicU64,
     pub(crate) state: L::Bucket,
     pub(crate) context: Arc<BucketContext<L>>,
     controllers: Mutex<Controllers>,
@@ -227,6 +232,8 @@ impl<L: Backend> Bucket<L> {
             epoch: AtomicU64::new(0),
             recently_used: AtomicBool::new(true),
             watching: AtomicBool::new(false),
+            refused_in_a_row: AtomicU32::new(0),
+            refused_from: AtomicU64::new(0),
             state,
             context: Arc::clone(context),
             controllers: Mutex::new(controllers),

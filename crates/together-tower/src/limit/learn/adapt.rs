@@ -13,7 +13,13 @@
 //!   the rate the request was sent at. The rate is cut multiplicatively, at most once per
 //!   server window ([`Adaptation::with_window`], a second): a request sent before the last
 //!   cut, or within one window after it, met a server whose window still held traffic from
-//!   before the cut, so its refusal says nothing about the rate since.
+//!   before the cut, so its refusal says nothing about the rate since. From the first cut
+//!   on, the answers served are counted by when their requests were sent: at a refusal,
+//!   those of the window before it are what a server that counts the last window had
+//!   counted, a reading of its limit. A rate far above that reading comes down to it in one
+//!   step; a reading clearly above the wall the rate was recovering from is a limit that
+//!   grew (as one earned by success does while it is used): a gentle cut, and the rate
+//!   compounds again at once.
 //! - **503s** are weaker evidence: most are the server's capacity, not the caller's rate. They
 //!   move the rate only when a trial shows that they follow it (see
 //!   [`pressure`](super::pressure)).
@@ -48,7 +54,9 @@ use crate::telemetry::RateChange;
 ///
 /// A cut is at most one per server window ([`Adaptation::with_window`]), and cuts the limit
 /// a 429's body names (`dynamic_token_limited`: the tokens; `dynamic_request_limited`: the
-/// requests). /// In both modes the answer itself goes on to the retry layer, which sends the request again
+/// requests).
+///
+/// In both modes the answer itself goes on to the retry layer, which sends the request again
 /// by the same hint (a 429, a 503 unless it created a job), or hands it back when the hint is
 /// longer than it will wait or the retries are spent. The limiter's own refusals are the same
 /// in both modes, typed errors sent before anything reaches the server:
@@ -76,7 +84,7 @@ pub enum Mode {
 /// | setting | default | meaning |
 /// |---|---|---|
 /// | `mode` | [`Mode::Adaptive`] | whether rates adapt at all |
-/// | `floor` | 0.05 | the lowest rate, as a share of the table's |
+/// | `floor` | 0.02 | the lowest rate, as a share of the table's; low enough that a limit earned from a base of a twentieth of the table is paced just below it, not at it |
 /// | `ceiling` | 1.0 | the highest rate, as a multiple of the table's; raise it to let a server's stated limit take the rate above the table |
 /// | `cut` | 0.8 | the share of the rate kept after trouble at a new wall (at a known wall, 0.95) |
 /// | `margin` | 0.02 | how far below the wall the rate settles after trouble |
@@ -100,7 +108,7 @@ impl Default for Adaptation {
         Self {
             mode: Mode::Adaptive,
             window: Duration::from_secs(1),
-            floor: 0.05,
+            floor: 0.02,
             ceiling: 1.0,
             cut: 0.8,
             margin: 0.02,
@@ -255,54 +263,73 @@ pub(crate) struct Controller {
     wall: Option<(f64, u32)>,
     /// The 503 evidence, from the first 503 on.
     unavailable: Option<Box<Unavailable>>,
-    /// Since the last cut after a 429: requests served that were sent after it.
-    served_since_cut: Option<Served>,
+    /// From the first cut after a 429 until the rate is back at the target: the answers
+    /// served in the last window.
+    served: Option<Served>,
     changes: RateChanges,
 }
 
-/// The answers to requests sent since `from`: served, and refused. Counted a window at a
-/// time: what the server serves now matters, not what it served at the lower rate of a
-/// while ago.
+/// The answers served for requests sent in the last server window, by when they were sent.
+/// At a refusal, that is what a server that counts the last window had counted when it
+/// refused: a reading of its limit that holds however the bucket was paced or held back.
 #[derive(Debug, Clone, Copy)]
 struct Served {
-    from: u64,
-    count: u32,
-    refused: u32,
-    /// Served a second over the last whole window, if it had refusals enough to say.
-    last: Option<f64>,
+    /// Answers served, in slots of a [`SLOTS`]th of a window by send time, one more than a
+    /// window's: `slots[newest % RING]` counts the slot numbered `newest` since the clock's
+    /// start. A reading spans the window and up to a slot more, so that the oldest answer
+    /// the server still counted is never left out.
+    slots: [u16; RING],
+    newest: u64,
 }
+
+/// Slots a window is counted in: a reading is exact to one slot, a twentieth.
+const SLOTS: usize = 20;
+const RING: usize = SLOTS + 1;
+/// A reading of fewer answers served than this says too little of a limit.
+const FEWEST_SERVED: u32 = 5;
 
 impl Served {
-    fn since(from: u64) -> Self {
+    fn new() -> Self {
         Self {
-            from,
-            count: 0,
-            refused: 0,
-            last: None,
+            slots: [0; RING],
+            newest: 0,
         }
     }
 
-    /// Starts a new window at `now` once one has passed since `from`.
-    fn roll(&mut self, now: u64, window: u64) {
-        let span = now.saturating_sub(self.from);
-        let answers = self.count.saturating_add(self.refused);
-        if span >= window && answers >= SERVED_EVIDENCE {
-            // Only a window with refusals enough measures the server's limit; in one with few,
-            // what was served is what was sent.
-            let limited = f64::from(self.refused) >= REFUSED_ENOUGH * f64::from(answers);
-            let last = limited.then(|| f64::from(self.count) * NANOS / span as f64);
-            *self = Self {
-                last,
-                ..Self::since(now)
-            };
+    fn slot_of(at: u64, window: u64) -> u64 {
+        at / (window / SLOTS as u64).max(1)
+    }
+
+    /// Moves the newest slot to `slot`, emptying those passed.
+    fn advance(&mut self, slot: u64) {
+        if slot <= self.newest {
+            return;
         }
+        let passed = (slot - self.newest).min(RING as u64);
+        for step in 1..=passed {
+            self.slots[((self.newest + step) % RING as u64) as usize] = 0;
+        }
+        self.newest = slot;
+    }
+
+    /// Counts an answer served for a request sent at `sent_at`.
+    fn served(&mut self, sent_at: u64, window: u64) {
+        let slot = Self::slot_of(sent_at, window);
+        self.advance(slot);
+        if self.newest - slot < RING as u64 {
+            let count = &mut self.slots[(slot % RING as u64) as usize];
+            *count = count.saturating_add(1);
+        }
+    }
+
+    /// Answers served a second for requests sent in the window before `sent_at`, if enough
+    /// to say anything.
+    fn reading(&mut self, sent_at: u64, window: u64) -> Option<f64> {
+        self.advance(Self::slot_of(sent_at, window));
+        let served: u32 = self.slots.iter().map(|&count| u32::from(count)).sum();
+        (served >= FEWEST_SERVED).then(|| f64::from(served) * NANOS / window as f64)
     }
 }
-
-/// The answers since a cut it takes to say what the server served.
-const SERVED_EVIDENCE: u32 = 10;
-/// The share of refusals in a window that makes what was served a measure of the limit.
-const REFUSED_ENOUGH: f64 = 0.1;
 
 /// What 503s taught, and what a trial cut would give back if it is undone.
 #[derive(Debug, Clone)]
@@ -404,7 +431,7 @@ impl Controller {
             recovery: None,
             wall: None,
             unavailable: None,
-            served_since_cut: None,
+            served: None,
             changes: RateChanges::default(),
         }
     }
@@ -525,7 +552,7 @@ impl Controller {
             self.recovery = None;
         }
         if self.recovery.is_none() {
-            self.served_since_cut = None;
+            self.served = None;
         }
         if let (Some((wall, _)), Some(recovery)) = (self.wall, self.recovery) {
             // A probe that got clearly past the wall without trouble: the wall has moved.
@@ -555,7 +582,7 @@ impl Controller {
     /// Whether every answer should be counted ([`Controller::answered`]), not only those
     /// that say something: while 503s are being judged.
     pub(crate) fn watching(&self, now: u64) -> bool {
-        self.served_since_cut.is_some()
+        self.served.is_some()
             || self
                 .unavailable
                 .as_ref()
@@ -608,13 +635,6 @@ impl Controller {
         if !self.adaptive() {
             return false;
         }
-        let window = self.window();
-        if let Some(served) = &mut self.served_since_cut {
-            served.roll(now, window);
-            if sent_at >= served.from {
-                served.refused = served.refused.saturating_add(1);
-            }
-        }
         if self
             .recovery
             .is_some_and(|recovery| sent_at < recovery.at.saturating_add(self.window()))
@@ -626,55 +646,81 @@ impl Controller {
             unavailable.pressure.end_trial(now);
             unavailable.before_trial = None;
         }
-        match self.served_rate(now) {
-            // Far above what the server takes: down to it in one step. A limit found there
-            // for the first time may be one earned by success (as Together's are), which
-            // grows as the requests it serves do: the rate probes above it a window later,
-            // compounding. Found there again, it is a wall, and the probe is the usual.
-            Some(served) if served < self.rate(now) * self.settings.cut => {
-                let again = self
-                    .wall
-                    .is_some_and(|(last, _)| (served - last).abs() <= SAME_WALL * last);
-                self.wall = Some((served, if again { 2 } else { 1 }));
-                let start = served * (1.0 - self.settings.margin);
-                let probe = if again {
-                    self.probe()
-                } else {
-                    Probe {
-                        after: self.window(),
-                        growth: Growth::Compound(COMPOUND),
-                    }
-                };
-                self.recover(now, start, served, probe);
-            }
-            // Near it: the usual cut, from no higher than what the server served, so that
-            // the climb back flattens below the server's limit, not below the rate that met
-            // it.
-            served => {
-                let rate = self.rate(now);
-                self.cut(now, rate.min(served.unwrap_or(rate)), None);
-            }
-        }
-        self.served_since_cut = Some(Served::since(now));
+        self.cut_on_refusal(sent_at, now);
+        self.served.get_or_insert_with(Served::new);
         self.changes.count(RateChange::Refused);
         true
     }
 
-    /// What the server served a second over the last window since the last cut: when a
-    /// refusal comes and that is below what the usual cut would leave, the rate comes down to
-    /// it in one step, not a fifth a window.
-    fn served_rate(&mut self, now: u64) -> Option<f64> {
+    /// Cuts the rate on a refusal at `now` of a request sent at `sent_at`, by how far above
+    /// the server's limit it was.
+    fn cut_on_refusal(&mut self, sent_at: u64, now: u64) {
+        let rate = self.rate(now);
         let window = self.window();
-        let served = self.served_since_cut.as_mut()?;
-        served.roll(now, window);
-        served.last
+        let served = self
+            .served
+            .as_mut()
+            .and_then(|served| served.reading(sent_at, window));
+        // No higher than what the server served, so that the climb back flattens below the
+        // server's limit, not below the rate that met it.
+        let wall = rate.min(served.unwrap_or(rate));
+        if served.is_some_and(|served| self.limit_grew(served)) {
+            // Served clearly more than at the wall the rate was recovering from: a limit
+            // that grows as it is used, as one earned by success does (Together's are
+            // twice the successful rate of a recent span). The rate goes to just below what
+            // was served, and compounds again at once: every share below the limit that the
+            // rate spends is a share less earned, and the shortfall compounds.
+            self.wall = Some((wall, 1));
+            let probe = Probe {
+                after: 0,
+                growth: Growth::Compound(COMPOUND),
+            };
+            self.recover(now, wall * (1.0 - self.settings.margin), wall, probe);
+        } else if served.is_some_and(|served| served < rate * self.settings.cut) {
+            // Far above what the server takes: down to it in one step. A limit found there
+            // for the first time may be one earned by success, which grows as the requests
+            // it serves do: the rate probes above it a window later, compounding. Found
+            // there again, it is a wall, and the probe is the usual.
+            let again = self
+                .wall
+                .is_some_and(|(last, _)| (wall - last).abs() <= SAME_WALL * last);
+            self.wall = Some((wall, if again { 2 } else { 1 }));
+            let probe = if again {
+                self.probe()
+            } else {
+                Probe {
+                    after: self.window(),
+                    growth: Growth::Compound(COMPOUND),
+                }
+            };
+            self.recover(now, wall * (1.0 - self.settings.margin), wall, probe);
+        } else {
+            self.cut(now, wall, None);
+        }
+    }
+
+    /// The wall the rate is recovering from, if it is.
+    fn recovering_from(&self) -> Option<f64> {
+        self.recovery
+            .map(|recovery| recovery.plateau / (1.0 - self.settings.margin))
+    }
+
+    /// Whether the server served clearly more than the wall the rate was recovering from: a
+    /// limit that grew, as one earned by success does while it is used.
+    fn limit_grew(&self, served: f64) -> bool {
+        self.recovering_from()
+            .is_some_and(|wall| served > wall * (1.0 + SAME_WALL))
     }
 
     /// Cuts the rate at `now` from `wall`, keeping `keep` of it (`None`: the usual cut,
     /// gentler at a wall found before). The climb back flattens just below the wall.
     fn cut(&mut self, now: u64, wall: f64, keep: Option<f64>) {
+        let same = |last: f64| (wall - last).abs() <= SAME_WALL * last;
         let hits = match self.wall {
-            Some((last, hits)) if (wall - last).abs() <= SAME_WALL * last => hits + 1,
+            Some((last, hits)) if same(last) => hits + 1,
+            // A probe that compounds gets past its wall at once; a refusal near it is the
+            // same wall found again all the same.
+            _ if self.recovering_from().is_some_and(same) => 2,
             _ => 1,
         };
         self.wall = Some((wall, hits));
@@ -728,11 +774,8 @@ impl Controller {
             return None;
         }
         let window = self.window();
-        if let Some(served) = &mut self.served_since_cut {
-            served.roll(now, window);
-            if !unavailable && sent_at >= served.from {
-                served.count = served.count.saturating_add(1);
-            }
+        if let (Some(served), false) = (&mut self.served, unavailable) {
+            served.served(sent_at, window);
         }
         // The rate before any verdict: a trial under way holds its own.
         let rate = self.rate(now);
@@ -881,7 +924,7 @@ mod tests {
         // For a second the server serves 5 a second and refuses the rest.
         for i in 0..80 {
             let sent = i * S / 80;
-            if i % 16 == 0 {
+            if i % 16 == 8 {
                 controller.answered(sent, false, sent + 10 * MS);
             } else {
                 controller.trouble(sent, sent + 10 * MS);
@@ -996,13 +1039,13 @@ mod tests {
         assert_eq!(controller.rate(60 * S), 4.0);
     }
 
-    /// A server that answers 503 to `noise` of the requests at random (every
-    /// `1 / noise`-th, spread evenly), and to those above `capacity` a second (a GCRA with a
+    /// A server that answers 503 to `noise` of the requests at random (from a seeded
+    /// generator, so that runs repeat), and to those above `capacity` a second (a GCRA with a
     /// burst of two).
     struct Server {
         capacity: f64,
         noise: f64,
-        owed: f64,
+        random: u64,
         ready_at: f64,
     }
 
@@ -1011,9 +1054,17 @@ mod tests {
             Self {
                 capacity,
                 noise,
-                owed: 0.0,
+                random: 0x9E37_79B9_7F4A_7C15,
                 ready_at: 0.0,
             }
+        }
+
+        /// A number in [0, 1) (xorshift64).
+        fn next_random(&mut self) -> f64 {
+            self.random ^= self.random << 13;
+            self.random ^= self.random >> 7;
+            self.random ^= self.random << 17;
+            (self.random >> 11) as f64 / (1u64 << 53) as f64
         }
 
         /// Whether a request arriving at `at` seconds is answered 503.
@@ -1023,12 +1074,7 @@ mod tests {
                 return true;
             }
             self.ready_at = self.ready_at.max(at) + interval;
-            self.owed += self.noise;
-            if self.owed >= 1.0 {
-                self.owed -= 1.0;
-                return true;
-            }
-            false
+            self.next_random() < self.noise
         }
     }
 
@@ -1069,9 +1115,9 @@ mod tests {
         let rates = run(&mut controller, &mut Server::new(1e9, 0.1), 60);
         assert!(mean(&rates) >= 95.0, "{}", mean(&rates));
         assert_eq!(*rates.last().unwrap(), 100.0);
-        // One trial, undone.
+        // Every trial undone.
         let changes = controller.changes();
-        assert_eq!((changes.unavailable, changes.noise), (1, 1), "{changes:?}");
+        assert_eq!(changes.unavailable, changes.noise, "{changes:?}");
     }
 
     #[test]
@@ -1095,6 +1141,83 @@ mod tests {
             "{late} {:?}",
             controller.changes()
         );
+    }
+
+    /// A server that refuses (429) a request when `allowed(served in the last ten seconds)`
+    /// were served in the second before it (a sliding log), for a client that sends back to
+    /// back at the controller's rate; each answer comes 20 ms later. Returns the rate in
+    /// force at each tenth of a second, and the answers served and refused.
+    fn run_refusals(
+        controller: &mut Controller,
+        allowed: impl Fn(usize) -> usize,
+        seconds: u64,
+    ) -> (Vec<f64>, usize, usize) {
+        let (mut rates, mut next_sample, mut now) = (Vec::new(), 0, 0);
+        let mut served = std::collections::VecDeque::new();
+        let mut in_flight = std::collections::VecDeque::new();
+        let (mut served_count, mut refused_count) = (0, 0);
+        while now < seconds * S {
+            while let Some(&(answer_at, sent, refused)) = in_flight.front() {
+                if answer_at > now {
+                    break;
+                }
+                in_flight.pop_front();
+                if refused {
+                    controller.trouble(sent, answer_at);
+                } else {
+                    controller.answered(sent, false, answer_at);
+                }
+            }
+            controller.settle(now);
+            while served.front().is_some_and(|&at| at + 10 * S <= now) {
+                served.pop_front();
+            }
+            let last_second = served.iter().filter(|&&at| at + S > now).count();
+            let refused = last_second >= allowed(served.len());
+            if refused {
+                refused_count += 1;
+            } else {
+                served.push_back(now);
+                served_count += 1;
+            }
+            in_flight.push_back((now + 20 * MS, now, refused));
+            let rate = controller.rate(now);
+            while next_sample <= now {
+                rates.push(rate);
+                next_sample += 100 * MS;
+            }
+            now += (1e9 / rate) as u64;
+        }
+        (rates, served_count, refused_count)
+    }
+
+    #[test]
+    fn a_limit_earned_by_success_is_followed_as_it_grows() {
+        // Together's rule: twice the successes of the last ten seconds a second, from a base
+        // of 5 to a cap of the table's 100.
+        let earned = |served: usize| (served / 5).clamp(5, 100);
+        let mut controller = adaptive();
+        let (rates, _, _) = run_refusals(&mut controller, earned, 40);
+        // A client that always sent at the limit would be at the cap in about 21 seconds;
+        // with a rate that never compounds again after a cut, 25.6.
+        // Down to the base within the first two seconds...
+        let low = rates.iter().position(|&rate| rate < 10.0);
+        assert!(low.is_some_and(|tenth| tenth <= 20), "{rates:?}");
+        // ...and up to the cap as the limit grows.
+        let low = low.unwrap();
+        let at_cap = rates[low..].iter().position(|&rate| rate >= 95.0);
+        assert!(at_cap.is_some_and(|tenth| low + tenth <= 250), "{rates:?}");
+    }
+
+    #[test]
+    fn a_wall_found_far_below_the_rate_does_not_creep_up() {
+        let mut controller = adaptive();
+        let (rates, served, refused) = run_refusals(&mut controller, |_| 5, 60);
+        // Refusals at a wall below the rate are the bucket's to hold back; the rate stays
+        // at the wall, and never creeps up through readings of it taken for growth.
+        let late = mean(&rates[300..]);
+        assert!((4.0..=5.5).contains(&late), "{late} {rates:?}");
+        assert!(served > 250 && refused > 0, "{served} {refused}");
     }
 
     #[test]
