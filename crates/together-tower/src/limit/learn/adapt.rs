@@ -28,7 +28,8 @@
 //!   the rate where trouble began (the wall). It holds there, then probes above it, slowly at
 //!   first and faster as it gets away from the wall, so a limit that went back up is found
 //!   again within seconds. A probe that finds the same wall again was only a little over it,
-//!   so that cut is gentle (to 95%); a probe that gets past the wall forgets it. A plateau
+//!   so that cut is gentle (to 95%), and the next probe waits one more hold (up to three),
+//!   since each costs a refusal; a probe that gets past the wall forgets it. A plateau
 //!   within 3% of the target does not probe at all: it has nothing to gain but a 429.
 //!
 //! Times are nanoseconds on the limiter's clock; rates are units per second. Nothing here
@@ -46,8 +47,8 @@ use crate::telemetry::RateChange;
 /// | the server answers | `Static` | `Adaptive` |
 /// |---|---|---|
 /// | 429 with a precise hint (`retry-after-ms`, a fractional `x-ratelimit-reset` or `Retry-After`) | closes the bucket for the hint | the same; if the bucket's own pace did not expect it, also cuts the rate of the limit that ran out |
-/// | 429 with a whole-second `Retry-After` only | closes the bucket for it (conservative: the server said a second) | holds the bucket two turns (a flood of refusals holds it until the flood ends, up to a window): proxies send a whole second by rote, and the refused request alone waits it (in the retry layer); an unexpected one cuts the rate |
-/// | 429 without a hint | closes the bucket for [`default_pause`](crate::limit::LimitsBuilder::default_pause) | the same two turns; cuts the rate, if unexpected |
+/// | 429 with a whole-second `Retry-After` only | closes the bucket for it (conservative: the server said a second) | holds the bucket two turns, twice as long for each refusal in a row, until a window after the first at most (a flood stops after a handful): proxies send a whole second by rote, and the refused request alone waits it (in the retry layer); an unexpected one cuts the rate |
+/// | 429 without a hint | closes the bucket for [`default_pause`](crate::limit::LimitsBuilder::default_pause) | the same holds; cuts the rate, if unexpected |
 /// | 503 | nothing | counted against the answers served; moves the rate only when a trial shows the 503s follow it: the rate held at what the server served for two windows, kept if the share of 503s fell by more than chance, undone if not |
 /// | `x-ratelimit-remaining: 0` | closes the bucket until the reset, when that is later than its next turn | the same |
 /// | `x-ratelimit-limit` (and tokens) | nothing | sets the rate, within floor and ceiling; fades back to the table when later answers stop saying it |
