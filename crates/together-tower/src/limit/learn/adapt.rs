@@ -1116,14 +1116,20 @@ mod tests {
             }
             let unavailable = server.unavailable(now as f64 / 1e9);
             in_flight.push_back((now + 20 * MS, now, unavailable));
-            let rate = controller.rate(now);
-            while next_sample <= now {
-                rates.push(rate);
-                next_sample += 100 * MS;
-            }
-            now += (1e9 / rate) as u64;
+            now = next_send(controller, now, &mut rates, &mut next_sample);
         }
         rates
+    }
+
+    /// Samples the rate in force at each tenth of a second up to `now`, and returns when the
+    /// next request goes at that rate.
+    fn next_send(controller: &Controller, now: u64, rates: &mut Vec<f64>, next: &mut u64) -> u64 {
+        let rate = controller.rate(now);
+        while *next <= now {
+            rates.push(rate);
+            *next += 100 * MS;
+        }
+        now + (1e9 / rate) as u64
     }
 
     fn mean(rates: &[f64]) -> f64 {
@@ -1202,12 +1208,7 @@ mod tests {
                 served_count += 1;
             }
             in_flight.push_back((now + 20 * MS, now, refused));
-            let rate = controller.rate(now);
-            while next_sample <= now {
-                rates.push(rate);
-                next_sample += 100 * MS;
-            }
-            now += (1e9 / rate) as u64;
+            now = next_send(controller, now, &mut rates, &mut next_sample);
         }
         (rates, served_count, refused_count)
     }
