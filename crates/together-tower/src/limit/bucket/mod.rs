@@ -179,6 +179,9 @@ pub(crate) struct Bucket<L: Backend> {
     recently_used: AtomicBool,
     /// Every answer must be counted, not only those that say something: 503s are being judged.
     pub(crate) watching: AtomicBool,
+    /// Refusals without a precise hint since the last answer served: each holds the bucket
+    /// twice as long as the one before. In the padding after the flags.
+    pub(crate) refused_in_a_row: AtomicU32,
     pub(crate) state: L::Bucket,
     pub(crate) context: Arc<BucketContext<L>>,
     controllers: Mutex<Controllers>,
@@ -197,10 +200,6 @@ pub(crate) struct Bucket<L: Backend> {
     group_id: GroupId,
     pub(crate) group: Arc<str>,
     pub(crate) model: Option<Arc<str>>,
-    /// Refusals without a precise hint since the last answer served: each holds the bucket
-    /// twice as long as the one before. Read on every answer, so only the success path's
-    /// load is paid; kept after what every request reads.
-    pub(crate) refused_in_a_row: AtomicU32,
     /// When the first of those refusals came: the holds end a window after it at the latest.
     pub(crate) refused_from: AtomicU64,
 }
