@@ -46,7 +46,8 @@ impl<L: Backend> Bucket<L> {
     /// added to any hold still running. A lone refusal costs two turns; a flood of them (a
     /// rate far above the limit, while the cut waits a window to show) stops the sending
     /// after a few, until one server window after the first: by then a server that counts
-    /// the last window counts none of what it refused for.
+    /// the last window counts none of what it refused for. A row of refusals longer than a
+    /// window (a server refusing everything) holds a window from the latest at most.
     fn hold_a_turn(&self, now: Duration) {
         let in_a_row = self.refused_in_a_row.fetch_add(1, Ordering::Relaxed);
         if in_a_row == 0 {

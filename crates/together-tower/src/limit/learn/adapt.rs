@@ -314,7 +314,7 @@ impl Served {
     }
 
     /// Counts an answer served for a request sent at `sent_at`.
-    fn served(&mut self, sent_at: u64, window: u64) {
+    fn count_served(&mut self, sent_at: u64, window: u64) {
         let slot = Self::slot_of(sent_at, window);
         self.advance(slot);
         if self.newest - slot < RING as u64 {
@@ -420,6 +420,11 @@ impl Readings {
         }
         None
     }
+}
+
+/// Whether a wall found at `wall` is the one found before at `last`.
+fn same_wall(wall: f64, last: f64) -> bool {
+    (wall - last).abs() <= SAME_WALL * last
 }
 
 fn agree(a: f64, b: f64) -> bool {
@@ -687,9 +692,7 @@ impl Controller {
             // for the first time may be one earned by success, which grows as the requests
             // it serves do: the rate probes above it a window later, compounding. Found
             // there again, it is a wall, and the probe is the usual.
-            let again = self
-                .wall
-                .is_some_and(|(last, _)| (wall - last).abs() <= SAME_WALL * last);
+            let again = self.wall.is_some_and(|(last, _)| same_wall(wall, last));
             self.wall = Some((wall, if again { 2 } else { 1 }));
             let probe = if again {
                 self.probe()
@@ -726,7 +729,7 @@ impl Controller {
     /// Cuts the rate at `now` from `wall`, keeping `keep` of it (`None`: the usual cut,
     /// gentler at a wall found before). The climb back flattens just below the wall.
     fn cut(&mut self, now: u64, wall: f64, keep: Option<f64>) {
-        let same = |last: f64| (wall - last).abs() <= SAME_WALL * last;
+        let same = |last: f64| same_wall(wall, last);
         let hits = match self.wall {
             Some((last, hits)) if same(last) => hits + 1,
             // A probe gets past its wall before the refusal that finds it again comes back;
@@ -795,7 +798,7 @@ impl Controller {
         }
         let window = self.window();
         if let (Some(served), false) = (&mut self.served, unavailable) {
-            served.served(sent_at, window);
+            served.count_served(sent_at, window);
         }
         // The rate before any verdict: a trial under way holds its own.
         let rate = self.rate(now);

@@ -48,7 +48,7 @@
 //! - **A storm that ends on its own during a trial** looks the same, with the same cost.
 //! - **Pressure that a trial's cut does not show clearly** (a small share, few answers) is
 //!   taken for noise: the share seen is remembered, and the rate goes on until the share
-//!   rises [`MARGIN`] above it, when the next trial shows it plainly.
+//!   is clearly above it, when the next trial shows it plainly.
 //! - **Pressure just above the noise** (a capacity a few percent below the rate) is not
 //!   acted on until the share is clearly above the noise (a tenth or so, in a tally of a
 //!   hundred): those requests are retried, and the server still serves all it can.
