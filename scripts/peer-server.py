@@ -5,13 +5,14 @@ It shares no code with together-tower or its simulator: the benches that use it 
 stack against rules it was not tuned to. Standard library only.
 
   peer-server.py --port P --limit 100 [--status 429|503] [--retry-after 1]
-                 [--random-503 0.1] [--earned BASE CAP]
+                 [--random-503 0.1] [--seed 7] [--earned BASE CAP]
 
 --limit N      at most N requests served in any second ending now (a sliding log), per key
 --fixed        count the limit in whole seconds of the clock instead (fixed windows)
 --status S     the answer over the limit (default 429)
 --retry-after  a whole-second Retry-After on refusals, and nothing more precise
 --random-503 P answer 503 to a share P of requests at random, whatever the rate
+--seed N       the seed of those random answers (default 7)
 --earned B C   Together's earned rate: a key may be served twice its successes of the last
                ten seconds a second, between B and C; over it, a 429 whose body says
                dynamic_request_limited, and no rate-limit headers on any answer
@@ -49,7 +50,7 @@ class Rules:
     def __init__(self, args):
         self.args = args
         self.keys = collections.defaultdict(Key)
-        self.random = random.Random(7)
+        self.random = random.Random(args.seed)
 
     def answer(self, key_name):
         """The status, extra headers and body for one request now."""
@@ -123,6 +124,7 @@ async def main():
     parser.add_argument("--status", type=int, default=429, choices=[429, 503])
     parser.add_argument("--retry-after", type=int, default=0)
     parser.add_argument("--random-503", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--earned", type=float, nargs=2, metavar=("BASE", "CAP"))
     args = parser.parse_args()
     rules = Rules(args)

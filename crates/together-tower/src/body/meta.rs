@@ -12,7 +12,10 @@ pub struct RequestMeta {
     /// `model`, if the body names one. Shared, as the layers below keep it (a bucket, a
     /// fallback, the model check) and cloning it costs no allocation.
     pub model: Option<Arc<str>>,
-    /// `max_tokens`, if set.
+    /// The most tokens the answer may hold, if set: `max_tokens` (Together's and OpenAI's
+    /// older name) or `max_completion_tokens` (OpenAI's newer one, which async-openai
+    /// sends), the larger if both are given, since estimates are settled later and one too
+    /// high costs less than one too low.
     pub max_tokens: Option<u64>,
     /// How many inputs `input` holds: the length of an array, or 1 for a single string.
     pub input_count: Option<u64>,
@@ -32,7 +35,7 @@ impl RequestMeta {
         let fields: Fields = serde_json::from_slice(body).ok()?;
         Some(Self {
             model: fields.model.map(Arc::from),
-            max_tokens: fields.max_tokens,
+            max_tokens: fields.max_tokens.max(fields.max_completion_tokens),
             input_count: fields.input.map(|InputCount(count)| count),
             body_bytes: body.len() as u64,
         })
@@ -46,6 +49,8 @@ struct Fields {
     model: Option<String>,
     #[serde(default, deserialize_with = "lenient")]
     max_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient")]
+    max_completion_tokens: Option<u64>,
     #[serde(default, deserialize_with = "lenient")]
     input: Option<InputCount>,
 }
@@ -110,6 +115,11 @@ mod tests {
         assert_eq!(meta.model.as_deref(), Some("meta-llama/Llama-3"));
         assert_eq!(meta.max_tokens, Some(64));
         assert_eq!(meta.input_count, None);
+
+        let newer = br#"{"model":"m","max_completion_tokens":300}"#;
+        assert_eq!(RequestMeta::from_json(newer).unwrap().max_tokens, Some(300));
+        let both = br#"{"max_completion_tokens":30,"max_tokens":200}"#;
+        assert_eq!(RequestMeta::from_json(both).unwrap().max_tokens, Some(200));
 
         let embeddings = br#" {"input":["a","b",{"x":[1,2]}],"model":"m"}"#;
         assert_eq!(

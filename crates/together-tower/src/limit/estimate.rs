@@ -34,8 +34,8 @@ pub struct TokenRequest<'a> {
 }
 
 /// The default estimate: the body's bytes over four (a token is about four bytes of English,
-/// and JSON's punctuation makes this an overestimate), plus `max_tokens`, or 512 for a chat or
-/// completion that sets none.
+/// and JSON's punctuation makes this an overestimate), plus `max_tokens` (or
+/// `max_completion_tokens`), or 512 for a chat or completion that sets neither.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultTokenEstimate;
 

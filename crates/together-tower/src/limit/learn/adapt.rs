@@ -19,7 +19,9 @@
 //!   counted, a reading of its limit. A rate far above that reading comes down to it in one
 //!   step; a reading clearly above the wall the rate was recovering from is a limit that
 //!   grew (as one earned by success does while it is used): a gentle cut, and the rate
-//!   compounds again at once.
+//!   compounds again at once, a little faster than such a limit can grow. Clearly above
+//!   means above the highest reading of the last ten windows too: readings of a fixed
+//!   limit scatter by a tenth below it, and the last one may be low.
 //! - **503s** are weaker evidence: most are the server's capacity, not the caller's rate. They
 //!   move the rate only when a trial shows that they follow it (see
 //!   [`pressure`](super::pressure)).
@@ -29,7 +31,9 @@
 //!   first and faster as it gets away from the wall, so a limit that went back up is found
 //!   again within seconds. A probe that finds the same wall again was only a little over it,
 //!   so that cut is gentle (to 95%), and the next probe waits one more hold (up to three),
-//!   since each costs a refusal; a probe that gets past the wall forgets it. A plateau
+//!   since each costs a refusal; a probe that gets past the wall forgets it. For ten
+//!   windows after a wall was first found far below the rate, one hold still: it may be an
+//!   earned limit's base, where such a limit sits for its first seconds before it grows. A plateau
 //!   within 3% of the target does not probe at all: it has nothing to gain but a 429.
 //!
 //! Times are nanoseconds on the limiter's clock; rates are units per second. Nothing here
@@ -281,6 +285,14 @@ struct Served {
     /// the server still counted is never left out.
     slots: [u16; RING],
     newest: u64,
+    /// The highest reading of the last [`TOP_KEPT`] windows, and when it was taken: readings
+    /// of a fixed limit scatter below it by a tenth or so (how the server's window met the
+    /// bucket's pace), so a limit has grown only when a reading clears the highest one, not
+    /// merely the last.
+    top: f64,
+    top_at: u64,
+    /// When a wall was first found far below the rate: it may be an earned limit's base.
+    far_below_at: Option<u64>,
 }
 
 /// Slots a window is counted in: a reading is exact to one slot, a twentieth.
@@ -288,12 +300,17 @@ const SLOTS: usize = 20;
 const RING: usize = SLOTS + 1;
 /// A reading of fewer answers served than this says too little of a limit.
 const FEWEST_SERVED: u32 = 5;
+/// Windows the highest reading is remembered for.
+const TOP_KEPT: u64 = 10;
 
 impl Served {
     fn new() -> Self {
         Self {
             slots: [0; RING],
             newest: 0,
+            top: 0.0,
+            top_at: 0,
+            far_below_at: None,
         }
     }
 
@@ -329,6 +346,23 @@ impl Served {
         self.advance(Self::slot_of(sent_at, window));
         let served: u32 = self.slots.iter().map(|&count| u32::from(count)).sum();
         (served >= FEWEST_SERVED).then(|| f64::from(served) * NANOS / window as f64)
+    }
+
+    /// The highest reading still remembered at `now`, if any.
+    fn top(&self, now: u64, window: u64) -> Option<f64> {
+        let kept = now.saturating_sub(self.top_at) <= window.saturating_mul(TOP_KEPT);
+        (kept && self.top > 0.0).then_some(self.top)
+    }
+
+    /// Remembers `reading`, taken at `now`, and returns the highest reading before it that
+    /// is still remembered (zero if none).
+    fn note_top(&mut self, reading: f64, now: u64, window: u64) -> f64 {
+        let top = self.top(now, window).unwrap_or(0.0);
+        if reading >= top {
+            self.top = reading;
+            self.top_at = now;
+        }
+        top
     }
 }
 
@@ -386,12 +420,21 @@ enum Growth {
 
 /// A wall found this often in a row is probed after this many holds, not more.
 const MOST_HOLDS: u32 = 3;
+/// Windows after a wall was first found far below the rate in which it may be an earned
+/// limit's base, and is probed after one hold however often it is found: Together's limits
+/// are earned over the last ten seconds or more.
+const EARNING: u64 = 10;
 
 /// How fast a probe grows above a limit found far below the rate: 17% a second. A limit
 /// earned by success (Together's: twice the successful rate of a recent span) grows as it is
 /// used: twice a rate's own average over the last ten seconds keeps up with it while it grows
 /// at most about 17% a second.
 const COMPOUND: f64 = 1.17;
+/// How fast the rate compounds once a reading showed the limit grew: a little faster than
+/// such a limit can (about 17% a second), so that the rate keeps meeting it and each refusal
+/// reads it again. A rate below an earned limit earns less than the limit could grow:
+/// compounding only as fast, it would fall behind and stay there.
+const GROWN_COMPOUND: f64 = 1.2;
 
 /// The last three limit readings.
 #[derive(Debug, Clone, Copy, Default)]
@@ -668,14 +711,16 @@ impl Controller {
     fn cut_on_refusal(&mut self, sent_at: u64, now: u64) {
         let rate = self.rate(now);
         let window = self.window();
-        let served = self
-            .served
-            .as_mut()
-            .and_then(|served| served.reading(sent_at, window));
+        let mut top = 0.0;
+        let served = self.served.as_mut().and_then(|ring| {
+            let reading = ring.reading(sent_at, window)?;
+            top = ring.note_top(reading, now, window);
+            Some(reading)
+        });
         // No higher than what the server served, so that the climb back flattens below the
         // server's limit, not below the rate that met it.
         let wall = rate.min(served.unwrap_or(rate));
-        if served.is_some_and(|served| self.limit_grew(served)) {
+        if served.is_some_and(|served| self.limit_grew(served, top)) {
             // Served clearly more than at the wall the rate was recovering from: a limit
             // that grows as it is used, as one earned by success does (Together's are
             // twice the successful rate of a recent span). The rate goes to just below what
@@ -684,7 +729,7 @@ impl Controller {
             self.wall = Some((wall, 1));
             let probe = Probe {
                 after: 0,
-                growth: Growth::Compound(COMPOUND),
+                growth: Growth::Compound(GROWN_COMPOUND),
             };
             self.recover(now, wall * (1.0 - self.settings.margin), wall, probe);
         } else if served.is_some_and(|served| served < rate * self.settings.cut) {
@@ -694,6 +739,9 @@ impl Controller {
             // there again, it is a wall, and the probe is the usual.
             let again = self.wall.is_some_and(|(last, _)| same_wall(wall, last));
             self.wall = Some((wall, if again { 2 } else { 1 }));
+            if let Some(served) = self.served.as_mut() {
+                served.far_below_at.get_or_insert(now);
+            }
             let probe = if again {
                 self.probe()
             } else {
@@ -714,16 +762,22 @@ impl Controller {
             .map(|recovery| recovery.plateau / (1.0 - self.settings.margin))
     }
 
+    /// The highest reading of what the server served still remembered at `now`.
+    fn highest_reading(&self, now: u64) -> Option<f64> {
+        self.served.as_ref()?.top(now, self.window())
+    }
+
     /// How often in a row the wall the rate is recovering from was found.
     fn hits_at_recovered_wall(&self) -> u32 {
         self.recovery.map_or(1, |recovery| recovery.hits)
     }
 
-    /// Whether the server served clearly more than the wall the rate was recovering from: a
-    /// limit that grew, as one earned by success does while it is used.
-    fn limit_grew(&self, served: f64) -> bool {
+    /// Whether the server served clearly more than the wall the rate was recovering from,
+    /// and than the highest reading remembered (`top`): a limit that grew, as one earned by
+    /// success does while it is used.
+    fn limit_grew(&self, served: f64, top: f64) -> bool {
         self.recovering_from()
-            .is_some_and(|wall| served > wall * (1.0 + SAME_WALL))
+            .is_some_and(|wall| served > wall.max(top) * (1.0 + SAME_WALL))
     }
 
     /// Cuts the rate at `now` from `wall`, keeping `keep` of it (`None`: the usual cut,
@@ -735,6 +789,9 @@ impl Controller {
             // A probe gets past its wall before the refusal that finds it again comes back;
             // the wall the rate recovers from still counts.
             _ if self.recovering_from().is_some_and(same) => self.hits_at_recovered_wall() + 1,
+            // Back at the highest reading: the wall itself, found again after a reading that
+            // came in low.
+            _ if self.highest_reading(now).is_some_and(same) => 2,
             _ => 1,
         };
         self.wall = Some((wall, hits));
@@ -746,8 +803,17 @@ impl Controller {
             self.settings.cut
         });
         // A wall found again and again is probed less often: each probe costs a refusal.
+        // Not while the wall may be an earned limit's base, though: one found far below the
+        // rate sits there until enough successes are counted (five seconds of them for
+        // Together's), then grows, and a probe held back then falls behind for good.
+        let earning = self
+            .served
+            .as_ref()
+            .and_then(|served| served.far_below_at)
+            .is_some_and(|at| now < at.saturating_add(self.window().saturating_mul(EARNING)));
+        let holds = if earning { 1 } else { hits.min(MOST_HOLDS) };
         let probe = Probe {
-            after: self.probe().after * u64::from(hits.min(MOST_HOLDS)),
+            after: self.probe().after * u64::from(holds),
             ..self.probe()
         };
         self.recover(now, wall * keep, wall, probe);
@@ -1260,7 +1326,7 @@ mod tests {
         assert!((controller.rate(at) - 7.0 * 0.98).abs() < 1e-6);
         let a_second_later = controller.rate(at + S);
         assert!(
-            (a_second_later - 7.0 * 0.98 * COMPOUND).abs() < 0.01,
+            (a_second_later - 7.0 * 0.98 * GROWN_COMPOUND).abs() < 0.01,
             "{a_second_later}"
         );
         // Served at the same wall again instead, it would have been a wall: the usual probe.
@@ -1272,6 +1338,25 @@ mod tests {
         assert!(controller.trouble(5 * S, 5 * S + 10 * MS));
         let held = controller.rate(5 * S + 10 * MS + S);
         assert!(held < 5.0, "{held}");
+    }
+
+    #[test]
+    fn a_reading_back_at_the_highest_one_is_no_growth() {
+        let mut controller = adaptive();
+        controller.trouble(0, 0);
+        // A fixed limit of 80, read at 80 once and then, in a second the server's window met
+        // the bucket's pace differently, at 72.
+        served_over_the_second_before(&mut controller, 2 * S, 80);
+        assert!(controller.trouble(2 * S, 2 * S));
+        served_over_the_second_before(&mut controller, 5 * S, 72);
+        assert!(controller.trouble(5 * S, 5 * S));
+        // 78 is clearly above the last wall (72) but not above the highest reading: the
+        // usual cut below it, no compounding from just under it.
+        served_over_the_second_before(&mut controller, 8 * S, 78);
+        assert!(controller.trouble(8 * S, 8 * S));
+        let cut = controller.rate(8 * S);
+        assert!(cut < 78.0 * 0.96, "{cut}");
+        assert!(controller.rate(9 * S) < 78.0, "{}", controller.rate(9 * S));
     }
 
     #[test]

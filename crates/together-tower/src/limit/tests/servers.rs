@@ -259,9 +259,10 @@ async fn a_wall_far_below_the_table_is_found_and_kept_with_few_refusals() {
     let seconds = *arrivals.times_ms().last().unwrap() as f64 / 1_000.0;
     let served_per_second = (200 - refused) as f64 / seconds;
     // The probes above the wall cost a refusal now and then, fewer as the wall is found
-    // again: 14 of 200 at 4.7 served a second when this was written. Static mode, closing
-    // for a second at each refusal and then sending the window's worth at once, had 33 at
-    // 4.8 a second.
-    assert!(refused <= 16, "{refused} refused");
+    // again (but not in the first ten seconds, when it may be an earned limit's base): 16
+    // of 200 at 4.6 served a second when this was written. Static mode, closing for a
+    // second at each refusal and then sending the window's worth at once, had 33 at 4.8 a
+    // second.
+    assert!(refused <= 18, "{refused} refused");
     assert!(served_per_second >= 4.5, "{served_per_second} a second");
 }
