@@ -11,7 +11,11 @@
 //!   nobody waits, a request that fits goes straight through.
 //! - **Both quotas at once.** A request's turn takes its request and its estimated tokens
 //!   together, or neither: one quota's wait never spends the other's capacity. The token
-//!   charge is corrected from the answer's `usage`.
+//!   charge is corrected from the answer's `usage`, once: when the body ends, when a
+//!   stream's `data: [DONE]` passes (clients drop the body there), or when the body is
+//!   dropped after its `usage` passed; a stream dropped or cut before it keeps the estimate.
+//! - **Streams are calls.** A concurrency slot is held until the answer's body ends, is
+//!   dropped or fails, not only until its head: a streamed answer holds it while it streams.
 //! - **Bounded.** A bucket holds at most `max_queue` waiters, and a request waits at most
 //!   `max_wait` (or its own [`MaxWait`]); past either it gets an error at once (see [`error`]
 //!   for each kind of refusal). Nothing waits forever, and the number of live buckets is bounded.

@@ -30,8 +30,10 @@ impl GroupQuota {
 
     /// A group limited to `calls` calls in flight at once, with no rate.
     ///
-    /// The slot is held for the duration of one HTTP call. For job-creating classes this keeps
-    /// creates from racing each other; a job that outlives its call is not counted.
+    /// A slot is held from the request's turn until its answer's body ends, is dropped or
+    /// fails: a streamed answer holds it for as long as it streams. For job-creating classes,
+    /// a create that succeeded holds it until the job ends (see
+    /// [`limit`](crate::limit)).
     pub const fn concurrency(calls: u32) -> Self {
         Self::NONE.with_concurrency(calls)
     }

@@ -51,7 +51,8 @@ impl Ticket {
 
     /// Reads the answer; returns what its body must be watched for, if anything. `permit` is
     /// the request's concurrency slot: a job create that succeeded keeps it until the job
-    /// ends, and a 409 on create says the server's slots are all in use.
+    /// ends, a 409 on create says the server's slots are all in use, and any other answer
+    /// holds it until its body ends.
     /// `ran_out` is what a 429's body said ran out, if it was read.
     pub(crate) fn learn(
         self,
@@ -82,8 +83,10 @@ impl Ticket {
             }
             return None;
         }
-        (self.cost.tokens > 0 && status.is_success())
-            .then(|| Watch::tokens(self.bucket, self.cost.tokens))
+        if self.cost.tokens > 0 && status.is_success() {
+            return Some(Watch::tokens(self.bucket, self.cost.tokens, permit));
+        }
+        permit.map(Watch::slot)
     }
 
     /// The call failed without an answer: the tokens come back. (The request's turn does not:

@@ -2,11 +2,16 @@
 //!
 //! Some bodies are watched as they stream past; every other body passes through untouched.
 //!
-//! - For a request charged against a token budget, the last few kilobytes are kept, and when
-//!   the body ends, the answer's `usage` (the last one, so a stream's final event counts)
-//!   corrects the charge: unused `max_tokens` come back to the bucket, and a longer answer
-//!   than estimated is charged, up to the token burst (a larger number is logged and not
-//!   believed). A body dropped before its end, or without `usage`, keeps the estimate.
+//! - For a request charged against a token budget, the last few kilobytes are kept, and the
+//!   answer's `usage` (the last one, so a stream's final event counts) corrects the charge
+//!   once: unused `max_tokens` come back to the bucket, and a longer answer than estimated is
+//!   charged, up to the token burst (a larger number is logged and not believed). It is read
+//!   when the body ends, when a stream's `data: [DONE]` passes (clients stop there and drop
+//!   the body, before its end), or when the body is dropped or fails after its `usage` was
+//!   seen. A body without `usage`, or dropped before it, keeps the estimate: the chunks seen
+//!   so far prove only a lower bound of what the server will charge for the answer.
+//! - For a request that holds a concurrency slot, the slot is held until the body ends, is
+//!   dropped or fails: a stream is one call for as long as it streams.
 //! - For a job create that succeeded, and a read of jobs (one job, a cancel, the list), the
 //!   body is kept (up to [`MAX_JOB_BODY`]) and read for job ids and states when it ends (see
 //!   [`jobs`](crate::limit::jobs)). A body dropped before its end, or larger, teaches nothing.
@@ -19,6 +24,7 @@ use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde::Deserialize;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::Feedback;
 use super::refusal::Peeked;
@@ -64,6 +70,10 @@ pin_project! {
 /// What a body is watched for.
 pub(crate) enum Watch {
     Tokens(TokenCount),
+    /// Nothing to read: the body only holds the request's concurrency slot until it ends.
+    Slot {
+        _slot: OwnedSemaphorePermit,
+    },
     Jobs {
         slots: Arc<Slots>,
         answer: JobAnswer,
@@ -83,12 +93,24 @@ pub(crate) enum JobAnswer {
 }
 
 impl Watch {
-    pub(crate) fn tokens(bucket: Arc<dyn Feedback>, charged: u64) -> Box<Self> {
+    /// A token charge to settle from the answer's `usage`, and the request's concurrency
+    /// slot, if it holds one, until the body ends.
+    pub(crate) fn tokens(
+        bucket: Arc<dyn Feedback>,
+        charged: u64,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Box<Self> {
         Box::new(Watch::Tokens(TokenCount {
             bucket,
-            charged,
+            charged: Some(charged),
             tail: Vec::new(),
+            _slot: slot,
         }))
+    }
+
+    /// A concurrency slot held until the body ends.
+    pub(crate) fn slot(slot: OwnedSemaphorePermit) -> Box<Self> {
+        Box::new(Watch::Slot { _slot: slot })
     }
 
     pub(crate) fn jobs(slots: Arc<Slots>, answer: JobAnswer) -> Box<Self> {
@@ -103,6 +125,7 @@ impl Watch {
     fn observe(&mut self, bytes: &[u8]) {
         match self {
             Watch::Tokens(count) => count.observe(bytes),
+            Watch::Slot { .. } => {}
             Watch::Jobs {
                 body, too_large, ..
             } => {
@@ -118,8 +141,9 @@ impl Watch {
 
     fn finish(self) {
         match self {
-            Watch::Tokens(count) => count.finish(),
-            Watch::Jobs {
+            Watch::Tokens(mut count) => count.settle(),
+            Watch::Slot { .. }
+            | Watch::Jobs {
                 too_large: true, ..
             } => {}
             Watch::Jobs {
@@ -149,9 +173,15 @@ impl Watch {
 /// A token charge waiting for the answer's `usage`.
 pub(crate) struct TokenCount {
     bucket: Arc<dyn Feedback>,
-    charged: u64,
+    /// The estimate charged, until the charge is settled.
+    charged: Option<u64>,
     tail: Vec<u8>,
+    /// The request's concurrency slot, if it holds one: freed with the count.
+    _slot: Option<OwnedSemaphorePermit>,
 }
+
+/// How a server-sent event stream ends.
+const DONE: &[u8] = b"data: [DONE]";
 
 impl<B: Body> ResponseBody<B> {
     /// `body`, watched for what `watch` says.
@@ -188,22 +218,40 @@ impl<B: Body> ResponseBody<B> {
 
 impl TokenCount {
     fn observe(&mut self, bytes: &[u8]) {
+        if self.charged.is_none() {
+            return;
+        }
         if bytes.len() >= TAIL {
             self.tail.clear();
             self.tail.extend_from_slice(&bytes[bytes.len() - TAIL..]);
-            return;
+        } else {
+            self.tail.extend_from_slice(bytes);
+            if self.tail.len() > TAIL {
+                let excess = self.tail.len() - TAIL;
+                self.tail.drain(..excess);
+            }
         }
-        self.tail.extend_from_slice(bytes);
-        if self.tail.len() > TAIL {
-            let excess = self.tail.len() - TAIL;
-            self.tail.drain(..excess);
+        if self.tail.trim_ascii_end().ends_with(DONE) {
+            self.settle();
         }
     }
 
-    fn finish(self) {
-        if let Some(used) = usage(&self.tail) {
-            self.bucket.correct_tokens(self.charged, used);
+    /// Corrects the charge from the last `usage` seen, once; without one, the estimate stays.
+    fn settle(&mut self) {
+        if let Some(charged) = self.charged.take() {
+            if let Some(used) = usage(&self.tail) {
+                self.bucket.correct_tokens(charged, used);
+            }
+            self.tail = Vec::new();
         }
+    }
+}
+
+impl Drop for TokenCount {
+    /// A body dropped or failed after its `usage` passed still settles: a client that stops
+    /// reading at a stream's last event has read the whole answer.
+    fn drop(&mut self) {
+        self.settle();
     }
 }
 
@@ -260,7 +308,8 @@ impl<B: Body> Body for ResponseBody<B> {
                         watch.finish();
                     }
                 }
-                // A body that failed teaches nothing: a token charge keeps its estimate.
+                // A body that failed: its slot is freed, and a token charge settles only if
+                // the answer's `usage` had passed.
                 Some(Err(_)) => *this.watch = None,
             }
         }
@@ -297,6 +346,7 @@ impl<B: Body + std::fmt::Debug> std::fmt::Debug for ResponseBody<B> {
                     None => "nothing",
                     Some(Watch::Tokens(_)) => "tokens",
                     Some(Watch::Jobs { .. }) => "jobs",
+                    Some(Watch::Slot { .. }) => "the end, for its slot",
                 },
             )
             .finish()
@@ -356,8 +406,9 @@ mod tests {
         }
         let mut count = TokenCount {
             bucket: Arc::new(Nothing),
-            charged: 0,
+            charged: Some(0),
             tail: Vec::new(),
+            _slot: None,
         };
         count.observe(&vec![b'x'; TAIL * 2]);
         count.observe(b"abc");

@@ -9,6 +9,7 @@ mod jobs;
 mod map;
 mod pacing;
 mod servers;
+mod streams;
 mod tokens;
 
 use std::convert::Infallible;

@@ -16,7 +16,7 @@ use crate::quota::{GroupQuota, QuotaTable, Rate};
 
 /// Chat at `requests_per_second`, and 1,000 tokens a second with a burst of 1,000; a request
 /// costs exactly its `max_tokens`, so the tests can name every turn.
-fn token_limits(requests_per_second: u32) -> Limits {
+pub(super) fn token_limits(requests_per_second: u32) -> Limits {
     let exact = |rate: Rate| rate.with_tolerance(Duration::ZERO);
     let table = QuotaTable::builder()
         .group(
@@ -36,7 +36,7 @@ fn token_limits(requests_per_second: u32) -> Limits {
 }
 
 /// A chat request for key `k` that costs `tokens`, labelled `label`.
-fn costing(tokens: u64, label: &str) -> Request<String> {
+pub(super) fn costing(tokens: u64, label: &str) -> Request<String> {
     let mut request = request(CHAT, "k", label);
     request.extensions_mut().insert(RequestMeta {
         max_tokens: Some(tokens),
