@@ -1,18 +1,23 @@
 //! Answering requests as Together would.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use crate::config::{Class, ClassLimits, Hints, SimConfig};
 use crate::state::{Job, JobStatus, LimitOutcome, State, key_label};
+use crate::stream::{EventStream, Pace};
+
+/// An answer's body: whole, or a stream of events.
+pub(crate) type SimBody = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// The largest request body the simulator reads.
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -73,6 +78,9 @@ struct Answer {
     tokens: u64,
     /// The model the request named, for the stats by model.
     model: Option<String>,
+    /// For `"stream": true`: the events to send in place of `body`, and their pace (boxed:
+    /// most answers are not streamed, and answers are moved around).
+    stream: Option<Box<(VecDeque<Bytes>, Pace)>>,
 }
 
 impl Answer {
@@ -82,6 +90,7 @@ impl Answer {
             body,
             tokens: 0,
             model: None,
+            stream: None,
         }
     }
 
@@ -92,6 +101,7 @@ impl Answer {
             body,
             tokens: 0,
             model: None,
+            stream: None,
         }
     }
 }
@@ -113,7 +123,7 @@ impl std::error::Error for HungUp {}
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, HungUp> {
+) -> Result<Response<SimBody>, HungUp> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().trim_end_matches('/').to_owned();
     if let Some(control) = path.strip_prefix("/sim/") {
@@ -340,7 +350,28 @@ async fn answer_json(
         prompt: prompt_tokens,
         completion: completion_tokens,
     };
-    Reply::Answer(serve(shared, &mut state, &work), limits)
+    let mut answer = serve(shared, &mut state, &work);
+    drop(state);
+    if answer.status.is_success() && json["stream"] == true {
+        answer.stream = Some(Box::new(streamed(shared, &answer.body, json)));
+    }
+    Reply::Answer(answer, limits)
+}
+
+/// The events of a streamed completion, and their pace (cut halfway by the
+/// `stream_cut_rate` fault).
+fn streamed(shared: &Shared, body: &Value, json: &Value) -> (VecDeque<Bytes>, Pace) {
+    let events = crate::stream::events(body, json);
+    let cut_rate = shared.config.faults.stream_cut_rate;
+    let cut = cut_rate > 0.0 && {
+        let mut rng = shared.rng.lock().unwrap_or_else(PoisonError::into_inner);
+        rng.f64() < cut_rate
+    };
+    let pace = Pace {
+        gap: Duration::from_secs_f64(1.0 / shared.config.stream.chunks_per_second),
+        cut_after: cut.then_some(events.len() / 2),
+    };
+    (events, pace)
 }
 
 /// The JSON object the endpoint needs (`null` for endpoints without a body), or the refusal.
@@ -796,12 +827,22 @@ fn control_answer(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> 
     }
 }
 
-fn respond(answer: Answer, limits: Option<LimitOutcome>, hints: Hints) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec(&answer.body).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+fn respond(answer: Answer, limits: Option<LimitOutcome>, hints: Hints) -> Response<SimBody> {
+    let (body, content_type) = match answer.stream.map(|stream| *stream) {
+        Some((events, pace)) => (
+            EventStream::new(events, pace).boxed_unsync(),
+            "text/event-stream",
+        ),
+        None => {
+            let body = serde_json::to_vec(&answer.body).unwrap_or_default();
+            let body = Full::new(Bytes::from(body)).map_err(|never| match never {});
+            (body.boxed_unsync(), "application/json")
+        }
+    };
+    let mut response = Response::new(body);
     *response.status_mut() = answer.status;
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     if let Some(limits) = limits {
         let number = |n: u64| HeaderValue::from(n);
         let seconds = |d: Duration| {

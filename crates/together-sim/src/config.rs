@@ -187,6 +187,25 @@ pub struct Faults {
     /// The chance (0 to 1) that a request is read whole and then the connection is closed
     /// without an answer: the client cannot tell whether it was acted on.
     pub hangup_rate: f64,
+    /// The chance (0 to 1) that a streamed answer is cut halfway, its connection closed
+    /// without the stream's end.
+    pub stream_cut_rate: f64,
+}
+
+/// How streamed answers (`"stream": true`) are paced.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamSettings {
+    /// Events (a word each) sent a second.
+    pub chunks_per_second: f64,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            chunks_per_second: 100.0,
+        }
+    }
 }
 
 /// Everything the simulator can be told.
@@ -220,6 +239,8 @@ pub struct SimConfig {
     pub batches: JobSettings,
     /// Injected failures and latency.
     pub faults: Faults,
+    /// How streamed answers are paced.
+    pub stream: StreamSettings,
     /// Seed of the random draws (faults, latency), so runs repeat.
     pub seed: u64,
     /// How long a client may take to send a request's headers, and then its body, in
@@ -278,6 +299,7 @@ impl Default for SimConfig {
                 duration_ms: 30_000,
             },
             faults: Faults::default(),
+            stream: StreamSettings::default(),
             seed: 0x5eed,
             read_timeout_ms: 10_000,
             max_header_bytes: 16 * 1024,
@@ -323,6 +345,12 @@ impl SimConfig {
 
     /// Checks the settings make sense.
     pub fn validate(self) -> Result<Self, ConfigError> {
+        let pace = self.stream.chunks_per_second;
+        if !(pace.is_finite() && pace > 0.0) {
+            return Err(ConfigError(
+                "stream.chunks_per_second must be a number above 0".into(),
+            ));
+        }
         if self.window_ms == 0 {
             return Err(ConfigError("window_ms must be at least 1".into()));
         }
@@ -336,6 +364,7 @@ impl SimConfig {
         for (name, rate) in [
             ("unavailable_rate", self.faults.unavailable_rate),
             ("hangup_rate", self.faults.hangup_rate),
+            ("stream_cut_rate", self.faults.stream_cut_rate),
         ] {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(ConfigError(format!(
@@ -455,6 +484,12 @@ pub struct Args {
     /// answer [default: 0].
     #[arg(long, value_name = "P")]
     pub hangup_rate: Option<f64>,
+    /// The chance (0 to 1) that a streamed answer is cut halfway [default: 0].
+    #[arg(long, value_name = "P")]
+    pub stream_cut_rate: Option<f64>,
+    /// Events of a streamed answer (a word each) sent a second [default: 100].
+    #[arg(long, value_name = "N")]
+    pub stream_chunks_per_second: Option<f64>,
     /// 503 bursts: one every this many milliseconds [default: none].
     #[arg(long, value_name = "MS")]
     pub unavailable_every_ms: Option<u64>,
@@ -562,6 +597,12 @@ impl Args {
             .unavailable_rate
             .unwrap_or(config.faults.unavailable_rate);
         config.faults.hangup_rate = self.hangup_rate.unwrap_or(config.faults.hangup_rate);
+        config.faults.stream_cut_rate = self
+            .stream_cut_rate
+            .unwrap_or(config.faults.stream_cut_rate);
+        config.stream.chunks_per_second = self
+            .stream_chunks_per_second
+            .unwrap_or(config.stream.chunks_per_second);
         config.embedding_dimensions = self
             .embedding_dimensions
             .unwrap_or(config.embedding_dimensions);

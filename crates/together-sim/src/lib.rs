@@ -20,7 +20,9 @@
 //! ```
 //!
 //! # Endpoints
-//! - `POST /v1/chat/completions`, `/v1/completions`: a short deterministic reply and `usage`.
+//! - `POST /v1/chat/completions`, `/v1/completions`: a short deterministic reply and `usage`;
+//!   with `"stream": true`, server-sent events in Together's format, a word a chunk, `usage`
+//!   on the finish chunk, then `data: [DONE]`, paced by [`StreamSettings`].
 //! - `POST /v1/embeddings`: one deterministic unit vector per input, in order.
 //! - `POST /v1/images/generations`, `/v1/rerank`; `GET /v1/models`.
 //! - `POST /v1/fine-tunes` and `/v1/batches` create jobs that run for a configured time; one
@@ -41,9 +43,11 @@ pub mod meter;
 mod api;
 mod server;
 mod state;
+mod stream;
 
 pub use self::config::{
     Args, Class, ClassLimits, ConfigError, Faults, Hints, JobSettings, LimitChange, SimConfig,
+    StreamSettings,
 };
 pub use self::meter::Algorithm;
 pub use self::server::{Sim, SimHandle, parse_stats};
