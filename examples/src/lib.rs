@@ -10,6 +10,8 @@
 //! - `tonic_client`: a tonic client whose channel sits under the stack, with a classifier for
 //!   its gRPC paths, against a small in-process gRPC server.
 //! - `async_openai`: async-openai's client with the stack as its HTTP service.
+//! - `streaming_chat`: async-openai's `create_stream` through the stack, with a token budget
+//!   that holds only because each stream's charge is settled at its `data: [DONE]`.
 //!
 //! This library holds what the examples share.
 

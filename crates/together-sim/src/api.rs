@@ -516,6 +516,7 @@ fn token_estimate(endpoint: &Endpoint, json: &Value) -> (u64, u64) {
             let reply = reply_text(json).split_whitespace().count() as u64;
             json["max_tokens"]
                 .as_u64()
+                .or_else(|| json["max_completion_tokens"].as_u64())
                 .map_or(reply, |max| reply.min(max))
         }
         _ => 0,

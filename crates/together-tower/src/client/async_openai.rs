@@ -22,6 +22,13 @@
 //!
 //! async-openai's own retry layer is not used: this crate's stack retries, by the server's
 //! hints and within its budget, and never repeats a job create.
+//!
+//! Streams go through as they come (`client.chat().create_stream(request)`): each chunk
+//! reaches the caller as the server sends it. async-openai stops reading at `data: [DONE]`
+//! and drops the body; the stack settles the stream's token charge there, from the `usage`
+//! of its last chunk, and a group's concurrency slot is held until then. A retry happens
+//! only before the answer's head; a stream cut after it is an error for the caller, never
+//! sent again. The `streaming_chat` example runs six streams this way.
 
 use async_openai::error::OpenAIError;
 use async_openai::middleware::HttpRequestFactory;
