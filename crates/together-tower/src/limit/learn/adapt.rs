@@ -33,8 +33,8 @@
 //!   so that cut is gentle (to 95%), and the next probe waits one more hold (up to three),
 //!   since each costs a refusal; a probe that gets past the wall forgets it. For ten
 //!   windows after a wall was first found far below the rate, one hold still: it may be an
-//!   earned limit's base, where such a limit sits for its first seconds before it grows. A plateau
-//!   within 3% of the target does not probe at all: it has nothing to gain but a 429.
+//!   earned limit's base, where such a limit sits for its first seconds before it grows. A
+//!   plateau within 3% of the target does not probe at all: it has nothing to gain but a 429.
 //!
 //! Times are nanoseconds on the limiter's clock; rates are units per second. Nothing here
 //! reads a clock, so tests give exact schedules.
