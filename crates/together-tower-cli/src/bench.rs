@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::client::Snapshots;
-use http_body_util::BodyExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use together_sim::{Algorithm, Hints};
@@ -15,6 +14,7 @@ use tower::ServiceExt;
 
 use crate::client::{Endpoint, Mode, Stack, stack};
 use crate::observe::{Attempt, Observations};
+use crate::read::read_answer;
 use crate::target::{ApiKey, SimLimits, Target, TargetArgs, json_request};
 use crate::{CliError, flag_word};
 
@@ -81,6 +81,10 @@ pub struct BenchArgs {
     /// minute and earn twice their successful rate of the last ten seconds, up to --sim-rpm.
     #[arg(long, value_name = "RPM")]
     pub sim_earned_base_rpm: Option<u32>,
+    /// Ask for streamed answers (`"stream": true`; chat and completions): the report adds
+    /// the time to the first token (p50, p99) and the completion tokens a second.
+    #[arg(long)]
+    pub stream: bool,
 }
 
 fn parse_share(share: &str) -> Result<f64, String> {
@@ -157,6 +161,14 @@ pub struct BenchReport {
     pub ideal_s: Option<f64>,
     /// How often the rate in force changed, by the reason (none in retry-only mode).
     pub rate_changes: Option<RateChangeCounts>,
+    /// With `--stream`: the median time from a request's send (its wait for a turn
+    /// included) to its answer's first event.
+    pub first_token_p50_ms: Option<f64>,
+    /// With `--stream`: the 99th percentile of that time.
+    pub first_token_p99_ms: Option<f64>,
+    /// With `--stream`: completion tokens the streams carried (by their `usage`), a second
+    /// of the run.
+    pub completion_tokens_per_second: Option<f64>,
 }
 
 /// How often the rate in force changed, by the reason, summed over the run's buckets.
@@ -221,6 +233,11 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
             "--requests, --rpm and --burst must be at least 1".into(),
         ));
     }
+    if args.stream && !matches!(args.endpoint, Endpoint::Chat | Endpoint::Completions) {
+        return Err(CliError::Usage(
+            "--stream needs --endpoint chat or completions".into(),
+        ));
+    }
     let sim_limits = SimLimits {
         hints: args.sim_hints,
         over_limit_status: args.sim_over_limit_status,
@@ -255,6 +272,7 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
             .unwrap_or_else(|| args.endpoint.default_model().to_owned()),
         endpoint: args.endpoint,
         total: args.requests,
+        stream: args.stream,
     };
     let started = Instant::now();
     let samples = Arc::new(Mutex::new(Samples::default()));
@@ -299,6 +317,8 @@ struct Workload {
     model: String,
     endpoint: Endpoint,
     total: u64,
+    /// Ask for streamed answers.
+    stream: bool,
 }
 
 /// What a run did: the answers that succeeded, each request's latency (sorted), and how long
@@ -307,6 +327,10 @@ struct Driven {
     ok: u64,
     latencies: Vec<Duration>,
     elapsed: Duration,
+    /// For streams: each one's time to its first token (sorted), and the completion tokens
+    /// of them all.
+    first_tokens: Vec<Duration>,
+    completion_tokens: u64,
 }
 
 /// The embedded simulator's limits, and when the run began on its clock.
@@ -339,6 +363,7 @@ async fn drive(
     let next = Arc::new(AtomicU64::new(0));
     let ok = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(workload.total as usize)));
+    let streams = Arc::new(Mutex::new(Streams::default()));
     let workload = Arc::new(workload);
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency.min(workload.total))
@@ -348,6 +373,7 @@ async fn drive(
                 next: Arc::clone(&next),
                 ok: Arc::clone(&ok),
                 latencies: Arc::clone(&latencies),
+                streams: Arc::clone(&streams),
                 progress: progress.clone(),
                 observations: Arc::clone(observations),
             };
@@ -364,11 +390,22 @@ async fn drive(
     let mut latencies =
         std::mem::take(&mut *latencies.lock().unwrap_or_else(PoisonError::into_inner));
     latencies.sort();
+    let mut streams = std::mem::take(&mut *streams.lock().unwrap_or_else(PoisonError::into_inner));
+    streams.first_tokens.sort();
     Ok(Driven {
         ok: ok.load(Ordering::Relaxed),
         latencies,
         elapsed,
+        first_tokens: streams.first_tokens,
+        completion_tokens: streams.completion_tokens,
     })
+}
+
+/// What the streamed answers of a run showed.
+#[derive(Debug, Default)]
+struct Streams {
+    first_tokens: Vec<Duration>,
+    completion_tokens: u64,
 }
 
 /// One worker of [`drive`], and what it shares with the others.
@@ -377,6 +414,7 @@ struct Worker {
     next: Arc<AtomicU64>,
     ok: Arc<AtomicU64>,
     latencies: Arc<Mutex<Vec<Duration>>>,
+    streams: Arc<Mutex<Streams>>,
     progress: ProgressBar,
     observations: Arc<Observations>,
 }
@@ -389,15 +427,23 @@ impl Worker {
             if index >= workload.total {
                 break;
             }
-            let body = workload.endpoint.body(&workload.model, index).to_string();
-            let request = json_request(&workload.url, &workload.key, body);
+            let mut body = workload.endpoint.body(&workload.model, index);
+            if workload.stream {
+                body["stream"] = true.into();
+            }
+            let request = json_request(&workload.url, &workload.key, body.to_string());
             let sent = Instant::now();
             if let Ok(response) = workload.service.clone().oneshot(request).await {
                 let success = response.status().is_success();
-                // Read the body, so the connection goes back to the pool.
-                let _ = response.into_body().collect().await;
+                let stream = workload.stream && success;
+                let read = read_answer(response.into_body(), sent, stream).await;
                 if success {
                     self.ok.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(first_token) = read.first_token {
+                    let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+                    streams.first_tokens.push(first_token);
+                    streams.completion_tokens += read.completion_tokens;
                 }
             }
             self.latencies
@@ -455,6 +501,11 @@ fn report(
         }),
         ideal_s: ideal,
         rate_changes: limits.map(RateChangeCounts::of),
+        first_token_p50_ms: args.stream.then(|| percentile(&driven.first_tokens, 50.0)),
+        first_token_p99_ms: args.stream.then(|| percentile(&driven.first_tokens, 99.0)),
+        completion_tokens_per_second: args
+            .stream
+            .then(|| driven.completion_tokens as f64 / seconds),
     }
 }
 
@@ -565,6 +616,13 @@ fn extra_lines(report: &BenchReport) -> String {
     }
     if let Some(share) = report.server_share {
         lines += &format!("{:<14} {:>9.1}%\n", "server share", share * 100.0);
+    }
+    if let (Some(p50), Some(p99)) = (report.first_token_p50_ms, report.first_token_p99_ms) {
+        lines += &format!("{:<14} {:>10.1}\n", "1st token p50", p50);
+        lines += &format!("{:<14} {:>10.1}\n", "1st token p99", p99);
+    }
+    if let Some(tokens) = report.completion_tokens_per_second {
+        lines += &format!("{:<14} {:>10.1}\n", "tokens/s", tokens);
     }
     if let Some(ideal) = report.ideal_s {
         lines += &format!("{:<14} {:>10.1}\n", "ideal s", ideal);

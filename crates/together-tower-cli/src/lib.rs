@@ -7,6 +7,7 @@ pub mod client;
 pub mod embed;
 pub mod observe;
 pub mod plot;
+pub mod read;
 pub mod target;
 
 use std::fmt;

@@ -35,6 +35,7 @@ fn bench_args(requests: u64, rpm: u32, concurrency: u64, mode: Mode) -> BenchArg
         sim_changes: Vec::new(),
         sim_503_share: 0.0,
         sim_earned_base_rpm: None,
+        stream: false,
     }
 }
 
@@ -63,6 +64,42 @@ async fn random_503s_are_retried_and_the_rate_changes_are_reported_by_reason() {
     assert!(marked("503 trial") <= changes.unavailable_503);
     let json = serde_json::to_value(&report).unwrap();
     assert!(json["rate_changes"]["noise_503"].is_u64(), "{json}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_bench_reports_first_tokens_and_tokens_a_second() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let args = BenchArgs {
+        stream: true,
+        ..bench_args(40, 6_000, 8, Mode::Adaptive)
+    };
+    let (report, _) = bench::run(&args).await.unwrap();
+    assert_eq!((report.ok, report.failed), (40, 0), "{report:?}");
+    let (p50, p99) = (report.first_token_p50_ms, report.first_token_p99_ms);
+    let (p50, p99) = (p50.expect("a p50"), p99.expect("a p99"));
+    // The first token comes before the answer ends, and the streams carried tokens.
+    assert!(p50 <= p99 && p50 <= report.p50_ms, "{report:?}");
+    assert!(
+        report.completion_tokens_per_second.unwrap() > 0.0,
+        "{report:?}"
+    );
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(json["first_token_p50_ms"].is_f64(), "{json}");
+
+    let plain = bench::run(&bench_args(5, 6_000, 1, Mode::Adaptive))
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(plain.first_token_p50_ms, None);
+    let embeddings = BenchArgs {
+        stream: true,
+        endpoint: Endpoint::Embeddings,
+        ..bench_args(5, 6_000, 1, Mode::Adaptive)
+    };
+    assert!(matches!(
+        bench::run(&embeddings).await,
+        Err(together_tower_cli::CliError::Usage(_))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
