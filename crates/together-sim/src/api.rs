@@ -1,6 +1,6 @@
 //! Answering requests as Together would.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -78,9 +78,9 @@ struct Answer {
     tokens: u64,
     /// The model the request named, for the stats by model.
     model: Option<String>,
-    /// For `"stream": true`: the events to send in place of `body`, and their pace (boxed:
-    /// most answers are not streamed, and answers are moved around).
-    stream: Option<Box<(VecDeque<Bytes>, Pace)>>,
+    /// For `"stream": true`: the events to send in place of `body` (boxed: most answers are
+    /// not streamed, and answers are moved around).
+    stream: Option<Box<EventStream>>,
 }
 
 impl Answer {
@@ -358,9 +358,9 @@ async fn answer_json(
     Reply::Answer(answer, limits)
 }
 
-/// The events of a streamed completion, and their pace (cut halfway by the
-/// `stream_cut_rate` fault).
-fn streamed(shared: &Shared, body: &Value, json: &Value) -> (VecDeque<Bytes>, Pace) {
+/// The events of a streamed completion, at their pace (cut halfway by the `stream_cut_rate`
+/// fault).
+fn streamed(shared: &Shared, body: &Value, json: &Value) -> EventStream {
     let events = crate::stream::events(body, json);
     let cut_rate = shared.config.faults.stream_cut_rate;
     let cut = cut_rate > 0.0 && {
@@ -371,7 +371,7 @@ fn streamed(shared: &Shared, body: &Value, json: &Value) -> (VecDeque<Bytes>, Pa
         gap: Duration::from_secs_f64(1.0 / shared.config.stream.chunks_per_second),
         cut_after: cut.then_some(events.len() / 2),
     };
-    (events, pace)
+    EventStream::new(events, pace)
 }
 
 /// The JSON object the endpoint needs (`null` for endpoints without a body), or the refusal.
@@ -829,11 +829,8 @@ fn control_answer(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> 
 }
 
 fn respond(answer: Answer, limits: Option<LimitOutcome>, hints: Hints) -> Response<SimBody> {
-    let (body, content_type) = match answer.stream.map(|stream| *stream) {
-        Some((events, pace)) => (
-            EventStream::new(events, pace).boxed_unsync(),
-            "text/event-stream",
-        ),
+    let (body, content_type) = match answer.stream {
+        Some(stream) => (stream.boxed_unsync(), "text/event-stream"),
         None => {
             let body = serde_json::to_vec(&answer.body).unwrap_or_default();
             let body = Full::new(Bytes::from(body)).map_err(|never| match never {});

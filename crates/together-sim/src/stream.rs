@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use serde_json::{Value, json};
 use tokio::time::{Instant, Sleep};
 
@@ -132,10 +132,6 @@ impl Body for EventStream {
 
     fn is_end_stream(&self) -> bool {
         self.events.is_empty()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }
 

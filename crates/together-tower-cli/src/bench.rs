@@ -327,10 +327,7 @@ struct Driven {
     ok: u64,
     latencies: Vec<Duration>,
     elapsed: Duration,
-    /// For streams: each one's time to its first token (sorted), and the completion tokens
-    /// of them all.
-    first_tokens: Vec<Duration>,
-    completion_tokens: u64,
+    streams: Streams,
 }
 
 /// The embedded simulator's limits, and when the run began on its clock.
@@ -396,12 +393,12 @@ async fn drive(
         ok: ok.load(Ordering::Relaxed),
         latencies,
         elapsed,
-        first_tokens: streams.first_tokens,
-        completion_tokens: streams.completion_tokens,
+        streams,
     })
 }
 
-/// What the streamed answers of a run showed.
+/// What the streamed answers of a run showed: each one's time to its first token (sorted
+/// once the run is over), and the completion tokens of them all.
 #[derive(Debug, Default)]
 struct Streams {
     first_tokens: Vec<Duration>,
@@ -501,11 +498,15 @@ fn report(
         }),
         ideal_s: ideal,
         rate_changes: limits.map(RateChangeCounts::of),
-        first_token_p50_ms: args.stream.then(|| percentile(&driven.first_tokens, 50.0)),
-        first_token_p99_ms: args.stream.then(|| percentile(&driven.first_tokens, 99.0)),
+        first_token_p50_ms: args
+            .stream
+            .then(|| percentile(&driven.streams.first_tokens, 50.0)),
+        first_token_p99_ms: args
+            .stream
+            .then(|| percentile(&driven.streams.first_tokens, 99.0)),
         completion_tokens_per_second: args
             .stream
-            .then(|| driven.completion_tokens as f64 / seconds),
+            .then(|| driven.streams.completion_tokens as f64 / seconds),
     }
 }
 

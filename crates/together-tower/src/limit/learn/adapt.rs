@@ -355,14 +355,21 @@ impl Served {
     }
 
     /// Remembers `reading`, taken at `now`, and returns the highest reading before it that
-    /// is still remembered (zero if none).
-    fn note_top(&mut self, reading: f64, now: u64, window: u64) -> f64 {
-        let top = self.top(now, window).unwrap_or(0.0);
-        if reading >= top {
+    /// is still remembered.
+    fn note_top(&mut self, reading: f64, now: u64, window: u64) -> Option<f64> {
+        let top = self.top(now, window);
+        if top.is_none_or(|top| reading >= top) {
             self.top = reading;
             self.top_at = now;
         }
         top
+    }
+
+    /// Whether a wall found at `now` may be an earned limit's base: one was first found far
+    /// below the rate less than [`EARNING`] windows ago.
+    fn may_be_earned_base(&self, now: u64, window: u64) -> bool {
+        self.far_below_at
+            .is_some_and(|at| now < at.saturating_add(window.saturating_mul(EARNING)))
     }
 }
 
@@ -711,7 +718,7 @@ impl Controller {
     fn cut_on_refusal(&mut self, sent_at: u64, now: u64) {
         let rate = self.rate(now);
         let window = self.window();
-        let mut top = 0.0;
+        let mut top = None;
         let served = self.served.as_mut().and_then(|ring| {
             let reading = ring.reading(sent_at, window)?;
             top = ring.note_top(reading, now, window);
@@ -775,9 +782,11 @@ impl Controller {
     /// Whether the server served clearly more than the wall the rate was recovering from,
     /// and than the highest reading remembered (`top`): a limit that grew, as one earned by
     /// success does while it is used.
-    fn limit_grew(&self, served: f64, top: f64) -> bool {
-        self.recovering_from()
-            .is_some_and(|wall| served > wall.max(top) * (1.0 + SAME_WALL))
+    fn limit_grew(&self, served: f64, top: Option<f64>) -> bool {
+        self.recovering_from().is_some_and(|wall| {
+            let highest = top.map_or(wall, |top| wall.max(top));
+            served > highest * (1.0 + SAME_WALL)
+        })
     }
 
     /// Cuts the rate at `now` from `wall`, keeping `keep` of it (`None`: the usual cut,
@@ -806,11 +815,11 @@ impl Controller {
         // Not while the wall may be an earned limit's base, though: one found far below the
         // rate sits there until enough successes are counted (five seconds of them for
         // Together's), then grows, and a probe held back then falls behind for good.
+        let window = self.window();
         let earning = self
             .served
             .as_ref()
-            .and_then(|served| served.far_below_at)
-            .is_some_and(|at| now < at.saturating_add(self.window().saturating_mul(EARNING)));
+            .is_some_and(|served| served.may_be_earned_base(now, window));
         let holds = if earning { 1 } else { hits.min(MOST_HOLDS) };
         let probe = Probe {
             after: self.probe().after * u64::from(holds),
@@ -1338,6 +1347,33 @@ mod tests {
         assert!(controller.trouble(5 * S, 5 * S + 10 * MS));
         let held = controller.rate(5 * S + 10 * MS + S);
         assert!(held < 5.0, "{held}");
+    }
+
+    #[test]
+    fn a_wall_found_far_below_is_probed_after_one_hold_while_it_may_be_an_earned_base() {
+        let mut controller = adaptive();
+        controller.trouble(0, 0);
+        // Found far below the rate at 1 s: it may be an earned limit's base.
+        served_over_the_second_before(&mut controller, S, 5);
+        controller.trouble(S, S);
+        // Each probe meets the same wall just after it begins.
+        let mut waits = Vec::new();
+        while waits.last().is_none_or(|&(at, _)| at < 12 * S) {
+            let at = controller.recovery.unwrap().probe_from + 100 * MS;
+            served_over_the_second_before(&mut controller, at, 5);
+            assert!(controller.trouble(at, at), "at {at}");
+            let recovery = controller.recovery.unwrap();
+            waits.push((at, recovery.probe_from - at - secs(recovery.climb)));
+        }
+        // One hold each time for ten seconds from the first find, more holds after.
+        for &(at, wait) in &waits {
+            if at < 11 * S {
+                assert_eq!(wait, 2 * S, "{waits:?}");
+            } else {
+                assert!(wait > 2 * S, "{waits:?}");
+            }
+        }
+        assert!(waits.len() >= 3, "{waits:?}");
     }
 
     #[test]
