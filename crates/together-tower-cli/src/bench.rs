@@ -12,7 +12,7 @@ use serde::Serialize;
 use together_sim::{Algorithm, Hints};
 use tower::ServiceExt;
 
-use crate::client::{Endpoint, Mode, Stack, stack};
+use crate::client::{Endpoint, Mode, Stack, StackSettings, stack};
 use crate::observe::{Attempt, Observations};
 use crate::read::read_answer;
 use crate::target::{ApiKey, SimLimits, Target, TargetArgs, json_request};
@@ -43,6 +43,15 @@ pub struct BenchArgs {
     /// The client's burst: requests that may go back to back.
     #[arg(long, default_value_t = 1, value_name = "B")]
     pub burst: u32,
+    /// The client's token budget for the endpoint (prompt and completion tokens), a minute,
+    /// with one second of it as its burst; the embedded simulator enforces the same unless
+    /// --sim-tpm says otherwise [default: no token budget].
+    #[arg(long, value_name = "T", value_parser = clap::value_parser!(u32).range(1..))]
+    pub tpm: Option<u32>,
+    /// The `max_tokens` of each chat or completions request: what the client's token budget
+    /// charges until the answer's `usage` settles it.
+    #[arg(long, default_value_t = 16, value_name = "M")]
+    pub max_tokens: u32,
     /// Retries per request at most.
     #[arg(long, default_value_t = 4, value_name = "K")]
     pub max_retries: u32,
@@ -63,6 +72,9 @@ pub struct BenchArgs {
     /// The embedded simulator's limit, a minute [default: --rpm].
     #[arg(long, value_name = "R")]
     pub sim_rpm: Option<u32>,
+    /// The embedded simulator's token limit, a minute [default: --tpm].
+    #[arg(long, value_name = "T", value_parser = clap::value_parser!(u32).range(1..))]
+    pub sim_tpm: Option<u32>,
     /// Which hints the embedded simulator's answers carry.
     #[arg(long, value_enum, default_value = "all")]
     pub sim_hints: Hints,
@@ -169,6 +181,14 @@ pub struct BenchReport {
     /// With `--stream`: completion tokens the streams carried (by their `usage`), a second
     /// of the run.
     pub completion_tokens_per_second: Option<f64>,
+    /// With `--tpm`: the client's token budget a minute.
+    pub quota_tpm: Option<u32>,
+    /// Tokens (prompt and completion) of the answers the embedded simulator served 2xx, by
+    /// its own count.
+    pub server_tokens: Option<u64>,
+    /// Under the embedded simulator's token limit: those tokens over what the limit allowed
+    /// in the time the run took (a second's worth at once, then its rate).
+    pub server_token_share: Option<f64>,
 }
 
 /// How often the rate in force changed, by the reason, summed over the run's buckets.
@@ -244,6 +264,7 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
         changes: args.sim_changes.clone(),
         unavailable_share: args.sim_503_share,
         earned_base_rpm: args.sim_earned_base_rpm,
+        tpm: args.sim_tpm.or(args.tpm),
         ..SimLimits::new(
             args.endpoint.sim_class(),
             args.sim_rpm.unwrap_or(args.rpm),
@@ -253,15 +274,15 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
     let sim_started = Instant::now();
     let target = Target::resolve(args.target.base_url.as_deref(), sim_limits.clone()).await?;
     let observations = Observations::new();
-    let (service, limits) = stack(
-        args.mode,
-        args.endpoint,
-        args.rpm,
-        args.burst,
-        args.max_retries,
-        &observations,
-        args.target.redis().await?,
-    )?;
+    let settings = StackSettings {
+        mode: args.mode,
+        endpoint: args.endpoint,
+        rpm: args.rpm,
+        burst: args.burst,
+        tpm: args.tpm,
+        max_retries: args.max_retries,
+    };
+    let (service, limits) = stack(&settings, &observations, args.target.redis().await?)?;
     let workload = Workload {
         service,
         url: format!("{}{}", target.base_url, args.endpoint.path()),
@@ -273,6 +294,7 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
         endpoint: args.endpoint,
         total: args.requests,
         stream: args.stream,
+        max_tokens: args.max_tokens,
     };
     let started = Instant::now();
     let samples = Arc::new(Mutex::new(Samples::default()));
@@ -283,15 +305,16 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
     if let Some(sampler) = sampler {
         sampler.abort();
     }
-    let embedded = target.sim.is_some();
+    // The simulator started a little before the run: measure its allowance over the run.
+    let mut server = None;
     if let Some(sim) = target.sim {
+        server = Some(ServerView {
+            limits: sim_limits,
+            offset: started.saturating_duration_since(sim_started),
+            tokens: sim.stats().class(args.endpoint.sim_class()).tokens,
+        });
         sim.shutdown().await;
     }
-    // The simulator started a little before the run: measure its allowance over the run.
-    let server = embedded.then(|| ServerView {
-        limits: sim_limits,
-        offset: started.saturating_duration_since(sim_started),
-    });
     let report = report(
         args,
         &driven,
@@ -319,6 +342,8 @@ struct Workload {
     total: u64,
     /// Ask for streamed answers.
     stream: bool,
+    /// Each request's `max_tokens`.
+    max_tokens: u32,
 }
 
 /// What a run did: the answers that succeeded, each request's latency (sorted), and how long
@@ -334,6 +359,8 @@ struct Driven {
 struct ServerView {
     limits: SimLimits,
     offset: Duration,
+    /// Tokens of the answers it served 2xx.
+    tokens: u64,
 }
 
 impl ServerView {
@@ -424,7 +451,9 @@ impl Worker {
             if index >= workload.total {
                 break;
             }
-            let mut body = workload.endpoint.body(&workload.model, index);
+            let mut body = workload
+                .endpoint
+                .body(&workload.model, index, workload.max_tokens);
             if workload.stream {
                 body["stream"] = true.into();
             }
@@ -507,6 +536,12 @@ fn report(
         completion_tokens_per_second: args
             .stream
             .then(|| driven.streams.completion_tokens as f64 / seconds),
+        quota_tpm: args.tpm,
+        server_tokens: server.map(|server| server.tokens),
+        server_token_share: server.and_then(|server| {
+            let allowed = server.limits.tokens_allowed(driven.elapsed)?;
+            Some(server.tokens as f64 / allowed)
+        }),
     }
 }
 
@@ -624,6 +659,9 @@ fn extra_lines(report: &BenchReport) -> String {
     }
     if let Some(tokens) = report.completion_tokens_per_second {
         lines += &format!("{:<14} {:>10.1}\n", "tokens/s", tokens);
+    }
+    if let Some(share) = report.server_token_share {
+        lines += &format!("{:<14} {:>9.1}%\n", "server tokens", share * 100.0);
     }
     if let Some(ideal) = report.ideal_s {
         lines += &format!("{:<14} {:>10.1}\n", "ideal s", ideal);

@@ -114,16 +114,19 @@ impl Endpoint {
         }
     }
 
-    /// The JSON body of request number `index`.
-    pub fn body(self, model: &str, index: u64) -> serde_json::Value {
+    /// The JSON body of request number `index`, asking for at most `max_tokens` (chat and
+    /// completions).
+    pub fn body(self, model: &str, index: u64, max_tokens: u32) -> serde_json::Value {
         use serde_json::json;
         let text =
             format!("Request {index} from together-tower bench: say hello in one short sentence.");
         match self {
             Endpoint::Chat => {
-                json!({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 16})
+                json!({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens})
             }
-            Endpoint::Completions => json!({"model": model, "prompt": text, "max_tokens": 16}),
+            Endpoint::Completions => {
+                json!({"model": model, "prompt": text, "max_tokens": max_tokens})
+            }
             Endpoint::Embeddings => json!({"model": model, "input": [text]}),
             Endpoint::Images => json!({"model": model, "prompt": text, "n": 1}),
             Endpoint::Rerank => {
@@ -143,16 +146,53 @@ fn http_client() -> Client<HttpsConnector<HttpConnector>, BufferedBody<Body>> {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
-/// The stack for `mode`, and a reader of the limits it waits in (none in retry-only mode): the
-/// client's quota for `endpoint` is `rpm` with `burst`, kept in this process, or in Redis when
-/// `redis` is given (so processes share it). Built through the library's public API, as a user
-/// would build it.
+/// What a run's stack enforces: its mode, and the client's quota for one endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct StackSettings {
+    /// How the stack waits and learns (or does not: retry-only).
+    pub mode: Mode,
+    /// The endpoint whose class the quota is for.
+    pub endpoint: Endpoint,
+    /// Requests a minute.
+    pub rpm: u32,
+    /// Requests that may go back to back.
+    pub burst: u32,
+    /// Tokens a minute (prompt and completion), if the quota has a token budget. Its burst is
+    /// one second of it, as Together enforces its per-minute limits per second.
+    pub tpm: Option<u32>,
+    /// Retries per request at most.
+    pub max_retries: u32,
+}
+
+impl StackSettings {
+    /// The quota table: the settings' rates for the endpoint's class, per model.
+    fn table(&self) -> Result<QuotaTable, CliError> {
+        let mut quota = GroupQuota::rate(Rate::per_minute(self.rpm).with_burst(self.burst));
+        if let Some(tpm) = self.tpm {
+            quota = quota.with_tokens(Rate::per_minute(tpm).with_burst((tpm / 60).max(1)));
+        }
+        QuotaTable::builder()
+            .group("bench", quota.per_model(true))
+            .class(self.endpoint.class(), "bench")
+            .build()
+            .map_err(|error| {
+                let tpm = self
+                    .tpm
+                    .map(|tpm| format!(" --tpm {tpm}"))
+                    .unwrap_or_default();
+                CliError::Usage(format!(
+                    "--rpm {} --burst {}{tpm}: {error}",
+                    self.rpm, self.burst
+                ))
+            })
+    }
+}
+
+/// The stack `settings` describe, and a reader of the limits it waits in (none in retry-only
+/// mode): kept in this process, or in Redis when `redis` is given (so processes share it).
+/// Built through the library's public API, as a user would build it.
 pub fn stack(
-    mode: Mode,
-    endpoint: Endpoint,
-    rpm: u32,
-    burst: u32,
-    max_retries: u32,
+    settings: &StackSettings,
     observations: &Arc<Observations>,
     redis: Option<together_tower_redis::RedisBackend>,
 ) -> Result<(Stack, Option<Snapshots>), CliError> {
@@ -162,8 +202,8 @@ pub fn stack(
             .layer(ObserveLayer(Arc::clone(observations)))
             .service(http_client()),
     );
-    let retry = RetryPolicy::new().with_max_retries(max_retries);
-    let adaptation = match mode {
+    let retry = RetryPolicy::new().with_max_retries(settings.max_retries);
+    let adaptation = match settings.mode {
         Mode::Static => Adaptation::fixed(),
         Mode::Adaptive => Adaptation::adaptive(),
         Mode::RetryOnly => {
@@ -179,14 +219,7 @@ pub fn stack(
             return Ok((BoxCloneSyncService::new(stack), None));
         }
     };
-    let table = QuotaTable::builder()
-        .group(
-            "bench",
-            GroupQuota::rate(Rate::per_minute(rpm).with_burst(burst)).per_model(true),
-        )
-        .class(endpoint.class(), "bench")
-        .build()
-        .map_err(|error| CliError::Usage(format!("--rpm {rpm} --burst {burst}: {error}")))?;
+    let table = settings.table()?;
     let builder = Limits::builder(table)
         .adaptation(adaptation)
         .max_wait(Duration::from_secs(600))

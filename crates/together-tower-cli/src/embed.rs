@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::CliError;
-use crate::client::{Endpoint, Mode, Stack, stack};
+use crate::client::{Endpoint, Mode, Stack, StackSettings, stack};
 use crate::observe::Observations;
 use crate::target::{ApiKey, SimLimits, Target, TargetArgs, json_request};
 
@@ -79,15 +79,15 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
     let limits = SimLimits::new(Class::Embeddings, args.rpm, Algorithm::Gcra);
     let target = Target::resolve(args.target.base_url.as_deref(), limits).await?;
     let observations = Observations::new();
-    let (service, _limits) = stack(
-        Mode::Adaptive,
-        Endpoint::Embeddings,
-        args.rpm,
-        1,
-        args.max_retries,
-        &observations,
-        args.target.redis().await?,
-    )?;
+    let settings = StackSettings {
+        mode: Mode::Adaptive,
+        endpoint: Endpoint::Embeddings,
+        rpm: args.rpm,
+        burst: 1,
+        tpm: None,
+        max_retries: args.max_retries,
+    };
+    let (service, _limits) = stack(&settings, &observations, args.target.redis().await?)?;
     let key = args.target.key_or("together-tower-embed");
     let url = format!("{}{}", target.base_url, Endpoint::Embeddings.path());
     let output = tokio::fs::OpenOptions::new()

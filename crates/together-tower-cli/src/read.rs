@@ -21,7 +21,9 @@ pub struct Read {
 
 /// Reads `body` to its end (so the connection goes back to the pool). For a `stream`, notes
 /// when the first event came, counted from `sent`, and the completion tokens of its last
-/// `usage`. A body that fails part-way is read as far as it went.
+/// `usage`, and stops at `data: [DONE]` as SSE clients do (async-openai, the `openai`
+/// package): the stack must settle the charge there. A body that fails part-way is read as
+/// far as it went.
 pub async fn read_answer(mut body: AnswerBody, sent: Instant, stream: bool) -> Read {
     if !stream {
         let _ = body.collect().await;
@@ -39,6 +41,9 @@ pub async fn read_answer(mut body: AnswerBody, sent: Instant, stream: bool) -> R
         tail.extend_from_slice(data);
         if tail.len() > TAIL {
             tail.drain(..tail.len() - TAIL);
+        }
+        if tail.trim_ascii_end().ends_with(b"data: [DONE]") {
+            break;
         }
     }
     read.completion_tokens = completion_tokens(&tail);

@@ -142,6 +142,8 @@ pub struct SimLimits {
     /// Together's earned rate: keys start at this many requests a minute and earn up to
     /// `rpm`.
     pub earned_base_rpm: Option<u32>,
+    /// Its tokens a minute, if it limits tokens.
+    pub tpm: Option<u32>,
 }
 
 impl SimLimits {
@@ -156,6 +158,7 @@ impl SimLimits {
             changes: Vec::new(),
             unavailable_share: 0.0,
             earned_base_rpm: None,
+            tpm: None,
         }
     }
 
@@ -180,6 +183,22 @@ impl SimLimits {
             steps += 1;
         }
         Some(steps as f64 * step)
+    }
+
+    /// The class's limits at `rpm` requests a minute, with the token limit if there is one.
+    fn class_limits(&self, rpm: u32) -> ClassLimits {
+        let limits = ClassLimits::rpm(u64::from(rpm));
+        match self.tpm {
+            Some(tpm) => limits.with_tpm(u64::from(tpm)),
+            None => limits,
+        }
+    }
+
+    /// How many tokens the simulator allows in a run `elapsed` long: a second's worth at
+    /// once (its token meter's burst), then its rate; `None` without a token limit.
+    pub fn tokens_allowed(&self, elapsed: Duration) -> Option<f64> {
+        let per_second = f64::from(self.tpm?) / 60.0;
+        Some(per_second * (1.0 + elapsed.as_secs_f64()))
     }
 
     /// The limit in force at `at` after the simulator started, requests a minute.
@@ -230,12 +249,12 @@ impl Target {
                     .iter()
                     .map(|&(at_ms, rpm)| LimitChange {
                         at_ms,
-                        limits: [(limits.class, ClassLimits::rpm(u64::from(rpm)))].into(),
+                        limits: [(limits.class, limits.class_limits(rpm))].into(),
                     })
                     .collect();
                 let config = SimConfig {
                     algorithm: limits.algorithm,
-                    limits: [(limits.class, ClassLimits::rpm(u64::from(limits.rpm)))].into(),
+                    limits: [(limits.class, limits.class_limits(limits.rpm))].into(),
                     hints: limits.hints,
                     over_limit_status: limits.over_limit_status,
                     schedule,

@@ -24,12 +24,15 @@ fn bench_args(requests: u64, rpm: u32, concurrency: u64, mode: Mode) -> BenchArg
         concurrency,
         rpm,
         burst: 1,
+        tpm: None,
+        max_tokens: 16,
         max_retries: 4,
         mode,
         json: false,
         plot: None,
         sim_algorithm: together_sim::Algorithm::Gcra,
         sim_rpm: None,
+        sim_tpm: None,
         sim_hints: together_sim::Hints::All,
         sim_over_limit_status: 429,
         sim_changes: Vec::new(),
@@ -100,6 +103,28 @@ async fn a_streamed_bench_reports_first_tokens_and_tokens_a_second() {
         bench::run(&embeddings).await,
         Err(together_tower_cli::CliError::Usage(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_budget_is_spent_on_what_streams_used_not_on_their_max_tokens() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    // 500 tokens a second, each request charged about 250 until its `usage` says 22: a budget
+    // that kept the estimates would serve 2 a second, 44 tokens, under a tenth of the limit.
+    let args = BenchArgs {
+        stream: true,
+        tpm: Some(30_000),
+        max_tokens: 200,
+        ..bench_args(80, 12_000, 16, Mode::Adaptive)
+    };
+    let (report, _) = bench::run(&args).await.unwrap();
+    assert_eq!((report.ok, report.server_429), (80, 0), "{report:?}");
+    assert_eq!(report.quota_tpm, Some(30_000));
+    assert_eq!(report.server_tokens, Some(80 * 22), "{report:?}");
+    let share = report
+        .server_token_share
+        .expect("the simulator limits tokens");
+    assert!(share > 0.5 && share <= 1.0, "{report:?}");
+    assert!(bench::table(&report).contains("server tokens"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

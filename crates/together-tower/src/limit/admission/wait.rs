@@ -63,6 +63,9 @@ pub(crate) struct Turn<L: Backend> {
     slot: Slot,
     /// Until the next try: the closure, or the backend's wait.
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The sleep is the backend's wait: capacity that comes back meanwhile (tokens an answer
+    /// did not use) ends it early, to ask again.
+    wakes_on_refill: bool,
     /// Fires at the deadline, while the request is not yet the head.
     deadline_timer: Option<Pin<Box<Sleep>>>,
     /// Fires when the next held job slot expires, while waiting for a slot.
@@ -104,6 +107,7 @@ impl<L: Backend> Turn<L> {
             deadline: now.saturating_add(max_wait),
             slot,
             sleep: None,
+            wakes_on_refill: false,
             deadline_timer: None,
             expiry_timer: None,
             expiry_moved: None,
@@ -121,11 +125,14 @@ impl<L: Backend> Turn<L> {
         telemetry::left_queue(self.class, bucket.model.as_deref(), waited, sent);
     }
 
-    fn bucket(&self) -> &Arc<Bucket<L>> {
+    fn place(&self) -> &Place<Bucket<L>> {
         self.place
             .as_ref()
             .expect("the place is held until the request goes")
-            .owner()
+    }
+
+    fn bucket(&self) -> &Arc<Bucket<L>> {
+        self.place().owner()
     }
 
     fn deadline_instant(&self) -> tokio::time::Instant {
@@ -207,9 +214,13 @@ impl<L: Backend> Turn<L> {
     fn poll_turn_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         ready!(self.poll_slot(cx))?;
         loop {
-            if let Some(sleep) = &mut self.sleep {
-                ready!(sleep.as_mut().poll(cx));
+            if self.sleep.is_some() {
+                let refilled = self.wakes_on_refill && self.place().take_refilled();
+                if let (Some(sleep), false) = (&mut self.sleep, refilled) {
+                    ready!(sleep.as_mut().poll(cx));
+                }
                 self.sleep = None;
+                self.wakes_on_refill = false;
             }
             if std::mem::take(&mut self.reserved) {
                 // The reserved turn is due. If the server closed the bucket meanwhile, the
@@ -230,13 +241,15 @@ impl<L: Backend> Turn<L> {
             let bucket = Arc::clone(self.bucket());
             let now = bucket.context.clock.elapsed();
             bucket.refresh(now);
-            let wait = match bucket.closed_for(now) {
-                Some(closed) => closed,
+            let (wait, wakes_on_refill) = match bucket.closed_for(now) {
+                Some(closed) => (closed, false),
                 None if !bucket.has_rate() => {
                     self.taken = true;
                     continue;
                 }
                 None => {
+                    // Cleared before the backend is asked, so that no refill after it is missed.
+                    self.place().take_refilled();
                     let decision = ready!(self.poll_decision(cx, now))?;
                     match self.follow(&bucket, decision, now)? {
                         Next::Go => {
@@ -244,7 +257,7 @@ impl<L: Backend> Turn<L> {
                             continue;
                         }
                         Next::Reserved => continue,
-                        Next::Wait(wait) => wait,
+                        Next::Wait(wait) => (wait, true),
                     }
                 }
             };
@@ -255,16 +268,14 @@ impl<L: Backend> Turn<L> {
             }
             let at = bucket.context.clock.instant_at(until);
             self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+            self.wakes_on_refill = wakes_on_refill;
         }
     }
 
     /// Waits to be the head of the queue: `true` once it is, `false` if the head took this
     /// request's turn for it, an error once its deadline passes.
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, BoxError>> {
-        let place = self
-            .place
-            .as_ref()
-            .expect("the place is held until the request goes");
+        let place = self.place();
         match place.poll_position(cx) {
             Poll::Ready(Position::Head) => Poll::Ready(Ok(true)),
             Poll::Ready(Position::Granted) => Poll::Ready(Ok(false)),
@@ -333,10 +344,7 @@ impl<L: Backend> Turn<L> {
         wait: Duration,
         deadline: Duration,
     ) -> Duration {
-        let place = self
-            .place
-            .as_ref()
-            .expect("the place is held until the request goes");
+        let place = self.place();
         let (limiter, state, own) = (&bucket.context.backend, &bucket.state, self.cost);
         let mut passed = false;
         while place.grant_next(|cost| {

@@ -308,5 +308,8 @@ impl<L: Backend> Feedback for Bucket<L> {
         self.context
             .backend
             .correct_tokens(&self.state, charged, used, now);
+        if used < charged {
+            self.queue.refilled();
+        }
     }
 }

@@ -436,6 +436,7 @@ impl<L: Backend> HasQueue for Bucket<L> {
     fn give_back_grant(&self, cost: Cost) {
         let now = self.context.clock.elapsed();
         self.context.backend.release(&self.state, cost, now);
+        self.queue.refilled();
     }
 }
 #[cfg(test)]

@@ -10,6 +10,13 @@
 //! only for tokens, the requests behind it whose tokens fit now may go first, in order (see
 //! [`wait`](super::wait)). A grant takes that waiter's cost on its behalf; a granted place
 //! dropped before its request goes gives the cost back.
+//!
+//! The head sleeps until the backend says its cost fits. Capacity can come back sooner than
+//! that: an answer's `usage` gives back the tokens its estimate took too many (a stream settles
+//! at its `[DONE]`), a granted turn goes unused. Each such refill marks the head's place and
+//! wakes it, and a head that finds its place marked asks the backend again. Without it, a
+//! head waiting for tokens would sleep through every refund until its turn came by the rate
+//! alone. The mark lives in the place, not the bucket: buckets are many, waiters few.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -50,6 +57,8 @@ struct Entry {
     waker: Option<Waker>,
     cost: Cost,
     grant: Grant,
+    /// Capacity came back since the head last asked the backend.
+    refilled: bool,
 }
 
 /// Whether the head took a waiter's turn for it.
@@ -79,6 +88,21 @@ impl Queue {
 
     pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Acquire)
+    }
+
+    /// Capacity came back (after it was given to the backend): marks the head's place and
+    /// wakes it, if anyone waits.
+    pub(crate) fn refilled(&self) {
+        if self.is_empty() {
+            return;
+        }
+        let mut lanes = self.lanes();
+        if let Some(head) = lanes.waiting.values_mut().next() {
+            head.refilled = true;
+            if let Some(waker) = &head.waker {
+                waker.wake_by_ref();
+            }
+        }
     }
 
     fn lanes(&self) -> MutexGuard<'_, Lanes> {
@@ -120,6 +144,7 @@ impl<B: HasQueue + ?Sized> Place<B> {
                 waker: None,
                 cost,
                 grant: Grant::None,
+                refilled: false,
             },
         );
         Some(Self {
@@ -129,7 +154,8 @@ impl<B: HasQueue + ?Sized> Place<B> {
     }
 
     /// Ready when this place is the head of the queue, or when the head granted it its turn
-    /// (which it then owns); otherwise the task is woken once either may be so.
+    /// (which it then owns); otherwise the task is woken once either may be so. The head's
+    /// task is kept too, for [`Queue::refilled`] to wake.
     pub(crate) fn poll_position(&self, cx: &mut Context<'_>) -> Poll<Position> {
         let mut lanes = self.owner.queue().lanes();
         let head = lanes.waiting.keys().next() == Some(&self.ticket);
@@ -140,12 +166,12 @@ impl<B: HasQueue + ?Sized> Place<B> {
             entry.grant = Grant::Claimed;
             return Poll::Ready(Position::Granted);
         }
-        if head {
-            return Poll::Ready(Position::Head);
-        }
         match &entry.waker {
             Some(waker) if waker.will_wake(cx.waker()) => {}
             _ => entry.waker = Some(cx.waker().clone()),
+        }
+        if head {
+            return Poll::Ready(Position::Head);
         }
         Poll::Pending
     }
@@ -170,6 +196,16 @@ impl<B: HasQueue + ?Sized> Place<B> {
             waker.wake_by_ref();
         }
         true
+    }
+
+    /// Whether capacity came back since the last call: the head calls it before it asks the
+    /// backend, and again when woken from its sleep.
+    pub(crate) fn take_refilled(&self) -> bool {
+        let mut lanes = self.owner.queue().lanes();
+        lanes
+            .waiting
+            .get_mut(&self.ticket)
+            .is_some_and(|entry| std::mem::take(&mut entry.refilled))
     }
 
     /// A granted turn was given back (the service below was busy): the place waits again,

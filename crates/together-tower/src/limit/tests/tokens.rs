@@ -146,6 +146,26 @@ async fn unused_max_tokens_come_back_once_the_answer_has_been_read() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_waiting_for_tokens_goes_as_soon_as_an_answer_gives_them_back() {
+    let arrivals = Arrivals::new();
+    let respond = |_: usize| Response::new(r#"{"usage":{"total_tokens":100}}"#.to_owned());
+    let service = RateLimitLayer::new(token_limits(100)).layer(recorder(arrivals.clone(), respond));
+    let first = service
+        .clone()
+        .oneshot(costing(900, "first"))
+        .await
+        .unwrap();
+    // 100 tokens are left: the second 900 is due at 800 ms by the rate alone, and sleeps.
+    let second = tokio::spawn(service.clone().oneshot(costing(900, "second")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The first answer is read at 50 ms: it used 100 of its 900, and the 800 it gives back
+    // wake the waiting request.
+    first.into_body().collect().await.unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(arrivals.times_ms(), [0, 50]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_answer_that_used_more_than_charged_is_charged_the_difference() {
     let arrivals = Arrivals::new();
     let respond = |_: usize| Response::new(r#"{"usage":{"total_tokens":700}}"#.to_owned());
