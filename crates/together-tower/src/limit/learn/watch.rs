@@ -180,8 +180,19 @@ pub(crate) struct TokenCount {
     _slot: Option<OwnedSemaphorePermit>,
 }
 
-/// How a server-sent event stream ends.
-const DONE: &[u8] = b"data: [DONE]";
+/// Whether `tail` ends with the event that ends an OpenAI-style stream: a line `data: [DONE]`
+/// (the space is optional in server-sent events), then line ends of either kind.
+fn ends_the_stream(tail: &[u8]) -> bool {
+    let Some(field) = tail.trim_ascii_end().strip_suffix(b"[DONE]") else {
+        return false;
+    };
+    let Some(line) = field.trim_ascii_end().strip_suffix(b"data:") else {
+        return false;
+    };
+    // `data:` starts its line (or the bytes kept).
+    line.last()
+        .is_none_or(|&byte| byte == b'\n' || byte == b'\r')
+}
 
 impl<B: Body> ResponseBody<B> {
     /// `body`, watched for what `watch` says.
@@ -231,7 +242,7 @@ impl TokenCount {
                 self.tail.drain(..excess);
             }
         }
-        if self.tail.trim_ascii_end().ends_with(DONE) {
+        if ends_the_stream(&self.tail) {
             self.settle();
         }
     }
@@ -382,37 +393,92 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_tail_keeps_the_last_bytes_however_they_arrive() {
-        struct Nothing;
-        impl Feedback for Nothing {
-            fn sent_now(&self) -> crate::limit::learn::Sent {
-                self.sent_at(std::time::Duration::ZERO)
-            }
-            fn sent_at(&self, at: std::time::Duration) -> crate::limit::learn::Sent {
-                crate::limit::learn::Sent { epoch: 0, at }
-            }
-            fn model(&self) -> Option<&str> {
-                None
-            }
-            fn reads_refusals(&self) -> bool {
-                false
-            }
-            fn learn(&self, _: crate::limit::learn::Answer<'_>) {}
-            fn correct_tokens(&self, _: u64, _: u64) {}
-            fn slots(&self) -> Option<&Arc<crate::limit::jobs::Slots>> {
-                None
-            }
+    /// Feedback that counts the tokens given back.
+    #[derive(Default)]
+    struct Settled(std::sync::Mutex<Vec<(u64, u64)>>);
+
+    impl Feedback for Settled {
+        fn sent_now(&self) -> crate::limit::learn::Sent {
+            self.sent_at(std::time::Duration::ZERO)
         }
-        let mut count = TokenCount {
-            bucket: Arc::new(Nothing),
-            charged: Some(0),
+        fn sent_at(&self, at: std::time::Duration) -> crate::limit::learn::Sent {
+            crate::limit::learn::Sent { epoch: 0, at }
+        }
+        fn model(&self) -> Option<&str> {
+            None
+        }
+        fn reads_refusals(&self) -> bool {
+            false
+        }
+        fn learn(&self, _: crate::limit::learn::Answer<'_>) {}
+        fn correct_tokens(&self, charged: u64, used: u64) {
+            self.0.lock().unwrap().push((charged, used));
+        }
+        fn slots(&self) -> Option<&Arc<crate::limit::jobs::Slots>> {
+            None
+        }
+    }
+
+    fn counting(bucket: &Arc<Settled>, charged: u64) -> TokenCount {
+        TokenCount {
+            bucket: Arc::clone(bucket) as Arc<dyn Feedback>,
+            charged: Some(charged),
             tail: Vec::new(),
             _slot: None,
-        };
+        }
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_bytes_however_they_arrive() {
+        let mut count = counting(&Arc::default(), 0);
         count.observe(&vec![b'x'; TAIL * 2]);
         count.observe(b"abc");
         assert_eq!(count.tail.len(), TAIL);
         assert!(count.tail.ends_with(b"xabc"));
+    }
+
+    #[test]
+    fn a_stream_settles_at_its_done_however_the_server_writes_and_splits_it() {
+        let usage = "data: {\"choices\":[],\"usage\":{\"total_tokens\":30}}";
+        let streams: [&[&str]; 4] = [
+            &[usage, "\n\ndata: [DONE]\n\n"],
+            &[usage, "\r\n\r\ndata: [DONE]\r\n\r\n"],
+            &[usage, "\n\ndata:[DONE]\n\n"],
+            &[
+                &usage[..9],
+                &usage[9..],
+                "\n\nda",
+                "ta: [DO",
+                "NE]",
+                "\n",
+                "\n",
+            ],
+        ];
+        for frames in streams {
+            let bucket = Arc::new(Settled::default());
+            let mut count = counting(&bucket, 500);
+            for frame in frames {
+                count.observe(frame.as_bytes());
+            }
+            assert_eq!(*bucket.0.lock().unwrap(), [(500, 30)], "{frames:?}");
+            drop(count);
+            assert_eq!(
+                bucket.0.lock().unwrap().len(),
+                1,
+                "settled twice: {frames:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn done_inside_an_event_does_not_end_the_stream() {
+        for text in [
+            "data: {\"choices\":[{\"delta\":{\"content\":\"data: [DONE]\"}}]}\n\n",
+            "data: {\"content\":\"x\"} data: [DONE]\n\n",
+            "[DONE]\n\n",
+        ] {
+            assert!(!ends_the_stream(text.as_bytes()), "{text}");
+        }
+        assert!(ends_the_stream(b"data: [DONE]"));
     }
 }
