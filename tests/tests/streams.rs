@@ -1,6 +1,8 @@
 //! Streamed chat answers through the stack, from the simulator over loopback.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -121,5 +123,49 @@ async fn a_stream_cut_by_the_server_is_an_error_and_is_not_sent_again() {
     assert!(read.is_err(), "a cut stream read as whole");
     let chat = sim.stats().class(Class::Chat);
     assert_eq!(chat.requests, 1, "{chat:?}");
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_slot_the_second_stream_starts_only_after_the_first_ends() {
+    let sim = simulator(0.0).await;
+    let client = ServiceBuilder::new()
+        .together_buffer_body()
+        .layer(RateLimitLayer::new(limits()))
+        .service(http_client());
+    let first = client
+        .clone()
+        .oneshot(streamed_chat(&sim.url(), 100))
+        .await
+        .unwrap();
+    let first_ended = Arc::new(AtomicBool::new(false));
+    let second = tokio::spawn({
+        let (client, url, first_ended) = (client.clone(), sim.url(), Arc::clone(&first_ended));
+        async move {
+            let response = client.oneshot(streamed_chat(&url, 100)).await.unwrap();
+            // The head of the second answer comes only once the first stream has ended.
+            assert!(
+                first_ended.load(Ordering::SeqCst),
+                "the second stream began early"
+            );
+            response.into_body().collect().await.unwrap();
+        }
+    });
+    // The first stream is read to its end, a frame at a time: a dozen events at 50 a second,
+    // time enough for the second request to overtake it if the slot had come back at the head.
+    // The flag is set at `[DONE]`, before the body's end gives the slot back.
+    let mut body = first.into_body();
+    let mut frames = 0;
+    while let Some(frame) = body.frame().await {
+        let data = frame.unwrap().into_data().unwrap();
+        if String::from_utf8_lossy(&data).contains("data: [DONE]") {
+            first_ended.store(true, Ordering::SeqCst);
+        }
+        frames += 1;
+    }
+    assert!(frames > 2, "the events came as one");
+    drop(body);
+    second.await.unwrap();
+    assert_eq!(sim.stats().class(Class::Chat).ok, 2);
     sim.shutdown().await;
 }
