@@ -77,6 +77,8 @@
 //! | models list fetched | debug | models |
 //! | models list unavailable: 404s pass through unchecked | warn | why, retry_in_s |
 //! | an answer's usage is larger than the token burst | warn | key (fingerprint), group, model, reported, charged |
+//! | token charge settled (from the answer's `usage`; for a stream, at its `data: [DONE]`) | trace | key (fingerprint), group, model, charged, used |
+//! | an answer ended without its usage: its estimate stays charged | debug | key (fingerprint), group, model, charged |
 //!
 //! With the `metrics` feature, the same goes to the `metrics` facade. Labels are bounded: the
 //! class or quota group, the model (at most 64 names at once, then `other`; a name unused for
@@ -98,6 +100,8 @@
 //! | `together_tower_fallbacks_total` | counter | class, from, to | retries sent with a fallback model |
 //! | `together_tower_job_slots_held` | gauge | group | job slots held by running jobs (and by placeholders after a 409) |
 //! | `together_tower_usage_not_believed_total` | counter | group | answers whose `usage` was larger than the token burst |
+//! | `together_tower_tokens_returned_total` | counter | group | tokens given back to the budget: estimates over what answers used, and requests not served |
+//! | `together_tower_estimates_kept_total` | counter | group | answers that ended without their `usage` (a stream dropped or cut before it): the estimate stays charged |
 //! | `together_tower_models_list_failures_total` | counter | | failed fetches of the models list |
 //!
 //! # Feature flags

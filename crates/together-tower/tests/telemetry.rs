@@ -190,3 +190,112 @@ fn the_metrics_of_a_429_and_a_retry_have_bounded_labels_and_no_key() {
         Some("Counter(1)")
     );
 }
+
+/// Two streamed chat answers through the stack under a token budget: the first says what it
+/// used, at its `data: [DONE]`; the second ends without its `usage`.
+async fn two_streams_one_without_its_usage() {
+    use http_body_util::BodyExt;
+    let calls = Arc::new(Mutex::new(0));
+    let client = tower::service_fn(move |_: Request<BufferedBody<Full<Bytes>>>| {
+        let calls = Arc::clone(&calls);
+        async move {
+            let mut calls = calls.lock().unwrap();
+            *calls += 1;
+            let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+            let usage = if *calls == 1 {
+                "data: {\"choices\":[],\"usage\":{\"total_tokens\":30}}\n\n"
+            } else {
+                ""
+            };
+            let body = format!("{chunk}{usage}data: [DONE]\n\n");
+            Ok::<_, std::convert::Infallible>(Response::new(body))
+        }
+    });
+    let table = QuotaTable::builder()
+        .group(
+            "chat",
+            GroupQuota::rate(Rate::per_second(10))
+                .with_tokens(Rate::per_minute(100_000).with_burst(10_000)),
+        )
+        .class(EndpointClass::Chat, "chat")
+        .build()
+        .unwrap();
+    let stack = TogetherLayer::new(Limits::new(table)).layer(client);
+    for _ in 0..2 {
+        let request = Request::post("https://api.together.xyz/v1/chat/completions")
+            .header("authorization", format!("Bearer tgp_v1_{SECRET}"))
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"m","messages":[],"max_tokens":100,"stream":true}"#,
+            )))
+            .unwrap();
+        let response = stack.clone().oneshot(request).await.unwrap();
+        response.into_body().collect().await.unwrap();
+    }
+}
+
+#[test]
+fn streams_tell_when_their_charge_settles_and_when_the_estimate_stays() {
+    let _alone = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime().block_on(two_streams_one_without_its_usage());
+    });
+    let output = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let settled = output
+        .lines()
+        .find(|line| line.contains("token charge settled"))
+        .unwrap_or_else(|| panic!("no settlement in:\n{output}"));
+    assert!(
+        settled.contains("used=30") && settled.contains("group=\"chat\""),
+        "{settled}"
+    );
+    assert!(
+        output.contains("an answer ended without its usage: its estimate stays charged"),
+        "{output}"
+    );
+    assert_no_secret("the tracing output", &output);
+}
+
+#[cfg(feature = "metrics")]
+#[test]
+fn streams_count_the_tokens_given_back_and_the_estimates_kept() {
+    let _alone = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        runtime().block_on(two_streams_one_without_its_usage());
+    });
+    // One snapshot: taking one reads the counters out.
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counter = |name: &str| {
+        snapshot
+            .iter()
+            .find(|(key, ..)| key.key().name() == name)
+            .map(|(key, _, _, value)| {
+                let labels: Vec<_> = key.key().labels().collect();
+                (format!("{labels:?}"), format!("{value:?}"))
+            })
+    };
+    let (labels, returned) =
+        counter("together_tower_tokens_returned_total").expect("tokens returned");
+    assert!(labels.contains("chat"), "{labels}");
+    // Charged 100 and more for the prompt, used 30: all of the rest came back.
+    let returned: u64 = returned
+        .trim_start_matches("Counter(")
+        .trim_end_matches(')')
+        .parse()
+        .unwrap();
+    assert!(returned >= 70, "{returned}");
+    let (_, kept) = counter("together_tower_estimates_kept_total").expect("estimates kept");
+    assert_eq!(kept, "Counter(1)");
+}

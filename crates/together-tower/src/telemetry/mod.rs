@@ -176,6 +176,45 @@ pub(crate) fn usage_not_believed(
         .increment(1);
 }
 
+/// An answer's `usage` settled its token charge: `used` of the `charged` estimate.
+pub(crate) fn tokens_settled(
+    key: ApiKeyId,
+    group: &str,
+    model: Option<&str>,
+    charged: u64,
+    used: u64,
+) {
+    tracing::trace!(
+        target: "together_tower",
+        key = %key,
+        group,
+        model,
+        charged,
+        used,
+        "token charge settled"
+    );
+    #[cfg(feature = "metrics")]
+    if used < charged {
+        metrics::counter!("together_tower_tokens_returned_total", "group" => group.to_owned())
+            .increment(charged - used);
+    }
+}
+
+/// An answer ended without its `usage`: its estimate stays charged.
+pub(crate) fn estimate_kept(key: ApiKeyId, group: &str, model: Option<&str>, charged: u64) {
+    tracing::debug!(
+        target: "together_tower",
+        key = %key,
+        group,
+        model,
+        charged,
+        "an answer ended without its usage: its estimate stays charged"
+    );
+    #[cfg(feature = "metrics")]
+    metrics::counter!("together_tower_estimates_kept_total", "group" => group.to_owned())
+        .increment(1);
+}
+
 /// The models list was fetched for the model check.
 pub(crate) fn models_fetched(models: usize) {
     tracing::debug!(target: "together_tower", models, "models list fetched");

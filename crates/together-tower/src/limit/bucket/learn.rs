@@ -308,8 +308,13 @@ impl<L: Backend> Feedback for Bucket<L> {
         self.context
             .backend
             .correct_tokens(&self.state, charged, used, now);
+        telemetry::tokens_settled(self.key, &self.group, self.model(), charged, used);
         if used < charged {
             self.queue.refilled();
         }
+    }
+
+    fn estimate_kept(&self, charged: u64) {
+        telemetry::estimate_kept(self.key, &self.group, self.model(), charged);
     }
 }

@@ -84,6 +84,12 @@ pub(crate) trait Feedback: Send + Sync {
     /// `charged` tokens were taken for a request that used `used`.
     fn correct_tokens(&self, charged: u64, used: u64);
 
+    /// An answer ended without saying what it used (a stream dropped or cut before its
+    /// `usage`): the `charged` estimate stays. Only told, for telemetry.
+    fn estimate_kept(&self, charged: u64) {
+        let _ = charged;
+    }
+
     /// The bucket's concurrency slots, if its group has them.
     fn slots(&self) -> Option<&Arc<Slots>>;
 }

@@ -250,8 +250,9 @@ impl TokenCount {
     /// Corrects the charge from the last `usage` seen, once; without one, the estimate stays.
     fn settle(&mut self) {
         if let Some(charged) = self.charged.take() {
-            if let Some(used) = usage(&self.tail) {
-                self.bucket.correct_tokens(charged, used);
+            match usage(&self.tail) {
+                Some(used) => self.bucket.correct_tokens(charged, used),
+                None => self.bucket.estimate_kept(charged),
             }
             self.tail = Vec::new();
         }
