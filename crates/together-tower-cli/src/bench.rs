@@ -258,30 +258,11 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
             "--stream needs --endpoint chat or completions".into(),
         ));
     }
-    let sim_limits = SimLimits {
-        hints: args.sim_hints,
-        over_limit_status: args.sim_over_limit_status,
-        changes: args.sim_changes.clone(),
-        unavailable_share: args.sim_503_share,
-        earned_base_rpm: args.sim_earned_base_rpm,
-        tpm: args.sim_tpm.or(args.tpm),
-        ..SimLimits::new(
-            args.endpoint.sim_class(),
-            args.sim_rpm.unwrap_or(args.rpm),
-            args.sim_algorithm,
-        )
-    };
+    let sim_limits = sim_limits(args);
     let sim_started = Instant::now();
     let target = Target::resolve(args.target.base_url.as_deref(), sim_limits.clone()).await?;
     let observations = Observations::new();
-    let settings = StackSettings {
-        mode: args.mode,
-        endpoint: args.endpoint,
-        rpm: args.rpm,
-        burst: args.burst,
-        tpm: args.tpm,
-        max_retries: args.max_retries,
-    };
+    let settings = stack_settings(args);
     let (service, limits) = stack(&settings, &observations, args.target.redis().await?)?;
     let workload = Workload {
         service,
@@ -330,6 +311,35 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
         rate_changes: samples.changes,
     };
     Ok((report, timeline))
+}
+
+/// What the embedded simulator enforces, by the `--sim-*` flags.
+fn sim_limits(args: &BenchArgs) -> SimLimits {
+    SimLimits {
+        hints: args.sim_hints,
+        over_limit_status: args.sim_over_limit_status,
+        changes: args.sim_changes.clone(),
+        unavailable_share: args.sim_503_share,
+        earned_base_rpm: args.sim_earned_base_rpm,
+        tpm: args.sim_tpm.or(args.tpm),
+        ..SimLimits::new(
+            args.endpoint.sim_class(),
+            args.sim_rpm.unwrap_or(args.rpm),
+            args.sim_algorithm,
+        )
+    }
+}
+
+/// The stack the flags describe.
+fn stack_settings(args: &BenchArgs) -> StackSettings {
+    StackSettings {
+        mode: args.mode,
+        endpoint: args.endpoint,
+        rpm: args.rpm,
+        burst: args.burst,
+        tpm: args.tpm,
+        max_retries: args.max_retries,
+    }
 }
 
 /// What the workers send: `total` requests of `endpoint` through `service`.
