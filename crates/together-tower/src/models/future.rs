@@ -17,7 +17,6 @@ use crate::body::BufferedBody;
 
 use super::error::ModelNotFound;
 use super::list::{ModelList, Probe};
-use super::service::lock;
 use super::suggest::closest;
 
 /// The check after a 404: the list, then the answer or the error.
@@ -147,4 +146,12 @@ fn may_be_about_the_model<B>(response: &Response<B>) -> bool {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.split(';').next())
             .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The spare service, even if a thread panicked while it held it: a clone of it is all that
+/// is taken.
+fn lock<S>(spare: &std::sync::Mutex<S>) -> std::sync::MutexGuard<'_, S> {
+    spare
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -25,12 +25,6 @@ pub struct ModelCheck<S> {
     pub(super) list: Arc<ModelList>,
 }
 
-pub(super) fn lock<S>(spare: &std::sync::Mutex<S>) -> std::sync::MutexGuard<'_, S> {
-    spare
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl<S> ModelCheck<S> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {

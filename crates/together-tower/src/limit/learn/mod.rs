@@ -14,6 +14,7 @@ use super::backend::Cost;
 use super::jobs::Slots;
 
 pub(crate) mod adapt;
+mod peeked;
 pub(crate) mod pressure;
 mod refusal;
 mod ticket;

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::Feedback;
-use super::refusal::Peeked;
+use super::peeked::Peeked;
 use crate::limit::jobs::{self, Slots};
 
 /// How much of a body's end is kept to find its `usage`.
