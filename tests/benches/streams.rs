@@ -32,18 +32,12 @@ use together_tower::ServiceBuilderExt;
 use together_tower::classify::EndpointClass;
 use together_tower::limit::Limits;
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
-use together_tower_tests::{CHAT_MODEL, http_client};
+use together_tower_tests::{CHAT_MODEL, heap_bytes, http_client};
 use tokio::sync::watch;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 #[global_allocator]
 static HEAP: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
-
-/// Bytes on the heap now.
-fn heap_bytes() -> i64 {
-    let stats = HEAP.stats();
-    stats.bytes_allocated as i64 - stats.bytes_deallocated as i64 + stats.bytes_reallocated as i64
-}
 
 /// A streamed chat request to the simulator at `base`.
 fn streamed_chat(base: &str) -> Request<Full<Bytes>> {

@@ -39,3 +39,15 @@ pub fn chat_request(base: &str, key: &str) -> Request<Full<Bytes>> {
         .body(Full::new(Bytes::from(body)))
         .expect("a valid request")
 }
+
+/// Bytes on the heap now, as counted by `stats_alloc`'s instrumented system allocator. Only
+/// a benchmark that makes it the global allocator counts anything:
+///
+/// ```ignore
+/// #[global_allocator]
+/// static HEAP: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;
+/// ```
+pub fn heap_bytes() -> i64 {
+    let stats = stats_alloc::INSTRUMENTED_SYSTEM.stats();
+    stats.bytes_allocated as i64 - stats.bytes_deallocated as i64 + stats.bytes_reallocated as i64
+}

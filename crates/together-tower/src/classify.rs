@@ -25,6 +25,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use http::{HeaderMap, Method, Request};
+use tokio::time::Instant;
 
 use crate::key::{self, ApiKeyId, KeyHasher};
 
@@ -201,9 +202,14 @@ pub trait Classify {
 /// stack) marks its credentials sensitive, classifies it, and records this; the rate limit
 /// layer below uses it as it is. Only this crate's layers make one, so a request that carries
 /// one always had its credentials hidden.
+///
+/// The retry layer also notes here when the request was first sent, from which its
+/// `max_elapsed` counts: in one extension rather than two, as each extension costs every
+/// request an allocation, and the retry layer's copy of the request another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Classified {
     class: EndpointClass,
+    first_sent: Option<Instant>,
 }
 
 impl Classified {
@@ -233,9 +239,25 @@ impl Classified {
         classifier.hide_credentials(request.headers_mut());
         let class = classifier.classify(request);
         if record {
-            request.extensions_mut().insert(Classified { class });
+            request.extensions_mut().insert(Classified {
+                class,
+                first_sent: None,
+            });
         }
         class
+    }
+
+    /// Notes that the request is sent now for the first time, unless a layer above noted it.
+    /// Only for a request [`Classified::ensure`] recorded.
+    pub(crate) fn note_first_sent<B>(request: &mut Request<B>) {
+        if let Some(classified) = request.extensions_mut().get_mut::<Classified>() {
+            classified.first_sent.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// When the retry layer first sent the request, if it did.
+    pub(crate) fn first_sent<B>(request: &Request<B>) -> Option<Instant> {
+        request.extensions().get::<Classified>()?.first_sent
     }
 }
 

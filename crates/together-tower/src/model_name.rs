@@ -2,12 +2,11 @@
 //!
 //! The model comes from the request body, and in a gateway the end user writes it. A bucket
 //! lives for minutes, a metric label for the process, a log line for ever: none of them may
-//! hold a name of any length. A name up to [`MAX_MODEL_NAME_BYTES`] is kept as it is (the
-//! same `Arc`, no copy); a longer one becomes its first bytes, an ellipsis and a hash of the
+//! hold a name of any length. A name up to [`MAX_MODEL_NAME_BYTES`] is kept as it is (borrowed,
+//! no copy); a longer one becomes its first bytes, an ellipsis and a hash of the
 //! whole, so two long names stay apart and every process agrees on the result.
 
 use std::hash::Hasher;
-use std::sync::Arc;
 
 use siphasher::sip::SipHasher13;
 
@@ -17,15 +16,8 @@ pub(crate) const MAX_MODEL_NAME_BYTES: usize = 128;
 /// How much of a longer name is kept before its hash.
 const PREFIX_BYTES: usize = 64;
 
-/// `model`, or a bounded stand-in for it if it is too long.
-pub(crate) fn bounded(model: &Arc<str>) -> Arc<str> {
-    if model.len() <= MAX_MODEL_NAME_BYTES {
-        return Arc::clone(model);
-    }
-    Arc::from(bounded_str(model).as_ref())
-}
-
-/// The same, for a borrowed name: borrowed back when it is short enough.
+/// `model`, or a bounded stand-in for it if it is too long: borrowed back when it is short
+/// enough.
 pub(crate) fn bounded_str(model: &str) -> std::borrow::Cow<'_, str> {
     if model.len() <= MAX_MODEL_NAME_BYTES {
         return std::borrow::Cow::Borrowed(model);
@@ -46,14 +38,14 @@ mod tests {
 
     #[test]
     fn a_short_name_is_kept_and_a_long_one_is_bounded_and_distinct() {
-        let short: Arc<str> = Arc::from("meta-llama/Llama-3.3-70B-Instruct-Turbo");
-        assert!(Arc::ptr_eq(&bounded(&short), &short));
-        let long_a: Arc<str> = Arc::from("é".repeat(128 * 1024).as_str());
-        let long_b: Arc<str> = Arc::from(format!("{}x", "é".repeat(128 * 1024)).as_str());
-        let (a, b) = (bounded(&long_a), bounded(&long_b));
+        let short = "meta-llama/Llama-3.3-70B-Instruct-Turbo";
+        assert!(matches!(bounded_str(short), std::borrow::Cow::Borrowed(kept) if kept == short));
+        let long_a = "é".repeat(128 * 1024);
+        let long_b = format!("{}x", "é".repeat(128 * 1024));
+        let (a, b) = (bounded_str(&long_a), bounded_str(&long_b));
         assert!(a.len() <= MAX_MODEL_NAME_BYTES, "{} bytes", a.len());
         assert!(a.starts_with("éé"));
         assert_ne!(a, b);
-        assert_eq!(a, bounded(&long_a), "the same name, the same stand-in");
+        assert_eq!(a, bounded_str(&long_a), "the same name, the same stand-in");
     }
 }

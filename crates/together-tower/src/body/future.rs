@@ -47,7 +47,11 @@ pin_project! {
 struct Collected<B> {
     parts: Option<Parts>,
     body: Option<B>,
-    chunks: Vec<Bytes>,
+    /// The first chunk: most bodies are one (a `Full` body, say), and it is passed on
+    /// without a copy or a list to hold it.
+    first: Option<Bytes>,
+    /// The chunks after the first.
+    rest: Vec<Bytes>,
     size: usize,
     limit: usize,
     trailers: Option<HeaderMap>,
@@ -62,7 +66,8 @@ where
         let collected = Collected {
             parts: Some(parts),
             body: Some(body),
-            chunks: Vec::new(),
+            first: None,
+            rest: Vec::new(),
             size: 0,
             limit,
             trailers: None,
@@ -95,7 +100,11 @@ where
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(mut data) => {
                         self.size = self.size.saturating_add(data.remaining());
-                        self.chunks.push(data.copy_to_bytes(data.remaining()));
+                        let chunk = data.copy_to_bytes(data.remaining());
+                        match self.first {
+                            None => self.first = Some(chunk),
+                            Some(_) => self.rest.push(chunk),
+                        }
                         if self.size > self.limit {
                             return Poll::Ready(Ok(self.finish_streaming()));
                         }
@@ -111,18 +120,16 @@ where
     }
 
     fn joined(&mut self) -> Bytes {
-        match self.chunks.len() {
-            0 => Bytes::new(),
-            // One chunk (a `Full` body, say) is passed on without a copy.
-            1 => self.chunks.pop().unwrap_or_default(),
-            _ => {
-                let mut joined = BytesMut::with_capacity(self.size);
-                for chunk in self.chunks.drain(..) {
-                    joined.extend_from_slice(&chunk);
-                }
-                joined.freeze()
-            }
+        let first = self.first.take().unwrap_or_default();
+        if self.rest.is_empty() {
+            return first;
         }
+        let mut joined = BytesMut::with_capacity(self.size);
+        joined.extend_from_slice(&first);
+        for chunk in self.rest.drain(..) {
+            joined.extend_from_slice(&chunk);
+        }
+        joined.freeze()
     }
 
     fn finish_buffered(&mut self) -> Request<BufferedBody<B>> {

@@ -1,8 +1,9 @@
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 /// What [`BufferBodyLayer`](super::BufferBodyLayer) read from a JSON request body, as a request
 /// extension: the fields later layers decide by.
@@ -34,7 +35,7 @@ impl RequestMeta {
         }
         let fields: Fields = serde_json::from_slice(body).ok()?;
         Some(Self {
-            model: fields.model.map(Arc::from),
+            model: fields.model,
             max_tokens: fields.max_tokens.max(fields.max_completion_tokens),
             input_count: fields.input.map(|InputCount(count)| count),
             body_bytes: body.len() as u64,
@@ -46,7 +47,7 @@ impl RequestMeta {
 #[derive(Deserialize)]
 struct Fields {
     #[serde(default, deserialize_with = "lenient")]
-    model: Option<String>,
+    model: Option<Arc<str>>,
     #[serde(default, deserialize_with = "lenient")]
     max_tokens: Option<u64>,
     #[serde(default, deserialize_with = "lenient")]
@@ -56,51 +57,112 @@ struct Fields {
 }
 
 /// A field of the wrong type is "not given", not a reason to drop the other fields.
+///
+/// Read in one pass by a visitor that skips any other type whole: serde's untagged enums
+/// would buffer every value first, and that cost more than the rest of the parse.
 fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: Deserializer<'de>,
-    T: Deserialize<'de>,
+    T: Lenient,
 {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Maybe<T> {
-        Value(T),
-        Other(IgnoredAny),
-    }
-    Ok(match Maybe::<T>::deserialize(deserializer)? {
-        Maybe::Value(value) => Some(value),
-        Maybe::Other(_) => None,
-    })
+    deserializer.deserialize_any(LenientVisitor(PhantomData))
 }
 
-/// The number of inputs, counted without keeping them.
+/// A field's type, as read from the JSON types it accepts; every other JSON type is skipped.
+trait Lenient: Sized {
+    /// What `expecting` says.
+    const EXPECTING: &'static str;
+
+    fn from_str(_: &str) -> Option<Self> {
+        None
+    }
+
+    fn from_u64(_: u64) -> Option<Self> {
+        None
+    }
+
+    /// An array: skipped unless the type counts its items.
+    fn from_seq<'de, A: SeqAccess<'de>>(mut items: A) -> Result<Option<Self>, A::Error> {
+        while items.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+}
+
+impl Lenient for Arc<str> {
+    const EXPECTING: &'static str = "a string";
+
+    fn from_str(text: &str) -> Option<Self> {
+        Some(Arc::from(text))
+    }
+}
+
+impl Lenient for u64 {
+    const EXPECTING: &'static str = "a count";
+
+    fn from_u64(count: u64) -> Option<Self> {
+        Some(count)
+    }
+}
+
+/// The number of inputs, counted without keeping them: an array's length, or 1 for a string.
 struct InputCount(u64);
 
-impl<'de> Deserialize<'de> for InputCount {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Count;
+impl Lenient for InputCount {
+    const EXPECTING: &'static str = "a string or an array of inputs";
 
-        impl<'de> Visitor<'de> for Count {
-            type Value = InputCount;
+    fn from_str(_: &str) -> Option<Self> {
+        Some(InputCount(1))
+    }
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string or an array of inputs")
-            }
-
-            fn visit_str<E>(self, _: &str) -> Result<InputCount, E> {
-                Ok(InputCount(1))
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<InputCount, A::Error> {
-                let mut count = 0;
-                while items.next_element::<IgnoredAny>()?.is_some() {
-                    count += 1;
-                }
-                Ok(InputCount(count))
-            }
+    fn from_seq<'de, A: SeqAccess<'de>>(mut items: A) -> Result<Option<Self>, A::Error> {
+        let mut count = 0;
+        while items.next_element::<IgnoredAny>()?.is_some() {
+            count += 1;
         }
+        Ok(Some(InputCount(count)))
+    }
+}
 
-        deserializer.deserialize_any(Count)
+struct LenientVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Lenient> Visitor<'de> for LenientVisitor<T> {
+    type Value = Option<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(T::EXPECTING)
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<Option<T>, E> {
+        Ok(T::from_str(text))
+    }
+
+    fn visit_u64<E>(self, number: u64) -> Result<Option<T>, E> {
+        Ok(T::from_u64(number))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, items: A) -> Result<Option<T>, A::Error> {
+        T::from_seq(items)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Option<T>, A::Error> {
+        while entries.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
     }
 }
 
@@ -141,6 +203,20 @@ mod tests {
         let odd_input = br#"{"model":"m","input":{"not":"a list"}}"#;
         let meta = RequestMeta::from_json(odd_input).unwrap();
         assert_eq!((meta.model.as_deref(), meta.input_count), (Some("m"), None));
+        let others =
+            br#"{"model":["m"],"max_tokens":-5,"max_completion_tokens":64.0,"input":null,"x":1}"#;
+        let meta = RequestMeta::from_json(others).unwrap();
+        assert_eq!(
+            (meta.model, meta.max_tokens, meta.input_count),
+            (None, None, None)
+        );
+        let after_skips =
+            br#"{"x":{"a":[1,{"b":2}]},"stream":true,"model":"m\u00e9","max_tokens":7}"#;
+        let meta = RequestMeta::from_json(after_skips).unwrap();
+        assert_eq!(
+            (meta.model.as_deref(), meta.max_tokens),
+            (Some("m\u{e9}"), Some(7))
+        );
         assert_eq!(RequestMeta::from_json(b"[1,2]"), None);
         assert_eq!(RequestMeta::from_json(b"not json"), None);
         assert_eq!(RequestMeta::from_json(b"{\"model\":"), None);

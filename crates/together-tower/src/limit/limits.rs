@@ -10,6 +10,7 @@ use super::admission::{Inner, Settings};
 use super::backend::{Backend, LocalBackend};
 use super::bucket::BucketContext;
 use super::bucket::map::BucketMap;
+use super::bucket::names::ModelNames;
 use super::estimate::{DefaultTokenEstimate, EstimateTokens};
 use super::learn::adapt::{Adaptation, RateChanges};
 use crate::classify::{Classify, TogetherClassifier};
@@ -130,7 +131,7 @@ impl<C, L: Backend> Limits<C, L> {
                 let rates = bucket.rates_now(now);
                 BucketSnapshot {
                     key: bucket.key,
-                    group: bucket.group.to_string(),
+                    group: bucket.group().to_string(),
                     model: bucket.model.as_deref().map(str::to_owned),
                     requests_per_second: rates.requests.map(|pace| pace.per_second()),
                     tokens_per_second: rates.tokens.map(|pace| pace.per_second()),
@@ -156,7 +157,7 @@ impl<C, L: Backend> Limits<C, L> {
         let bucket = self.inner.buckets.get(&key)?;
         self.snapshot().into_iter().find(|snapshot| {
             snapshot.key == bucket.key
-                && snapshot.group == *bucket.group
+                && snapshot.group == **bucket.group()
                 && snapshot.model.as_deref() == bucket.model.as_deref()
         })
     }
@@ -369,6 +370,7 @@ impl<C, L> LimitsBuilder<C, L> {
                 .groups()
                 .map(|group| Arc::from(group.name()))
                 .collect(),
+            model_names: ModelNames::default(),
             table: self.table,
         });
         Limits {

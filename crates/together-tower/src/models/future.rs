@@ -23,6 +23,8 @@ use super::suggest::closest;
 type Checking<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
 
 /// What a request that named a model keeps, to ask for the list if it is answered 404.
+/// Shared by the requests of one service that name the same model with the same URI and
+/// credentials (see [`ModelCheck`](super::ModelCheck)).
 pub(super) struct Ask<S> {
     pub(super) probe: Probe,
     pub(super) spare: Arc<std::sync::Mutex<S>>,
@@ -49,7 +51,7 @@ pin_project! {
         Calling {
             #[pin]
             future: S::Future,
-            ask: Option<Box<Ask<S>>>,
+            ask: Option<Arc<Ask<S>>>,
         },
         Checking {
             checking: Checking<S::Response>,
@@ -57,8 +59,20 @@ pin_project! {
     }
 }
 
+impl<S> fmt::Debug for Ask<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the probe's credentials.
+        f.debug_struct("Ask")
+            .field("model", &self.probe.model)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<S> Ask<S> {
-    fn check<B, ResBody>(self, response: Response<ResBody>) -> Checking<Response<ResBody>>
+    fn check<B, ResBody>(
+        self: Arc<Self>,
+        response: Response<ResBody>,
+    ) -> Checking<Response<ResBody>>
     where
         S: Service<Request<BufferedBody<B>>, Response = Response<ResBody>, Error = BoxError>
             + Clone
@@ -70,10 +84,10 @@ impl<S> Ask<S> {
         ResBody::Data: Send,
         ResBody::Error: Into<BoxError>,
     {
-        let Ask { probe, spare, list } = self;
-        let service = lock(&spare).clone();
+        let service = lock(&self.spare).clone();
         Box::pin(async move {
-            let Some(known) = list.get(service, &probe).await else {
+            let Ask { probe, list, .. } = &*self;
+            let Some(known) = list.get(service, probe).await else {
                 return Ok(response);
             };
             if known.iter().any(|id| **id == *probe.model) {
@@ -110,7 +124,7 @@ where
                     let response = ready!(future.poll(cx))?;
                     match ask.take() {
                         Some(ask) if may_be_about_the_model(&response) => {
-                            let checking = (*ask).check(response);
+                            let checking = ask.check(response);
                             this.state.set(State::Checking { checking });
                         }
                         _ => return Poll::Ready(Ok(response)),

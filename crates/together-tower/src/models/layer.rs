@@ -65,6 +65,7 @@ impl<S: Clone> Layer<S> for ModelCheckLayer {
             spare: Arc::new(std::sync::Mutex::new(inner.clone())),
             inner,
             list: Arc::clone(&self.list),
+            last_ask: None,
         }
     }
 }

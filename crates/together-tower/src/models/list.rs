@@ -71,6 +71,22 @@ impl Probe {
         }
     }
 
+    /// Whether this probe is what [`Probe::new`] would make of `request` and `model`: the
+    /// same model, URI and credentials. Comparing costs less than the copies it saves.
+    pub(super) fn matches<B>(&self, request: &Request<B>, model: &str) -> bool {
+        if *self.model != *model || self.uri != *request.uri() {
+            return false;
+        }
+        let mut theirs = request
+            .headers()
+            .iter()
+            .filter(|(_, value)| value.is_sensitive());
+        let same = self
+            .credentials()
+            .all(|(name, value)| theirs.next() == Some((name, value)));
+        same && theirs.next().is_none()
+    }
+
     fn credentials(&self) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
         self.credential.iter().chain(&self.more_credentials)
     }

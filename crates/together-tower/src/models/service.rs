@@ -23,6 +23,10 @@ pub struct ModelCheck<S> {
     /// a request carries only a handle to it, and it is cloned only after a 404.
     pub(super) spare: Arc<std::sync::Mutex<S>>,
     pub(super) list: Arc<ModelList>,
+    /// The last request's [`Ask`], kept for the next one that would make the same: most
+    /// requests through one service name the same model with the same key, and sharing
+    /// spares each of them copying its URI and credentials for the rare 404.
+    pub(super) last_ask: Option<Arc<Ask<S>>>,
 }
 
 impl<S> ModelCheck<S> {
@@ -55,25 +59,34 @@ where
     fn call(&mut self, request: Request<BufferedBody<B>>) -> Self::Future {
         // Only requests that name a model, to an endpoint that takes one, can meet
         // `model_not_found`.
-        let probe = request
+        let ask = request
             .extensions()
             .get::<RequestMeta>()
-            .and_then(|meta| meta.model.clone())
+            .and_then(|meta| meta.model.as_ref())
             .filter(|_| names_a_model(request.method(), request.uri().path()))
-            .map(|model| Probe::new(&request, model));
+            .map(|model| self.ask_for(&request, model));
         let future = self.inner.call(request);
+        // Behind an `Arc`: the future stays small and moves cheaply on the happy path.
         ResponseFuture {
-            state: State::Calling {
-                future,
-                // Boxed: kept small, the future moves cheaply on the happy path.
-                ask: probe.map(|probe| {
-                    Box::new(Ask {
-                        probe,
-                        spare: Arc::clone(&self.spare),
-                        list: Arc::clone(&self.list),
-                    })
-                }),
-            },
+            state: State::Calling { future, ask },
+        }
+    }
+}
+
+impl<S> ModelCheck<S> {
+    /// What a request naming `model` keeps for a 404: the last request's, if it is the same.
+    fn ask_for<B>(&mut self, request: &Request<B>, model: &Arc<str>) -> Arc<Ask<S>> {
+        match &self.last_ask {
+            Some(ask) if ask.probe.matches(request, model) => Arc::clone(ask),
+            _ => {
+                let ask = Arc::new(Ask {
+                    probe: Probe::new(request, Arc::clone(model)),
+                    spare: Arc::clone(&self.spare),
+                    list: Arc::clone(&self.list),
+                });
+                self.last_ask = Some(Arc::clone(&ask));
+                ask
+            }
         }
     }
 }

@@ -54,8 +54,6 @@ use tower_service::Service;
 
 pub use self::policy::{Attempt, ModelFallback, RetryBody, RetryPolicy, X_SHOULD_RETRY};
 
-use self::policy::FirstSent;
-
 use crate::classify::{Classify, TogetherClassifier};
 
 /// The response future of [`Retry`]: tower's own.
@@ -153,10 +151,8 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         // Classified once, for the policy's decisions and for the rate limit below.
         crate::classify::Classified::ensure(&self.classifier, &mut request, true);
+        crate::classify::Classified::note_first_sent(&mut request);
         self.budget.deposit();
-        request
-            .extensions_mut()
-            .insert(FirstSent(tokio::time::Instant::now()));
         self.inner.call(request)
     }
 }

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, Request, Response, StatusCode};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tower::BoxError;
 use tower::retry::Policy;
 use tower::retry::budget::{Budget, TpsBudget};
@@ -12,7 +12,7 @@ use tower::util::rng::{HasherRng, Rng};
 use super::delivery::Delivery;
 use crate::body::model::replace_model;
 use crate::body::{BufferedBody, RequestMeta};
-use crate::classify::{Classify, EndpointClass, TogetherClassifier};
+use crate::classify::{Classified, Classify, EndpointClass, TogetherClassifier};
 use crate::headers;
 use crate::telemetry;
 
@@ -69,11 +69,6 @@ pub struct ModelFallback {
 /// not sent yet, so a 429 does not send a request to the back of a long queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Attempt(pub u32);
-
-/// When the request was first sent: put on each request by [`Retry`](super::Retry) as it
-/// enters, so the time allowed for retries counts from there.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FirstSent(pub(crate) Instant);
 
 /// The settings of [`RetryPolicy`], shared by every request it handles.
 #[derive(Debug, Clone)]
@@ -344,8 +339,7 @@ impl<C: Classify> RetryPolicy<C> {
         request: &mut Request<B>,
         result: &Result<Response<ResBody>, BoxError>,
     ) -> Option<Sleep> {
-        let class = crate::classify::Classified::of(request)
-            .unwrap_or_else(|| self.classifier.classify(request));
+        let class = Classified::of(request).unwrap_or_else(|| self.classifier.classify(request));
         let verdict = match result {
             Ok(response) => self.judge_response(class, response.status(), response.headers()),
             Err(error) => self.judge_error(class, error),
@@ -370,10 +364,7 @@ impl<C: Classify> RetryPolicy<C> {
             None => self.backoff(self.retries),
         };
         // Only a request that may be retried reads the clock.
-        let elapsed = request
-            .extensions()
-            .get::<FirstSent>()
-            .map_or(Duration::ZERO, |sent| sent.0.elapsed());
+        let elapsed = Classified::first_sent(request).map_or(Duration::ZERO, |sent| sent.elapsed());
         let refusal = if self.retries >= self.settings.max_retries {
             Some("max_retries")
         } else if elapsed.saturating_add(delay) > self.settings.max_elapsed {

@@ -106,7 +106,7 @@ impl<C: Classify, L: Backend> Inner<C, L> {
                 let model = meta
                     .filter(|_| key.model != 0)
                     .and_then(|meta| meta.model.as_ref())
-                    .map(crate::model_name::bounded);
+                    .map(|model| self.context.model_names.shared(model));
                 Bucket::new(&self.context, key.key, key.group, model)
             })
     }

@@ -9,6 +9,7 @@
 //! the limiter's clock. A property test checks that, for a fixed rate, every decision is the
 //! one governor's `RateLimiter` makes.
 
+use std::num::NonZeroU64;
 use std::time::Duration;
 
 use crate::quota::Rate;
@@ -16,8 +17,9 @@ use crate::quota::Rate;
 /// A rate as GCRA uses it: the cost of one unit and the tolerance, in nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Params {
-    /// Nanoseconds per unit.
-    pub(crate) interval: u64,
+    /// Nanoseconds per unit; never zero, which lets an `Option<Gcra>` cost no more than a
+    /// `Gcra` (each bucket holds two).
+    pub(crate) interval: NonZeroU64,
     /// Nanoseconds the bucket holds beyond one unit.
     pub(crate) tau: u64,
 }
@@ -27,7 +29,7 @@ impl Params {
     pub(crate) fn of(rate: &Rate) -> Self {
         let interval = nanos(rate.interval()).max(1);
         Self {
-            interval,
+            interval: at_least_one(interval),
             tau: interval
                 .saturating_mul(u64::from(rate.burst().max(1) - 1))
                 .saturating_add(nanos(rate.tolerance())),
@@ -38,7 +40,7 @@ impl Params {
     pub(crate) fn at_rate(per_second: f64, burst: u32, tolerance: Duration) -> Self {
         let interval = (1e9 / per_second.max(1e-9)).clamp(1.0, u64::MAX as f64) as u64;
         Self {
-            interval,
+            interval: at_least_one(interval),
             tau: interval
                 .saturating_mul(u64::from(burst.max(1) - 1))
                 .saturating_add(nanos(tolerance).min(interval.saturating_sub(1))),
@@ -47,8 +49,13 @@ impl Params {
 
     /// The most units one decision may take: the whole bucket.
     pub(crate) fn capacity(&self) -> u64 {
-        1 + self.tau / self.interval
+        1 + self.tau / self.interval.get()
     }
+}
+
+/// An interval of `nanos`, or one nanosecond if that is zero.
+pub(crate) fn at_least_one(nanos: u64) -> NonZeroU64 {
+    NonZeroU64::new(nanos).unwrap_or(NonZeroU64::MIN)
 }
 
 /// Nanoseconds of a duration, saturating.
@@ -75,10 +82,11 @@ impl Gcra {
         if cost == 0 {
             return Some(0);
         }
-        if cost > self.pace.capacity() {
+        // The whole bucket always holds one unit: only a larger cost pays for the division.
+        if cost > 1 && cost > self.pace.capacity() {
             return None;
         }
-        let extra = (cost - 1).saturating_mul(self.pace.interval);
+        let extra = (cost - 1).saturating_mul(self.pace.interval.get());
         let earliest = self.tat.saturating_add(extra).saturating_sub(self.pace.tau);
         Some(earliest.saturating_sub(now))
     }
@@ -88,13 +96,13 @@ impl Gcra {
         self.tat = self
             .tat
             .max(now)
-            .saturating_add(cost.saturating_mul(self.pace.interval));
+            .saturating_add(cost.saturating_mul(self.pace.interval.get()));
     }
 
     /// Gives back `cost` units taken earlier and not used (or charged too much): the bucket
     /// refills by that much, never beyond full.
     pub(crate) fn give_back(&mut self, cost: u64, now: u64) {
-        let refund = cost.saturating_mul(self.pace.interval);
+        let refund = cost.saturating_mul(self.pace.interval.get());
         // Below `now` the bucket is full whatever the number says; keep it at `now`, so a later
         // rate change does not rescale a debt that is not there.
         self.tat = self.tat.saturating_sub(refund).max(now.min(self.tat));
@@ -111,8 +119,8 @@ impl Gcra {
     pub(crate) fn set_pace(&mut self, pace: Params, now: u64) {
         let debt = self.tat.saturating_sub(now);
         if debt > 0 && pace.interval != self.pace.interval {
-            let scaled =
-                u128::from(debt) * u128::from(pace.interval) / u128::from(self.pace.interval);
+            let scaled = u128::from(debt) * u128::from(pace.interval.get())
+                / u128::from(self.pace.interval.get());
             self.tat = now.saturating_add(u64::try_from(scaled).unwrap_or(u64::MAX));
         }
         self.pace = pace;

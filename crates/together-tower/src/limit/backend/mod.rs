@@ -119,14 +119,14 @@ impl Pace {
 
     pub(crate) fn from_gcra(pace: gcra::Params) -> Self {
         Self::new(
-            Duration::from_nanos(pace.interval),
+            Duration::from_nanos(pace.interval.get()),
             Duration::from_nanos(pace.tau),
         )
     }
 
     pub(crate) fn to_gcra(self) -> gcra::Params {
         gcra::Params {
-            interval: nanos(self.interval).max(1),
+            interval: gcra::at_least_one(nanos(self.interval)),
             tau: nanos(self.tau),
         }
     }

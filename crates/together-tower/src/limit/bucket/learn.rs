@@ -38,7 +38,7 @@ impl<L: Backend> Bucket<L> {
     /// Closes the bucket for `pause` from `now`, on the server's word, and says so.
     fn close_for(&self, now: Duration, pause: Duration, why: Closure) {
         self.close_until(now.saturating_add(pause));
-        telemetry::closed(self.key, &self.group, self.model.as_deref(), pause, why);
+        telemetry::closed(self.key, self.group(), self.model.as_deref(), pause, why);
     }
 
     /// A refusal without a precise hint, in adaptive mode: the bucket holds back two turns at
@@ -79,7 +79,7 @@ impl<L: Backend> Bucket<L> {
         if used > bound {
             telemetry::usage_not_believed(
                 self.key,
-                &self.group,
+                self.group(),
                 self.model.as_deref(),
                 used,
                 bound,
@@ -189,7 +189,7 @@ impl<L: Backend> Bucket<L> {
         if before != after && !after.is_zero() && !before.is_zero() {
             telemetry::rate_changed(
                 self.key,
-                &self.group,
+                self.group(),
                 self.model.as_deref(),
                 1.0 / before.as_secs_f64(),
                 1.0 / after.as_secs_f64(),
@@ -308,13 +308,13 @@ impl<L: Backend> Feedback for Bucket<L> {
         self.context
             .backend
             .correct_tokens(&self.state, charged, used, now);
-        telemetry::tokens_settled(self.key, &self.group, self.model(), charged, used);
+        telemetry::tokens_settled(self.key, self.group(), self.model(), charged, used);
         if used < charged {
             self.queue.refilled();
         }
     }
 
     fn estimate_kept(&self, charged: u64) {
-        telemetry::estimate_kept(self.key, &self.group, self.model(), charged);
+        telemetry::estimate_kept(self.key, self.group(), self.model(), charged);
     }
 }

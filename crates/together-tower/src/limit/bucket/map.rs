@@ -118,6 +118,7 @@ const LOOK_AGAIN: Duration = Duration::from_millis(100);
 impl<L: Backend> BucketMap<L> {
     pub(crate) fn new(max_buckets: usize, sweep_every: Duration) -> Self {
         let max_buckets = max_buckets.max(1);
+        // A power of two (see `shard`).
         let shard_count = if max_buckets >= 1_024 { 16 } else { 1 };
         let hasher = SeededMix::new();
         let shards = (0..shard_count)
@@ -138,8 +139,9 @@ impl<L: Backend> BucketMap<L> {
 
     fn shard(&self, key: &BucketKey) -> MutexGuard<'_, Shard<L>> {
         // The fingerprint is already a keyed hash, so its low bits spread keys evenly.
+        // The count is a power of two: a mask, not a division, picks the shard.
         let spread = SeededMix::fold(key) as usize;
-        let shard = &self.shards[spread % self.shards.len()];
+        let shard = &self.shards[spread & (self.shards.len() - 1)];
         shard.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

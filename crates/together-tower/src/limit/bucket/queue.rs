@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -40,16 +40,21 @@ type Ticket = (Lane, u64);
 /// The queue itself.
 #[derive(Debug, Default)]
 pub(crate) struct Queue {
-    /// How many places are taken; read without the lock by the fast path.
-    len: AtomicUsize,
+    /// How many places are taken; read without the lock by the fast path. 32 bits, beside
+    /// the lock's own word: a queue never holds four billion waiters, and every bucket has a
+    /// queue.
+    len: AtomicU32,
     lanes: Mutex<Lanes>,
 }
 
 #[derive(Debug, Default)]
 struct Lanes {
-    next: u64,
     waiting: BTreeMap<Ticket, Entry>,
 }
+
+/// Numbers places in the order they were taken: one counter for every queue, so a queue
+/// carries no counter of its own. Within a queue, the numbers still rise with arrival.
+static ARRIVALS: AtomicU64 = AtomicU64::new(0);
 
 /// One waiting request.
 #[derive(Debug)]
@@ -87,7 +92,7 @@ impl Queue {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.len.load(Ordering::Acquire)
+        self.len.load(Ordering::Acquire) as usize
     }
 
     /// Capacity came back (after it was given to the backend): marks the head's place and
@@ -132,12 +137,13 @@ impl<B: HasQueue + ?Sized> Place<B> {
         queue
             .len
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |len| {
-                (len < max_queue).then_some(len + 1)
+                ((len as usize) < max_queue).then(|| len.saturating_add(1))
             })
             .ok()?;
         let mut lanes = queue.lanes();
-        let ticket = (lane, lanes.next);
-        lanes.next += 1;
+        // Under the queue's lock, so places of one queue are numbered in the order they
+        // enter it.
+        let ticket = (lane, ARRIVALS.fetch_add(1, Ordering::Relaxed));
         lanes.waiting.insert(
             ticket,
             Entry {

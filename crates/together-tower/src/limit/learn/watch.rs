@@ -60,9 +60,10 @@ pin_project! {
             #[pin]
             body: B,
         },
-        // A refusal whose first frames were read for its error type.
+        // A refusal whose first frames were read for its error type. Boxed: refusals are
+        // rare, and every answer's body is as large as the largest variant.
         Peeked {
-            body: Peeked<B>,
+            body: Box<Peeked<B>>,
         },
     }
 }
@@ -206,7 +207,9 @@ impl<B: Body> ResponseBody<B> {
     /// A body whose first frames were read ahead, watched for what `watch` says.
     pub(crate) fn peeked(body: Peeked<B>, watch: Option<Box<Watch>>) -> Self {
         Self {
-            inner: Inner::Peeked { body },
+            inner: Inner::Peeked {
+                body: Box::new(body),
+            },
             watch,
         }
     }
