@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::config::{Class, ClassLimits, Hints, SimConfig};
 use crate::state::{Job, JobStatus, LimitOutcome, State, key_label};
-use crate::stream::{EventStream, Pace};
+use crate::stream::{EventStream, StreamPace};
 
 /// An answer's body: whole, or a stream of events.
 pub(crate) type SimBody = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -367,7 +367,7 @@ fn streamed(shared: &Shared, body: &Value, json: &Value) -> EventStream {
         let mut rng = shared.rng.lock().unwrap_or_else(PoisonError::into_inner);
         rng.f64() < cut_rate
     };
-    let pace = Pace {
+    let pace = StreamPace {
         gap: Duration::from_secs_f64(1.0 / shared.config.stream.chunks_per_second),
         cut_after: cut.then_some(events.len() / 2),
     };

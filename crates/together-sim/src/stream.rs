@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::time::{Instant, Sleep};
 
 /// How streams are paced.
-pub(crate) struct Pace {
+pub(crate) struct StreamPace {
     /// The time between two events.
     pub(crate) gap: Duration,
     /// Events sent before the stream is cut, if it is.
@@ -91,7 +91,7 @@ pub(crate) struct EventStream {
 }
 
 impl EventStream {
-    pub(crate) fn new(events: VecDeque<Bytes>, pace: Pace) -> Self {
+    pub(crate) fn new(events: VecDeque<Bytes>, pace: StreamPace) -> Self {
         Self {
             events,
             gap: pace.gap,

@@ -16,22 +16,27 @@ use tower::BoxError;
 use tower_service::Service;
 use tracing::Span;
 
-use super::admission::wait::WaitTurn;
+use super::admission::wait::Turn;
+use super::backend::{Backend, LocalBackend};
+use super::bucket::Bucket;
 use super::jobs::Slots;
 pub use super::learn::ResponseBody;
 use super::learn::{JobAnswer, Reading, Ticket, Watch};
 
 pin_project! {
     /// Waits for the request's turn, sends it, and reads the server's answer for its bucket.
-    pub struct ResponseFuture<S, B>
+    ///
+    /// `L` is the backend of the buckets it waits in, as in [`RateLimit`](super::RateLimit).
+    pub struct ResponseFuture<S, B, L = LocalBackend>
     where
         S: Service<Request<B>>,
+        L: Backend,
     {
         #[pin]
-        state: State<S, B>,
+        state: State<S, B, L>,
         // Held until the answer arrives: the concurrency slot of a job-creating call.
         permit: Option<OwnedSemaphorePermit>,
-        ticket: Option<Ticket>,
+        ticket: Option<Ticket<Bucket<L>>>,
         // A read of jobs (one, a cancel, the list): the key's job slots learn from the answer.
         reads_jobs: Option<Arc<Slots>>,
         span: Span,
@@ -40,9 +45,10 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, B>
+    enum State<S, B, L>
     where
         S: Service<Request<B>>,
+        L: Backend,
     {
         Refused {
             error: Option<BoxError>,
@@ -50,7 +56,7 @@ pin_project! {
         // Boxed: only requests that wait pay for carrying the request and a service clone,
         // and every future stays small.
         Waiting {
-            waiting: Box<Waiting<S, B>>,
+            waiting: Box<Waiting<S, B, L>>,
         },
         Calling {
             #[pin]
@@ -65,8 +71,8 @@ pin_project! {
 }
 
 /// A request waiting for its turn.
-struct Waiting<S, B> {
-    turn: Box<dyn WaitTurn>,
+struct Waiting<S, B, L: Backend> {
+    turn: Box<Turn<L>>,
     service: S,
     request: Option<Request<B>>,
     step: Step,
@@ -83,9 +89,10 @@ enum Step {
     Service,
 }
 
-impl<S, B> ResponseFuture<S, B>
+impl<S, B, L> ResponseFuture<S, B, L>
 where
     S: Service<Request<B>>,
+    L: Backend,
 {
     // Built in place by each constructor, never by a builder taking `self`: the future holds
     // the inner one, and every move of it is a copy of a few hundred bytes.
@@ -93,7 +100,7 @@ where
     pub(crate) fn calling(
         future: S::Future,
         permit: Option<OwnedSemaphorePermit>,
-        ticket: Option<Ticket>,
+        ticket: Option<Ticket<Bucket<L>>>,
         reads_jobs: Option<Arc<Slots>>,
         span: Span,
     ) -> Self {
@@ -107,10 +114,10 @@ where
     }
 
     pub(crate) fn waiting(
-        turn: Box<dyn WaitTurn>,
+        turn: Box<Turn<L>>,
         service: S,
         request: Request<B>,
-        ticket: Ticket,
+        ticket: Ticket<Bucket<L>>,
         reads_jobs: Option<Arc<Slots>>,
         span: Span,
     ) -> Self {
@@ -140,9 +147,10 @@ where
     }
 }
 
-impl<S, B, ResBody> Future for ResponseFuture<S, B>
+impl<S, B, L, ResBody> Future for ResponseFuture<S, B, L>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
+    L: Backend,
     S::Error: Into<BoxError>,
     ResBody: Body + Send + 'static,
     ResBody::Data: Send,
@@ -178,14 +186,14 @@ where
                 StateProj::Refusal { reading } => {
                     let Some(read) = reading
                         .as_mut()
-                        .and_then(|any| any.downcast_mut::<Reading<ResBody>>())
+                        .and_then(|any| any.downcast_mut::<Reading<ResBody, Bucket<L>>>())
                     else {
                         panic!("polled after completion");
                     };
                     ready!(read.poll_read(cx));
                     let reading = reading
                         .take()
-                        .and_then(|any| any.downcast::<Reading<ResBody>>().ok());
+                        .and_then(|any| any.downcast::<Reading<ResBody, Bucket<L>>>().ok());
                     let response = reading.expect("just seen").finish();
                     return Poll::Ready(Ok(response));
                 }
@@ -201,10 +209,11 @@ where
     }
 }
 
-impl<S, B> Waiting<S, B>
+impl<S, B, L> Waiting<S, B, L>
 where
     S: Service<Request<B>>,
     S::Error: Into<BoxError>,
+    L: Backend,
 {
     /// Waits for the turn and then for the service, and calls it: ready with the inner
     /// future once the request is sent.
@@ -213,7 +222,7 @@ where
         &mut self,
         cx: &mut Context<'_>,
         permit: &mut Option<OwnedSemaphorePermit>,
-        ticket: &mut Option<Ticket>,
+        ticket: &mut Option<Ticket<Bucket<L>>>,
     ) -> Poll<Result<S::Future, BoxError>> {
         loop {
             match self.step {
@@ -253,10 +262,10 @@ where
 
 /// A 429 to a bucket that reads refusals: held until its body says which limit ran out.
 #[cold]
-fn read_refusal<ResBody>(
+fn read_refusal<ResBody, L: Backend>(
     response: Response<ResBody>,
     permit: Option<OwnedSemaphorePermit>,
-    ticket: Ticket,
+    ticket: Ticket<Bucket<L>>,
 ) -> Option<Box<dyn Any + Send>>
 where
     ResBody: Body + Send + 'static,
@@ -269,10 +278,10 @@ where
 /// Hands the answer on, after its bucket learned from its head. The response is read in place
 /// and its body wrapped by `map`: responses can be large, and each move is a copy.
 #[inline]
-fn answer<ResBody: Body, E: Into<BoxError>>(
+fn answer<ResBody: Body, E: Into<BoxError>, L: Backend>(
     result: Result<Response<ResBody>, E>,
     permit: Option<OwnedSemaphorePermit>,
-    ticket: Option<Ticket>,
+    ticket: Option<Ticket<Bucket<L>>>,
     reads_jobs: Option<Arc<Slots>>,
 ) -> Result<Response<ResponseBody<ResBody>>, BoxError> {
     let response = match result {
@@ -294,9 +303,10 @@ fn answer<ResBody: Body, E: Into<BoxError>>(
     Ok(response.map(|body| ResponseBody::new(body, watch)))
 }
 
-impl<S, B> fmt::Debug for ResponseFuture<S, B>
+impl<S, B, L> fmt::Debug for ResponseFuture<S, B, L>
 where
     S: Service<Request<B>>,
+    L: Backend,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {

@@ -83,7 +83,7 @@ where
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = BoxError;
-    type Future = ResponseFuture<S, ReqBody>;
+    type Future = ResponseFuture<S, ReqBody, L>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // The wait happens in the response future, once the request is known; readiness is
@@ -125,7 +125,7 @@ where
 impl<S, C: Classify, L: Backend> RateLimit<S, C, L> {
     /// Classifies the request and decides on it, in its span: one span per attempt, whose
     /// fields are worked out only if a subscriber wants it.
-    fn admit<B>(&self, request: &mut Request<B>) -> (Admission, tracing::Span) {
+    fn admit<B>(&self, request: &mut Request<B>) -> (Admission<L>, tracing::Span) {
         let inner = &self.limits.inner;
         // The last of this crate's layers: nothing below needs the class recorded.
         let class = Classified::ensure(&inner.classifier, request, false);

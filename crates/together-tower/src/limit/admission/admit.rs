@@ -10,7 +10,7 @@ use http::header::CONTENT_LENGTH;
 use tokio::sync::OwnedSemaphorePermit;
 use tower::BoxError;
 
-use super::wait::{Turn, WaitTurn};
+use super::wait::Turn;
 use super::{Inner, MaxWait};
 use crate::body::RequestMeta;
 use crate::classify::{Classify, EndpointClass};
@@ -25,18 +25,19 @@ use crate::retry::Attempt;
 use crate::telemetry;
 
 /// What the layer decided when the request arrived.
-pub(crate) enum Admission {
+pub(crate) enum Admission<L: Backend> {
     /// Send now (the fast path, or a class with no limit).
     Go {
         permit: Option<OwnedSemaphorePermit>,
-        ticket: Option<Ticket>,
+        ticket: Option<Ticket<Bucket<L>>>,
         /// The job slots a read of jobs reports on.
         reads_jobs: Option<Arc<Slots>>,
     },
-    /// Wait for a slot and a turn first.
+    /// Wait for a slot and a turn first. Boxed: only requests that wait pay for carrying
+    /// the wait, and the decision stays small on the fast path.
     Wait {
-        turn: Box<dyn WaitTurn>,
-        ticket: Ticket,
+        turn: Box<Turn<L>>,
+        ticket: Ticket<Bucket<L>>,
         reads_jobs: Option<Arc<Slots>>,
     },
     /// Do not send.
@@ -44,7 +45,7 @@ pub(crate) enum Admission {
 }
 
 impl<C: Classify, L: Backend> Inner<C, L> {
-    pub(crate) fn admit<B>(&self, request: &Request<B>, class: EndpointClass) -> Admission {
+    pub(crate) fn admit<B>(&self, request: &Request<B>, class: EndpointClass) -> Admission<L> {
         let reads_jobs = self.job_slots_read_by(class, request);
         let Some(key) = self.bucket_key_for(class, request) else {
             return Admission::Go {
@@ -151,7 +152,7 @@ impl<C: Classify, L: Backend> Inner<C, L> {
         lane: Lane,
         max_wait: Duration,
         reads_jobs: Option<Arc<Slots>>,
-    ) -> Admission {
+    ) -> Admission<L> {
         let now = self.context.clock.elapsed();
         let estimate = bucket.estimated_wait(now);
         if estimate > max_wait {
@@ -257,7 +258,7 @@ impl<C: Classify, L: Backend> Inner<C, L> {
 }
 
 /// Refuses a request with `error`, and says so.
-fn refuse<E>(class: EndpointClass, error: E) -> Admission
+fn refuse<E, L: Backend>(class: EndpointClass, error: E) -> Admission<L>
 where
     E: std::error::Error + Send + Sync + 'static,
 {

@@ -26,18 +26,6 @@ use crate::limit::bucket::queue::{Place, Position};
 use crate::limit::error::{RateLimited, Refusal, SlotsBusy, TooManyTokens};
 use crate::telemetry;
 
-/// A wait for a turn, with the bucket's types erased so the response future does not name them.
-pub(crate) trait WaitTurn: Send {
-    /// Ready once the turn is taken.
-    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>;
-
-    /// The inner service was not ready: gives the turn back, keeping the place in the queue.
-    fn give_back(&mut self);
-
-    /// The request goes: leaves the queue and hands over the slot, held until the response.
-    fn leave(&mut self) -> Option<OwnedSemaphorePermit>;
-}
-
 type Acquiring = Pin<Box<dyn Future<Output = Result<Decision, BoxError>> + Send>>;
 type SlotAcquiring =
     Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>>;
@@ -413,8 +401,9 @@ impl<L: Backend> Turn<L> {
     }
 }
 
-impl<L: Backend> WaitTurn for Turn<L> {
-    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+impl<L: Backend> Turn<L> {
+    /// Ready once the turn is taken.
+    pub(crate) fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         let result = ready!(self.poll_turn_inner(cx));
         if let Err(error) = &result {
             telemetry::refused(self.class, Refusal::reason(&**error), error);
@@ -422,7 +411,8 @@ impl<L: Backend> WaitTurn for Turn<L> {
         Poll::Ready(result)
     }
 
-    fn give_back(&mut self) {
+    /// The inner service was not ready: gives the turn back, keeping the place in the queue.
+    pub(crate) fn give_back(&mut self) {
         if std::mem::take(&mut self.taken) {
             let bucket = self.bucket();
             let now = bucket.context.clock.elapsed();
@@ -437,7 +427,8 @@ impl<L: Backend> WaitTurn for Turn<L> {
         }
     }
 
-    fn leave(&mut self) -> Option<OwnedSemaphorePermit> {
+    /// The request goes: leaves the queue and hands over the slot, held until the response.
+    pub(crate) fn leave(&mut self) -> Option<OwnedSemaphorePermit> {
         // The turn is used: nothing to give back.
         self.taken = false;
         self.record_leaving(true);

@@ -116,6 +116,9 @@ impl Queue {
 }
 
 /// Something that owns a [`Queue`] (the bucket), so a place can keep it alive.
+///
+/// A bound, not a hidden type: a place knows its bucket's type. It keeps the queue free of
+/// the bucket and its backend, and lets the queue's tests own a queue without a bucket.
 pub(crate) trait HasQueue: Send + Sync {
     fn queue(&self) -> &Queue;
 

@@ -64,7 +64,13 @@ pub(crate) struct Answer<'a> {
     pub(crate) ran_out: Option<Dimension>,
 }
 
-/// A bucket learning from answers, with its types erased so futures do not name them.
+/// A bucket learning from answers.
+///
+/// The one place the backend's type is hidden: a [`Ticket`] and the response future know
+/// their bucket's type, but the response body, a public type that outlives the future,
+/// holds its bucket as `Arc<dyn Feedback>` (to settle a token charge or hold a slot until
+/// the body ends), so that users never name the backend in their response types. The tests of
+/// the body's watcher implement it with a fake bucket.
 pub(crate) trait Feedback: Send + Sync {
     /// A request goes now.
     fn sent_now(&self) -> Sent;

@@ -23,7 +23,7 @@ use tokio::time::Sleep;
 
 use super::peeked::Peeked;
 use super::watch::ResponseBody;
-use super::{Dimension, Ticket};
+use super::{Dimension, Feedback, Ticket};
 
 /// The most of a refusal's body read for its error type.
 pub(crate) const MAX_REFUSAL_BODY: usize = 4 * 1024;
@@ -31,18 +31,18 @@ pub(crate) const MAX_REFUSAL_BODY: usize = 4 * 1024;
 pub(crate) const REFUSAL_READ_TIME: Duration = Duration::from_millis(50);
 
 /// A 429 held while its body is read.
-pub(crate) struct Reading<B: Body> {
+pub(crate) struct Reading<B: Body, F> {
     head: Parts,
     body: Peeked<B>,
     deadline: Pin<Box<Sleep>>,
-    ticket: Ticket,
+    ticket: Ticket<F>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
-impl<B: Body> Reading<B> {
+impl<B: Body, F: Feedback + 'static> Reading<B, F> {
     pub(crate) fn new(
         response: Response<B>,
-        ticket: Ticket,
+        ticket: Ticket<F>,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Self {
         let (head, body) = response.into_parts();

@@ -14,22 +14,21 @@ use crate::telemetry;
 
 /// What a request carries from its admission to its answer: its bucket, its cost, and when it
 /// was sent.
-pub(crate) struct Ticket {
-    bucket: Arc<dyn Feedback>,
+///
+/// Of the bucket's own type, so that the response future calls it directly; only a body that
+/// must be watched after the answer (a token charge, a slot) hides that type, as the
+/// response body cannot name it.
+pub(crate) struct Ticket<F> {
+    bucket: Arc<F>,
     cost: Cost,
     sent: Sent,
     class: EndpointClass,
 }
 
-impl Ticket {
+impl<F: Feedback + 'static> Ticket<F> {
     /// The ticket of a request going at clock reading `now` (or queued, until
     /// [`Ticket::sending`]).
-    pub(crate) fn new(
-        bucket: Arc<dyn Feedback>,
-        cost: Cost,
-        class: EndpointClass,
-        now: Duration,
-    ) -> Self {
+    pub(crate) fn new(bucket: Arc<F>, cost: Cost, class: EndpointClass, now: Duration) -> Self {
         let sent = bucket.sent_at(now);
         Self {
             bucket,
@@ -99,7 +98,7 @@ impl Ticket {
     }
 }
 
-impl std::fmt::Debug for Ticket {
+impl<F> std::fmt::Debug for Ticket<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ticket")
             .field("cost", &self.cost)
