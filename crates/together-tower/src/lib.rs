@@ -63,7 +63,7 @@
 //! | event | level | fields |
 //! |---|---|---|
 //! | waiting for a turn | debug | class, model, position, expected_wait_ms |
-//! | turn taken, or gave up its place | debug | class, model, waited_ms |
+//! | turn taken, or gave up its place | debug | class, model, priority, tenant, waited_ms |
 //! | refused before sending | debug | class, reason, error |
 //! | the server refused | debug | class, model, status |
 //! | bucket closed by the server | info | key (fingerprint), group, model, pause_ms, reason |
@@ -93,6 +93,8 @@
 //! | `together_tower_refused_total` | counter | class, reason | requests the limiter refused itself (`rate_limited`, `queue_full`, `slots_busy`, `too_many_tokens`, `too_many_buckets`) |
 //! | `together_tower_wait_seconds` | histogram | class | how long sent requests waited for their turn |
 //! | `together_tower_waiting` | gauge | class, model | requests waiting for a turn |
+//! | `together_tower_queue_wait_seconds` | histogram | priority | how long requests that waited in a queue waited, by [`Priority`](limit::Priority) |
+//! | `together_tower_queued_turns_total` | counter | priority, tenant | turns taken by requests that waited, by priority and [`Tenant`](limit::Tenant) (`none` for requests that name none) |
 //! | `together_tower_rate_per_second` | gauge | group, model | the request rate in force, after each change |
 //! | `together_tower_rate_changes_total` | counter | group, reason | changes of the request rate, by why: `stated limit`, `unexpected 429`, `503s above the noise`, `503s were noise` |
 //! | `together_tower_retries_total` | counter | class, reason | retries sent (`429`, `503`, `5xx`, `connection`, ...) |

@@ -92,6 +92,32 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The metrics recorded while `run` runs on paused time: each as its name and its labels
+/// (`name key=value,key=value`), with its value as `Debug` prints it.
+#[cfg(feature = "metrics")]
+fn recorded(run: impl std::future::Future<Output = ()>) -> Vec<(String, String)> {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || runtime().block_on(run));
+    // One snapshot: taking one reads the counters out.
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let labels: Vec<String> = key
+                .key()
+                .labels()
+                .map(|label| format!("{}={}", label.key(), label.value()))
+                .collect();
+            (
+                format!("{} {}", key.key().name(), labels.join(",")),
+                format!("{value:?}"),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn the_events_of_a_429_and_a_retry_name_no_key() {
     let _alone = ONE_AT_A_TIME
@@ -134,28 +160,20 @@ fn the_metrics_of_a_429_and_a_retry_have_bounded_labels_and_no_key() {
     let _alone = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(|poison| poison.into_inner());
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, || {
-        runtime().block_on(a_request_with_a_429_and_a_retry());
-    });
-    let snapshot = snapshotter.snapshot().into_vec();
-    let mut seen = Vec::new();
-    for (key, _, _, value) in &snapshot {
-        let labels: Vec<String> = key
-            .key()
-            .labels()
-            .map(|label| format!("{}={}", label.key(), label.value()))
-            .collect();
-        let line = format!("{} {}", key.key().name(), labels.join(","));
-        assert_no_secret("a metric", &line);
-        for label in key.key().labels() {
+    let seen = recorded(a_request_with_a_429_and_a_retry());
+    for (line, _) in &seen {
+        assert_no_secret("a metric", line);
+        let labels = line.split_once(' ').map_or("", |(_, labels)| labels);
+        for label in labels.split(',').filter(|label| !label.is_empty()) {
+            let name = label.split_once('=').map_or(label, |(name, _)| name);
             assert!(
-                ["class", "model", "status", "reason", "group"].contains(&label.key()),
+                [
+                    "class", "model", "status", "reason", "group", "priority", "tenant"
+                ]
+                .contains(&name),
                 "unexpected label {line}"
             );
         }
-        seen.push((line, format!("{value:?}")));
     }
     let counter = |name: &str, labels: &str| {
         seen.iter()
@@ -298,4 +316,73 @@ fn streams_count_the_tokens_given_back_and_the_estimates_kept() {
     assert!(returned >= 70, "{returned}");
     let (_, kept) = counter("together_tower_estimates_kept_total").expect("estimates kept");
     assert_eq!(kept, "Counter(1)");
+}
+
+/// Six chat requests queued at once in a bucket of 10 a second: three background ones of
+/// tenant `batch`, three interactive ones that name no tenant.
+#[cfg(feature = "metrics")]
+async fn six_waiters_of_two_priorities() {
+    use together_tower::limit::{Priority, RateLimitLayer, Tenant};
+    let client = tower::service_fn(|_: Request<String>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+    });
+    let table = QuotaTable::builder()
+        .group("chat", GroupQuota::rate(Rate::per_second(10)))
+        .class(EndpointClass::Chat, "chat")
+        .build()
+        .unwrap();
+    let service = RateLimitLayer::new(Limits::new(table)).layer(client);
+    let mut calls = Vec::new();
+    for (priority, tenant) in [
+        (Priority::Background, Some("batch")),
+        (Priority::Interactive, None),
+    ] {
+        for _ in 0..3 {
+            let mut request = Request::post("https://api.together.xyz/v1/chat/completions")
+                .header("authorization", format!("Bearer tgp_v1_{SECRET}"))
+                .body(String::new())
+                .unwrap();
+            request.extensions_mut().insert(priority);
+            if let Some(tenant) = tenant {
+                request.extensions_mut().insert(Tenant::new(tenant));
+            }
+            calls.push(tokio::spawn(service.clone().oneshot(request)));
+        }
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+}
+
+#[cfg(feature = "metrics")]
+#[test]
+fn queued_turns_are_counted_by_priority_and_tenant() {
+    let _alone = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    let lines = recorded(six_waiters_of_two_priorities());
+    let value = |line: &str| {
+        lines
+            .iter()
+            .find(|(seen, _)| seen == line)
+            .map(|(_, value)| value.as_str())
+    };
+    // The first background request went at once; the other five waited.
+    assert_eq!(
+        value("together_tower_queued_turns_total priority=background,tenant=batch"),
+        Some("Counter(2)"),
+        "{lines:#?}"
+    );
+    assert_eq!(
+        value("together_tower_queued_turns_total priority=interactive,tenant=none"),
+        Some("Counter(3)")
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|(line, _)| line == "together_tower_queue_wait_seconds priority=interactive")
+    );
+    for (line, _) in &lines {
+        assert_no_secret("a metric", line);
+    }
 }

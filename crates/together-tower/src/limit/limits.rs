@@ -9,10 +9,12 @@ use http::Request;
 use super::admission::{Inner, Settings};
 use super::backend::{Backend, LocalBackend};
 use super::bucket::BucketContext;
+use super::bucket::fair::WHOLE_TURN;
 use super::bucket::map::BucketMap;
 use super::bucket::names::ModelNames;
 use super::estimate::{DefaultTokenEstimate, EstimateTokens};
 use super::learn::adapt::{Adaptation, RateChanges};
+use super::share::{Priority, Tenant};
 use crate::classify::{Classify, TogetherClassifier};
 use crate::clock::TokioClock;
 use crate::key::{ApiKeyId, KeyHasher};
@@ -129,6 +131,7 @@ impl<C, L: Backend> Limits<C, L> {
                     slots.expire();
                 }
                 let rates = bucket.rates_now(now);
+                let (by_priority, by_tenant) = bucket.census();
                 BucketSnapshot {
                     key: bucket.key,
                     group: bucket.group().to_string(),
@@ -136,6 +139,11 @@ impl<C, L: Backend> Limits<C, L> {
                     requests_per_second: rates.requests.map(|pace| pace.per_second()),
                     tokens_per_second: rates.tokens.map(|pace| pace.per_second()),
                     waiting: bucket.queue_len(),
+                    waiting_by_priority: Priority::ALL.into_iter().zip(by_priority).collect(),
+                    waiting_by_tenant: by_tenant
+                        .into_iter()
+                        .map(|(tenant, count)| (tenant.name().to_owned(), count))
+                        .collect(),
                     closed_for: bucket.closed_for(now),
                     free_slots: bucket
                         .slots()
@@ -179,6 +187,11 @@ pub struct BucketSnapshot {
     pub tokens_per_second: Option<f64>,
     /// Requests waiting for it.
     pub waiting: usize,
+    /// Those requests by priority, the most urgent first.
+    pub waiting_by_priority: Vec<(Priority, usize)>,
+    /// Those requests by tenant, for the tenants that wait (requests that name none are not
+    /// listed).
+    pub waiting_by_tenant: Vec<(String, usize)>,
     /// How long the server's word keeps it closed, if it does.
     pub closed_for: Option<Duration>,
     /// For a group with concurrency slots: how many are free now.
@@ -217,6 +230,10 @@ impl<C: fmt::Debug, L: Backend + fmt::Debug> fmt::Debug for Limits<C, L> {
 /// |---|---|---|
 /// | [`max_queue`](Self::max_queue) | 1,024 | requests that may wait per bucket; more get [`QueueFull`](super::error::QueueFull) |
 /// | [`max_wait`](Self::max_wait) | 30 s | the longest a request waits; longer gets [`RateLimited`](super::error::RateLimited). A request's own [`MaxWait`](super::MaxWait) overrides it |
+/// | [`priority_max_wait`](Self::priority_max_wait) | none | a priority's own `max_wait` |
+/// | [`min_share`](Self::min_share) | normal 20%, background 10% | the least share of the turns a less urgent priority gets while it waits |
+/// | [`tenant_weight`](Self::tenant_weight) | 1 | a tenant's weight in its priority's share of the turns |
+/// | [`tenant_from`](Self::tenant_from), [`priority_from`](Self::priority_from) | none | read a request's tenant and priority from its headers when it carries no extension |
 /// | [`max_buckets`](Self::max_buckets) | 65,536 | live buckets kept; idle ones go first, and a bucket in use never goes (new keys get [`TooManyBuckets`](super::error::TooManyBuckets) instead) |
 /// | [`idle_timeout`](Self::idle_timeout) | 60 s | unused this long (and refilled), a bucket may go |
 /// | [`max_pause`](Self::max_pause) | 60 s | the longest the server's word may close a bucket |
@@ -251,6 +268,59 @@ impl<C, L> LimitsBuilder<C, L> {
     /// The longest a request waits for its turn, unless it carries a [`MaxWait`](super::MaxWait).
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.settings.max_wait = max_wait;
+        self
+    }
+
+    /// The least share of a bucket's turns `priority` gets while it has waiters and more
+    /// urgent requests wait too, between 0 and 1 (a value outside is taken as the nearest
+    /// end). By default 20% for [`Priority::Normal`] and 10% for [`Priority::Background`]; an
+    /// [`Priority::Interactive`] request goes first anyway. See the [module docs](super).
+    pub fn min_share(mut self, priority: Priority, share: f64) -> Self {
+        let share = if share.is_nan() {
+            0.0
+        } else {
+            share.clamp(0.0, 1.0)
+        };
+        self.settings.shares.min_share[priority.index()] =
+            (share * f64::from(WHOLE_TURN)).round() as u32;
+        self
+    }
+
+    /// The longest a request of `priority` waits for its turn, instead of
+    /// [`max_wait`](Self::max_wait), unless it carries a [`MaxWait`](super::MaxWait): an
+    /// interactive request may rather fail fast than wait a minute.
+    pub fn priority_max_wait(mut self, priority: Priority, max_wait: Duration) -> Self {
+        self.settings.shares.max_wait[priority.index()] = Some(max_wait);
+        self
+    }
+
+    /// The weight of the tenant called `name` (see [`Tenant`]): within a priority, tenants
+    /// with waiters share a bucket's turns in proportion to their weights. 1 for a tenant
+    /// not named here; 0 counts as 1.
+    pub fn tenant_weight(mut self, name: &str, weight: u32) -> Self {
+        let id = Tenant::new(name).id();
+        self.settings.shares.weights.insert(id, weight.max(1));
+        self
+    }
+
+    /// Reads the [`Tenant`] of a request that carries none as an extension from its headers:
+    /// a header a gateway sets after it authenticates the caller, say. Read only for requests
+    /// that wait. Requests it gives no tenant for share the default tenant.
+    pub fn tenant_from<F>(mut self, read: F) -> Self
+    where
+        F: Fn(&http::HeaderMap) -> Option<Tenant> + Send + Sync + 'static,
+    {
+        self.settings.shares.tenant_from = Some(Arc::new(read));
+        self
+    }
+
+    /// Reads the [`Priority`] of a request that carries none as an extension from its
+    /// headers. Requests it gives no priority for are [`Priority::Normal`].
+    pub fn priority_from<F>(mut self, read: F) -> Self
+    where
+        F: Fn(&http::HeaderMap) -> Option<Priority> + Send + Sync + 'static,
+    {
+        self.settings.shares.priority_from = Some(Arc::new(read));
         self
     }
 
@@ -371,6 +441,7 @@ impl<C, L> LimitsBuilder<C, L> {
                 .map(|group| Arc::from(group.name()))
                 .collect(),
             model_names: ModelNames::default(),
+            min_share: self.settings.shares.min_share,
             table: self.table,
         });
         Limits {

@@ -9,6 +9,23 @@
 //!   retry layer sends again goes before those not sent yet. Only the head waiter asks the
 //!   backend and sleeps, for exactly the time it is told; there is no thundering herd. When
 //!   nobody waits, a request that fits goes straight through.
+//! - **Priorities and fair shares.** A request may say how urgent it is ([`Priority`]) and
+//!   whom it is for ([`Tenant`]), as extensions, or the limits may read both from its headers
+//!   ([`tenant_from`](LimitsBuilder::tenant_from),
+//!   [`priority_from`](LimitsBuilder::priority_from)). A waiting interactive request goes
+//!   before normal ones, and they before background ones; a less urgent priority keeps a
+//!   minimum share of the turns while it waits (20% for normal, 10% for background:
+//!   [`min_share`](LimitsBuilder::min_share)), and each may have its own `max_wait`
+//!   ([`priority_max_wait`](LimitsBuilder::priority_max_wait)). Within a priority, the tenants
+//!   that wait share the turns by their weights
+//!   ([`tenant_weight`](LimitsBuilder::tenant_weight), equal by default), each request counted
+//!   by its cost (its tokens in a bucket with a token budget): start-time fair queuing, so a
+//!   tenant that stops waiting leaves its share to the others at once, and one that comes back
+//!   gets its share from its next request. Neither is sent upstream (a header the limits read
+//!   them from is the caller's to remove). A service that names neither keeps the order
+//!   above. With a shared backend (Redis) the quota stays one for every process, and each
+//!   process orders its own waiters: priorities and shares hold within a process, not across
+//!   processes.
 //! - **Both quotas at once.** A request's turn takes its request and its estimated tokens
 //!   together, or neither: one quota's wait never spends the other's capacity. The token
 //!   charge is corrected from the answer's `usage`, once: when the body ends, when a
@@ -51,12 +68,13 @@
 //! | folder | owns |
 //! |---|---|
 //! | `admission/` | a request's arrival: its bucket, its cost, the fast path, and the wait for its turn; the state every clone of [`Limits`] shares |
-//! | `bucket/` | one bucket (its rates, closure, epoch) and what an answer teaches it; its queue of waiters; the bounded map of live buckets |
+//! | `bucket/` | one bucket (its rates, closure, epoch) and what an answer teaches it; its queue of waiters and their order (`fair`); the bounded map of live buckets |
 //! | `learn/` | what answers teach, without naming a bucket: the ticket a request carries to its answer, the rate controller ([`Adaptation`]), and the response body watcher, all through one small `Feedback` trait the bucket implements |
 //! | `jobs/` | job slots held until a job ends, and reading job answers |
 //! | `backend/` | the [`Backend`] trait, the in-process [`LocalBackend`], and the GCRA that reads no clock |
 //!
-//! `error` and `estimate` import no folder. `tests/rooms.rs` fails if a folder imports one
+//! `error`, `estimate` and `share` (who a request is for, and how urgent it is) import no
+//! folder. `tests/rooms.rs` fails if a folder imports one
 //! before it, which any circle between folders would need.
 //!
 //! # Example
@@ -100,6 +118,7 @@ mod layer;
 mod learn;
 mod limits;
 mod service;
+mod share;
 
 pub use self::admission::MaxWait;
 pub use self::backend::{
@@ -110,6 +129,7 @@ pub use self::layer::RateLimitLayer;
 pub use self::learn::adapt::{Adaptation, Mode, RateChanges};
 pub use self::limits::{BucketSnapshot, Limits, LimitsBuilder};
 pub use self::service::RateLimit;
+pub use self::share::{Priority, Tenant};
 
 /// The in-process backend's former name.
 #[deprecated(note = "renamed `LocalBackend`: the trait it implements is `Backend`")]

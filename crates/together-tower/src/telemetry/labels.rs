@@ -1,4 +1,4 @@
-//! Model names as metric labels: a bounded set that follows recent traffic.
+//! Names as metric labels (models, tenants): a bounded set that follows recent traffic.
 //!
 //! A metrics backend keeps a series for every label value it ever saw, so the set of model
 //! labels must be bounded; but a fixed "first 64 names seen" would hide a model that became
@@ -28,14 +28,14 @@ const CANDIDATES: usize = 4 * MODEL_LABELS;
 
 /// The labels in force, and the names waiting for one.
 #[derive(Debug, Default)]
-pub(crate) struct ModelLabels {
+pub(crate) struct BoundedLabels {
     /// Each label, and when it was last used.
     labels: HashMap<String, Instant>,
     /// Names without a label, and their uses since they were first counted.
     candidates: HashMap<String, u32>,
 }
 
-impl ModelLabels {
+impl BoundedLabels {
     /// The label for `model`, used now: the name itself, or `"other"`.
     pub(crate) fn label(&mut self, model: &str, now: Instant) -> String {
         if let Some(last_used) = self.labels.get_mut(model) {
@@ -78,7 +78,7 @@ mod tests {
     #[test]
     fn a_model_that_becomes_busy_later_gets_a_label_once_an_old_one_goes_quiet() {
         let start = Instant::now();
-        let mut labels = ModelLabels::default();
+        let mut labels = BoundedLabels::default();
         for i in 0..MODEL_LABELS {
             assert_eq!(
                 labels.label(&format!("early-{i}"), start),

@@ -4,8 +4,8 @@
 //!
 //! No key ever appears: events name a caller by its fingerprint (`key`), and metrics carry no
 //! caller at all. Metric labels are bounded: the endpoint class (13 values), the quota group,
-//! the model (at most [`MODEL_LABELS`] live at once, following recent traffic, then
-//! `"other"`: see [`labels`]), and a coarse status. The events and metrics are listed in the
+//! the model and the tenant (each at most [`MODEL_LABELS`] live at once, following recent
+//! traffic, then `"other"`: see [`labels`]), the priority (3 values), and a coarse status. The events and metrics are listed in the
 //! crate docs, for users.
 
 use std::time::Duration;
@@ -14,6 +14,7 @@ use http::StatusCode;
 
 use crate::classify::EndpointClass;
 use crate::key::ApiKeyId;
+use crate::limit::Priority;
 
 #[cfg(feature = "metrics")]
 mod labels;
@@ -100,13 +101,29 @@ pub(crate) fn queued(class: EndpointClass, model: Option<&str>, ahead: usize, es
         .increment(1.0);
 }
 
-/// A queued request left the queue: its turn came (`sent`) or it gave up.
-pub(crate) fn left_queue(class: EndpointClass, model: Option<&str>, waited: Duration, sent: bool) {
+/// A waiter leaving its queue: what telemetry says of it.
+pub(crate) struct Leaving<'a> {
+    pub(crate) class: EndpointClass,
+    pub(crate) model: Option<&'a str>,
+    pub(crate) priority: Priority,
+    pub(crate) tenant: Option<&'a str>,
+}
+
+/// A waiter left its queue: its turn taken (`sent`), or its place given up.
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn left_queue(leaving: &Leaving<'_>, waited: Duration, sent: bool) {
+    let Leaving {
+        class,
+        model,
+        priority,
+        tenant,
+    } = *leaving;
     let waited_ms = waited.as_millis() as u64;
+    let priority_name = priority.as_str();
     if sent {
-        tracing::debug!(target: "together_tower", class = %class, model, waited_ms, "turn taken");
+        tracing::debug!(target: "together_tower", class = %class, model, priority = priority_name, tenant, waited_ms, "turn taken");
     } else {
-        tracing::debug!(target: "together_tower", class = %class, model, waited_ms, "gave up its place");
+        tracing::debug!(target: "together_tower", class = %class, model, priority = priority_name, tenant, waited_ms, "gave up its place");
     }
     #[cfg(feature = "metrics")]
     {
@@ -118,6 +135,13 @@ pub(crate) fn left_queue(class: EndpointClass, model: Option<&str>, waited: Dura
                 .increment(1);
             metrics::histogram!("together_tower_wait_seconds", "class" => class.as_str())
                 .record(waited.as_secs_f64());
+            metrics::histogram!("together_tower_queue_wait_seconds", "priority" => priority_name)
+                .record(waited.as_secs_f64());
+            metrics::counter!(
+                "together_tower_queued_turns_total",
+                "priority" => priority_name, "tenant" => tenant_label(tenant)
+            )
+            .increment(1);
         }
     }
 }
@@ -363,16 +387,32 @@ pub(crate) fn fell_back(class: EndpointClass, from: Option<&str>, to: &str) {
 /// [`MODEL_LABELS`] places (see [`labels`]), `"other"` otherwise, `"none"` without one.
 #[cfg(feature = "metrics")]
 fn model_label(model: Option<&str>) -> String {
-    use std::sync::{Mutex, OnceLock, PoisonError};
+    static LABELS: std::sync::OnceLock<std::sync::Mutex<labels::BoundedLabels>> =
+        std::sync::OnceLock::new();
+    bounded_label(&LABELS, model)
+}
 
-    static LABELS: OnceLock<Mutex<labels::ModelLabels>> = OnceLock::new();
-    let Some(model) = model else {
+/// A tenant's name as a metric label, bounded as model names are (see [`labels`]).
+#[cfg(feature = "metrics")]
+fn tenant_label(tenant: Option<&str>) -> String {
+    static LABELS: std::sync::OnceLock<std::sync::Mutex<labels::BoundedLabels>> =
+        std::sync::OnceLock::new();
+    bounded_label(&LABELS, tenant)
+}
+
+/// `name` as a label of the set `labels`: itself, `"other"`, or `"none"` without a name.
+#[cfg(feature = "metrics")]
+fn bounded_label(
+    labels: &std::sync::OnceLock<std::sync::Mutex<labels::BoundedLabels>>,
+    name: Option<&str>,
+) -> String {
+    let Some(name) = name else {
         return "none".to_owned();
     };
-    let model = crate::model_name::bounded_str(model);
-    LABELS
-        .get_or_init(Mutex::default)
+    let name = crate::model_name::bounded_str(name);
+    labels
+        .get_or_init(std::sync::Mutex::default)
         .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .label(&model, tokio::time::Instant::now())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .label(&name, tokio::time::Instant::now())
 }

@@ -21,6 +21,7 @@ use crate::limit::error::{QueueFull, RateLimited, Refusal, TooManyBuckets, TooMa
 use crate::limit::estimate::TokenRequest;
 use crate::limit::jobs::{self, Slots};
 use crate::limit::learn::Ticket;
+use crate::limit::share::Who;
 use crate::retry::Attempt;
 use crate::telemetry;
 
@@ -66,10 +67,10 @@ impl<C: Classify, L: Backend> Inner<C, L> {
             Ok(cost) => cost,
             Err(too_large) => return Admission::Refuse(too_large.into()),
         };
-        let max_wait = request
-            .extensions()
-            .get::<MaxWait>()
-            .map_or(self.settings.max_wait, |max_wait| max_wait.0);
+        let max_wait = match request.extensions().get::<MaxWait>() {
+            Some(max_wait) => max_wait.0,
+            None => (self.settings.shares.max_wait(request)).unwrap_or(self.settings.max_wait),
+        };
 
         match self.fast_path(&bucket, cost, max_wait, class) {
             FastPath::Go(permit, now) => {
@@ -90,7 +91,8 @@ impl<C: Classify, L: Backend> Inner<C, L> {
                     Some(attempt) if attempt.0 > 0 => Lane::Retry,
                     _ => Lane::New,
                 };
-                self.queue(bucket, cost, class, lane, max_wait, reads_jobs)
+                let who = self.settings.shares.who(request);
+                self.queue(bucket, cost, class, (who, lane), max_wait, reads_jobs)
             }
         }
     }
@@ -149,7 +151,7 @@ impl<C: Classify, L: Backend> Inner<C, L> {
         bucket: Arc<Bucket<L>>,
         cost: Cost,
         class: EndpointClass,
-        lane: Lane,
+        (who, lane): (Who, Lane),
         max_wait: Duration,
         reads_jobs: Option<Arc<Slots>>,
     ) -> Admission<L> {
@@ -159,14 +161,15 @@ impl<C: Classify, L: Backend> Inner<C, L> {
             return refuse(class, RateLimited::new(estimate, class));
         }
         let ahead = bucket.queue_len();
-        let Some(place) = Place::take(&bucket, lane, self.settings.max_queue, cost) else {
+        let Some(place) = Place::take(&bucket, who.clone(), lane, self.settings.max_queue, cost)
+        else {
             return refuse(
                 class,
                 QueueFull::new(self.settings.max_queue, estimate, class),
             );
         };
         telemetry::queued(class, bucket.model.as_deref(), ahead, estimate);
-        let turn = Turn::new(place, cost, class, now, max_wait);
+        let turn = Turn::new(place, (cost, who), class, now, max_wait);
         Admission::Wait {
             turn: Box::new(turn),
             ticket: Ticket::new(bucket, cost, class, now),

@@ -15,6 +15,7 @@ use super::bucket::map::BucketMap;
 use super::bucket::{BucketContext, BucketKey};
 use super::estimate::EstimateTokens;
 use super::jobs::JobTimes;
+use super::share::ShareSettings;
 use crate::body::RequestMeta;
 use crate::classify::{Classify, EndpointClass};
 use crate::key::KeyHasher;
@@ -35,6 +36,7 @@ pub(crate) struct Settings {
     pub(crate) max_buckets: usize,
     pub(crate) idle_timeout: Duration,
     pub(crate) job_times: JobTimes,
+    pub(crate) shares: ShareSettings,
 }
 
 impl Default for Settings {
@@ -45,6 +47,7 @@ impl Default for Settings {
             max_buckets: 65_536,
             idle_timeout: Duration::from_secs(60),
             job_times: JobTimes::default(),
+            shares: ShareSettings::default(),
         }
     }
 }

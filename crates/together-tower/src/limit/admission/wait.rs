@@ -24,6 +24,7 @@ use crate::limit::backend::{Backend, Cost, Decision, Immediate};
 use crate::limit::bucket::Bucket;
 use crate::limit::bucket::queue::{Place, Position};
 use crate::limit::error::{RateLimited, Refusal, SlotsBusy, TooManyTokens};
+use crate::limit::share::Who;
 use crate::telemetry;
 
 type Acquiring = Pin<Box<dyn Future<Output = Result<Decision, BoxError>> + Send>>;
@@ -45,6 +46,8 @@ pub(crate) struct Turn<L: Backend> {
     place: Option<Place<Bucket<L>>>,
     cost: Cost,
     class: EndpointClass,
+    /// Its priority and tenant, for telemetry.
+    who: Who,
     arrived: Duration,
     /// The latest clock reading at which the request may still go.
     deadline: Duration,
@@ -78,7 +81,7 @@ enum Slot {
 impl<L: Backend> Turn<L> {
     pub(crate) fn new(
         place: Place<Bucket<L>>,
-        cost: Cost,
+        (cost, who): (Cost, Who),
         class: EndpointClass,
         now: Duration,
         max_wait: Duration,
@@ -91,6 +94,7 @@ impl<L: Backend> Turn<L> {
             place: Some(place),
             cost,
             class,
+            who,
             arrived: now,
             deadline: now.saturating_add(max_wait),
             slot,
@@ -110,7 +114,13 @@ impl<L: Backend> Turn<L> {
     fn record_leaving(&self, sent: bool) {
         let bucket = self.bucket();
         let waited = bucket.context.clock.elapsed().saturating_sub(self.arrived);
-        telemetry::left_queue(self.class, bucket.model.as_deref(), waited, sent);
+        let leaving = telemetry::Leaving {
+            class: self.class,
+            model: bucket.model.as_deref(),
+            priority: self.who.priority,
+            tenant: self.who.tenant_name(),
+        };
+        telemetry::left_queue(&leaving, waited, sent);
     }
 
     fn place(&self) -> &Place<Bucket<L>> {
@@ -432,7 +442,9 @@ impl<L: Backend> Turn<L> {
         // The turn is used: nothing to give back.
         self.taken = false;
         self.record_leaving(true);
-        self.place = None;
+        if let Some(place) = self.place.take() {
+            place.went();
+        }
         match std::mem::replace(&mut self.slot, Slot::None) {
             Slot::Held(permit) => Some(permit),
             Slot::None | Slot::Acquiring(_) => None,

@@ -15,8 +15,10 @@ use crate::limit::backend::gcra::{self, nanos};
 use crate::limit::backend::{Backend, BucketSpec, Cost, Pace, Rates};
 use crate::limit::jobs::{JobTimes, Slots};
 use crate::limit::learn::adapt::{Adaptation, Controller, RateChanges};
+use crate::limit::share::Tenant;
 use crate::quota::{Group, GroupId, QuotaTable, Rate};
 
+pub(crate) mod fair;
 mod learn;
 pub(crate) mod map;
 pub(crate) mod names;
@@ -163,6 +165,8 @@ pub(crate) struct BucketContext<L> {
     pub(crate) group_names: Vec<Arc<str>>,
     /// Model names, shared by the buckets of each model.
     pub(crate) model_names: ModelNames,
+    /// Each priority's minimum share of a queue's turns, in millionths.
+    pub(crate) min_share: [u32; 3],
 }
 
 /// One bucket. Times are readings of the limiter's clock, in nanoseconds.
@@ -396,6 +400,11 @@ impl<L: Backend> Bucket<L> {
         self.queue.len()
     }
 
+    /// Its waiters by priority and by tenant (see [`Queue::census`]).
+    pub(crate) fn census(&self) -> ([usize; 3], Vec<(Tenant, usize)>) {
+        self.queue.census()
+    }
+
     /// Records the backend's word that no turn is free until `at`.
     pub(crate) fn next_turn_at(&self, at: Duration) {
         self.next_turn.store(nanos(at), Ordering::Release);
@@ -446,6 +455,10 @@ impl<L: Backend> HasQueue for Bucket<L> {
         self.context.backend.release(&self.state, cost, now);
         self.queue.refilled();
     }
+
+    fn min_share(&self) -> [u32; 3] {
+        self.context.min_share
+    }
 }
 #[cfg(test)]
 mod tests {
@@ -456,12 +469,13 @@ mod tests {
 
     /// A gateway may hold a million live buckets: a bucket that has learned nothing carries
     /// no controller, and its group's and model's names are shared with the other buckets of
-    /// the group and the model. With its `Arc` and its map entry, a live bucket holds about
-    /// 290 bytes of heap (the `buckets` benchmark).
+    /// the group and the model, and its queue's waiters live on the heap only while there
+    /// are some. With its `Arc` and its map entry, a live bucket holds about 280 bytes of
+    /// heap (the `buckets` benchmark).
     #[test]
     fn a_bucket_that_learned_nothing_stays_small() {
         assert!(
-            size_of::<Bucket<LocalBackend>>() <= 208,
+            size_of::<Bucket<LocalBackend>>() <= 192,
             "a bucket is {} bytes",
             size_of::<Bucket<LocalBackend>>()
         );

@@ -1,10 +1,13 @@
-//! The queue of one bucket: first come, first served, with retries first.
+//! The queue of one bucket: by priority, fairly between tenants, and otherwise first come,
+//! first served, with retries first (the order is [`fair`](super::fair)'s).
 //!
 //! Only the request at the head asks the backend for a turn and sleeps until it; the rest
 //! wait for the head to go, so there is no thundering herd. A retried request (one the retry
-//! layer sends again) goes in a lane of its own that is served first: a 429 must not send a
-//! request to the back of a long queue. A place is given up when its request goes, fails, or
-//! is dropped, and the next head is woken.
+//! layer sends again) goes in a lane of its own that is served first within its priority: a
+//! 429 must not send a request to the back of a long queue. A place is given up when its
+//! request goes, fails, or is dropped, and the next head is woken. A more urgent request
+//! that arrives becomes the head at once; the head it displaced finds, when its sleep ends,
+//! that it is no longer the head, and waits again.
 //!
 //! The head may also grant its turn-taking to the waiter right behind it: when the head waits
 //! only for tokens, the requests behind it whose tokens fit now may go first, in order (see
@@ -24,7 +27,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
+use super::fair::{Fair, Key};
 use crate::limit::backend::Cost;
+use crate::limit::share::{Priority, Tenant, Who};
 
 /// Which lane a request waits in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -35,8 +40,6 @@ pub(crate) enum Lane {
     New,
 }
 
-type Ticket = (Lane, u64);
-
 /// The queue itself.
 #[derive(Debug, Default)]
 pub(crate) struct Queue {
@@ -44,12 +47,51 @@ pub(crate) struct Queue {
     /// the lock's own word: a queue never holds four billion waiters, and every bucket has a
     /// queue.
     len: AtomicU32,
-    lanes: Mutex<Lanes>,
+    /// Made when the first place is taken and dropped with the last: most buckets have no
+    /// waiters most of the time, and every bucket has a queue.
+    waiters: Mutex<Option<Box<Waiters>>>,
 }
 
+/// The places of a queue that has waiters, and the state that orders them.
 #[derive(Debug, Default)]
-struct Lanes {
-    waiting: BTreeMap<Ticket, Entry>,
+struct Waiters {
+    places: BTreeMap<Key, Entry>,
+    fair: Fair,
+}
+
+impl Waiters {
+    /// The place whose request goes next (see [`fair`](super::fair)).
+    fn head(&self) -> Option<Key> {
+        if !self.fair.owes_any() {
+            return self.places.keys().next().copied();
+        }
+        let priority = self.fair.next_priority(self.waiting())?;
+        self.first_of(priority)
+    }
+
+    fn first_of(&self, priority: Priority) -> Option<Key> {
+        self.places
+            .range(Key::first_of(priority)..)
+            .next()
+            .map(|(key, _)| *key)
+            .filter(|key| key.priority == priority)
+    }
+
+    /// Which priorities have waiters.
+    fn waiting(&self) -> [bool; 3] {
+        Priority::ALL.map(|priority| self.first_of(priority).is_some())
+    }
+
+    /// Wakes the head, if it waits with a waker.
+    fn wake_head(&self) {
+        if let Some(waker) = self
+            .head()
+            .and_then(|head| self.places.get(&head))
+            .and_then(|entry| entry.waker.as_ref())
+        {
+            waker.wake_by_ref();
+        }
+    }
 }
 
 /// Numbers places in the order they were taken: one counter for every queue, so a queue
@@ -64,6 +106,8 @@ struct Entry {
     grant: Grant,
     /// Capacity came back since the head last asked the backend.
     refilled: bool,
+    /// Whom it is for, if it said: for snapshots.
+    tenant: Option<Tenant>,
 }
 
 /// Whether the head took a waiter's turn for it.
@@ -101,8 +145,11 @@ impl Queue {
         if self.is_empty() {
             return;
         }
-        let mut lanes = self.lanes();
-        if let Some(head) = lanes.waiting.values_mut().next() {
+        let mut waiters = self.waiters();
+        let Some(waiters) = waiters.as_deref_mut() else {
+            return;
+        };
+        if let Some(head) = waiters.head().and_then(|key| waiters.places.get_mut(&key)) {
             head.refilled = true;
             if let Some(waker) = &head.waker {
                 waker.wake_by_ref();
@@ -110,8 +157,34 @@ impl Queue {
         }
     }
 
-    fn lanes(&self) -> MutexGuard<'_, Lanes> {
-        self.lanes.lock().unwrap_or_else(PoisonError::into_inner)
+    fn waiters(&self) -> MutexGuard<'_, Option<Box<Waiters>>> {
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many wait, by priority (in the order of [`Priority::ALL`]) and by tenant (those
+    /// that named one).
+    pub(crate) fn census(&self) -> ([usize; 3], Vec<(Tenant, usize)>) {
+        let mut by_priority = [0; 3];
+        let mut by_tenant: Vec<(Tenant, usize)> = Vec::new();
+        if let Some(waiters) = self.waiters().as_deref() {
+            for (key, entry) in &waiters.places {
+                by_priority[key.priority.index()] += 1;
+                let Some(tenant) = &entry.tenant else {
+                    continue;
+                };
+                match by_tenant.iter_mut().find(|(seen, _)| seen == tenant) {
+                    Some((_, count)) => *count += 1,
+                    None => by_tenant.push((tenant.clone(), 1)),
+                }
+            }
+        }
+        (by_priority, by_tenant)
+    }
+
+    /// Runs `read` on the entry of `key`, if it still waits.
+    fn with_entry<T>(&self, key: &Key, read: impl FnOnce(&mut Entry) -> T) -> Option<T> {
+        let mut waiters = self.waiters();
+        waiters.as_deref_mut()?.places.get_mut(key).map(read)
     }
 }
 
@@ -124,18 +197,29 @@ pub(crate) trait HasQueue: Send + Sync {
 
     /// Gives back a cost that was granted to a place whose request never went.
     fn give_back_grant(&self, cost: Cost);
+
+    /// Each priority's minimum share of the turns while it waits, in millionths.
+    fn min_share(&self) -> [u32; 3];
 }
 
 /// A place in a bucket's queue, given up on drop.
 pub(crate) struct Place<B: HasQueue + ?Sized> {
     owner: Arc<B>,
-    ticket: Ticket,
+    key: Key,
+    /// Its request went: its turn counts for the order of those after it.
+    went: bool,
 }
 
 impl<B: HasQueue + ?Sized> Place<B> {
-    /// Takes a place in `lane`, unless `max_queue` places are taken already. The bound is
-    /// exact: places are counted before anyone waits in them.
-    pub(crate) fn take(owner: &Arc<B>, lane: Lane, max_queue: usize, cost: Cost) -> Option<Self> {
+    /// Takes a place for `who` in `lane`, unless `max_queue` places are taken already. The
+    /// bound is exact: places are counted before anyone waits in them.
+    pub(crate) fn take(
+        owner: &Arc<B>,
+        who: Who,
+        lane: Lane,
+        max_queue: usize,
+        cost: Cost,
+    ) -> Option<Self> {
         let queue = owner.queue();
         queue
             .len
@@ -143,22 +227,26 @@ impl<B: HasQueue + ?Sized> Place<B> {
                 ((len as usize) < max_queue).then(|| len.saturating_add(1))
             })
             .ok()?;
-        let mut lanes = queue.lanes();
+        let mut waiters = queue.waiters();
+        let waiters = waiters.get_or_insert_with(Box::default);
         // Under the queue's lock, so places of one queue are numbered in the order they
         // enter it.
-        let ticket = (lane, ARRIVALS.fetch_add(1, Ordering::Relaxed));
-        lanes.waiting.insert(
-            ticket,
+        let seq = ARRIVALS.fetch_add(1, Ordering::Relaxed);
+        let key = waiters.fair.key(&who, lane, cost, seq);
+        waiters.places.insert(
+            key,
             Entry {
                 waker: None,
                 cost,
                 grant: Grant::None,
                 refilled: false,
+                tenant: who.tenant,
             },
         );
         Some(Self {
             owner: Arc::clone(owner),
-            ticket,
+            key,
+            went: false,
         })
     }
 
@@ -166,9 +254,12 @@ impl<B: HasQueue + ?Sized> Place<B> {
     /// (which it then owns); otherwise the task is woken once either may be so. The head's
     /// task is kept too, for [`Queue::refilled`] to wake.
     pub(crate) fn poll_position(&self, cx: &mut Context<'_>) -> Poll<Position> {
-        let mut lanes = self.owner.queue().lanes();
-        let head = lanes.waiting.keys().next() == Some(&self.ticket);
-        let Some(entry) = lanes.waiting.get_mut(&self.ticket) else {
+        let mut waiters = self.owner.queue().waiters();
+        let Some(waiters) = waiters.as_deref_mut() else {
+            return Poll::Pending;
+        };
+        let head = waiters.head() == Some(self.key);
+        let Some(entry) = waiters.places.get_mut(&self.key) else {
             return Poll::Pending;
         };
         if entry.grant == Grant::Granted {
@@ -189,10 +280,13 @@ impl<B: HasQueue + ?Sized> Place<B> {
     /// `take` takes its cost. `false` when there is none, or its cost does not fit: those
     /// further back wait, in order.
     pub(crate) fn grant_next(&self, take: impl FnOnce(Cost) -> bool) -> bool {
-        let mut lanes = self.owner.queue().lanes();
-        let Some((_, entry)) = lanes
-            .waiting
-            .range_mut((Bound::Excluded(self.ticket), Bound::Unbounded))
+        let mut waiters = self.owner.queue().waiters();
+        let Some(waiters) = waiters.as_deref_mut() else {
+            return false;
+        };
+        let Some((_, entry)) = waiters
+            .places
+            .range_mut((Bound::Excluded(self.key), Bound::Unbounded))
             .find(|(_, entry)| entry.grant == Grant::None)
         else {
             return false;
@@ -210,19 +304,24 @@ impl<B: HasQueue + ?Sized> Place<B> {
     /// Whether capacity came back since the last call: the head calls it before it asks the
     /// backend, and again when woken from its sleep.
     pub(crate) fn take_refilled(&self) -> bool {
-        let mut lanes = self.owner.queue().lanes();
-        lanes
-            .waiting
-            .get_mut(&self.ticket)
-            .is_some_and(|entry| std::mem::take(&mut entry.refilled))
+        self.owner
+            .queue()
+            .with_entry(&self.key, |entry| std::mem::take(&mut entry.refilled))
+            .unwrap_or(false)
     }
 
     /// A granted turn was given back (the service below was busy): the place waits again,
     /// and may be granted again.
     pub(crate) fn unclaim(&self) {
-        if let Some(entry) = self.owner.queue().lanes().waiting.get_mut(&self.ticket) {
-            entry.grant = Grant::None;
-        }
+        self.owner
+            .queue()
+            .with_entry(&self.key, |entry| entry.grant = Grant::None);
+    }
+
+    /// Its request goes: the place is given up, and its turn counts for the order of the
+    /// places after it.
+    pub(crate) fn went(mut self) {
+        self.went = true;
     }
 
     pub(crate) fn owner(&self) -> &Arc<B> {
@@ -233,25 +332,33 @@ impl<B: HasQueue + ?Sized> Place<B> {
 impl<B: HasQueue + ?Sized> Drop for Place<B> {
     fn drop(&mut self) {
         let queue = self.owner.queue();
-        let mut lanes = queue.lanes();
-        let was_head = lanes.waiting.keys().next() == Some(&self.ticket);
-        let unclaimed = lanes
-            .waiting
-            .remove(&self.ticket)
+        let mut guard = queue.waiters();
+        let Some(waiters) = guard.as_deref_mut() else {
+            return;
+        };
+        let was_head = waiters.head() == Some(self.key);
+        let unclaimed = waiters
+            .places
+            .remove(&self.key)
             .filter(|entry| entry.grant == Grant::Granted)
             .map(|entry| entry.cost);
         queue.len.fetch_sub(1, Ordering::AcqRel);
-        if was_head {
-            if let Some(waker) = lanes
-                .waiting
-                .values()
-                .next()
-                .and_then(|entry| entry.waker.as_ref())
-            {
-                waker.wake_by_ref();
+        if waiters.places.is_empty() {
+            // The busy spell is over: the order starts afresh with the next.
+            *guard = None;
+        } else {
+            if self.went {
+                let (waiting, count) = (waiters.waiting(), waiters.places.len());
+                waiters
+                    .fair
+                    .went(self.key, waiting, self.owner.min_share(), count);
+            }
+            // A turn that went may make a less urgent place the head: wake whoever it is.
+            if was_head || self.went {
+                waiters.wake_head();
             }
         }
-        drop(lanes);
+        drop(guard);
         if let Some(cost) = unclaimed {
             self.owner.give_back_grant(cost);
         }
@@ -261,7 +368,8 @@ impl<B: HasQueue + ?Sized> Drop for Place<B> {
 impl<B: HasQueue + ?Sized> std::fmt::Debug for Place<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Place")
-            .field("lane", &self.ticket.0)
+            .field("priority", &self.key.priority)
+            .field("lane", &self.key.lane)
             .finish_non_exhaustive()
     }
 }
@@ -282,6 +390,10 @@ mod tests {
 
         fn give_back_grant(&self, cost: Cost) {
             self.1.lock().unwrap().push(cost);
+        }
+
+        fn min_share(&self) -> [u32; 3] {
+            [0, 200_000, 100_000]
         }
     }
 
@@ -307,10 +419,10 @@ mod tests {
     #[test]
     fn places_are_served_in_order_with_retries_first() {
         let owner = Arc::new(Owner::default());
-        let a = Place::take(&owner, Lane::New, 10, tokens(1)).unwrap();
-        let b = Place::take(&owner, Lane::New, 10, tokens(1)).unwrap();
+        let a = Place::take(&owner, Who::default(), Lane::New, 10, tokens(1)).unwrap();
+        let b = Place::take(&owner, Who::default(), Lane::New, 10, tokens(1)).unwrap();
         assert!(is_head(&a) && !is_head(&b));
-        let retry = Place::take(&owner, Lane::Retry, 10, tokens(1)).unwrap();
+        let retry = Place::take(&owner, Who::default(), Lane::Retry, 10, tokens(1)).unwrap();
         // The retry goes before everything that has not been sent yet.
         assert!(is_head(&retry) && !is_head(&a));
         drop(retry);
@@ -325,10 +437,10 @@ mod tests {
     #[test]
     fn the_head_grants_the_waiters_behind_it_in_order_while_their_costs_fit() {
         let owner = Arc::new(Owner::default());
-        let head = Place::take(&owner, Lane::New, 10, tokens(500)).unwrap();
-        let small = Place::take(&owner, Lane::New, 10, tokens(10)).unwrap();
-        let big = Place::take(&owner, Lane::New, 10, tokens(400)).unwrap();
-        let last = Place::take(&owner, Lane::New, 10, tokens(10)).unwrap();
+        let head = Place::take(&owner, Who::default(), Lane::New, 10, tokens(500)).unwrap();
+        let small = Place::take(&owner, Who::default(), Lane::New, 10, tokens(10)).unwrap();
+        let big = Place::take(&owner, Who::default(), Lane::New, 10, tokens(400)).unwrap();
+        let last = Place::take(&owner, Who::default(), Lane::New, 10, tokens(10)).unwrap();
         let fits = |cost: Cost| cost.tokens <= 100;
         assert!(head.grant_next(fits));
         // The big one is next: it does not fit, and the one behind it waits its turn.
@@ -353,10 +465,10 @@ mod tests {
     fn the_bound_is_exact() {
         let owner = Arc::new(Owner::default());
         let places: Vec<_> = (0..3)
-            .map(|_| Place::take(&owner, Lane::New, 3, tokens(1)).unwrap())
+            .map(|_| Place::take(&owner, Who::default(), Lane::New, 3, tokens(1)).unwrap())
             .collect();
-        assert!(Place::take(&owner, Lane::Retry, 3, tokens(1)).is_none());
+        assert!(Place::take(&owner, Who::default(), Lane::Retry, 3, tokens(1)).is_none());
         drop(places);
-        assert!(Place::take(&owner, Lane::New, 3, tokens(1)).is_some());
+        assert!(Place::take(&owner, Who::default(), Lane::New, 3, tokens(1)).is_some());
     }
 }

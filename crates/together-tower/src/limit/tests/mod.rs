@@ -9,6 +9,7 @@ mod jobs;
 mod map;
 mod pacing;
 mod servers;
+mod shares;
 mod streams;
 mod tokens;
 
