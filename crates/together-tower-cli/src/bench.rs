@@ -15,6 +15,10 @@ use tower::ServiceExt;
 use crate::client::{Endpoint, Mode, Stack, StackSettings, stack};
 use crate::observe::{Attempt, Observations};
 use crate::read::read_answer;
+use crate::shares::{
+    Outcome, PriorityReport, TenantArg, TenantList, TenantReport, mark, parse_tenants, priority_of,
+    priority_reports, tenant_reports,
+};
 use crate::target::{ApiKey, SimLimits, Target, TargetArgs, json_request};
 use crate::{CliError, flag_word};
 
@@ -97,6 +101,16 @@ pub struct BenchArgs {
     /// the time to the first token (p50, p99) and the completion tokens a second.
     #[arg(long)]
     pub stream: bool,
+    /// Tenants sharing the quota, with their weights: NAME:WEIGHT,... such as a:1,b:1,c:2.
+    /// Each runs its own part of the requests with --concurrency workers of its own, so each
+    /// offers enough to keep the quota busy; the report adds each tenant's share of the 2xx
+    /// answers while all of them still had requests waiting.
+    #[arg(long, value_name = "NAME:WEIGHT,...", value_parser = parse_tenants)]
+    pub tenants: Option<TenantList>,
+    /// Mark this share (0 to 1) of the requests interactive and the rest background; the
+    /// report adds each priority's latencies.
+    #[arg(long, value_name = "SHARE", value_parser = parse_share)]
+    pub interactive_share: Option<f64>,
 }
 
 fn parse_share(share: &str) -> Result<f64, String> {
@@ -189,6 +203,10 @@ pub struct BenchReport {
     /// Under the embedded simulator's token limit: those tokens over what the limit allowed
     /// in the time the run took (a second's worth at once, then its rate).
     pub server_token_share: Option<f64>,
+    /// With `--tenants`: what each tenant got.
+    pub tenants: Option<Vec<TenantReport>>,
+    /// With `--interactive-share`: what each priority got.
+    pub priorities: Option<Vec<PriorityReport>>,
 }
 
 /// How often the rate in force changed, by the reason, summed over the run's buckets.
@@ -276,13 +294,21 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
         total: args.requests,
         stream: args.stream,
         max_tokens: args.max_tokens,
+        tenant: None,
+        interactive_share: args.interactive_share,
+        started: Instant::now(),
     };
-    let started = Instant::now();
+    let started = workload.started;
     let samples = Arc::new(Mutex::new(Samples::default()));
     let sampler = limits
         .clone()
         .map(|limits| tokio::spawn(sample_rates(limits, started, Arc::clone(&samples))));
-    let driven = drive(workload, args.concurrency, &observations).await?;
+    let driven = match &args.tenants {
+        Some(tenants) => {
+            drive_tenants(workload, &tenants.0, args.concurrency, &observations).await?
+        }
+        None => drive(workload, args.concurrency, &observations).await?,
+    };
     if let Some(sampler) = sampler {
         sampler.abort();
     }
@@ -339,6 +365,9 @@ fn stack_settings(args: &BenchArgs) -> StackSettings {
         burst: args.burst,
         tpm: args.tpm,
         max_retries: args.max_retries,
+        tenant_weights: (args.tenants.iter().flat_map(|tenants| &tenants.0))
+            .map(|tenant| (tenant.name.clone(), tenant.weight))
+            .collect(),
     }
 }
 
@@ -354,6 +383,12 @@ struct Workload {
     stream: bool,
     /// Each request's `max_tokens`.
     max_tokens: u32,
+    /// The tenant its requests are for, with `--tenants`, and its place in the list.
+    tenant: Option<(usize, together_tower::limit::Tenant)>,
+    /// The share of its requests that are interactive, the rest background.
+    interactive_share: Option<f64>,
+    /// When the run began.
+    started: Instant,
 }
 
 /// What a run did: the answers that succeeded, each request's latency (sorted), and how long
@@ -363,6 +398,8 @@ struct Driven {
     latencies: Vec<Duration>,
     elapsed: Duration,
     streams: Streams,
+    /// How each request ended.
+    outcomes: Vec<Outcome>,
 }
 
 /// The embedded simulator's limits, and when the run began on its clock.
@@ -398,8 +435,9 @@ async fn drive(
     let ok = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(workload.total as usize)));
     let streams = Arc::new(Mutex::new(Streams::default()));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
     let workload = Arc::new(workload);
-    let started = Instant::now();
+    let started = workload.started;
     let workers: Vec<_> = (0..concurrency.min(workload.total))
         .map(|_| {
             let worker = Worker {
@@ -408,6 +446,7 @@ async fn drive(
                 ok: Arc::clone(&ok),
                 latencies: Arc::clone(&latencies),
                 streams: Arc::clone(&streams),
+                outcomes: Arc::clone(&outcomes),
                 progress: progress.clone(),
                 observations: Arc::clone(observations),
             };
@@ -426,12 +465,64 @@ async fn drive(
     latencies.sort();
     let mut streams = std::mem::take(&mut *streams.lock().unwrap_or_else(PoisonError::into_inner));
     streams.first_tokens.sort();
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap_or_else(PoisonError::into_inner));
     Ok(Driven {
         ok: ok.load(Ordering::Relaxed),
         latencies,
         elapsed,
         streams,
+        outcomes,
     })
+}
+
+/// Runs one workload for each tenant at once, each with `concurrency` workers and its part
+/// of the requests, and puts what they did together.
+async fn drive_tenants(
+    workload: Workload,
+    tenants: &[TenantArg],
+    concurrency: u64,
+    observations: &Arc<Observations>,
+) -> Result<Driven, CliError> {
+    let count = tenants.len() as u64;
+    let runs: Vec<_> = tenants
+        .iter()
+        .enumerate()
+        .map(|(index, tenant)| {
+            let part = Workload {
+                // The first tenants take what does not divide evenly.
+                total: workload.total / count + u64::from((index as u64) < workload.total % count),
+                tenant: Some((index, together_tower::limit::Tenant::new(&tenant.name))),
+                service: workload.service.clone(),
+                url: workload.url.clone(),
+                key: workload.key.clone(),
+                model: workload.model.clone(),
+                ..workload
+            };
+            let observations = Arc::clone(observations);
+            tokio::spawn(async move { drive(part, concurrency, &observations).await })
+        })
+        .collect();
+    let mut all = Driven {
+        ok: 0,
+        latencies: Vec::new(),
+        elapsed: Duration::ZERO,
+        streams: Streams::default(),
+        outcomes: Vec::new(),
+    };
+    for run in runs {
+        let driven = run
+            .await
+            .map_err(|error| CliError::Setup(format!("a tenant's run failed: {error}")))??;
+        all.ok += driven.ok;
+        all.latencies.extend(driven.latencies);
+        all.elapsed = all.elapsed.max(driven.elapsed);
+        all.streams.first_tokens.extend(driven.streams.first_tokens);
+        all.streams.completion_tokens += driven.streams.completion_tokens;
+        all.outcomes.extend(driven.outcomes);
+    }
+    all.latencies.sort();
+    all.streams.first_tokens.sort();
+    Ok(all)
 }
 
 /// What the streamed answers of a run showed: each one's time to its first token (sorted
@@ -449,6 +540,7 @@ struct Worker {
     ok: Arc<AtomicU64>,
     latencies: Arc<Mutex<Vec<Duration>>>,
     streams: Arc<Mutex<Streams>>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
     progress: ProgressBar,
     observations: Arc<Observations>,
 }
@@ -467,10 +559,14 @@ impl Worker {
             if workload.stream {
                 body["stream"] = true.into();
             }
-            let request = json_request(&workload.url, &workload.key, body.to_string());
+            let mut request = json_request(&workload.url, &workload.key, body.to_string());
+            let priority = priority_of(index, workload.interactive_share);
+            let tenant = workload.tenant.as_ref().map(|(_, tenant)| tenant);
+            mark(&mut request, tenant, priority);
             let sent = Instant::now();
+            let mut success = false;
             if let Ok(response) = workload.service.clone().oneshot(request).await {
-                let success = response.status().is_success();
+                success = response.status().is_success();
                 let stream = workload.stream && success;
                 let read = read_answer(response.into_body(), sent, stream).await;
                 if success {
@@ -486,6 +582,16 @@ impl Worker {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(sent.elapsed());
+            self.outcomes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Outcome {
+                    done: workload.started.elapsed(),
+                    latency: sent.elapsed(),
+                    ok: success,
+                    tenant: workload.tenant.as_ref().map_or(0, |(index, _)| *index),
+                    priority,
+                });
             self.progress.inc(1);
             let attempts = self.observations.attempts.load(Ordering::Relaxed);
             let done = self.progress.position();
@@ -552,6 +658,11 @@ fn report(
             let allowed = server.limits.tokens_allowed(driven.elapsed)?;
             Some(server.tokens as f64 / allowed)
         }),
+        tenants: (args.tenants.as_ref())
+            .map(|tenants| tenant_reports(&tenants.0, &driven.outcomes)),
+        priorities: args
+            .interactive_share
+            .map(|_| priority_reports(&driven.outcomes)),
     }
 }
 
@@ -591,7 +702,7 @@ async fn sample_rates(limits: Snapshots, started: Instant, samples: Arc<Mutex<Sa
 }
 
 /// The latency below which `percent` of requests finished, in milliseconds.
-fn percentile(sorted: &[Duration], percent: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[Duration], percent: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -675,6 +786,22 @@ fn extra_lines(report: &BenchReport) -> String {
     }
     if let Some(ideal) = report.ideal_s {
         lines += &format!("{:<14} {:>10.1}\n", "ideal s", ideal);
+    }
+    for tenant in report.tenants.iter().flatten() {
+        let label = format!("tenant {} x{}", tenant.name, tenant.weight);
+        lines += &format!(
+            "{label:<14} {:>9.1}% of 2xx, {} ok, p50 {:.0} ms, p99 {:.0} ms\n",
+            tenant.share * 100.0,
+            tenant.ok,
+            tenant.p50_ms,
+            tenant.p99_ms
+        );
+    }
+    for priority in report.priorities.iter().flatten() {
+        lines += &format!(
+            "{:<14} {:>10} ok, p50 {:.0} ms, p99 {:.0} ms\n",
+            priority.name, priority.ok, priority.p50_ms, priority.p99_ms
+        );
     }
     if let Some(changes) = report.rate_changes {
         lines += &format!(

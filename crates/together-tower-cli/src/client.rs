@@ -147,7 +147,7 @@ fn http_client() -> Client<HttpsConnector<HttpConnector>, BufferedBody<Body>> {
 }
 
 /// What a run's stack enforces: its mode, and the client's quota for one endpoint.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StackSettings {
     /// How the stack waits and learns (or does not: retry-only).
     pub mode: Mode,
@@ -162,6 +162,8 @@ pub struct StackSettings {
     pub tpm: Option<u32>,
     /// Retries per request at most.
     pub max_retries: u32,
+    /// Tenants' weights by name.
+    pub tenant_weights: Vec<(String, u32)>,
 }
 
 impl StackSettings {
@@ -220,10 +222,13 @@ pub fn stack(
         }
     };
     let table = settings.table()?;
-    let builder = Limits::builder(table)
+    let mut builder = Limits::builder(table)
         .adaptation(adaptation)
         .max_wait(Duration::from_secs(600))
         .max_queue(1 << 20);
+    for (name, weight) in &settings.tenant_weights {
+        builder = builder.tenant_weight(name, *weight);
+    }
     Ok(match redis {
         Some(redis) => limited(builder.backend(redis).build(), retry, client),
         None => limited(builder.build(), retry, client),

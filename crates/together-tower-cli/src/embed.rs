@@ -86,6 +86,7 @@ pub async fn run(args: &EmbedArgs) -> Result<EmbedReport, CliError> {
         burst: 1,
         tpm: None,
         max_retries: args.max_retries,
+        tenant_weights: Vec::new(),
     };
     let (service, _limits) = stack(&settings, &observations, args.target.redis().await?)?;
     let key = args.target.key_or("together-tower-embed");

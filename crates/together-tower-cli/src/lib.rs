@@ -8,6 +8,7 @@ pub mod embed;
 pub mod observe;
 pub mod plot;
 pub mod read;
+pub mod shares;
 pub mod target;
 
 use std::fmt;

@@ -9,6 +9,7 @@ use serde_json::Value;
 use together_sim::{Class, ClassLimits, Sim, SimConfig, parse_stats};
 use together_tower_cli::bench::{self, BenchArgs};
 use together_tower_cli::client::{Endpoint, Mode};
+use together_tower_cli::shares::parse_tenants;
 use together_tower_cli::target::TargetArgs;
 
 /// One test at a time: the benches measure 429s against a real clock, and the tests that start
@@ -39,7 +40,44 @@ fn bench_args(requests: u64, rpm: u32, concurrency: u64, mode: Mode) -> BenchArg
         sim_503_share: 0.0,
         sim_earned_base_rpm: None,
         stream: false,
+        tenants: None,
+        interactive_share: None,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_share_the_quota_by_weight_and_interactive_requests_go_first() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let args = BenchArgs {
+        tenants: Some(parse_tenants("a:1,b:1,c:2").unwrap()),
+        interactive_share: Some(0.1),
+        ..bench_args(400, 6_000, 16, Mode::Adaptive)
+    };
+    let (report, _) = bench::run(&args).await.unwrap();
+    assert_eq!((report.failed, report.server_429), (0, 0), "{report:?}");
+    let json = serde_json::to_value(&report).unwrap();
+    let shares: Vec<f64> = json["tenants"]
+        .as_array()
+        .expect("a tenants array")
+        .iter()
+        .map(|tenant| tenant["share"].as_f64().unwrap())
+        .collect();
+    // Each tenant offers enough to keep the quota busy; c, weighted 2, gets half.
+    for (share, expected) in shares.iter().zip([0.25, 0.25, 0.5]) {
+        assert!((share - expected).abs() <= 0.05, "{shares:?}");
+    }
+    let priorities = json["priorities"].as_array().expect("a priorities array");
+    let p50 = |name: &str| {
+        priorities
+            .iter()
+            .find(|priority| priority["name"] == name)
+            .and_then(|priority| priority["p50_ms"].as_f64())
+            .unwrap()
+    };
+    assert!(
+        p50("interactive") * 5.0 < p50("background"),
+        "{priorities:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
