@@ -28,7 +28,7 @@ use together_tower::body::BufferedBody;
 use together_tower::classify::{Classify, TogetherClassifier};
 use together_tower::key::KeyHasher;
 use together_tower::limit::RateLimitLayer;
-use together_tower::limit::{Adaptation, Limits};
+use together_tower::limit::{Adaptation, Limits, Priority, Tenant};
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
 use tower::{Layer, Service};
 
@@ -143,6 +143,25 @@ fn overhead(c: &mut Criterion) {
         &echo,
         RateLimitLayer::new(static_limits).layer(echo.clone()),
         vec![chat(key)],
+    );
+    // One key, a thousand tenants of three priorities: who a request is for is read only
+    // when it waits, so the fast path should not see them.
+    let tenants = (0..1_000)
+        .map(|i| {
+            let mut request = chat(key);
+            request
+                .extensions_mut()
+                .insert(Tenant::new(&format!("tenant-{i}")));
+            request.extensions_mut().insert(Priority::ALL[i % 3]);
+            request
+        })
+        .collect();
+    bench_service(
+        &mut group,
+        "together_rate_limit_one_key_1k_tenants",
+        &echo,
+        RateLimitLayer::new(never_binding()).layer(echo.clone()),
+        tenants,
     );
     let keys = (0..1_000).map(|i| chat(&format!("{key}-{i}"))).collect();
     let layer = RateLimitLayer::new(never_binding());
