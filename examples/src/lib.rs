@@ -7,6 +7,8 @@
 //!   tower-http's trace and sensitive-header layers, against a server that fails some requests.
 //! - `axum_gateway`: an axum gateway that forwards `/v1/*` through the stack with the
 //!   organisation's key, with limits per team keyed by an incoming header.
+//! - `fair_gateway`: an axum gateway that shares the organisation's quota between three teams
+//!   by weight, read from a header, with an interactive route that goes first.
 //! - `tonic_client`: a tonic client whose channel sits under the stack, with a classifier for
 //!   its gRPC paths, against a small in-process gRPC server.
 //! - `async_openai`: async-openai's client with the stack as its HTTP service.
