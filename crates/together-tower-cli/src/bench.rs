@@ -259,6 +259,8 @@ pub struct Timeline {
     pub server_rates: Vec<(Duration, f64)>,
     /// When the rate in force changed, and why.
     pub rate_changes: Vec<(Duration, &'static str)>,
+    /// With `--tenants`: each tenant's name and when each of its 2xx answers came.
+    pub tenants: Vec<(String, Vec<Duration>)>,
 }
 
 /// How often the rate in force is sampled for the plot.
@@ -335,8 +337,25 @@ pub async fn run(args: &BenchArgs) -> Result<(BenchReport, Timeline), CliError> 
         rates: samples.rates,
         server_rates: server.map_or_else(Vec::new, |server| server.rates(driven.elapsed)),
         rate_changes: samples.changes,
+        tenants: tenant_answers(args, &driven.outcomes),
     };
     Ok((report, timeline))
+}
+
+/// With `--tenants`, each tenant's name and the times of its 2xx answers, for the plot.
+fn tenant_answers(args: &BenchArgs, outcomes: &[Outcome]) -> Vec<(String, Vec<Duration>)> {
+    let tenants = args.tenants.iter().flat_map(|tenants| &tenants.0);
+    tenants
+        .enumerate()
+        .map(|(index, tenant)| {
+            let answers = outcomes
+                .iter()
+                .filter(|outcome| outcome.ok && outcome.tenant == index)
+                .map(|outcome| outcome.done)
+                .collect();
+            (tenant.name.clone(), answers)
+        })
+        .collect()
 }
 
 /// What the embedded simulator enforces, by the `--sim-*` flags.

@@ -68,6 +68,7 @@ pub fn draw(path: &Path, timeline: &Timeline, quota_rpm: u32) -> Result<(), CliE
         "2xx per second".into(),
     )
     .map_err(|error| failed(&error))?;
+    tenant_lines(&mut chart, timeline, seconds).map_err(|error| failed(&error))?;
     rate_changes(&mut chart, timeline, top).map_err(|error| failed(&error))?;
     let marks = centred(&refused).into_iter().filter(|&(_, n)| n > 0.0);
     chart
@@ -82,6 +83,30 @@ pub fn draw(path: &Path, timeline: &Timeline, quota_rpm: u32) -> Result<(), CliE
         .draw()
         .map_err(|error| failed(&error))?;
     root.present().map_err(|error| failed(&error))?;
+    Ok(())
+}
+
+/// With `--tenants`: each tenant's 2xx answers per second, a line each.
+fn tenant_lines(
+    chart: &mut Chart<'_, '_>,
+    timeline: &Timeline,
+    seconds: usize,
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+    for (index, (name, answers)) in timeline.tenants.iter().enumerate() {
+        let mut counts = vec![0u32; seconds.max(1)];
+        for at in answers {
+            if let Some(count) = counts.get_mut(at.as_secs() as usize) {
+                *count += 1;
+            }
+        }
+        let color = Palette99::pick(index + 3).stroke_width(2);
+        line(
+            chart,
+            centred(&counts),
+            color,
+            format!("{name}: 2xx per second"),
+        )?;
+    }
     Ok(())
 }
 

@@ -53,8 +53,15 @@ async fn tenants_share_the_quota_by_weight_and_interactive_requests_go_first() {
         interactive_share: Some(0.1),
         ..bench_args(400, 6_000, 16, Mode::Adaptive)
     };
-    let (report, _) = bench::run(&args).await.unwrap();
+    let (report, timeline) = bench::run(&args).await.unwrap();
     assert_eq!((report.failed, report.server_429), (0, 0), "{report:?}");
+    // The plot draws each tenant's answers.
+    let plotted: usize = timeline
+        .tenants
+        .iter()
+        .map(|(_, answers)| answers.len())
+        .sum();
+    assert_eq!((timeline.tenants.len(), plotted as u64), (3, report.ok));
     let json = serde_json::to_value(&report).unwrap();
     let shares: Vec<f64> = json["tenants"]
         .as_array()
