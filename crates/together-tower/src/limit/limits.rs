@@ -233,6 +233,7 @@ impl<C: fmt::Debug, L: Backend + fmt::Debug> fmt::Debug for Limits<C, L> {
 /// | [`priority_max_wait`](Self::priority_max_wait) | none | a priority's own `max_wait` |
 /// | [`min_share`](Self::min_share) | normal 20%, background 10% | the least share of the turns a less urgent priority gets while it waits |
 /// | [`tenant_weight`](Self::tenant_weight) | 1 | a tenant's weight in its priority's share of the turns |
+/// | [`max_queue_per_tenant`](Self::max_queue_per_tenant) | none | requests one tenant may have waiting in a bucket |
 /// | [`tenant_from`](Self::tenant_from), [`priority_from`](Self::priority_from) | none | read a request's tenant and priority from its headers when it carries no extension |
 /// | [`max_buckets`](Self::max_buckets) | 65,536 | live buckets kept; idle ones go first, and a bucket in use never goes (new keys get [`TooManyBuckets`](super::error::TooManyBuckets) instead) |
 /// | [`idle_timeout`](Self::idle_timeout) | 60 s | unused this long (and refilled), a bucket may go |
@@ -300,6 +301,15 @@ impl<C, L> LimitsBuilder<C, L> {
     pub fn tenant_weight(mut self, name: &str, weight: u32) -> Self {
         let id = Tenant::new(name).id();
         self.settings.shares.weights.insert(id, weight.max(1));
+        self
+    }
+
+    /// The most requests one [`Tenant`] may have waiting in a bucket, so that one tenant
+    /// cannot fill the queue for all (the default tenant of requests that name none counts
+    /// as one). Past it, its requests get [`QueueFull`](super::error::QueueFull), naming
+    /// this bound. Unbounded by default: [`max_queue`](Self::max_queue) bounds them all.
+    pub fn max_queue_per_tenant(mut self, max_queue: usize) -> Self {
+        self.settings.shares.max_queue_per_tenant = Some(max_queue.max(1));
         self
     }
 

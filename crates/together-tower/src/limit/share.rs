@@ -145,6 +145,8 @@ pub(crate) struct ShareSettings {
     pub(crate) max_wait: [Option<std::time::Duration>; 3],
     /// Tenants' weights by id; 1 for any other.
     pub(crate) weights: std::collections::HashMap<u64, u32>,
+    /// The most places one tenant may hold in a bucket's queue, if bounded.
+    pub(crate) max_queue_per_tenant: Option<usize>,
     pub(crate) tenant_from: Option<TenantFrom>,
     pub(crate) priority_from: Option<PriorityFrom>,
 }
@@ -155,6 +157,7 @@ impl fmt::Debug for ShareSettings {
             .field("min_share", &self.min_share)
             .field("max_wait", &self.max_wait)
             .field("weighted_tenants", &self.weights.len())
+            .field("max_queue_per_tenant", &self.max_queue_per_tenant)
             .field("tenant_from", &self.tenant_from.is_some())
             .field("priority_from", &self.priority_from.is_some())
             .finish()
@@ -167,6 +170,7 @@ impl Default for ShareSettings {
             min_share: [0, 200_000, 100_000],
             max_wait: [None; 3],
             weights: std::collections::HashMap::new(),
+            max_queue_per_tenant: None,
             tenant_from: None,
             priority_from: None,
         }

@@ -15,7 +15,7 @@ use super::{Inner, MaxWait};
 use crate::body::RequestMeta;
 use crate::classify::{Classify, EndpointClass};
 use crate::limit::backend::{Backend, Cost, Immediate};
-use crate::limit::bucket::queue::{Lane, Place};
+use crate::limit::bucket::queue::{Lane, Place, QueueBounds};
 use crate::limit::bucket::{Bucket, BucketKey};
 use crate::limit::error::{QueueFull, RateLimited, Refusal, TooManyBuckets, TooManyTokens};
 use crate::limit::estimate::TokenRequest;
@@ -161,12 +161,13 @@ impl<C: Classify, L: Backend> Inner<C, L> {
             return refuse(class, RateLimited::new(estimate, class));
         }
         let ahead = bucket.queue_len();
-        let Some(place) = Place::take(&bucket, who.clone(), lane, self.settings.max_queue, cost)
-        else {
-            return refuse(
-                class,
-                QueueFull::new(self.settings.max_queue, estimate, class),
-            );
+        let bounds = QueueBounds {
+            max_queue: self.settings.max_queue,
+            max_per_tenant: self.settings.shares.max_queue_per_tenant,
+        };
+        let place = match Place::take(&bucket, who.clone(), lane, bounds, cost) {
+            Ok(place) => place,
+            Err(bound) => return refuse(class, QueueFull::new(bound, estimate, class)),
         };
         telemetry::queued(class, bucket.model.as_deref(), ahead, estimate);
         let turn = Turn::new(place, (cost, who), class, now, max_wait);

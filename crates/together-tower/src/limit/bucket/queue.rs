@@ -21,7 +21,7 @@
 //! head waiting for tokens would sleep through every refund until its turn came by the rate
 //! alone. The mark lives in the place, not the bucket: buckets are many, waiters few.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -29,7 +29,7 @@ use std::task::{Context, Poll, Waker};
 
 use super::fair::{Fair, Key};
 use crate::limit::backend::Cost;
-use crate::limit::share::{Priority, Tenant, Who};
+use crate::limit::share::{NO_TENANT, Priority, Tenant, Who};
 
 /// Which lane a request waits in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -57,6 +57,15 @@ pub(crate) struct Queue {
 struct Waiters {
     places: BTreeMap<Key, Entry>,
     fair: Fair,
+    /// How many places each tenant that waits holds, by its id.
+    per_tenant: HashMap<u64, u32>,
+}
+
+/// How many may wait in a queue: in all, and of one tenant.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueBounds {
+    pub(crate) max_queue: usize,
+    pub(crate) max_per_tenant: Option<usize>,
 }
 
 impl Waiters {
@@ -211,24 +220,34 @@ pub(crate) struct Place<B: HasQueue + ?Sized> {
 }
 
 impl<B: HasQueue + ?Sized> Place<B> {
-    /// Takes a place for `who` in `lane`, unless `max_queue` places are taken already. The
-    /// bound is exact: places are counted before anyone waits in them.
+    /// Takes a place for `who` in `lane`, unless the queue, or `who`'s tenant's part of it,
+    /// is full: then `Err` with the bound it met. The bounds are exact: places are counted
+    /// before anyone waits in them.
     pub(crate) fn take(
         owner: &Arc<B>,
         who: Who,
         lane: Lane,
-        max_queue: usize,
+        bounds: QueueBounds,
         cost: Cost,
-    ) -> Option<Self> {
+    ) -> Result<Self, usize> {
         let queue = owner.queue();
         queue
             .len
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |len| {
-                ((len as usize) < max_queue).then(|| len.saturating_add(1))
+                ((len as usize) < bounds.max_queue).then(|| len.saturating_add(1))
             })
-            .ok()?;
+            .map_err(|_| bounds.max_queue)?;
         let mut waiters = queue.waiters();
         let waiters = waiters.get_or_insert_with(Box::default);
+        let tenant_places = waiters.per_tenant.entry(who.tenant_id()).or_insert(0);
+        if let Some(most) = bounds.max_per_tenant {
+            if *tenant_places as usize >= most {
+                // Never the only place: a queue with none has room for every tenant.
+                queue.len.fetch_sub(1, Ordering::AcqRel);
+                return Err(most);
+            }
+        }
+        *tenant_places += 1;
         // Under the queue's lock, so places of one queue are numbered in the order they
         // enter it.
         let seq = ARRIVALS.fetch_add(1, Ordering::Relaxed);
@@ -243,7 +262,7 @@ impl<B: HasQueue + ?Sized> Place<B> {
                 tenant: who.tenant,
             },
         );
-        Some(Self {
+        Ok(Self {
             owner: Arc::clone(owner),
             key,
             went: false,
@@ -337,9 +356,17 @@ impl<B: HasQueue + ?Sized> Drop for Place<B> {
             return;
         };
         let was_head = waiters.head() == Some(self.key);
-        let unclaimed = waiters
-            .places
-            .remove(&self.key)
+        let removed = waiters.places.remove(&self.key);
+        if let Some(entry) = &removed {
+            let tenant = entry.tenant.as_ref().map_or(NO_TENANT, Tenant::id);
+            if let Some(places) = waiters.per_tenant.get_mut(&tenant) {
+                *places -= 1;
+                if *places == 0 {
+                    waiters.per_tenant.remove(&tenant);
+                }
+            }
+        }
+        let unclaimed = removed
             .filter(|entry| entry.grant == Grant::Granted)
             .map(|entry| entry.cost);
         queue.len.fetch_sub(1, Ordering::AcqRel);
@@ -409,6 +436,13 @@ mod tests {
         position(place) == Some(Position::Head)
     }
 
+    fn bound(max_queue: usize) -> QueueBounds {
+        QueueBounds {
+            max_queue,
+            max_per_tenant: None,
+        }
+    }
+
     fn tokens(tokens: u64) -> Cost {
         Cost {
             requests: 1,
@@ -419,10 +453,10 @@ mod tests {
     #[test]
     fn places_are_served_in_order_with_retries_first() {
         let owner = Arc::new(Owner::default());
-        let a = Place::take(&owner, Who::default(), Lane::New, 10, tokens(1)).unwrap();
-        let b = Place::take(&owner, Who::default(), Lane::New, 10, tokens(1)).unwrap();
+        let a = Place::take(&owner, Who::default(), Lane::New, bound(10), tokens(1)).unwrap();
+        let b = Place::take(&owner, Who::default(), Lane::New, bound(10), tokens(1)).unwrap();
         assert!(is_head(&a) && !is_head(&b));
-        let retry = Place::take(&owner, Who::default(), Lane::Retry, 10, tokens(1)).unwrap();
+        let retry = Place::take(&owner, Who::default(), Lane::Retry, bound(10), tokens(1)).unwrap();
         // The retry goes before everything that has not been sent yet.
         assert!(is_head(&retry) && !is_head(&a));
         drop(retry);
@@ -437,10 +471,10 @@ mod tests {
     #[test]
     fn the_head_grants_the_waiters_behind_it_in_order_while_their_costs_fit() {
         let owner = Arc::new(Owner::default());
-        let head = Place::take(&owner, Who::default(), Lane::New, 10, tokens(500)).unwrap();
-        let small = Place::take(&owner, Who::default(), Lane::New, 10, tokens(10)).unwrap();
-        let big = Place::take(&owner, Who::default(), Lane::New, 10, tokens(400)).unwrap();
-        let last = Place::take(&owner, Who::default(), Lane::New, 10, tokens(10)).unwrap();
+        let head = Place::take(&owner, Who::default(), Lane::New, bound(10), tokens(500)).unwrap();
+        let small = Place::take(&owner, Who::default(), Lane::New, bound(10), tokens(10)).unwrap();
+        let big = Place::take(&owner, Who::default(), Lane::New, bound(10), tokens(400)).unwrap();
+        let last = Place::take(&owner, Who::default(), Lane::New, bound(10), tokens(10)).unwrap();
         let fits = |cost: Cost| cost.tokens <= 100;
         assert!(head.grant_next(fits));
         // The big one is next: it does not fit, and the one behind it waits its turn.
@@ -465,10 +499,39 @@ mod tests {
     fn the_bound_is_exact() {
         let owner = Arc::new(Owner::default());
         let places: Vec<_> = (0..3)
-            .map(|_| Place::take(&owner, Who::default(), Lane::New, 3, tokens(1)).unwrap())
+            .map(|_| Place::take(&owner, Who::default(), Lane::New, bound(3), tokens(1)).unwrap())
             .collect();
-        assert!(Place::take(&owner, Who::default(), Lane::Retry, 3, tokens(1)).is_none());
+        assert_eq!(
+            Place::take(&owner, Who::default(), Lane::Retry, bound(3), tokens(1)).err(),
+            Some(3)
+        );
         drop(places);
-        assert!(Place::take(&owner, Who::default(), Lane::New, 3, tokens(1)).is_some());
+        assert!(Place::take(&owner, Who::default(), Lane::New, bound(3), tokens(1)).is_ok());
+    }
+
+    #[test]
+    fn a_tenant_may_hold_only_its_part_of_the_queue() {
+        let owner = Arc::new(Owner::default());
+        let bounds = QueueBounds {
+            max_queue: 10,
+            max_per_tenant: Some(2),
+        };
+        let of = |tenant: &str| Who {
+            tenant: Some(Tenant::new(tenant)),
+            ..Who::default()
+        };
+        let a: Vec<_> = (0..2)
+            .map(|_| Place::take(&owner, of("a"), Lane::New, bounds, tokens(1)).unwrap())
+            .collect();
+        assert_eq!(
+            Place::take(&owner, of("a"), Lane::New, bounds, tokens(1)).err(),
+            Some(2)
+        );
+        // Another tenant still has room, and a refused place is not counted.
+        let b = Place::take(&owner, of("b"), Lane::New, bounds, tokens(1)).unwrap();
+        assert_eq!(owner.0.len(), 3);
+        drop(a);
+        assert!(Place::take(&owner, of("a"), Lane::New, bounds, tokens(1)).is_ok());
+        drop(b);
     }
 }

@@ -240,3 +240,28 @@ async fn tenants_and_priorities_may_be_read_from_headers() {
     assert_eq!(labels[1], "c");
     assert_eq!(count(&labels[2..22], "a"), 10, "{labels:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn one_tenant_cannot_fill_the_queue_for_all() {
+    use crate::limit::error::QueueFull;
+    let arrivals = Arrivals::new();
+    let limits = static_limits(table(Rate::per_second(10)))
+        .max_queue_per_tenant(5)
+        .build();
+    let service = RateLimitLayer::new(limits).layer(recorder(arrivals.clone(), ok));
+    let mut requests = flood("flood", Priority::Normal, 20);
+    requests.extend(flood("quiet", Priority::Normal, 3));
+    let results = send_all(&service, requests).await;
+    let full = results
+        .iter()
+        .filter(|result| {
+            result
+                .as_ref()
+                .is_err_and(|error| error.downcast_ref::<QueueFull>().is_some())
+        })
+        .count();
+    // One went at once and five waited; the other fourteen were refused, and the quiet
+    // tenant's three all had room.
+    assert_eq!(full, 14);
+    assert_eq!(count(&arrivals.labels(), "quiet"), 3);
+}
