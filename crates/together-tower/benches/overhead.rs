@@ -144,25 +144,7 @@ fn overhead(c: &mut Criterion) {
         RateLimitLayer::new(static_limits).layer(echo.clone()),
         vec![chat(key)],
     );
-    // One key, a thousand tenants of three priorities: who a request is for is read only
-    // when it waits, so the fast path should not see them.
-    let tenants = (0..1_000)
-        .map(|i| {
-            let mut request = chat(key);
-            request
-                .extensions_mut()
-                .insert(Tenant::new(&format!("tenant-{i}")));
-            request.extensions_mut().insert(Priority::ALL[i % 3]);
-            request
-        })
-        .collect();
-    bench_service(
-        &mut group,
-        "together_rate_limit_one_key_1k_tenants",
-        &echo,
-        RateLimitLayer::new(never_binding()).layer(echo.clone()),
-        tenants,
-    );
+    one_key_many_tenants(&mut group, &echo, key);
     let keys = (0..1_000).map(|i| chat(&format!("{key}-{i}"))).collect();
     let layer = RateLimitLayer::new(never_binding());
     bench_service(
@@ -194,6 +176,32 @@ fn overhead(c: &mut Criterion) {
 
     classify_and_fingerprint(&mut group, key);
     group.finish();
+}
+
+/// One key, a thousand tenants of three priorities: who a request is for is read only when
+/// it waits, so the fast path should not see them.
+fn one_key_many_tenants(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    echo: &Echo,
+    key: &str,
+) {
+    let tenants = (0..1_000)
+        .map(|i| {
+            let mut request = chat(key);
+            request
+                .extensions_mut()
+                .insert(Tenant::new(&format!("tenant-{i}")));
+            request.extensions_mut().insert(Priority::ALL[i % 3]);
+            request
+        })
+        .collect();
+    bench_service(
+        c,
+        "together_rate_limit_one_key_1k_tenants",
+        echo,
+        RateLimitLayer::new(never_binding()).layer(echo.clone()),
+        tenants,
+    );
 }
 
 /// What classifying a request and fingerprinting its key cost alone.

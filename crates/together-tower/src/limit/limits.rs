@@ -14,7 +14,7 @@ use super::bucket::map::BucketMap;
 use super::bucket::names::ModelNames;
 use super::estimate::{DefaultTokenEstimate, EstimateTokens};
 use super::learn::adapt::{Adaptation, RateChanges};
-use super::share::{Priority, Tenant};
+use super::share::{Priority, Tenant, TenantCap};
 use crate::classify::{Classify, TogetherClassifier};
 use crate::clock::TokioClock;
 use crate::key::{ApiKeyId, KeyHasher};
@@ -234,6 +234,7 @@ impl<C: fmt::Debug, L: Backend + fmt::Debug> fmt::Debug for Limits<C, L> {
 /// | [`min_share`](Self::min_share) | normal 20%, background 10% | the least share of the turns a less urgent priority gets while it waits |
 /// | [`tenant_weight`](Self::tenant_weight) | 1 | a tenant's weight in its priority's share of the turns |
 /// | [`max_queue_per_tenant`](Self::max_queue_per_tenant) | none | requests one tenant may have waiting in a bucket |
+/// | [`tenant_cap`](Self::tenant_cap) | none | the most of a bucket's quota a tenant may take, as a rate or a share |
 /// | [`tenant_from`](Self::tenant_from), [`priority_from`](Self::priority_from) | none | read a request's tenant and priority from its headers when it carries no extension |
 /// | [`max_buckets`](Self::max_buckets) | 65,536 | live buckets kept; idle ones go first, and a bucket in use never goes (new keys get [`TooManyBuckets`](super::error::TooManyBuckets) instead) |
 /// | [`idle_timeout`](Self::idle_timeout) | 60 s | unused this long (and refilled), a bucket may go |
@@ -301,6 +302,17 @@ impl<C, L> LimitsBuilder<C, L> {
     pub fn tenant_weight(mut self, name: &str, weight: u32) -> Self {
         let id = Tenant::new(name).id();
         self.settings.shares.weights.insert(id, weight.max(1));
+        self
+    }
+
+    /// Caps the tenant called `name`: in each bucket, it never takes more than `cap` (a rate,
+    /// or a share of the bucket's request rate in force), even when no other tenant waits. A
+    /// request over its cap waits for its tenant's next turn before it joins the bucket's
+    /// queue, so it never holds up the others; past `max_wait`, it gets
+    /// [`RateLimited`](super::error::RateLimited). Caps hold within this process.
+    pub fn tenant_cap(mut self, name: &str, cap: TenantCap) -> Self {
+        let id = Tenant::new(name).id();
+        self.settings.shares.caps.insert(id, cap);
         self
     }
 
@@ -463,6 +475,7 @@ impl<C, L> LimitsBuilder<C, L> {
                 context,
                 estimate: self.estimate,
                 model_hasher: std::hash::RandomState::new(),
+                caps: Arc::default(),
             }),
         }
     }

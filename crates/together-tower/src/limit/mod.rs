@@ -21,7 +21,10 @@
 //!   ([`tenant_weight`](LimitsBuilder::tenant_weight), equal by default), each request counted
 //!   by its cost (its tokens in a bucket with a token budget): start-time fair queuing, so a
 //!   tenant that stops waiting leaves its share to the others at once, and one that comes back
-//!   gets its share from its next request. Neither is sent upstream (a header the limits read
+//!   gets its share from its next request. A tenant may be capped at a rate or a share of a
+//!   bucket's quota ([`tenant_cap`](LimitsBuilder::tenant_cap)), even when no one else
+//!   waits: a request over its cap waits for its tenant's next turn before it joins the
+//!   queue, so it never holds up the others. Neither is sent upstream (a header the limits read
 //!   them from is the caller's to remove). A service that names neither keeps the order
 //!   above. With a shared backend (Redis) the quota stays one for every process, and each
 //!   process orders its own waiters: priorities and shares hold within a process, not across
@@ -129,7 +132,7 @@ pub use self::layer::RateLimitLayer;
 pub use self::learn::adapt::{Adaptation, Mode, RateChanges};
 pub use self::limits::{BucketSnapshot, Limits, LimitsBuilder};
 pub use self::service::RateLimit;
-pub use self::share::{Priority, Tenant};
+pub use self::share::{Priority, Tenant, TenantCap};
 
 /// The in-process backend's former name.
 #[deprecated(note = "renamed `LocalBackend`: the trait it implements is `Backend`")]

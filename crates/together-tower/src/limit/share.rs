@@ -88,6 +88,43 @@ impl fmt::Debug for Tenant {
     }
 }
 
+/// The most of a bucket's quota one tenant may take, even when no other tenant waits: for the
+/// teams a gateway serves that must not spend more than they were given. See
+/// [`LimitsBuilder::tenant_cap`](super::LimitsBuilder::tenant_cap).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TenantCap {
+    /// At most this rate, in each bucket the tenant's requests wait in (its burst is one
+    /// request: a cap is a pace, not a pool).
+    Rate(crate::quota::Rate),
+    /// At most this share (0 to 1) of each bucket's request rate in force.
+    Share(f64),
+}
+
+impl TenantCap {
+    /// The cap's pace in a bucket whose request interval in force is `interval` (zero: no
+    /// request rate); `None` if it caps nothing there.
+    pub(crate) fn pace(
+        self,
+        interval: std::time::Duration,
+    ) -> Option<crate::limit::backend::gcra::Params> {
+        use crate::limit::backend::gcra::Params;
+        match self {
+            TenantCap::Rate(rate) => Some(Params::at_rate(
+                rate.per_second_f64(),
+                1,
+                std::time::Duration::ZERO,
+            )),
+            TenantCap::Share(share) => {
+                if interval.is_zero() || share.is_nan() || share >= 1.0 {
+                    return None;
+                }
+                let per_second = share.max(0.0) / interval.as_secs_f64();
+                Some(Params::at_rate(per_second, 1, std::time::Duration::ZERO))
+            }
+        }
+    }
+}
+
 /// The id of the tenant called `name`: the same in every process, as the queues never share
 /// it, but a weight set by name must find it.
 pub(crate) fn tenant_id(name: &str) -> u64 {
@@ -147,6 +184,8 @@ pub(crate) struct ShareSettings {
     pub(crate) weights: std::collections::HashMap<u64, u32>,
     /// The most places one tenant may hold in a bucket's queue, if bounded.
     pub(crate) max_queue_per_tenant: Option<usize>,
+    /// Tenants' caps by id.
+    pub(crate) caps: std::collections::HashMap<u64, TenantCap>,
     pub(crate) tenant_from: Option<TenantFrom>,
     pub(crate) priority_from: Option<PriorityFrom>,
 }
@@ -158,6 +197,7 @@ impl fmt::Debug for ShareSettings {
             .field("max_wait", &self.max_wait)
             .field("weighted_tenants", &self.weights.len())
             .field("max_queue_per_tenant", &self.max_queue_per_tenant)
+            .field("capped_tenants", &self.caps.len())
             .field("tenant_from", &self.tenant_from.is_some())
             .field("priority_from", &self.priority_from.is_some())
             .finish()
@@ -171,6 +211,7 @@ impl Default for ShareSettings {
             max_wait: [None; 3],
             weights: std::collections::HashMap::new(),
             max_queue_per_tenant: None,
+            caps: std::collections::HashMap::new(),
             tenant_from: None,
             priority_from: None,
         }

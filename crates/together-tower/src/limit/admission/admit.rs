@@ -10,7 +10,8 @@ use http::header::CONTENT_LENGTH;
 use tokio::sync::OwnedSemaphorePermit;
 use tower::BoxError;
 
-use super::wait::Turn;
+use super::cap::CapTurn;
+use super::wait::{Deferred, Turn};
 use super::{Inner, MaxWait};
 use crate::body::RequestMeta;
 use crate::classify::{Classify, EndpointClass};
@@ -71,6 +72,21 @@ impl<C: Classify, L: Backend> Inner<C, L> {
             Some(max_wait) => max_wait.0,
             None => (self.settings.shares.max_wait(request)).unwrap_or(self.settings.max_wait),
         };
+        let lane = match request.extensions().get::<Attempt>() {
+            Some(attempt) if attempt.0 > 0 => Lane::Retry,
+            _ => Lane::New,
+        };
+        if let Some(capped) = self.capped(&bucket, key, request, max_wait, class) {
+            let capped = match capped {
+                Ok(capped) => capped,
+                Err(refused) => return refused,
+            };
+            if !capped.wait.is_zero() {
+                let waiting = (capped, lane);
+                return self.after_cap(bucket, cost, class, waiting, max_wait, reads_jobs);
+            }
+            // The cap's turn is now: the request goes on as any other.
+        }
 
         match self.fast_path(&bucket, cost, max_wait, class) {
             FastPath::Go(permit, now) => {
@@ -87,10 +103,6 @@ impl<C: Classify, L: Backend> Inner<C, L> {
                 Admission::Refuse(error)
             }
             FastPath::Wait => {
-                let lane = match request.extensions().get::<Attempt>() {
-                    Some(attempt) if attempt.0 > 0 => Lane::Retry,
-                    _ => Lane::New,
-                };
                 let who = self.settings.shares.who(request);
                 self.queue(bucket, cost, class, (who, lane), max_wait, reads_jobs)
             }
@@ -161,11 +173,7 @@ impl<C: Classify, L: Backend> Inner<C, L> {
             return refuse(class, RateLimited::new(estimate, class));
         }
         let ahead = bucket.queue_len();
-        let bounds = QueueBounds {
-            max_queue: self.settings.max_queue,
-            max_per_tenant: self.settings.shares.max_queue_per_tenant,
-        };
-        let place = match Place::take(&bucket, who.clone(), lane, bounds, cost) {
+        let place = match Place::take(&bucket, who.clone(), lane, self.queue_bounds(), cost) {
             Ok(place) => place,
             Err(bound) => return refuse(class, QueueFull::new(bound, estimate, class)),
         };
@@ -175,6 +183,69 @@ impl<C: Classify, L: Backend> Inner<C, L> {
             turn: Box::new(turn),
             ticket: Ticket::new(bucket, cost, class, now),
             reads_jobs,
+        }
+    }
+
+    /// The turn of the request's tenant's cap, if its tenant is capped in this bucket: `Err`
+    /// with the refusal when that turn is further than the request may wait.
+    fn capped<B>(
+        &self,
+        bucket: &Bucket<L>,
+        key: BucketKey,
+        request: &Request<B>,
+        max_wait: Duration,
+        class: EndpointClass,
+    ) -> Option<Result<Capped, Admission<L>>> {
+        let shares = &self.settings.shares;
+        if shares.caps.is_empty() {
+            // The common case: no tenant to look up.
+            return None;
+        }
+        let who = shares.who(request);
+        let pace = shares.caps.get(&who.tenant_id())?.pace(bucket.interval())?;
+        let now = self.context.clock.elapsed();
+        let (wait, turn) = self.caps.take((key, who.tenant_id()), pace, now);
+        if wait > max_wait {
+            turn.give_back(now);
+            return Some(Err(refuse(class, RateLimited::new(wait, class))));
+        }
+        Some(Ok(Capped { wait, turn, who }))
+    }
+
+    /// Waits for the capped tenant's turn, `wait` from now, before taking a place in the
+    /// bucket's queue.
+    fn after_cap(
+        &self,
+        bucket: Arc<Bucket<L>>,
+        cost: Cost,
+        class: EndpointClass,
+        (capped, lane): (Capped, Lane),
+        max_wait: Duration,
+        reads_jobs: Option<Arc<Slots>>,
+    ) -> Admission<L> {
+        let Capped { wait, turn, who } = capped;
+        let now = self.context.clock.elapsed();
+        telemetry::queued(class, bucket.model.as_deref(), bucket.queue_len(), wait);
+        let at = self.context.clock.instant_at(now.saturating_add(wait));
+        let deferred = Deferred {
+            bucket: Arc::clone(&bucket),
+            lane,
+            bounds: self.queue_bounds(),
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            cap: Some(turn),
+        };
+        let turn = Turn::after_cap(deferred, (cost, who), class, now, max_wait);
+        Admission::Wait {
+            turn: Box::new(turn),
+            ticket: Ticket::new(bucket, cost, class, now),
+            reads_jobs,
+        }
+    }
+
+    fn queue_bounds(&self) -> QueueBounds {
+        QueueBounds {
+            max_queue: self.settings.max_queue,
+            max_per_tenant: self.settings.shares.max_queue_per_tenant,
         }
     }
 
@@ -269,6 +340,14 @@ where
     let error: BoxError = error.into();
     telemetry::refused(class, Refusal::reason(&*error), &error);
     Admission::Refuse(error)
+}
+
+/// A capped tenant's turn for a request: how long until it comes, the turn, and who the
+/// request is for.
+struct Capped {
+    wait: Duration,
+    turn: CapTurn,
+    who: Who,
 }
 
 /// What the fast path decided.

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use http::Request;
 
+use self::cap::TenantCaps;
 use super::backend::Backend;
 use super::bucket::map::BucketMap;
 use super::bucket::{BucketContext, BucketKey};
@@ -21,6 +22,7 @@ use crate::classify::{Classify, EndpointClass};
 use crate::key::KeyHasher;
 
 pub(crate) mod admit;
+pub(crate) mod cap;
 pub(crate) mod wait;
 
 /// A request extension that sets how long this request may wait for its turn, overriding the
@@ -62,6 +64,8 @@ pub(crate) struct Inner<C, L: Backend> {
     pub(crate) estimate: Box<dyn EstimateTokens>,
     /// Hashes model names into bucket keys; seeded per process.
     pub(crate) model_hasher: std::hash::RandomState,
+    /// Capped tenants' own turns.
+    pub(crate) caps: Arc<TenantCaps>,
 }
 
 impl<C, L: Backend> Inner<C, L> {

@@ -22,9 +22,11 @@ use tower::BoxError;
 use crate::classify::EndpointClass;
 use crate::limit::backend::{Backend, Cost, Decision, Immediate};
 use crate::limit::bucket::Bucket;
-use crate::limit::bucket::queue::{Place, Position};
-use crate::limit::error::{RateLimited, Refusal, SlotsBusy, TooManyTokens};
+use crate::limit::bucket::queue::{Lane, Place, Position, QueueBounds};
+use crate::limit::error::{QueueFull, RateLimited, Refusal, SlotsBusy, TooManyTokens};
 use crate::limit::share::Who;
+
+use super::cap::CapTurn;
 use crate::telemetry;
 
 type Acquiring = Pin<Box<dyn Future<Output = Result<Decision, BoxError>> + Send>>;
@@ -44,6 +46,8 @@ enum Next {
 /// The wait of one request in one bucket.
 pub(crate) struct Turn<L: Backend> {
     place: Option<Place<Bucket<L>>>,
+    /// Its tenant's cap comes first: the place is taken once the cap's turn comes.
+    deferred: Option<Box<Deferred<L>>>,
     cost: Cost,
     class: EndpointClass,
     /// Its priority and tenant, for telemetry.
@@ -72,10 +76,31 @@ pub(crate) struct Turn<L: Backend> {
     taken: bool,
 }
 
+/// A place not taken yet, while the request waits for its capped tenant's turn.
+pub(crate) struct Deferred<L: Backend> {
+    pub(crate) bucket: Arc<Bucket<L>>,
+    pub(crate) lane: Lane,
+    pub(crate) bounds: QueueBounds,
+    /// Until the cap's turn.
+    pub(crate) sleep: Pin<Box<Sleep>>,
+    /// The cap's turn, given back if the request never goes.
+    pub(crate) cap: Option<CapTurn>,
+}
+
 enum Slot {
     None,
     Acquiring(SlotAcquiring),
     Held(OwnedSemaphorePermit),
+}
+
+impl Slot {
+    /// The wait for one of `bucket`'s concurrency slots, if its group has them.
+    fn of<L: Backend>(bucket: &Bucket<L>) -> Self {
+        match bucket.slots() {
+            Some(slots) => Slot::Acquiring(Box::pin(Arc::clone(slots.semaphore()).acquire_owned())),
+            None => Slot::None,
+        }
+    }
 }
 
 impl<L: Backend> Turn<L> {
@@ -86,12 +111,36 @@ impl<L: Backend> Turn<L> {
         now: Duration,
         max_wait: Duration,
     ) -> Self {
-        let slot = match place.owner().slots() {
-            Some(slots) => Slot::Acquiring(Box::pin(Arc::clone(slots.semaphore()).acquire_owned())),
-            None => Slot::None,
-        };
+        let slot = Slot::of(place.owner());
+        Self::starting(Some(place), None, slot, (cost, who, class), now, max_wait)
+    }
+
+    /// The wait of a request whose tenant's cap comes first: it takes its place in the
+    /// bucket's queue when the cap's turn comes.
+    pub(crate) fn after_cap(
+        deferred: Deferred<L>,
+        (cost, who): (Cost, Who),
+        class: EndpointClass,
+        now: Duration,
+        max_wait: Duration,
+    ) -> Self {
+        let slot = Slot::of(&deferred.bucket);
+        let deferred = Some(Box::new(deferred));
+        Self::starting(None, deferred, slot, (cost, who, class), now, max_wait)
+    }
+
+    /// A wait arriving at `now`, with its place or the place it will take.
+    fn starting(
+        place: Option<Place<Bucket<L>>>,
+        deferred: Option<Box<Deferred<L>>>,
+        slot: Slot,
+        (cost, who, class): (Cost, Who, EndpointClass),
+        now: Duration,
+        max_wait: Duration,
+    ) -> Self {
         Self {
-            place: Some(place),
+            place,
+            deferred,
             cost,
             class,
             who,
@@ -107,6 +156,33 @@ impl<L: Backend> Turn<L> {
             patience_until: None,
             reserved: false,
             taken: false,
+        }
+    }
+
+    /// Waits for the capped tenant's turn, if it has one to wait for, then takes the place.
+    fn poll_cap(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Some(deferred) = &mut self.deferred else {
+            return Poll::Ready(Ok(()));
+        };
+        ready!(deferred.sleep.as_mut().poll(cx));
+        match Place::take(
+            &deferred.bucket,
+            self.who.clone(),
+            deferred.lane,
+            deferred.bounds,
+            self.cost,
+        ) {
+            Ok(place) => {
+                // The cap's turn is spent: the request goes on to the bucket's queue.
+                self.place = Some(place);
+                self.deferred = None;
+                Poll::Ready(Ok(()))
+            }
+            Err(bound) => {
+                let now = deferred.bucket.context.clock.elapsed();
+                let estimate = deferred.bucket.estimated_wait(now);
+                Poll::Ready(Err(QueueFull::new(bound, estimate, self.class).into()))
+            }
         }
     }
 
@@ -130,7 +206,11 @@ impl<L: Backend> Turn<L> {
     }
 
     fn bucket(&self) -> &Arc<Bucket<L>> {
-        self.place().owner()
+        match (&self.place, &self.deferred) {
+            (Some(place), _) => place.owner(),
+            (None, Some(deferred)) => &deferred.bucket,
+            (None, None) => panic!("a wait has a place or a deferred one until it ends"),
+        }
     }
 
     fn deadline_instant(&self) -> tokio::time::Instant {
@@ -210,6 +290,7 @@ impl<L: Backend> Turn<L> {
 
     /// Waits for the slot, the head of the queue and the turn (see the module docs).
     fn poll_turn_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        ready!(self.poll_cap(cx))?;
         ready!(self.poll_slot(cx))?;
         loop {
             if self.sleep.is_some() {
@@ -459,6 +540,14 @@ impl<L: Backend> Drop for Turn<L> {
         if self.place.is_some() {
             self.give_back();
             self.record_leaving(false);
+        } else if self.deferred.is_some() {
+            self.record_leaving(false);
+            if let Some(deferred) = self.deferred.take() {
+                let now = deferred.bucket.context.clock.elapsed();
+                if let Some(cap) = deferred.cap {
+                    cap.give_back(now);
+                }
+            }
         }
     }
 }

@@ -27,6 +27,20 @@ fn flood(tenant: &str, priority: Priority, count: usize) -> Vec<Request<String>>
         .collect()
 }
 
+/// How many of `results` are refusals of type `E`.
+fn refused_with<E: std::error::Error + 'static, B>(
+    results: &[Result<http::Response<B>, tower::BoxError>],
+) -> usize {
+    results
+        .iter()
+        .filter(|result| {
+            result
+                .as_ref()
+                .is_err_and(|error| error.downcast_ref::<E>().is_some())
+        })
+        .count()
+}
+
 /// How many of `labels` are `label`.
 fn count(labels: &[String], label: &str) -> usize {
     labels.iter().filter(|seen| *seen == label).count()
@@ -162,14 +176,7 @@ async fn each_priority_may_have_its_own_max_wait() {
     let service = RateLimitLayer::new(limits).layer(recorder(arrivals.clone(), ok));
     // Ten interactive requests queue: the fourth would wait 300 ms, over its priority's 250.
     let results = send_all(&service, flood("chat", Priority::Interactive, 10)).await;
-    let refused = results
-        .iter()
-        .filter(|result| {
-            result
-                .as_ref()
-                .is_err_and(|error| error.downcast_ref::<RateLimited>().is_some())
-        })
-        .count();
+    let refused = refused_with::<RateLimited, _>(&results);
     assert_eq!(refused, 7, "three within 250 ms, the first at once");
     // The same wait is fine for a normal request, under the limits' 30 s.
     let results = send_all(&service, flood("batch", Priority::Normal, 10)).await;
@@ -252,16 +259,84 @@ async fn one_tenant_cannot_fill_the_queue_for_all() {
     let mut requests = flood("flood", Priority::Normal, 20);
     requests.extend(flood("quiet", Priority::Normal, 3));
     let results = send_all(&service, requests).await;
-    let full = results
-        .iter()
-        .filter(|result| {
-            result
-                .as_ref()
-                .is_err_and(|error| error.downcast_ref::<QueueFull>().is_some())
-        })
-        .count();
+    let full = refused_with::<QueueFull, _>(&results);
     // One went at once and five waited; the other fourteen were refused, and the quiet
     // tenant's three all had room.
     assert_eq!(full, 14);
     assert_eq!(count(&arrivals.labels(), "quiet"), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_capped_tenant_never_takes_more_than_its_cap_even_alone() {
+    use crate::limit::TenantCap;
+    let arrivals = Arrivals::new();
+    let limits = static_limits(table(Rate::per_second(10)))
+        .tenant_cap("small", TenantCap::Rate(Rate::per_second(2)))
+        .build();
+    let service = RateLimitLayer::new(limits).layer(recorder(arrivals.clone(), ok));
+    let results = send_all(&service, flood("small", Priority::Normal, 5)).await;
+    assert!(results.iter().all(Result::is_ok));
+    // Two a second, though the bucket has room for ten.
+    assert_eq!(arrivals.times_ms(), [0, 500, 1_000, 1_500, 2_000]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_capped_at_a_share_leaves_the_rest_to_the_others_without_holding_them_up() {
+    use crate::limit::TenantCap;
+    let arrivals = Arrivals::new();
+    let limits = static_limits(table(Rate::per_second(10)))
+        .tenant_cap("capped", TenantCap::Share(0.25))
+        .build();
+    let service = RateLimitLayer::new(limits).layer(recorder(arrivals.clone(), ok));
+    let mut requests = flood("capped", Priority::Normal, 40);
+    requests.extend(flood("free", Priority::Normal, 60));
+    let results = send_all(&service, requests).await;
+    assert!(results.iter().all(Result::is_ok));
+    let labels = arrivals.labels();
+    // While both wait (the first 60 turns), the capped tenant has a quarter at most.
+    let capped = count(&labels[..60], "capped");
+    assert!((14..=16).contains(&capped), "{capped} of 60");
+    // And the bucket never idles for it while the other tenant waits.
+    let times = arrivals.times_ms();
+    assert!(
+        times[..60].windows(2).all(|pair| pair[1] - pair[0] == 100),
+        "{times:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_capped_request_that_would_wait_too_long_is_refused_and_one_dropped_gives_its_turn_back()
+{
+    use crate::limit::TenantCap;
+    let arrivals = Arrivals::new();
+    let limits = static_limits(table(Rate::per_second(10)))
+        .tenant_cap("small", TenantCap::Rate(Rate::per_second(1)))
+        .max_wait(Duration::from_millis(1_500))
+        .build();
+    let service = RateLimitLayer::new(limits).layer(recorder(arrivals.clone(), ok));
+    // At 0 s, 1 s, then 2 s would be past its 1.5 s.
+    let results = send_all(&service, flood("small", Priority::Normal, 3)).await;
+    let refused = refused_with::<RateLimited, _>(&results);
+    assert_eq!(refused, 1);
+    // A request that gives up while it waits for its cap's turn gives the turn back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    send_all(&service, flood("small", Priority::Normal, 1)).await;
+    let mut request = flood("small", Priority::Normal, 1);
+    let waiting = tokio::spawn(tower::ServiceExt::oneshot(
+        service.clone(),
+        request.remove(0),
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    waiting.abort();
+    assert!(waiting.await.is_err(), "given up");
+    let before = arrivals.times_ms().len();
+    let start = tokio::time::Instant::now();
+    send_all(&service, flood("small", Priority::Normal, 1)).await;
+    assert_eq!(arrivals.times_ms().len(), before + 1);
+    // The dropped request's turn (one second after the last) is this one's: not two seconds.
+    assert!(
+        start.elapsed() <= Duration::from_millis(1_000),
+        "{:?}",
+        start.elapsed()
+    );
 }
