@@ -5,8 +5,11 @@
 use std::fmt;
 use std::hash::Hasher;
 use std::sync::Arc;
+use std::time::Duration;
 
 use siphasher::sip::SipHasher13;
+
+use crate::quota::Rate;
 
 /// How urgent a request is. A request extension; `Normal` when a request carries none.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -95,38 +98,15 @@ impl fmt::Debug for Tenant {
 pub enum TenantCap {
     /// At most this rate, in each bucket the tenant's requests wait in (its burst is one
     /// request: a cap is a pace, not a pool).
-    Rate(crate::quota::Rate),
-    /// At most this share (0 to 1) of each bucket's request rate in force.
+    Rate(Rate),
+    /// At most this share (0 to 1) of each bucket's request rate in force; 1 or more caps
+    /// nothing, and 0 refuses the tenant's requests (after `max_wait`, or at once when its
+    /// next turn is further off).
     Share(f64),
 }
 
-impl TenantCap {
-    /// The cap's pace in a bucket whose request interval in force is `interval` (zero: no
-    /// request rate); `None` if it caps nothing there.
-    pub(crate) fn pace(
-        self,
-        interval: std::time::Duration,
-    ) -> Option<crate::limit::backend::gcra::Params> {
-        use crate::limit::backend::gcra::Params;
-        match self {
-            TenantCap::Rate(rate) => Some(Params::at_rate(
-                rate.per_second_f64(),
-                1,
-                std::time::Duration::ZERO,
-            )),
-            TenantCap::Share(share) => {
-                if interval.is_zero() || share.is_nan() || share >= 1.0 {
-                    return None;
-                }
-                let per_second = share.max(0.0) / interval.as_secs_f64();
-                Some(Params::at_rate(per_second, 1, std::time::Duration::ZERO))
-            }
-        }
-    }
-}
-
-/// The id of the tenant called `name`: the same in every process, as the queues never share
-/// it, but a weight set by name must find it.
+/// The id of the tenant called `name`, under a fixed key: a weight or a cap set by name must
+/// find the tenant's requests. The id never leaves the process.
 pub(crate) fn tenant_id(name: &str) -> u64 {
     let mut hasher = SipHasher13::new();
     hasher.write(name.as_bytes());
@@ -179,7 +159,7 @@ pub(crate) struct ShareSettings {
     /// Each priority's minimum share of a queue's turns while it waits, in millionths.
     pub(crate) min_share: [u32; 3],
     /// Each priority's own `max_wait`, if it has one.
-    pub(crate) max_wait: [Option<std::time::Duration>; 3],
+    pub(crate) max_wait: [Option<Duration>; 3],
     /// Tenants' weights by id; 1 for any other.
     pub(crate) weights: std::collections::HashMap<u64, u32>,
     /// The most places one tenant may hold in a bucket's queue, if bounded.
@@ -249,7 +229,7 @@ impl ShareSettings {
     }
 
     /// The priority's own `max_wait`, if the request's priority has one.
-    pub(crate) fn max_wait<B>(&self, request: &http::Request<B>) -> Option<std::time::Duration> {
+    pub(crate) fn max_wait<B>(&self, request: &http::Request<B>) -> Option<Duration> {
         if self.max_wait.iter().all(Option::is_none) {
             // The common case: nothing to look up.
             return None;

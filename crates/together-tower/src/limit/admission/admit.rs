@@ -10,7 +10,7 @@ use http::header::CONTENT_LENGTH;
 use tokio::sync::OwnedSemaphorePermit;
 use tower::BoxError;
 
-use super::cap::CapTurn;
+use super::cap::{self, CapTurn};
 use super::wait::{Deferred, Turn};
 use super::{Inner, MaxWait};
 use crate::body::RequestMeta;
@@ -202,7 +202,7 @@ impl<C: Classify, L: Backend> Inner<C, L> {
             return None;
         }
         let who = shares.who(request);
-        let pace = shares.caps.get(&who.tenant_id())?.pace(bucket.interval())?;
+        let pace = cap::pace(*shares.caps.get(&who.tenant_id())?, bucket.interval())?;
         let now = self.context.clock.elapsed();
         let (wait, turn) = self.caps.take((key, who.tenant_id()), pace, now);
         if wait > max_wait {

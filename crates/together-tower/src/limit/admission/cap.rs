@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::limit::backend::gcra::{Gcra, Params, nanos};
 use crate::limit::bucket::BucketKey;
+use crate::limit::share::TenantCap;
 
 /// States at rest are dropped when the map holds more than this many.
 const PRUNE_ABOVE: usize = 1_024;
@@ -58,6 +59,22 @@ impl TenantCaps {
         };
         (Duration::from_nanos(wait), turn)
     }
+}
+
+/// `cap`'s pace in a bucket whose request interval in force is `interval` (zero: no request
+/// rate); `None` if it caps nothing there.
+pub(crate) fn pace(cap: TenantCap, interval: Duration) -> Option<Params> {
+    let per_second = match cap {
+        TenantCap::Rate(rate) => rate.per_second_f64(),
+        TenantCap::Share(share) => {
+            if interval.is_zero() || share.is_nan() || share >= 1.0 {
+                return None;
+            }
+            share.max(0.0) / interval.as_secs_f64()
+        }
+    };
+    // A burst of one: a cap is a pace, not a pool.
+    Some(Params::at_rate(per_second, 1, Duration::ZERO))
 }
 
 impl CapTurn {
