@@ -22,7 +22,7 @@ use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use axum::routing::any;
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, HOST};
+use http::header::AUTHORIZATION;
 use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -30,11 +30,10 @@ use hyper_util::rt::TokioExecutor;
 use together_sim::{Class, SimConfig};
 use together_tower::body::BufferedBody;
 use together_tower::classify::{Classify, EndpointClass, TogetherClassifier};
-use together_tower::limit::error::refusal_response;
 use together_tower::limit::{MaxWait, RateLimitLayer};
 use together_tower::quota::{GroupQuota, QuotaTable, Rate};
 use together_tower::{Limits, TogetherLayer};
-use together_tower_examples::{chat_body, simulator};
+use together_tower_examples::{chat_body, empty, gateway_error, point_at_together, simulator};
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_http::set_header::SetRequestHeaderLayer;
@@ -68,12 +67,9 @@ async fn forward(
     Path(path): Path<String>,
     mut request: Request,
 ) -> Response {
-    let uri = format!("{}/v1/{path}", gateway.together);
-    *request.uri_mut() = match uri.parse() {
-        Ok(uri) => uri,
-        Err(_) => return status(StatusCode::BAD_REQUEST),
-    };
-    request.headers_mut().remove(HOST);
+    if !point_at_together(&mut request, &gateway.together, &path) {
+        return empty(StatusCode::BAD_REQUEST);
+    }
     // A caller may say how long it will wait for its turn.
     let max_wait = request
         .headers()
@@ -87,16 +83,8 @@ async fn forward(
     match gateway.stack.oneshot(request).await {
         Ok(response) => response,
         // Refused before sending: 429 with Retry-After, as the caller expects of Together.
-        Err(error) => refusal_response(&*error)
-            .map(|refusal| refusal.map(Body::from))
-            .unwrap_or_else(|| status(StatusCode::BAD_GATEWAY)),
+        Err(error) => gateway_error(&error),
     }
-}
-
-fn status(status: StatusCode) -> Response {
-    let mut response = Response::new(Body::empty());
-    *response.status_mut() = status;
-    response
 }
 
 /// Each team 5 chat requests a second.

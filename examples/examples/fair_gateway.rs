@@ -27,18 +27,17 @@ use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use axum::routing::any;
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, HOST};
+use http::header::AUTHORIZATION;
 use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use together_sim::{Class, SimConfig};
 use together_tower::body::BufferedBody;
-use together_tower::limit::error::refusal_response;
 use together_tower::limit::{LimitsBuilder, Priority, Tenant};
 use together_tower::quota::QuotaTable;
 use together_tower::{Limits, TogetherLayer};
-use together_tower_examples::{chat_body, simulator};
+use together_tower_examples::{chat_body, empty, gateway_error, point_at_together, simulator};
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
@@ -58,17 +57,13 @@ async fn forward(
     priority: Priority,
     mut request: Request,
 ) -> Response {
-    *request.uri_mut() = match format!("{}/v1/{path}", gateway.together).parse() {
-        Ok(uri) => uri,
-        Err(_) => return status(StatusCode::BAD_REQUEST),
-    };
-    request.headers_mut().remove(HOST);
+    if !point_at_together(&mut request, &gateway.together, path) {
+        return empty(StatusCode::BAD_REQUEST);
+    }
     request.extensions_mut().insert(priority);
     match gateway.stack.oneshot(request).await {
         Ok(response) => response,
-        Err(error) => refusal_response(&*error)
-            .map(|refusal| refusal.map(Body::from))
-            .unwrap_or_else(|| status(StatusCode::BAD_GATEWAY)),
+        Err(error) => gateway_error(&error),
     }
 }
 
@@ -86,12 +81,6 @@ async fn interactive(
     request: Request,
 ) -> Response {
     forward(gateway, &path, Priority::Interactive, request).await
-}
-
-fn status(status: StatusCode) -> Response {
-    let mut response = Response::new(Body::empty());
-    *response.status_mut() = status;
-    response
 }
 
 /// Together's quotas for the organisation, shared by team and weighted.

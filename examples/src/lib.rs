@@ -45,6 +45,32 @@ pub async fn simulator(chat_rpm: u64, config: SimConfig) -> std::io::Result<SimH
     Sim::start(config).await
 }
 
+/// Points a gateway's incoming request at `/v1/{path}` under `together`, and drops the
+/// caller's `Host`; `false` if that makes no URI.
+pub fn point_at_together<B>(request: &mut Request<B>, together: &str, path: &str) -> bool {
+    match format!("{together}/v1/{path}").parse() {
+        Ok(uri) => *request.uri_mut() = uri,
+        Err(_) => return false,
+    }
+    request.headers_mut().remove(http::header::HOST);
+    true
+}
+
+/// A gateway's answer when the stack gave none: the limiter's refusal as Together would send
+/// it (429 with `Retry-After`), as the caller expects of Together; else 502.
+pub fn gateway_error<B: From<String> + Default>(error: &tower::BoxError) -> Response<B> {
+    together_tower::limit::error::refusal_response(&**error)
+        .map(|refusal| refusal.map(B::from))
+        .unwrap_or_else(|| empty(StatusCode::BAD_GATEWAY))
+}
+
+/// An empty answer with `status`.
+pub fn empty<B: Default>(status: StatusCode) -> Response<B> {
+    let mut response = Response::new(B::default());
+    *response.status_mut() = status;
+    response
+}
+
 /// A chat completion request's JSON body.
 pub fn chat_body(text: &str) -> String {
     serde_json::json!({

@@ -92,6 +92,20 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The events `run` writes at `level` or above on paused time, as the fmt subscriber prints
+/// them.
+fn events(level: tracing::Level, run: impl std::future::Future<Output = ()>) -> String {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || runtime().block_on(run));
+    String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+}
+
 /// The metrics recorded while `run` runs on paused time: each as its name and its labels
 /// (`name key=value,key=value`), with its value as `Debug` prints it.
 #[cfg(feature = "metrics")]
@@ -123,17 +137,7 @@ fn the_events_of_a_429_and_a_retry_name_no_key() {
     let _alone = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(|poison| poison.into_inner());
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime().block_on(a_request_with_a_429_and_a_retry());
-    });
-    let output = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let output = events(tracing::Level::DEBUG, a_request_with_a_429_and_a_retry());
     if std::env::var("SHOW_OUTPUT").is_ok() {
         eprintln!("{output}");
     }
@@ -256,17 +260,7 @@ fn streams_tell_when_their_charge_settles_and_when_the_estimate_stays() {
     let _alone = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(|poison| poison.into_inner());
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime().block_on(two_streams_one_without_its_usage());
-    });
-    let output = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let output = events(tracing::Level::TRACE, two_streams_one_without_its_usage());
     let settled = output
         .lines()
         .find(|line| line.contains("token charge settled"))
@@ -288,21 +282,13 @@ fn streams_count_the_tokens_given_back_and_the_estimates_kept() {
     let _alone = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(|poison| poison.into_inner());
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, || {
-        runtime().block_on(two_streams_one_without_its_usage());
-    });
-    // One snapshot: taking one reads the counters out.
-    let snapshot = snapshotter.snapshot().into_vec();
+    let lines = recorded(two_streams_one_without_its_usage());
+    // The metric's labels, and its value.
     let counter = |name: &str| {
-        snapshot
-            .iter()
-            .find(|(key, ..)| key.key().name() == name)
-            .map(|(key, _, _, value)| {
-                let labels: Vec<_> = key.key().labels().collect();
-                (format!("{labels:?}"), format!("{value:?}"))
-            })
+        lines.iter().find_map(|(line, value)| {
+            let (seen, labels) = line.split_once(' ')?;
+            (seen == name).then(|| (labels.to_owned(), value.clone()))
+        })
     };
     let (labels, returned) =
         counter("together_tower_tokens_returned_total").expect("tokens returned");

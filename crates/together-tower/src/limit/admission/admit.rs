@@ -72,23 +72,24 @@ impl<C: Classify, L: Backend> Inner<C, L> {
             Some(max_wait) => max_wait.0,
             None => (self.settings.shares.max_wait(request)).unwrap_or(self.settings.max_wait),
         };
-        let lane = match request.extensions().get::<Attempt>() {
-            Some(attempt) if attempt.0 > 0 => Lane::Retry,
-            _ => Lane::New,
-        };
+        let mut cap_now = None;
         if let Some(capped) = self.capped(&bucket, key, request, max_wait, class) {
             let capped = match capped {
                 Ok(capped) => capped,
                 Err(refused) => return refused,
             };
             if !capped.wait.is_zero() {
-                let waiting = (capped, lane);
+                let waiting = (capped, lane_of(request));
                 return self.after_cap(bucket, cost, class, waiting, max_wait, reads_jobs);
             }
             // The cap's turn is now: the request goes on as any other.
+            cap_now = Some(capped);
         }
-
-        match self.fast_path(&bucket, cost, max_wait, class) {
+        let (cap_turn, who) = match cap_now {
+            Some(Capped { turn, who, .. }) => (Some(turn), Some(who)),
+            None => (None, None),
+        };
+        let admission = match self.fast_path(&bucket, cost, max_wait, class) {
             FastPath::Go(permit, now) => {
                 telemetry::admitted(class, bucket.model.as_deref());
                 let ticket = Ticket::new(bucket, cost, class, now);
@@ -103,10 +104,16 @@ impl<C: Classify, L: Backend> Inner<C, L> {
                 Admission::Refuse(error)
             }
             FastPath::Wait => {
-                let who = self.settings.shares.who(request);
-                self.queue(bucket, cost, class, (who, lane), max_wait, reads_jobs)
+                let who = who.unwrap_or_else(|| self.settings.shares.who(request));
+                let waiting = (who, lane_of(request));
+                self.queue(bucket, cost, class, waiting, max_wait, reads_jobs)
             }
+        };
+        if let (Admission::Refuse(_), Some(turn)) = (&admission, cap_turn) {
+            // Refused after all: the tenant's turn was not used.
+            turn.give_back(self.context.clock.elapsed());
         }
+        admission
     }
 
     /// The live bucket of `key`, made if it is not; `Err(retry_after)` when the map is full of
@@ -329,6 +336,14 @@ impl<C: Classify, L: Backend> Inner<C, L> {
             ),
             None => FastPath::Wait,
         }
+    }
+}
+
+/// The lane of a request: retries (of the retry layer) go first.
+fn lane_of<B>(request: &Request<B>) -> Lane {
+    match request.extensions().get::<Attempt>() {
+        Some(attempt) if attempt.0 > 0 => Lane::Retry,
+        _ => Lane::New,
     }
 }
 

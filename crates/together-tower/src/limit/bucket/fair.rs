@@ -176,6 +176,8 @@ mod tests {
         }
         let late = fair.key(&who(Priority::Normal, "c", 1), Lane::New, ONE, 99);
         assert!(late < keys[7].0, "the newcomer goes within a turn");
+        // But level with the others: not before the turns already served.
+        assert!(late > keys[5].0, "the newcomer does not jump the clock");
     }
 
     #[test]
