@@ -137,7 +137,11 @@ impl Endpoint {
 }
 
 /// hyper-util's pooled client, for `http` and `https` base URLs alike.
-fn http_client() -> Client<HttpsConnector<HttpConnector>, BufferedBody<Body>> {
+pub fn http_client<B>() -> Client<HttpsConnector<HttpConnector>, B>
+where
+    B: http_body::Body + Send,
+    B::Data: Send,
+{
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()

@@ -1,12 +1,14 @@
 //! The `together-tower` command: `bench` runs a workload through the stack and reports what
-//! happened; `embed` embeds a file, resumably. Both start an embedded simulator when no base
-//! URL is given.
+//! happened; `embed` embeds a file, resumably; `proxy` puts the stack in front of programs in
+//! any language. Each starts an embedded simulator when given no base URL (and, for `proxy`,
+//! no key).
 
 pub mod bench;
 pub mod client;
 pub mod embed;
 pub mod observe;
 pub mod plot;
+pub mod proxy;
 pub mod read;
 pub mod shares;
 pub mod target;

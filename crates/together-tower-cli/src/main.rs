@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use together_tower_cli::bench::{self, BenchArgs};
 use together_tower_cli::embed::{self, EmbedArgs};
+use together_tower_cli::proxy::{self, ProxyArgs};
 use together_tower_cli::{CliError, plot};
 
 /// Run a real workload through together-tower's stack, against Together or, by default, an
@@ -30,17 +31,24 @@ enum Command {
     Bench(BenchArgs),
     /// Embed a file, one text per line, into JSON lines; resumes an interrupted run.
     Embed(EmbedArgs),
+    /// Serve an OpenAI-compatible proxy: `/v1/*` forwarded through the stack, so programs in
+    /// any language share one paced quota.
+    Proxy(ProxyArgs),
 }
 
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_max_level(cli.log)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match &cli.command {
+        Command::Proxy(args) if args.log_json => logs.json().init(),
+        _ => logs.init(),
+    }
     let result = match cli.command {
         Command::Bench(args) => run_bench(&args).await,
+        Command::Proxy(args) => proxy::run(&args).await,
         Command::Embed(args) => embed::run(&args).await.map(|report| {
             println!(
                 "embedded {} of {} inputs (resumed from {})",

@@ -36,7 +36,7 @@ mod table;
 mod tier;
 
 pub use self::error::QuotaError;
-pub use self::rate::Rate;
+pub use self::rate::{InvalidRate, Rate};
 pub(crate) use self::table::GroupId;
 pub use self::table::{Group, GroupQuota, MAX_GROUPS, QuotaTable, QuotaTableBuilder};
 pub use self::tier::ChatTier;

@@ -170,7 +170,6 @@ impl Rate {
     }
 
     /// `N/s`, `N/min` or `N/h` (also `sec`, `second`, `m`, `minute`, `hour`).
-    #[cfg_attr(not(feature = "toml"), allow(dead_code))]
     pub(super) fn parse(text: &str) -> Option<Rate> {
         let (count, unit) = text.split_once('/')?;
         let amount = count.trim().parse().ok()?;
@@ -183,6 +182,40 @@ impl Rate {
         Some(Rate::new(amount, period))
     }
 }
+
+/// Reads a rate as the quota file writes it: `N/s`, `N/min` or `N/h` (also `sec`, `second`,
+/// `m`, `minute`, `hour`), with a burst of 1.
+///
+/// ```
+/// use together_tower::quota::Rate;
+///
+/// let rate: Rate = "600/min".parse().unwrap();
+/// assert_eq!(rate, Rate::per_minute(600));
+/// assert!("600 a minute".parse::<Rate>().is_err());
+/// ```
+impl std::str::FromStr for Rate {
+    type Err = InvalidRate;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Rate::parse(text).ok_or_else(|| InvalidRate(super::error::excerpt(text)))
+    }
+}
+
+/// A rate that does not read as `N/s`, `N/min` or `N/h`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidRate(String);
+
+impl fmt::Display for InvalidRate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} is not a rate; write it as requests per s, min or h, such as \"600/min\"",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidRate {}
 
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
