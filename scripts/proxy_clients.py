@@ -21,6 +21,8 @@ import time
 
 import openai
 
+from proxy_load import Retries
+
 CHAT_MODEL = "meta-llama/Llama-3.3-70B-Instruct-Turbo"
 EMBEDDING_MODEL = "BAAI/bge-large-en-v1.5"
 UPSTREAM_KEY = "proxy-own-key-0b7c19e4"
@@ -76,18 +78,6 @@ def client(url, key="client-key", retries=0):
 def expect(condition, what):
     if not condition:
         raise AssertionError(what)
-
-
-class Retries(logging.Handler):
-    """Counts the `openai` package's own retries, from its log."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.count = 0
-
-    def emit(self, record):
-        if record.getMessage().startswith("Retrying request"):
-            self.count += 1
 
 
 def checks(open_url, tight_url, managed_url):

@@ -28,7 +28,7 @@ impl Proxy {
     fn start(name: &str, args: &[&str]) -> Proxy {
         let dir = scratch(name);
         let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
-        let child = Command::new(env!("CARGO_BIN_EXE_together-tower"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_together-tower"))
             .args(["proxy", "--listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("TOGETHER_API_KEY")
@@ -53,11 +53,12 @@ impl Proxy {
                     stderr,
                 };
             }
-            let err = std::fs::read_to_string(&stderr).unwrap_or_default();
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the proxy did not start: {err}"
-            );
+            if started.elapsed() > Duration::from_secs(60) || child.try_wait().unwrap().is_some() {
+                let _ = child.kill();
+                let _ = child.wait();
+                let err = std::fs::read_to_string(&stderr).unwrap_or_default();
+                panic!("the proxy did not start: {err}");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -298,46 +299,35 @@ async fn sigterm_lets_every_request_in_flight_finish() {
     );
 }
 
-#[test]
-fn a_bad_configuration_is_refused_at_start_naming_the_line() {
-    let dir = scratch("bad-config");
-    let config = dir.join("proxy.toml");
-    std::fs::write(
-        &config,
-        "[tenants.a]\nkeys = [\"secret-tenant-key\"]\nweight = 0\n",
-    )
-    .unwrap();
+/// Starts the proxy with its own key and `args`, expecting it to refuse: its exit code and
+/// stderr.
+fn refused_at_start(args: &[&str]) -> (Option<i32>, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_together-tower"))
-        .args([
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--api-key",
-            "secret-upstream-key",
-        ])
-        .args(["--config", config.to_str().unwrap()])
+        .args(["proxy", "--listen", "127.0.0.1:0"])
+        .args(["--api-key", "secret-upstream-key"])
+        .args(args)
+        .env_remove("TOGETHER_BASE_URL")
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr)
+}
+
+#[test]
+fn a_bad_configuration_is_refused_at_start_naming_the_line() {
+    let config = scratch("bad-config").join("proxy.toml");
+    let tenant = "[tenants.a]\nkeys = [\"secret-tenant-key\"]\nweight = 0\n";
+    std::fs::write(&config, tenant).unwrap();
+    let (code, stderr) = refused_at_start(&["--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("proxy.toml:3: tenant \"a\": weight must be at least 1"),
         "{stderr}"
     );
     // A key of its own without tenants would make it an open proxy.
-    let output = Command::new(env!("CARGO_BIN_EXE_together-tower"))
-        .args([
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--api-key",
-            "secret-upstream-key",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = refused_at_start(&[]);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("without tenants"), "{stderr}");
     assert!(!stderr.contains("secret"), "{stderr}");
 }
