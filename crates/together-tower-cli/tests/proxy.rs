@@ -147,7 +147,9 @@ async fn managed_keys_name_tenants_and_the_proxy_key_never_leaves_it() {
     std::fs::write(
         &config,
         format!(
-            "[tenants.alpha]\nkeys = [\"{ALPHA_KEY}\"]\nweight = 2\npriority = \"interactive\"\n\n\
+            "[quota]\npreset = \"tier-1\"\n[quota.groups.chat]\nrate = \"600/min\"\n\
+             tokens = \"60000/min\"\nper_model = true\n\n\
+             [tenants.alpha]\nkeys = [\"{ALPHA_KEY}\"]\nweight = 2\npriority = \"interactive\"\n\n\
              [tenants.beta]\nkeys = [\"{BETA_KEY}\"]\ncap = \"50%\"\n"
         ),
     )
@@ -198,6 +200,8 @@ async fn managed_keys_name_tenants_and_the_proxy_key_never_leaves_it() {
         assert!(!ok.body.contains(secret) && !streamed.body.contains(secret));
     }
     assert!(output.contains("tenant=\"alpha\""), "{output}");
+    // The stream's token charge was settled from its usage, at its `[DONE]`.
+    assert!(output.contains("token charge settled"), "{output}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,6 +268,33 @@ async fn refusals_unknown_models_and_large_bodies_answer_as_together_would() {
         metrics.body
     );
     assert!(metrics.body.contains("status=\"429\""));
+    assert_eq!(proxy.terminate().0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_disconnected_and_a_stalled_body_gets_a_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = Proxy::start(
+        "timeouts",
+        &["--header-timeout", "300ms", "--idle-timeout", "300ms"],
+    );
+    let address = proxy.url.trim_start_matches("http://").to_owned();
+    // A connection that never sends a request head is closed.
+    let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let mut buffer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), silent.read_to_end(&mut buffer));
+    assert!(read.await.is_ok(), "a silent connection stayed open");
+    // A body that stops coming fails the request with a 408.
+    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\n\
+                authorization: Bearer k\r\ncontent-length: 100\r\n\r\n{\"model\":";
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(30), stalled.read(&mut answer));
+    let length = read.await.expect("no answer to a stalled body").unwrap();
+    let answer = String::from_utf8_lossy(&answer[..length]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
     assert_eq!(proxy.terminate().0, 0);
 }
 
