@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
-use together_sim::{Sim, SimConfig};
+use together_sim::{Class, ClassLimits, Sim, SimConfig};
 
 const CHAT_MODEL: &str = "meta-llama/Llama-3.3-70B-Instruct-Turbo";
 
@@ -361,4 +361,95 @@ fn a_bad_configuration_is_refused_at_start_naming_the_line() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("without tenants"), "{stderr}");
     assert!(!stderr.contains("secret"), "{stderr}");
+}
+
+/// A `redis-server` on a free loopback port, with no persistence, stopped when dropped.
+struct RedisServer {
+    child: Child,
+    url: String,
+}
+
+impl RedisServer {
+    async fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on the PATH (./scripts/test installs it)");
+        let mut server = RedisServer {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        for _ in 0..250 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = server.child.kill();
+        let _ = server.child.wait();
+        panic!("redis-server did not start");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_on_one_redis_share_one_quota() {
+    let redis = RedisServer::start().await;
+    // Ten chat requests a second per key, as the proxies are told; a request may arrive 20 ms
+    // early (two processes on a loaded 2-core machine).
+    let sim = Sim::start(SimConfig {
+        limits: [(Class::Chat, ClassLimits::rpm(600))].into(),
+        gcra_tolerance_ms: 20,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let flags = |name| {
+        let shared = [
+            "--base-url",
+            &sim.url(),
+            "--rpm",
+            "600",
+            "--redis-url",
+            &redis.url,
+            "--redis-replicas",
+            "2",
+        ]
+        .map(str::to_owned);
+        Proxy::start(name, &shared.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let proxies = [flags("redis-a"), flags("redis-b")];
+    // Thirty requests of one key at once, half through each proxy: alone, each proxy would
+    // send at the whole rate, and the server would refuse about half.
+    let calls: Vec<_> = (0..30)
+        .map(|index| {
+            let url = proxies[index % 2].url.clone();
+            tokio::spawn(async move { post_chat(&url, Some("k"), chat(CHAT_MODEL, false)).await })
+        })
+        .collect();
+    for call in calls {
+        let answer = call.await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    }
+    let chat = sim.stats().class(Class::Chat);
+    assert!(chat.rate_limited <= 1, "{chat:?}");
+    for proxy in proxies {
+        assert_eq!(proxy.terminate().0, 0);
+    }
 }
