@@ -104,7 +104,12 @@ struct Settings {
 /// - The delay is the server's hint (`retry-after-ms`, `Retry-After`, `x-ratelimit-reset`) plus up
 ///   to 10% (at most one second) of jitter, so callers told the same thing do not return in
 ///   lockstep. A hint longer than `max_hint` (60 s) means "give up now". Without a hint: full
-///   jitter, a random delay up to `min(max_delay, base_delay * 2^attempt)` (0.5 s and 8 s).
+///   jitter, a random delay up to `min(max_delay, base_delay * 2^attempt)` (0.2 s and 8 s:
+///   0.2 s, 0.4 s, 0.8 s, 1.6 s). Most hint-less 503s are one busy replica of a shared
+///   platform, not an outage: a quick retry lands elsewhere, while a slow one holds up its
+///   caller (at the end of a batch, the whole batch) for nothing. A retry still waits its
+///   turn in the rate limit and draws on the budget, so quick retries cannot storm; for an
+///   outage, a fallback model ([`with_fallback`](Self::with_fallback)) helps more than waiting.
 /// - Stops after `max_retries` (4) retries, once `max_elapsed` (2 min since the first send)
 ///   would pass, or when the shared budget (20% of requests plus 10 a second, over 10 s) is
 ///   spent. The caller then gets the last response or error, unchanged. [`Retry`](super::Retry)
@@ -129,7 +134,7 @@ impl RetryPolicy {
             settings: Arc::new(Settings {
                 max_retries: 4,
                 max_elapsed: Duration::from_secs(120),
-                base_delay: Duration::from_millis(500),
+                base_delay: Duration::from_millis(200),
                 max_delay: Duration::from_secs(8),
                 max_hint: Duration::from_secs(60),
                 fallbacks: Vec::new(),
@@ -165,7 +170,8 @@ impl<C> RetryPolicy<C> {
         self.with_settings(|settings| settings.max_elapsed = max_elapsed)
     }
 
-    /// The backoff without a server hint: full jitter up to `min(max, base * 2^attempt)`.
+    /// The backoff without a server hint: full jitter up to `min(max, base * 2^attempt)`
+    /// (defaults 0.2 s and 8 s).
     pub fn with_backoff(self, base: Duration, max: Duration) -> Self {
         self.with_settings(|settings| {
             settings.base_delay = base;
