@@ -13,7 +13,7 @@ use std::fmt;
 
 use http::header::{AUTHORIZATION, HeaderValue};
 use http::request::Parts;
-use together_tower::key::{ApiKeyId, KeyHasher, bearer_token};
+use together_tower::key::{ApiKeyId, CREDENTIAL_HEADERS, KeyHasher, bearer_token};
 use together_tower::limit::{Priority, Tenant};
 
 use super::config::TenantConfig;
@@ -90,6 +90,10 @@ impl Access {
             Access::PassThrough => Ok(None),
             Access::Managed(managed) => {
                 let caller = managed.caller(&parts.headers).ok_or(UnknownKey)?;
+                // The tenant's credentials stay here, whichever header carried them.
+                for name in &CREDENTIAL_HEADERS {
+                    parts.headers.remove(name);
+                }
                 parts
                     .headers
                     .insert(AUTHORIZATION, managed.upstream.clone());
@@ -176,7 +180,15 @@ mod tests {
         )
         .unwrap();
         let mut request = parts(Some("Bearer k-batch-2"));
+        request
+            .headers
+            .insert("x-api-key", "k-batch-2".parse().unwrap());
+        request
+            .headers
+            .insert("cookie", "session=k-batch-2".parse().unwrap());
         let caller = access.admit(&mut request).unwrap().unwrap();
+        let sent: Vec<_> = request.headers.values().collect();
+        assert!(!format!("{sent:?}").contains("k-batch"), "{sent:?}");
         assert_eq!(caller.tenant.name(), "batch");
         assert_eq!(caller.priority, Priority::Background);
         assert_eq!(request.headers[AUTHORIZATION], "Bearer upstream-secret");
