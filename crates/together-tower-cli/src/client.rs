@@ -214,7 +214,9 @@ pub fn stack(
         Mode::Adaptive => Adaptation::adaptive(),
         Mode::RetryOnly => {
             // The SDKs have no retry budget: only their attempt count bounds a retry storm.
+            // Their backoff without a hint starts at 0.5 s and doubles up to 8 s.
             let unbounded = TpsBudget::new(Duration::from_secs(1), 1_000_000, 1_000.0);
+            let retry = retry.with_backoff(Duration::from_millis(500), Duration::from_secs(8));
             let stack = ServiceBuilder::new()
                 .map_response(|response: Response<hyper::body::Incoming>| {
                     response.map(BodyExt::boxed)
