@@ -101,26 +101,19 @@ pub fn stack_error(failure: &BoxError, body_limit: usize) -> Response {
     )
 }
 
+/// `error` and its sources, outermost first.
+fn sources(error: &BoxError) -> impl Iterator<Item = &(dyn StdError + 'static)> {
+    let first: &(dyn StdError + 'static) = &**error;
+    std::iter::successors(Some(first), |&error| error.source())
+}
+
 /// The first error of type `E` in `error`'s chain of sources.
 fn find<E: StdError + 'static>(error: &BoxError) -> Option<&E> {
-    let mut next: Option<&(dyn StdError + 'static)> = Some(&**error);
-    while let Some(error) = next {
-        if let Some(found) = error.downcast_ref::<E>() {
-            return Some(found);
-        }
-        next = error.source();
-    }
-    None
+    sources(error).find_map(|error| error.downcast_ref::<E>())
 }
 
 /// An error and its sources, on one line.
 fn chain(error: &BoxError) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(source) = next {
-        text.push_str(": ");
-        text.push_str(&source.to_string());
-        next = source.source();
-    }
-    text
+    let parts: Vec<String> = sources(error).map(ToString::to_string).collect();
+    parts.join(": ")
 }

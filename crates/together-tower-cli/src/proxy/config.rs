@@ -164,8 +164,7 @@ impl ProxyConfig {
 pub fn load_quota_file(path: &Path) -> Result<QuotaTable, ConfigError> {
     let text = read(path)?;
     QuotaTable::from_toml(&text).map_err(|error| {
-        let spans: GroupSpans = toml::from_str(&text).unwrap_or_default();
-        let span = spans.groups.get(error.group()).map(Spanned::span);
+        let span = group_span(&text, Part::Whole, error.group());
         ConfigError::at(path, &text, span, error.to_string())
     })
 }
@@ -215,22 +214,32 @@ fn quota_part(
         let in_group = groups.is_some_and(|groups| groups.contains_key(error.group()));
         // A group's error names its line; any other, the `[quota]` line.
         let span = in_group
-            .then(|| group_span(text, error.group()))
+            .then(|| group_span(text, Part::Quota, error.group()))
             .flatten()
             .unwrap_or(quota.span());
         ConfigError::at(path, text, Some(span), format!("[quota]: {error}"))
     })
 }
 
-/// Where `[quota.groups.NAME]` starts in the file.
-fn group_span(text: &str, group: &str) -> Option<Range<usize>> {
+/// Where a quota table's groups are: the whole file (`--quota`), or its `[quota]` part.
+#[derive(Clone, Copy)]
+enum Part {
+    Whole,
+    Quota,
+}
+
+/// Where group `group` starts in `text` (`[groups.NAME]`, or `[quota.groups.NAME]`).
+fn group_span(text: &str, part: Part, group: &str) -> Option<Range<usize>> {
     #[derive(Deserialize, Default)]
-    struct Outer {
+    struct InConfig {
         #[serde(default)]
         quota: GroupSpans,
     }
-    let outer: Outer = toml::from_str(text).ok()?;
-    outer.quota.groups.get(group).map(Spanned::span)
+    let spans = match part {
+        Part::Whole => toml::from_str::<GroupSpans>(text).ok()?,
+        Part::Quota => toml::from_str::<InConfig>(text).ok()?.quota,
+    };
+    spans.groups.get(group).map(Spanned::span)
 }
 
 fn tenant(
@@ -423,6 +432,17 @@ cap = "20/s"
                     .starts_with(&format!("proxy.toml:{line}: "))
             );
         }
+    }
+
+    #[test]
+    fn a_quota_file_names_the_line_of_its_group() {
+        let path = std::env::temp_dir().join(format!("quota-{}.toml", std::process::id()));
+        let text = "[classes]\nchat = \"chat\"\n\n[groups.chat]\nrate = \"0/min\"\n";
+        std::fs::write(&path, text).unwrap();
+        let error = load_quota_file(&path).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(error.line(), Some(4), "{error}");
+        assert!(error.to_string().contains("allows no requests"), "{error}");
     }
 
     #[test]

@@ -272,7 +272,7 @@ fn chat_rpm(table: &QuotaTable) -> u32 {
         .group_of(EndpointClass::Chat)
         .and_then(|group| group.rate())
         .map_or(600, |rate| {
-            let per_minute = f64::from(rate.amount()) * 60.0 / rate.period().as_secs_f64();
+            let per_minute = rate.per_second_f64() * 60.0;
             per_minute.round().clamp(1.0, f64::from(u32::MAX)) as u32
         })
 }

@@ -21,6 +21,7 @@ use axum::response::Response;
 use http::StatusCode;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use together_tower::classify::EndpointClass;
+use together_tower::limit::Tenant;
 
 use super::access::Caller;
 use crate::CliError;
@@ -108,7 +109,7 @@ pub async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
 #[derive(Debug)]
 pub struct Outcome {
     class: EndpointClass,
-    tenant: Option<String>,
+    tenant: Option<Tenant>,
     started: Instant,
 }
 
@@ -117,7 +118,7 @@ impl Outcome {
     pub fn new(class: EndpointClass, caller: Option<&Caller>, started: Instant) -> Self {
         Self {
             class,
-            tenant: caller.map(|caller| caller.tenant.name().to_owned()),
+            tenant: caller.map(|caller| caller.tenant.clone()),
             started,
         }
     }
@@ -126,7 +127,7 @@ impl Outcome {
     pub fn record(self, response: Response) -> Response {
         let status = response.status();
         let elapsed = self.started.elapsed();
-        let tenant = self.tenant.as_deref().unwrap_or("none");
+        let tenant = self.tenant.as_ref().map_or("none", Tenant::name);
         metrics::counter!(
             "together_tower_proxy_requests_total",
             "class" => self.class.as_str(),
