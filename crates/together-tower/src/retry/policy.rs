@@ -103,11 +103,16 @@ struct Settings {
 /// - `x-should-retry: true|false` overrides the rules above when the server sends it.
 /// - The delay is the server's hint (`retry-after-ms`, `Retry-After`, `x-ratelimit-reset`) plus up
 ///   to 10% (at most one second) of jitter, so callers told the same thing do not return in
-///   lockstep. A hint longer than `max_hint` (60 s) means "give up now". Without a hint: full
-///   jitter, a random delay up to `min(max_delay, base_delay * 2^attempt)` (0.2 s and 8 s:
-///   0.2 s, 0.4 s, 0.8 s, 1.6 s). Most hint-less 503s are one busy replica of a shared
-///   platform, not an outage: a quick retry lands elsewhere, while a slow one holds up its
-///   caller (at the end of a batch, the whole batch) for nothing. A retry still waits its
+///   lockstep. A hint longer than `max_hint` (60 s) means "give up now". Without a hint:
+///   "equal" jitter, a random delay between half and all of `min(max_delay, base_delay *
+///   2^attempt)` (0.2 s and 8 s: up to 0.2 s, 0.4 s, 0.8 s, 1.6 s). Most hint-less 503s are
+///   one busy replica of a shared platform, not an outage: a quick retry lands elsewhere,
+///   while a slow one holds up its caller (at the end of a batch, the whole batch) for
+///   nothing. The half that is not random spreads a request's retries over the seconds a
+///   server counts: with full jitter all five attempts could fall inside the one second
+///   that refused the first, before the rate limit has judged whether the 503s follow its
+///   rate (against a server that answers 503 above its capacity, one request in a few
+///   thousand failed so). A retry still waits its
 ///   turn in the rate limit and draws on the budget, so quick retries cannot storm; for an
 ///   outage, a fallback model ([`with_fallback`](Self::with_fallback)) helps more than waiting.
 /// - Stops after `max_retries` (4) retries, once `max_elapsed` (2 min since the first send)
@@ -170,8 +175,8 @@ impl<C> RetryPolicy<C> {
         self.with_settings(|settings| settings.max_elapsed = max_elapsed)
     }
 
-    /// The backoff without a server hint: full jitter up to `min(max, base * 2^attempt)`
-    /// (defaults 0.2 s and 8 s).
+    /// The backoff without a server hint: a random delay between half and all of
+    /// `min(max, base * 2^attempt)` (defaults 0.2 s and 8 s).
     pub fn with_backoff(self, base: Duration, max: Duration) -> Self {
         self.with_settings(|settings| {
             settings.base_delay = base;
@@ -260,7 +265,10 @@ impl<C> RetryPolicy<C> {
             .base_delay
             .saturating_mul(2u32.saturating_pow(attempt))
             .min(self.settings.max_delay);
-        ceiling.mul_f64(self.rng.next_f64())
+        // At least half the ceiling: full jitter may put all of a request's retries inside
+        // the one second a server counts, where the first was refused.
+        let half = ceiling / 2;
+        half.saturating_add(half.mul_f64(self.rng.next_f64()))
     }
 
     /// A server hint plus up to 10% of jitter, at most one second of it.

@@ -730,15 +730,16 @@ impl Controller {
         if served.is_some_and(|served| self.limit_grew(served, top)) {
             // Served clearly more than at the wall the rate was recovering from: a limit
             // that grows as it is used, as one earned by success does (Together's are
-            // twice the successful rate of a recent span). The rate goes to just below what
-            // was served, and compounds again at once: every share below the limit that the
-            // rate spends is a share less earned, and the shortfall compounds.
+            // twice the successful rate of a recent span). The rate goes to what was served,
+            // with no margin below it (the limit is at least that, and growing), and
+            // compounds again at once: every share below the limit that the rate spends is
+            // a share less earned, and the shortfall compounds.
             self.wall = Some((wall, 1));
             let probe = Probe {
                 after: 0,
                 growth: Growth::Compound(GROWN_COMPOUND),
             };
-            self.recover(now, wall * (1.0 - self.settings.margin), wall, probe);
+            self.recover(now, wall, wall, probe);
         } else if served.is_some_and(|served| served < rate * self.settings.cut) {
             // Far above what the server takes: down to it in one step. A limit found there
             // for the first time may be one earned by success, which grows as the requests
@@ -1328,14 +1329,14 @@ mod tests {
         assert!(controller.trouble(S, S + 10 * MS));
         assert!((controller.rate(S + 20 * MS) - 4.9).abs() < 1e-6);
         // Four seconds on, the server served 7 in the last second: the limit grew. The rate
-        // goes just below what was served, and compounds from there without a hold.
+        // goes to what was served, and compounds from there without a hold.
         served_over_the_second_before(&mut controller, 5 * S, 7);
         assert!(controller.trouble(5 * S, 5 * S + 10 * MS));
         let at = 5 * S + 10 * MS;
-        assert!((controller.rate(at) - 7.0 * 0.98).abs() < 1e-6);
+        assert!((controller.rate(at) - 7.0).abs() < 1e-6);
         let a_second_later = controller.rate(at + S);
         assert!(
-            (a_second_later - 7.0 * 0.98 * GROWN_COMPOUND).abs() < 0.01,
+            (a_second_later - 7.0 * GROWN_COMPOUND).abs() < 0.01,
             "{a_second_later}"
         );
         // Served at the same wall again instead, it would have been a wall: the usual probe.
