@@ -482,11 +482,19 @@ async fn a_turn_taken_in_this_process_goes_back_here_never_to_redis() {
     }
     limiter.release(&bucket, ONE, later);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    // Redis still holds the turn used before the outage.
-    let next = decide(&limiter, &bucket).await;
+    // Redis still holds the turn used before the outage. Asked until Redis decides: on a
+    // loaded machine one call can pass the 200 ms timeout and be decided here instead.
+    let mut next = decide(&limiter, &bucket).await;
+    for _ in 0..50 {
+        if !limiter.is_falling_back() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        next = decide(&limiter, &bucket).await;
+    }
+    assert!(!limiter.is_falling_back());
     assert!(
         matches!(next, Decision::Wait(wait) if wait > Duration::from_secs(8)),
         "{next:?}"
     );
-    assert!(!limiter.is_falling_back());
 }

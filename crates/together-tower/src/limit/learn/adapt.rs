@@ -438,7 +438,8 @@ const EARNING: u64 = 10;
 /// rule (`scripts/peer-server.py --earned 5 100`, 1,500 requests) and lost each time: from
 /// the base after one window at this growth, 34.9 s (the rate stays below a limit that
 /// grows as fast, and no refusal says so); at 25% or 30% a second, 34.2 s; from the wall
-/// itself after half a window, 34.5 s; today's hold and cubic probe, 33.3 s in most runs.
+/// itself after half a window, 34.5 s; the cubic probe after one window's hold rather than
+/// two seconds, 34.6 s; today's hold and cubic probe, 33.3 s in most runs.
 /// Each refusal at a base of 5 a second costs two of its turns, and those are the
 /// successes the limit is earned from. A limit
 /// earned by success (Together's: twice the successful rate of a recent span) grows as it is
