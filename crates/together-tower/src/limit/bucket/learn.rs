@@ -41,20 +41,24 @@ impl<L: Backend> Bucket<L> {
         telemetry::closed(self.key, self.group(), self.model.as_deref(), pause, why);
     }
 
-    /// A refusal without a precise hint, in adaptive mode: the bucket holds back two turns at
+    /// A refusal without a precise hint, in adaptive mode: the bucket holds back a turn at
     /// the rate in force, twice as long for each refusal since an answer was last served,
-    /// added to any hold still running. A lone refusal costs two turns; a flood of them (a
-    /// rate far above the limit, while the cut waits a window to show) stops the sending
-    /// after a few, until one server window after the first: by then a server that counts
-    /// the last window counts none of what it refused for. A row of refusals longer than a
-    /// window (a server refusing everything) holds a window from the latest at most.
+    /// added to any hold still running. A lone refusal costs a turn besides its own (a
+    /// server that counts the last window has room again about a turn later, if the rate
+    /// is right; holding two cost an earned limit's ramp 1% of its time, in turns at its
+    /// base that the limit is earned from, for three fewer refusals in 200 at a fixed wall
+    /// far below); a flood of them (a rate far above the limit, while the cut waits a
+    /// window to show) stops the sending after a few, until one server window after the
+    /// first: by then a server that counts the last window counts none of what it refused
+    /// for. A row of refusals longer than a window (a server refusing everything) holds a
+    /// window from the latest at most.
     fn hold_a_turn(&self, now: Duration) {
         let in_a_row = self.refused_in_a_row.fetch_add(1, Ordering::Relaxed);
         if in_a_row == 0 {
             self.refused_from.store(nanos(now), Ordering::Relaxed);
         }
         let first = Duration::from_nanos(self.refused_from.load(Ordering::Relaxed));
-        let turns = 2u32 << in_a_row.min(MOST_DOUBLINGS);
+        let turns = 1u32 << in_a_row.min(MOST_DOUBLINGS);
         let hold = self.interval().saturating_mul(turns);
         let most = first.max(now.saturating_sub(self.context.adaptation.window()));
         self.extend_closure(

@@ -51,7 +51,7 @@ use crate::telemetry::RateChange;
 /// | the server answers | `Static` | `Adaptive` |
 /// |---|---|---|
 /// | 429 with a precise hint (`retry-after-ms`, a fractional `x-ratelimit-reset` or `Retry-After`) | closes the bucket for the hint | the same; if the bucket's own pace did not expect it, also cuts the rate of the limit that ran out |
-/// | 429 with a whole-second `Retry-After` only | closes the bucket for it (conservative: the server said a second) | holds the bucket two turns, twice as long for each refusal in a row, until a window after the first at most (a flood stops after a handful): proxies send a whole second by rote, and the refused request alone waits it (in the retry layer); an unexpected one cuts the rate |
+/// | 429 with a whole-second `Retry-After` only | closes the bucket for it (conservative: the server said a second) | holds the bucket a turn, twice as long for each refusal in a row, until a window after the first at most (a flood stops after a handful): proxies send a whole second by rote, and the refused request alone waits it (in the retry layer); an unexpected one cuts the rate |
 /// | 429 without a hint | closes the bucket for [`default_pause`](crate::limit::LimitsBuilder::default_pause) | the same holds; cuts the rate, if unexpected |
 /// | 503 | nothing | counted against the answers served; moves the rate only when a trial shows the 503s follow it: the rate held at what the server served for two windows, kept if the share of 503s fell by more than chance, undone if not |
 /// | `x-ratelimit-remaining: 0` | closes the bucket until the reset, when that is later than its next turn | the same |
@@ -432,19 +432,19 @@ const MOST_HOLDS: u32 = 3;
 /// are earned over the last ten seconds or more.
 const EARNING: u64 = 10;
 
-/// How fast a probe grows above a limit found far below the rate: 17% a second.
+/// How fast a probe grows above a limit found far below the rate: 17% a second. A limit
+/// earned by success (Together's: twice the successful rate of a recent span) grows as it is
+/// used: twice a rate's own average over the last ten seconds keeps up with it while it grows
+/// at most about 17% a second.
 ///
 /// Probing an earned base sooner or faster was measured against a server with Together's
 /// rule (`scripts/peer-server.py --earned 5 100`, 1,500 requests) and lost each time: from
 /// the base after one window at this growth, 34.9 s (the rate stays below a limit that
 /// grows as fast, and no refusal says so); at 25% or 30% a second, 34.2 s; from the wall
 /// itself after half a window, 34.5 s; the cubic probe after one window's hold rather than
-/// two seconds, 34.6 s; today's hold and cubic probe, 33.3 s in most runs.
-/// Each refusal at a base of 5 a second costs two of its turns, and those are the
-/// successes the limit is earned from. A limit
-/// earned by success (Together's: twice the successful rate of a recent span) grows as it is
-/// used: twice a rate's own average over the last ten seconds keeps up with it while it grows
-/// at most about 17% a second.
+/// two seconds, 34.6 s; today's hold and cubic probe, 33.3 s in most runs (33.1 s since a
+/// refusal holds the bucket one turn, not two). Each refusal at a base of 5 a second costs
+/// turns, and those are the successes the limit is earned from.
 const COMPOUND: f64 = 1.17;
 /// How fast the rate compounds once a reading showed the limit grew: a little faster than
 /// such a limit can (about 17% a second), so that the rate keeps meeting it and each refusal

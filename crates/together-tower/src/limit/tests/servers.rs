@@ -45,9 +45,9 @@ async fn a_whole_second_retry_after_does_not_idle_an_adaptive_bucket() {
         .layer(recorder(arrivals.clone(), whole_second_refusal(2)));
     send_all(&service, chat_requests(6, "k")).await;
     let times = arrivals.times_ms();
-    // The third is refused: the bucket holds back two turns (200 ms), and the rest go on at
-    // the cut rate (80% of 10 a second), not a second later.
-    assert_eq!(times[..4], [0, 100, 200, 400]);
+    // The third is refused: the bucket holds back a turn (100 ms), and the rest go on at
+    // the cut rate (80% of 10 a second, 125 ms apart), not a second later.
+    assert_eq!(times[..4], [0, 100, 200, 325]);
     assert!(times[5] <= 700, "{times:?}");
     assert_eq!(limits.snapshot()[0].rate_changes.refused, 1);
 }
@@ -259,10 +259,10 @@ async fn a_wall_far_below_the_table_is_found_and_kept_with_few_refusals() {
     let seconds = *arrivals.times_ms().last().unwrap() as f64 / 1_000.0;
     let served_per_second = (200 - refused) as f64 / seconds;
     // The probes above the wall cost a refusal now and then, fewer as the wall is found
-    // again (but not in the first ten seconds, when it may be an earned limit's base): 16
-    // of 200 at 4.6 served a second when this was written. Static mode, closing for a
-    // second at each refusal and then sending the window's worth at once, had 33 at 4.8 a
-    // second.
-    assert!(refused <= 18, "{refused} refused");
+    // again (but not in the first ten seconds, when it may be an earned limit's base): 19
+    // of 200 at 4.6 served a second when this was written (16 when a refusal held the
+    // bucket two turns, not one). Static mode, closing for a second at each refusal and
+    // then sending the window's worth at once, had 33 at 4.8 a second.
+    assert!(refused <= 21, "{refused} refused");
     assert!(served_per_second >= 4.5, "{served_per_second} a second");
 }
