@@ -111,10 +111,10 @@ struct Settings {
 ///   nothing. The half that is not random spreads a request's retries over the seconds a
 ///   server counts: with full jitter all five attempts could fall inside the one second
 ///   that refused the first, before the rate limit has judged whether the 503s follow its
-///   rate (against a server that answers 503 above its capacity, one request in a few
-///   thousand failed so). A retry still waits its
-///   turn in the rate limit and draws on the budget, so quick retries cannot storm; for an
-///   outage, a fallback model ([`with_fallback`](Self::with_fallback)) helps more than waiting.
+///   rate (against a server that answers 503 above its capacity, about one request in two
+///   thousand failed so). A retry still waits its turn in the rate limit and draws on the
+///   budget, so quick retries cannot storm; for an outage, a fallback model
+///   ([`with_fallback`](Self::with_fallback)) helps more than waiting.
 /// - Stops after `max_retries` (4) retries, once `max_elapsed` (2 min since the first send)
 ///   would pass, or when the shared budget (20% of requests plus 10 a second, over 10 s) is
 ///   spent. The caller then gets the last response or error, unchanged. [`Retry`](super::Retry)

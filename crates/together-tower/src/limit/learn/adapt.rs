@@ -444,7 +444,7 @@ const EARNING: u64 = 10;
 /// itself after half a window, 34.5 s; the cubic probe after one window's hold rather than
 /// two seconds, 34.6 s; today's hold and cubic probe, 33.3 s in most runs (33.1 s since a
 /// refusal holds the bucket one turn, not two). Each refusal at a base of 5 a second costs
-/// turns, and those are the successes the limit is earned from.
+/// turns at it, and those are the successes the limit is earned from.
 const COMPOUND: f64 = 1.17;
 /// How fast the rate compounds once a reading showed the limit grew: a little faster than
 /// such a limit can (about 17% a second), so that the rate keeps meeting it and each refusal
