@@ -7,7 +7,7 @@ use tokio::sync::Mutex;
 use tower_layer::Layer;
 
 use super::list::{Cached, FAILURE_TTL, FETCH_TIMEOUT, ModelList};
-use super::service::ModelCheck;
+use super::service::{ModelCheck, Shared};
 
 /// Applies [`ModelCheck`].
 #[derive(Debug, Clone)]
@@ -61,11 +61,14 @@ impl<S: Clone> Layer<S> for ModelCheckLayer {
     type Service = ModelCheck<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ModelCheck {
+        let shared = Shared {
             spare: Arc::new(std::sync::Mutex::new(inner.clone())),
-            inner,
             list: Arc::clone(&self.list),
-            last_ask: None,
+            last_ask: std::sync::Mutex::new(None),
+        };
+        ModelCheck {
+            inner,
+            shared: Arc::new(shared),
         }
     }
 }

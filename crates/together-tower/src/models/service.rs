@@ -1,6 +1,6 @@
 //! [`ModelCheck`], the service.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use http::{Method, Request, Response};
@@ -19,14 +19,23 @@ use super::list::{ModelList, Probe};
 #[derive(Debug, Clone)]
 pub struct ModelCheck<S> {
     pub(super) inner: S,
-    /// A copy of the inner service to ask for the models list with, shared by every clone:
-    /// a request carries only a handle to it, and it is cloned only after a 404.
-    pub(super) spare: Arc<std::sync::Mutex<S>>,
+    /// What every clone shares, behind one handle: a layer above that clones the service
+    /// for each request (the body buffer does) copies one `Arc`.
+    pub(super) shared: Arc<Shared<S>>,
+}
+
+/// What the clones of one [`ModelCheck`] share.
+#[derive(Debug)]
+pub(super) struct Shared<S> {
+    /// A copy of the inner service to ask for the models list with: a request carries only
+    /// a handle to it, and it is cloned only after a 404.
+    pub(super) spare: Arc<Mutex<S>>,
     pub(super) list: Arc<ModelList>,
     /// The last request's [`Ask`], kept for the next one that would make the same: most
     /// requests through one service name the same model with the same key, and sharing
-    /// spares each of them copying its URI and credentials for the rare 404.
-    pub(super) last_ask: Option<Arc<Ask<S>>>,
+    /// spares each of them copying its URI and credentials for the rare 404. Shared by the
+    /// clones, as each request may come through a clone of its own.
+    pub(super) last_ask: Mutex<Option<Arc<Ask<S>>>>,
 }
 
 impl<S> ModelCheck<S> {
@@ -75,16 +84,21 @@ where
 
 impl<S> ModelCheck<S> {
     /// What a request naming `model` keeps for a 404: the last request's, if it is the same.
-    fn ask_for<B>(&mut self, request: &Request<B>, model: &Arc<str>) -> Arc<Ask<S>> {
-        match &self.last_ask {
+    fn ask_for<B>(&self, request: &Request<B>, model: &Arc<str>) -> Arc<Ask<S>> {
+        let shared = &*self.shared;
+        let mut last = shared
+            .last_ask
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &*last {
             Some(ask) if ask.probe.matches(request, model) => Arc::clone(ask),
             _ => {
                 let ask = Arc::new(Ask {
                     probe: Probe::new(request, Arc::clone(model)),
-                    spare: Arc::clone(&self.spare),
-                    list: Arc::clone(&self.list),
+                    spare: Arc::clone(&shared.spare),
+                    list: Arc::clone(&shared.list),
                 });
-                self.last_ask = Some(Arc::clone(&ask));
+                *last = Some(Arc::clone(&ask));
                 ask
             }
         }

@@ -149,3 +149,35 @@ async fn a_404_about_a_path_asks_for_no_models_list() {
     assert!(error.is::<ModelNotFound>());
     assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// The ask a request keeps for a 404 is made once for every clone of the service, as a layer
+/// above may clone it for each request, and made again only for another key or model.
+#[tokio::test(start_paused = true)]
+async fn clones_share_the_kept_ask_until_the_key_or_model_changes() {
+    use tower::ServiceExt;
+    fn ok() -> Response<String> {
+        Response::new(String::new())
+    }
+    let (service, _) = server(ok, || None);
+    let kept = |service: &Checked| {
+        let last = service.shared.last_ask.lock().unwrap();
+        last.as_ref().map(|ask| Arc::as_ptr(ask) as usize)
+    };
+    let with_key = |key: &'static str| {
+        let mut request = to("/v1/chat/completions");
+        let value = HeaderValue::from_static(key);
+        request.headers_mut().insert("authorization", value);
+        crate::key::hide_credentials(request.headers_mut());
+        request
+    };
+    service.clone().oneshot(with_key("Bearer a")).await.unwrap();
+    let first = kept(&service).expect("an ask is kept");
+    service.clone().oneshot(with_key("Bearer a")).await.unwrap();
+    assert_eq!(kept(&service), Some(first), "a clone made it again");
+    service.clone().oneshot(with_key("Bearer b")).await.unwrap();
+    assert_ne!(
+        kept(&service),
+        Some(first),
+        "another key kept the first ask"
+    );
+}
