@@ -1,5 +1,6 @@
 //! What `RateLimit` adds to each request when its quota never binds, beside the bare inner
-//! service and tower's own `limit::RateLimit`.
+//! service, tower's own `limit::RateLimit` and two tower-http layers that wrap the answer; and
+//! what the whole stack adds, in all and one layer at a time.
 //!
 //! Each iteration is one request: `poll_ready`, `call`, and polling the response future to
 //! completion, inside a tokio runtime context. The inner service keeps the request for the
@@ -40,10 +41,10 @@ use tower::{Layer, Service};
 /// carried the request (336 bytes) would measure those copies more than the layers' work.
 #[derive(Clone, Default)]
 struct Echo {
-    sent: Rc<Cell<Option<Request<()>>>>,
+    sent: Rc<Cell<Option<Request<Empty<Bytes>>>>>,
 }
 
-impl Service<Request<()>> for Echo {
+impl Service<Request<Empty<Bytes>>> for Echo {
     type Response = Response<Empty<Bytes>>;
     type Error = Infallible;
     type Future = Ready<Result<Response<Empty<Bytes>>, Infallible>>;
@@ -52,7 +53,7 @@ impl Service<Request<()>> for Echo {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<()>) -> Self::Future {
+    fn call(&mut self, request: Request<Empty<Bytes>>) -> Self::Future {
         self.sent.set(Some(request));
         ready(Ok(Response::new(Empty::new())))
     }
@@ -64,11 +65,11 @@ fn bench_service<S, B>(
     name: &str,
     echo: &Echo,
     mut service: S,
-    requests: Vec<Request<()>>,
+    requests: Vec<Request<Empty<Bytes>>>,
 ) where
-    S: Service<Request<()>, Response = Response<B>>,
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>>,
 {
-    let mut requests: Vec<Option<Request<()>>> = requests.into_iter().map(Some).collect();
+    let mut requests: Vec<Option<Request<Empty<Bytes>>>> = requests.into_iter().map(Some).collect();
     let mut next = 0;
     c.bench_function(name, |b| {
         b.iter(|| {
@@ -81,10 +82,10 @@ fn bench_service<S, B>(
     });
 }
 
-fn chat(key: &str) -> Request<()> {
+fn chat(key: &str) -> Request<Empty<Bytes>> {
     Request::post("https://api.together.xyz/v1/chat/completions")
         .header(AUTHORIZATION, format!("Bearer {key}"))
-        .body(())
+        .body(Empty::new())
         .unwrap()
 }
 
@@ -155,7 +156,7 @@ fn overhead(c: &mut Criterion) {
         keys,
     );
     let models = Request::get("https://api.together.xyz/v1/models")
-        .body(())
+        .body(Empty::new())
         .unwrap();
     let layer = RateLimitLayer::new(never_binding());
     bench_service(
@@ -174,6 +175,26 @@ fn overhead(c: &mut Criterion) {
         vec![chat(key)],
     );
 
+    // Layers that wrap the answer, for scale: tower-http's `Trace` reads each answer (its
+    // status, for a failure class) and wraps its body, as any layer that learns from answers
+    // must; `MapResponseBody` only wraps the body.
+    bench_service(
+        &mut group,
+        "tower_http_trace",
+        &echo,
+        tower_http::trace::TraceLayer::new_for_http().layer(echo.clone()),
+        vec![chat(key)],
+    );
+    bench_service(
+        &mut group,
+        "tower_http_map_response_body",
+        &echo,
+        tower_http::map_response_body::MapResponseBodyLayer::new(|body: Empty<Bytes>| {
+            http_body_util::BodyExt::map_frame(body, |frame| frame)
+        })
+        .layer(echo.clone()),
+        vec![chat(key)],
+    );
     classify_and_fingerprint(&mut group, key);
     group.finish();
 }
@@ -253,16 +274,7 @@ fn full_stack(c: &mut Criterion) {
     let mut group = c.benchmark_group("full_stack");
     for (name, size) in [("small", 0), ("1kb", 1_024), ("100kb", 100 * 1_024)] {
         let body = chat_body(size);
-        let request = || {
-            Request::post("https://api.together.xyz/v1/chat/completions")
-                .header(
-                    AUTHORIZATION,
-                    "Bearer fake-key-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH",
-                )
-                .header("content-type", "application/json")
-                .body(Full::new(body.clone()))
-                .unwrap()
-        };
+        let request = || chat_request(body.clone());
         let mut bare = Ok200;
         group.bench_function(format!("bare_client_{name}"), |b| {
             b.iter_batched(
@@ -281,6 +293,66 @@ fn full_stack(c: &mut Criterion) {
         });
     }
     group.finish();
+}
+
+/// The whole stack's layers added one at a time, outside in, over the same client with a small
+/// chat body: the buffer (reads the body and its fields), the model check, the retry layer
+/// (copies the request to send again, deposits in the budget). The whole stack, which adds the
+/// rate limit, is `full_stack/together_layer_small`.
+fn layer_by_layer(c: &mut Criterion) {
+    use together_tower::body::BufferBodyLayer;
+    use together_tower::models::ModelCheckLayer;
+    use together_tower::retry::{RetryLayer, RetryPolicy};
+    use tower::ServiceExt;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _context = runtime.enter();
+    let mut group = c.benchmark_group("layers");
+    let body = chat_body(0);
+    let request = || chat_request(body.clone());
+    // The layers below the buffer want a client that fails with a `BoxError`.
+    let client = Ok200.map_err(|never: Infallible| -> tower::BoxError { match never {} });
+    let mut buffer = BufferBodyLayer::new().layer(client.clone());
+    group.bench_function("buffer_small", |b| {
+        b.iter_batched(
+            request,
+            |request| drive(&mut buffer, request),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let mut checked = BufferBodyLayer::new().layer(ModelCheckLayer::new().layer(client.clone()));
+    group.bench_function("buffer_model_check_small", |b| {
+        b.iter_batched(
+            request,
+            |request| drive(&mut checked, request),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let retried = RetryLayer::new(RetryPolicy::new()).layer(client);
+    let mut retried = BufferBodyLayer::new().layer(ModelCheckLayer::new().layer(retried));
+    group.bench_function("buffer_model_check_retry_small", |b| {
+        b.iter_batched(
+            request,
+            |request| drive(&mut retried, request),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+/// A chat request with `body`, as a client would send it.
+fn chat_request(body: Bytes) -> Request<Full<Bytes>> {
+    Request::post("https://api.together.xyz/v1/chat/completions")
+        .header(
+            AUTHORIZATION,
+            "Bearer fake-key-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH",
+        )
+        .header("content-type", "application/json")
+        .body(Full::new(body))
+        .unwrap()
 }
 
 /// A chat completion whose message is `size` bytes of text (at least a short one).
@@ -321,5 +393,5 @@ fn drive<S: Service<R>, R>(service: &mut S, request: R) -> S::Response {
     response
 }
 
-criterion_group!(benches, overhead, full_stack);
+criterion_group!(benches, overhead, full_stack, layer_by_layer);
 criterion_main!(benches);
