@@ -40,11 +40,15 @@ pin_project! {
             #[pin]
             future: S::Future,
         },
+        // The body failed as it was read, before the request could be sent.
+        Failed {
+            error: Option<BoxError>,
+        },
     }
 }
 
 /// A body being read: the chunks so far, and the rest.
-struct Collected<B> {
+pub(super) struct Collected<B> {
     parts: Option<Parts>,
     body: Option<B>,
     /// The first chunk: most bodies are one (a `Full` body, say), and it is passed on
@@ -61,9 +65,33 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<BufferedBody<B>>>,
 {
-    pub(crate) fn new(service: S, request: Request<B>, limit: usize) -> Self {
+    /// Reads the rest of the body, then sends the request through `service`, which is ready.
+    pub(super) fn reading(service: S, collected: Collected<B>) -> Self {
+        Self {
+            state: State::Reading { collected, service },
+        }
+    }
+
+    /// The request was read whole and sent: waits for the answer.
+    pub(super) fn calling(future: S::Future) -> Self {
+        Self {
+            state: State::Calling { future },
+        }
+    }
+
+    /// Reading the body failed: the request was not sent.
+    pub(super) fn failed(error: BoxError) -> Self {
+        Self {
+            state: State::Failed { error: Some(error) },
+        }
+    }
+}
+
+impl<B> Collected<B> {
+    /// Nothing of `request`'s body read yet; up to `limit` bytes will be.
+    pub(super) fn new(request: Request<B>, limit: usize) -> Self {
         let (parts, body) = request.into_parts();
-        let collected = Collected {
+        Self {
             parts: Some(parts),
             body: Some(body),
             first: None,
@@ -71,9 +99,6 @@ where
             size: 0,
             limit,
             trailers: None,
-        };
-        Self {
-            state: State::Reading { collected, service },
         }
     }
 }
@@ -84,7 +109,7 @@ where
     B::Error: Into<BoxError>,
 {
     /// Reads frames until the body ends or passes the limit; returns the request to send.
-    fn poll_read(
+    pub(super) fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Request<BufferedBody<B>>, BoxError>> {
@@ -176,6 +201,9 @@ where
                 StateProj::Calling { future } => {
                     return future.poll(cx).map_err(Into::into);
                 }
+                StateProj::Failed { error } => {
+                    return Poll::Ready(Err(error.take().expect("polled after completion")));
+                }
             }
         }
     }
@@ -189,6 +217,7 @@ where
         let state = match &self.state {
             State::Reading { .. } => "reading",
             State::Calling { .. } => "calling",
+            State::Failed { .. } => "failed",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

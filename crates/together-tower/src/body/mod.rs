@@ -39,7 +39,7 @@ pub mod future;
 mod meta;
 pub(crate) mod model;
 
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use http::Request;
 use http_body::Body;
@@ -139,10 +139,21 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         crate::key::hide_credentials(request.headers_mut());
-        // The ready service goes with the request, which is sent once its body is read.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        future::ResponseFuture::new(inner, request, self.limit)
+        let mut collected = future::Collected::new(request, self.limit);
+        // A body that is whole already (bytes, a string, a `Full`) is read here, and the
+        // request sent at once by the service our `poll_ready` made ready. A body that must be
+        // waited for keeps what was read; the ready service goes with it, and a clone stays.
+        // Polling here, outside the caller's task, is safe: a body that says `Pending` is
+        // polled again from the future, with the task's waker, before anything waits on it.
+        match collected.poll_read(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(request)) => future::ResponseFuture::calling(self.inner.call(request)),
+            Poll::Ready(Err(error)) => future::ResponseFuture::failed(error),
+            Poll::Pending => {
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                future::ResponseFuture::reading(inner, collected)
+            }
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
-use tower::{Layer, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 use super::{BodyNotBuffered, BufferBodyLayer, BufferedBody, RequestMeta};
 
@@ -164,4 +164,116 @@ async fn trailers_are_kept() {
             ..RequestMeta::default()
         })
     );
+}
+
+/// A body whose chunks come down a channel: nothing is there until the sender sends.
+struct Channel(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl Body for Channel {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data)))
+    }
+}
+
+/// An inner service that counts its clones and the requests it was sent.
+#[derive(Default)]
+struct Counted {
+    clones: Arc<std::sync::atomic::AtomicUsize>,
+    sent: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Clone for Counted {
+    fn clone(&self) -> Self {
+        self.clones
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self {
+            clones: Arc::clone(&self.clones),
+            sent: Arc::clone(&self.sent),
+        }
+    }
+}
+
+impl<B> Service<Request<BufferedBody<B>>> for Counted {
+    type Response = Response<()>;
+    type Error = tower::BoxError;
+    type Future = std::future::Ready<Result<Response<()>, tower::BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), tower::BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<BufferedBody<B>>) -> Self::Future {
+        self.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::future::ready(Ok(Response::new(())))
+    }
+}
+
+#[tokio::test]
+async fn a_whole_body_is_sent_at_once_without_a_clone_of_the_service() {
+    use std::sync::atomic::Ordering;
+    let inner = Counted::default();
+    let (clones, sent) = (Arc::clone(&inner.clones), Arc::clone(&inner.sent));
+    let mut service = BufferBodyLayer::new().layer(inner);
+    let body = Full::new(Bytes::from_static(br#"{"model":"m"}"#));
+    let request = Request::post("/v1/chat/completions").body(body).unwrap();
+    let ready = ServiceExt::<Request<Full<Bytes>>>::ready(&mut service);
+    let future = ready.await.unwrap().call(request);
+    // Sent as it was called, before its future was polled.
+    assert_eq!(sent.load(Ordering::SeqCst), 1);
+    future.await.unwrap();
+    assert_eq!(clones.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_must_be_waited_for_is_read_as_it_comes() {
+    use std::sync::atomic::Ordering;
+    let inner = Counted::default();
+    let (clones, sent) = (Arc::clone(&inner.clones), Arc::clone(&inner.sent));
+    let mut service = BufferBodyLayer::new().layer(inner);
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let request = Request::post("/v1/chat/completions")
+        .body(Channel(receiver))
+        .unwrap();
+    let ready = ServiceExt::<Request<Channel>>::ready(&mut service);
+    let future = ready.await.unwrap().call(request);
+    assert_eq!(sent.load(Ordering::SeqCst), 0, "sent before its body came");
+    // The ready service went with the request; the layer kept a clone.
+    assert_eq!(clones.load(Ordering::SeqCst), 1);
+    tokio::spawn(async move {
+        for chunk in [&br#"{"model":"#[..], &br#""m"}"#[..]] {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            sender.send(Ok(Bytes::from_static(chunk))).await.unwrap();
+        }
+    });
+    // Only a waker registered by the future's own poll can finish this.
+    future.await.unwrap();
+    assert_eq!(sent.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_body_that_fails_as_it_is_read_is_never_sent() {
+    use std::sync::atomic::Ordering;
+    let inner = Counted::default();
+    let sent = Arc::clone(&inner.sent);
+    let mut service = BufferBodyLayer::new().layer(inner);
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    sender
+        .send(Err(std::io::Error::other("reset")))
+        .await
+        .unwrap();
+    let request = Request::post("/v1/chat/completions")
+        .body(Channel(receiver))
+        .unwrap();
+    let ready = ServiceExt::<Request<Channel>>::ready(&mut service);
+    let error = ready.await.unwrap().call(request).await.unwrap_err();
+    assert_eq!(error.to_string(), "reset");
+    assert_eq!(sent.load(Ordering::SeqCst), 0);
 }
