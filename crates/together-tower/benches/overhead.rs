@@ -101,10 +101,7 @@ fn never_binding() -> Limits {
 }
 
 fn overhead(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let _context = runtime.enter();
     let key = "fake-key-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH";
     let mut group = c.benchmark_group("per_request");
@@ -166,37 +163,47 @@ fn overhead(c: &mut Criterion) {
         layer.layer(echo.clone()),
         vec![models],
     );
+    other_layers(&mut group, &echo, key);
+    classify_and_fingerprint(&mut group, key);
+    group.finish();
+}
+
+/// Other layers over the same service, for scale: tower's own rate limit (one counter for
+/// the whole service, the inner future handed back as it is), and two tower-http layers that
+/// wrap the answer.
+fn other_layers(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    echo: &Echo,
+    key: &str,
+) {
     let unbound = tower::limit::rate::Rate::new(u64::MAX, Duration::from_secs(1));
     bench_service(
-        &mut group,
+        c,
         "tower_rate_limit",
-        &echo,
+        echo,
         tower::limit::RateLimit::new(echo.clone(), unbound),
         vec![chat(key)],
     );
-
-    // Layers that wrap the answer, for scale: tower-http's `Trace` reads each answer (its
+    // Layers that wrap the answer: tower-http's `Trace` reads each answer (its
     // status, for a failure class) and wraps its body, as any layer that learns from answers
     // must; `MapResponseBody` only wraps the body.
     bench_service(
-        &mut group,
+        c,
         "tower_http_trace",
-        &echo,
+        echo,
         tower_http::trace::TraceLayer::new_for_http().layer(echo.clone()),
         vec![chat(key)],
     );
     bench_service(
-        &mut group,
+        c,
         "tower_http_map_response_body",
-        &echo,
+        echo,
         tower_http::map_response_body::MapResponseBodyLayer::new(|body: Empty<Bytes>| {
             http_body_util::BodyExt::map_frame(body, |frame| frame)
         })
         .layer(echo.clone()),
         vec![chat(key)],
     );
-    classify_and_fingerprint(&mut group, key);
-    group.finish();
 }
 
 /// One key, a thousand tenants of three priorities: who a request is for is read only when
@@ -266,31 +273,26 @@ impl Service<Request<BufferedBody<Full<Bytes>>>> for Ok200 {
 /// of about 100 bytes, 1 KB and 100 KB. Requests are built outside the timed part; both sides
 /// drop theirs inside it.
 fn full_stack(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let _context = runtime.enter();
     let mut group = c.benchmark_group("full_stack");
     for (name, size) in [("small", 0), ("1kb", 1_024), ("100kb", 100 * 1_024)] {
         let body = chat_body(size);
         let request = || chat_request(body.clone());
-        let mut bare = Ok200;
-        group.bench_function(format!("bare_client_{name}"), |b| {
-            b.iter_batched(
-                || request().map(|body| BufferedBody::buffered(body_bytes(body))),
-                |request| drive(&mut bare, request),
-                criterion::BatchSize::SmallInput,
-            )
-        });
+        let buffered = || request().map(|body| BufferedBody::buffered(body_bytes(body)));
+        bench_batched(
+            &mut group,
+            &format!("bare_client_{name}"),
+            &mut Ok200,
+            buffered,
+        );
         let mut stack = TogetherLayer::new(never_binding()).layer(Ok200);
-        group.bench_function(format!("together_layer_{name}"), |b| {
-            b.iter_batched(
-                request,
-                |request| drive(&mut stack, request),
-                criterion::BatchSize::SmallInput,
-            )
-        });
+        bench_batched(
+            &mut group,
+            &format!("together_layer_{name}"),
+            &mut stack,
+            request,
+        );
     }
     group.finish();
 }
@@ -305,10 +307,7 @@ fn layer_by_layer(c: &mut Criterion) {
     use together_tower::retry::{RetryLayer, RetryPolicy};
     use tower::ServiceExt;
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let _context = runtime.enter();
     let mut group = c.benchmark_group("layers");
     let body = chat_body(0);
@@ -316,31 +315,49 @@ fn layer_by_layer(c: &mut Criterion) {
     // The layers below the buffer want a client that fails with a `BoxError`.
     let client = Ok200.map_err(|never: Infallible| -> tower::BoxError { match never {} });
     let mut buffer = BufferBodyLayer::new().layer(client.clone());
-    group.bench_function("buffer_small", |b| {
-        b.iter_batched(
-            request,
-            |request| drive(&mut buffer, request),
-            criterion::BatchSize::SmallInput,
-        )
-    });
+    bench_batched(&mut group, "buffer_small", &mut buffer, request);
     let mut checked = BufferBodyLayer::new().layer(ModelCheckLayer::new().layer(client.clone()));
-    group.bench_function("buffer_model_check_small", |b| {
-        b.iter_batched(
-            request,
-            |request| drive(&mut checked, request),
-            criterion::BatchSize::SmallInput,
-        )
-    });
+    bench_batched(
+        &mut group,
+        "buffer_model_check_small",
+        &mut checked,
+        request,
+    );
     let retried = RetryLayer::new(RetryPolicy::new()).layer(client);
     let mut retried = BufferBodyLayer::new().layer(ModelCheckLayer::new().layer(retried));
-    group.bench_function("buffer_model_check_retry_small", |b| {
+    bench_batched(
+        &mut group,
+        "buffer_model_check_retry_small",
+        &mut retried,
+        request,
+    );
+    group.finish();
+}
+
+/// Benchmarks `service` with requests made by `request` outside the timed part.
+fn bench_batched<S, R>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    service: &mut S,
+    request: impl Fn() -> R,
+) where
+    S: Service<R>,
+{
+    group.bench_function(name, |b| {
         b.iter_batched(
-            request,
-            |request| drive(&mut retried, request),
+            &request,
+            |request| drive(service, request),
             criterion::BatchSize::SmallInput,
         )
     });
-    group.finish();
+}
+
+/// The runtime the benches run in: one thread, with tokio's clock.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
 }
 
 /// A chat request with `body`, as a client would send it.
