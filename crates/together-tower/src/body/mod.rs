@@ -99,6 +99,11 @@ impl<S> Layer<S> for BufferBodyLayer {
 }
 
 /// Buffers each request's body (see the [module docs](self)) before it calls the inner service.
+///
+/// A body that is whole already (bytes, a string, a `Full`) is read in `call`, and the inner
+/// service is called there and then: it was made ready by `poll_ready`. A body that must be
+/// waited for is read by the response future, which carries the ready service; the layer
+/// keeps a clone of it for the next request.
 #[derive(Debug, Clone)]
 pub struct BufferBody<S> {
     inner: S,
