@@ -148,7 +148,7 @@ where
         // A body that is whole already (bytes, a string, a `Full`) is read here, and the
         // request sent at once by the service our `poll_ready` made ready. A body that must be
         // waited for keeps what was read; the ready service goes with it, and a clone stays.
-        // Polling here, outside the caller's task, is safe: a body that says `Pending` is
+        // Polling here with a waker that does nothing is safe: a body that says `Pending` is
         // polled again from the future, with the task's waker, before anything waits on it.
         match collected.poll_read(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(request)) => future::ResponseFuture::calling(self.inner.call(request)),

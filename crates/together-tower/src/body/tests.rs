@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -186,14 +187,13 @@ impl Body for Channel {
 /// An inner service that counts its clones and the requests it was sent.
 #[derive(Default)]
 struct Counted {
-    clones: Arc<std::sync::atomic::AtomicUsize>,
-    sent: Arc<std::sync::atomic::AtomicUsize>,
+    clones: Arc<AtomicUsize>,
+    sent: Arc<AtomicUsize>,
 }
 
 impl Clone for Counted {
     fn clone(&self) -> Self {
-        self.clones
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.clones.fetch_add(1, Ordering::SeqCst);
         Self {
             clones: Arc::clone(&self.clones),
             sent: Arc::clone(&self.sent),
@@ -211,14 +211,13 @@ impl<B> Service<Request<BufferedBody<B>>> for Counted {
     }
 
     fn call(&mut self, _: Request<BufferedBody<B>>) -> Self::Future {
-        self.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.sent.fetch_add(1, Ordering::SeqCst);
         std::future::ready(Ok(Response::new(())))
     }
 }
 
 #[tokio::test]
 async fn a_whole_body_is_sent_at_once_without_a_clone_of_the_service() {
-    use std::sync::atomic::Ordering;
     let inner = Counted::default();
     let (clones, sent) = (Arc::clone(&inner.clones), Arc::clone(&inner.sent));
     let mut service = BufferBodyLayer::new().layer(inner);
@@ -234,7 +233,6 @@ async fn a_whole_body_is_sent_at_once_without_a_clone_of_the_service() {
 
 #[tokio::test(start_paused = true)]
 async fn a_body_that_must_be_waited_for_is_read_as_it_comes() {
-    use std::sync::atomic::Ordering;
     let inner = Counted::default();
     let (clones, sent) = (Arc::clone(&inner.clones), Arc::clone(&inner.sent));
     let mut service = BufferBodyLayer::new().layer(inner);
@@ -260,7 +258,6 @@ async fn a_body_that_must_be_waited_for_is_read_as_it_comes() {
 
 #[tokio::test]
 async fn a_body_that_fails_as_it_is_read_is_never_sent() {
-    use std::sync::atomic::Ordering;
     let inner = Counted::default();
     let sent = Arc::clone(&inner.sent);
     let mut service = BufferBodyLayer::new().layer(inner);
